@@ -1,0 +1,316 @@
+//! Freezing a process with ptrace: seize and interrupt every thread, read registers and the
+//! xsave area, inject single syscalls, and resume everything when done (also on error and
+//! on panic, through `Drop`).
+
+use crate::error::{Error, Result};
+use crate::mem::read_mem;
+use crate::procfs::{check_inspectable, list_threads, read_maps, MapKind};
+use nix::errno::Errno;
+use nix::sys::ptrace;
+use nix::sys::signal::Signal;
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+
+pub type Regs = libc::user_regs_struct;
+
+/// `NT_X86_XSTATE`: the regset holding the whole xsave area in standard (non-compacted) form.
+const NT_X86_XSTATE: libc::c_int = 0x202;
+/// Large enough for every xsave layout in use today (AMX tile data is 8 KiB).
+const XSAVE_BUF: usize = 16 * 1024;
+/// Offset of XSTATE_BV in the xsave header.
+pub const XSTATE_BV_OFFSET: usize = 512;
+
+#[derive(Debug, Clone)]
+pub struct FrozenThread {
+    pub tid: i32,
+    pub regs: Regs,
+}
+
+/// A process whose threads are all in ptrace stops. Dropping it detaches every thread, which
+/// lets the process run on exactly as before.
+pub struct Frozen {
+    pid: i32,
+    threads: Vec<FrozenThread>,
+    /// Signals that arrived while we held a thread; handed back on detach.
+    pending: Vec<(i32, Signal)>,
+    syscall_insn: Option<u64>,
+}
+
+fn pt_err(what: &'static str, tid: i32) -> impl FnOnce(Errno) -> Error {
+    move |source| Error::Ptrace { what, tid, source }
+}
+
+impl Frozen {
+    /// Seize and stop every thread of `pid`, rescanning until no new thread appears.
+    pub fn freeze(pid: i32) -> Result<Frozen> {
+        check_inspectable(pid)?;
+        let mut f = Frozen {
+            pid,
+            threads: Vec::new(),
+            pending: Vec::new(),
+            syscall_insn: None,
+        };
+        loop {
+            let tids = list_threads(pid)?;
+            let mut added = false;
+            for tid in tids {
+                if f.threads.iter().any(|t| t.tid == tid) {
+                    continue;
+                }
+                if let Some(t) = f.seize_one(tid)? {
+                    f.threads.push(t);
+                    added = true;
+                }
+            }
+            if !added {
+                break;
+            }
+        }
+        if f.threads.is_empty() {
+            return Err(Error::NoSuchProcess(pid));
+        }
+        Ok(f)
+    }
+
+    /// Returns None when the thread vanished before it could be stopped.
+    fn seize_one(&mut self, tid: i32) -> Result<Option<FrozenThread>> {
+        let p = Pid::from_raw(tid);
+        match ptrace::seize(p, ptrace::Options::empty()) {
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Ok(None),
+            Err(Errno::EPERM) => {
+                let st = crate::procfs::read_status(self.pid)?;
+                if st.tracer_pid != 0 {
+                    return Err(Error::AlreadyTraced {
+                        pid: self.pid,
+                        tracer: st.tracer_pid,
+                    });
+                }
+                return Err(Error::Permission {
+                    pid: self.pid,
+                    what: format!("ptrace seize of thread {tid} refused"),
+                });
+            }
+            Err(e) => return Err(pt_err("ptrace seize", tid)(e)),
+        }
+        match ptrace::interrupt(p) {
+            Ok(()) => {}
+            Err(Errno::ESRCH) => return Ok(None),
+            Err(e) => {
+                let _ = ptrace::detach(p, None);
+                return Err(pt_err("ptrace interrupt", tid)(e));
+            }
+        }
+        loop {
+            match waitpid(p, Some(WaitPidFlag::__WALL)) {
+                Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_STOP => break,
+                Ok(WaitStatus::Stopped(_, sig)) => {
+                    // A signal raced with the interrupt: let it be delivered, the interrupt
+                    // stop stays pending and follows.
+                    ptrace::cont(p, Some(sig)).map_err(pt_err("ptrace cont", tid))?;
+                }
+                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
+                    return Ok(None)
+                }
+                Ok(_) => {
+                    ptrace::cont(p, None).map_err(pt_err("ptrace cont", tid))?;
+                }
+                Err(Errno::EINTR) => continue,
+                Err(e) => return Err(pt_err("waitpid", tid)(e)),
+            }
+        }
+        let regs = ptrace::getregs(p).map_err(pt_err("ptrace getregs", tid))?;
+        Ok(Some(FrozenThread { tid, regs }))
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn threads(&self) -> &[FrozenThread] {
+        &self.threads
+    }
+
+    /// The thread's whole xsave area (standard format), as PTRACE_GETREGSET returns it.
+    pub fn xstate(&self, tid: i32) -> Result<Vec<u8>> {
+        get_xstate(tid)
+    }
+
+    /// Run one syscall in the context of thread `tid` and return its raw result (a negative
+    /// errno on failure). The thread's registers are restored afterwards.
+    pub fn inject_syscall(&mut self, tid: i32, nr: i64, args: [u64; 6]) -> Result<i64> {
+        let insn = self.syscall_insn()?;
+        let p = Pid::from_raw(tid);
+        let saved = ptrace::getregs(p).map_err(pt_err("ptrace getregs", tid))?;
+        let mut r = saved;
+        r.rip = insn;
+        r.rax = nr as u64;
+        // orig_rax = -1 keeps the kernel from treating this as a syscall to restart.
+        r.orig_rax = u64::MAX;
+        r.rdi = args[0];
+        r.rsi = args[1];
+        r.rdx = args[2];
+        r.r10 = args[3];
+        r.r8 = args[4];
+        r.r9 = args[5];
+        ptrace::setregs(p, r).map_err(pt_err("ptrace setregs", tid))?;
+        let result = self.step_over(p, insn);
+        // Restore whatever happened.
+        let restore = ptrace::setregs(p, saved).map_err(pt_err("ptrace setregs", tid));
+        let out = result?;
+        restore?;
+        Ok(out)
+    }
+
+    fn step_over(&mut self, p: Pid, insn: u64) -> Result<i64> {
+        let tid = p.as_raw();
+        for _ in 0..16 {
+            ptrace::step(p, None).map_err(pt_err("ptrace singlestep", tid))?;
+            loop {
+                match waitpid(p, Some(WaitPidFlag::__WALL)) {
+                    Ok(WaitStatus::Stopped(_, sig)) => {
+                        if sig != Signal::SIGTRAP {
+                            self.pending.push((tid, sig));
+                        }
+                        break;
+                    }
+                    Ok(WaitStatus::PtraceEvent(..)) => break,
+                    Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
+                        return Err(Error::NoSuchProcess(self.pid))
+                    }
+                    Ok(_) => break,
+                    Err(Errno::EINTR) => continue,
+                    Err(e) => return Err(pt_err("waitpid", tid)(e)),
+                }
+            }
+            let now = ptrace::getregs(p).map_err(pt_err("ptrace getregs", tid))?;
+            if now.rip == insn + 2 {
+                return Ok(now.rax as i64);
+            }
+        }
+        Err(Error::Parse(format!(
+            "injected syscall in thread {tid} did not complete"
+        )))
+    }
+
+    /// Address of a `syscall` instruction in the target: the vDSO always has one.
+    fn syscall_insn(&mut self) -> Result<u64> {
+        if let Some(a) = self.syscall_insn {
+            return Ok(a);
+        }
+        let maps = read_maps(self.pid)?;
+        let mut cands: Vec<_> = maps
+            .iter()
+            .filter(|m| m.exec && m.read)
+            .filter(|m| m.len() <= 64 << 20)
+            .collect();
+        // vDSO first, then any other code.
+        cands.sort_by_key(|m| m.kind != MapKind::Vdso);
+        for m in cands {
+            let mut buf = vec![0u8; m.len() as usize];
+            let n = read_mem(self.pid, m.start, &mut buf)?;
+            if let Some(i) = buf[..n].windows(2).position(|w| w == [0x0f, 0x05]) {
+                let a = m.start + i as u64;
+                self.syscall_insn = Some(a);
+                return Ok(a);
+            }
+        }
+        Err(Error::Parse(format!(
+            "process {}: no syscall instruction found in its code",
+            self.pid
+        )))
+    }
+
+    /// Detach from every thread: the process runs on.
+    pub fn resume(mut self) {
+        self.detach_all();
+    }
+
+    fn detach_all(&mut self) {
+        for t in self.threads.drain(..) {
+            let sig = self
+                .pending
+                .iter()
+                .position(|(tid, _)| *tid == t.tid)
+                .map(|i| self.pending.remove(i).1);
+            let _ = ptrace::detach(Pid::from_raw(t.tid), sig);
+        }
+    }
+}
+
+impl Drop for Frozen {
+    fn drop(&mut self) {
+        self.detach_all();
+    }
+}
+
+/// PTRACE_GETREGSET(NT_X86_XSTATE) on a stopped, traced thread.
+fn get_xstate(tid: i32) -> Result<Vec<u8>> {
+    let mut buf = vec![0u8; XSAVE_BUF];
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: iov points at `buf`, which outlives the call and is iov_len bytes long; the
+    // kernel writes at most iov_len bytes and updates iov_len to the size written.
+    let rc = unsafe {
+        libc::ptrace(
+            libc::PTRACE_GETREGSET,
+            tid,
+            NT_X86_XSTATE as usize as *mut libc::c_void,
+            &mut iov as *mut libc::iovec as *mut libc::c_void,
+        )
+    };
+    if rc < 0 {
+        return Err(pt_err("PTRACE_GETREGSET NT_X86_XSTATE", tid)(Errno::last()));
+    }
+    buf.truncate(iov.iov_len);
+    Ok(buf)
+}
+
+/// XSTATE_BV of an xsave area: the state components that hold non-initial values.
+pub fn xstate_bv(xsave: &[u8]) -> Option<u64> {
+    xsave
+        .get(XSTATE_BV_OFFSET..XSTATE_BV_OFFSET + 8)
+        .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
+}
+
+/// Kernel `struct sigaction` as rt_sigaction returns it on x86-64.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct KSigaction {
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}
+
+impl Frozen {
+    /// Read signal `sig`'s disposition with an injected rt_sigaction. Uses a scratch area
+    /// below the thread's red zone, which the program cannot be relying on.
+    pub fn sigaction(&mut self, sig: i32) -> Result<KSigaction> {
+        let t = self.threads[0].clone();
+        let scratch = (t.regs.rsp - 128 - 64) & !15;
+        let rc = self.inject_syscall(
+            t.tid,
+            libc::SYS_rt_sigaction,
+            [sig as u64, 0, scratch, 8, 0, 0],
+        )?;
+        if rc < 0 {
+            return Err(Error::io(
+                format!("injected rt_sigaction({sig}) in process {}", self.pid),
+                std::io::Error::from_raw_os_error(-rc as i32),
+            ));
+        }
+        let mut b = [0u8; 32];
+        if read_mem(self.pid, scratch, &mut b)? != 32 {
+            return Err(Error::Parse("could not read rt_sigaction result".into()));
+        }
+        let w = |i: usize| u64::from_ne_bytes(b[i * 8..i * 8 + 8].try_into().unwrap());
+        Ok(KSigaction {
+            handler: w(0),
+            flags: w(1),
+            restorer: w(2),
+            mask: w(3),
+        })
+    }
+}

@@ -1,0 +1,13 @@
+//! Linux primitives for Ferry. Everything that touches another process lives here:
+//! `/proc` parsing, ptrace freezing, register and xsave regsets, injected syscalls and
+//! reading another process's memory. Higher crates never call ptrace or libc directly.
+
+pub mod error;
+pub mod freeze;
+pub mod mem;
+pub mod procfs;
+
+pub use error::{Error, Result};
+pub use freeze::{Frozen, FrozenThread, Regs};
+pub use mem::read_mem;
+pub use procfs::{MapKind, Mapping};

@@ -1,0 +1,68 @@
+//! Reading another process's memory.
+
+use crate::error::{Error, Result};
+use nix::sys::uio::{process_vm_readv, RemoteIoVec};
+use nix::unistd::Pid;
+use std::io::IoSliceMut;
+
+/// Read `buf.len()` bytes at `addr` of process `pid` with process_vm_readv. Returns the number
+/// of bytes read, which is short when the range runs into unmapped or unreadable memory.
+pub fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize> {
+    let mut done = 0usize;
+    while done < buf.len() {
+        let remote = [RemoteIoVec {
+            base: (addr + done as u64) as usize,
+            len: buf.len() - done,
+        }];
+        let mut local = [IoSliceMut::new(&mut buf[done..])];
+        match process_vm_readv(Pid::from_raw(pid), &mut local, &remote) {
+            Ok(0) => break,
+            Ok(n) => done += n,
+            Err(nix::Error::EFAULT) | Err(nix::Error::EIO) => break,
+            Err(nix::Error::ESRCH) => return Err(Error::NoSuchProcess(pid)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("process_vm_readv of process {pid} at {addr:#x}"),
+                    e.into(),
+                ))
+            }
+        }
+    }
+    Ok(done)
+}
+
+/// Read a range that may contain unreadable pages: unreadable 4 KiB pages are left zeroed and
+/// reported in the returned count of missing pages.
+pub fn read_mem_lossy(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize> {
+    let mut off = 0usize;
+    let mut missing = 0;
+    while off < buf.len() {
+        let n = read_mem(pid, addr + off as u64, &mut buf[off..])?;
+        off += n;
+        if off < buf.len() {
+            // Skip the page that failed.
+            let page_end = ((addr + off as u64) | 0xfff) + 1;
+            let skip = ((page_end - (addr + off as u64)) as usize).min(buf.len() - off);
+            buf[off..off + skip].fill(0);
+            off += skip;
+            missing += 1;
+        }
+    }
+    Ok(missing)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_own_memory() {
+        let data: Vec<u8> = (0..10000u32).map(|i| (i * 7) as u8).collect();
+        let mut out = vec![0u8; data.len()];
+        let n = read_mem(std::process::id() as i32, data.as_ptr() as u64, &mut out).unwrap();
+        assert_eq!(n, data.len());
+        assert_eq!(out, data);
+        let mut small = [0u8; 8];
+        assert_eq!(read_mem(std::process::id() as i32, 8, &mut small).unwrap(), 0);
+    }
+}
