@@ -304,8 +304,21 @@ mod tests {
         // A typo in CPUID_BITS would make a feature never available: catch it here.
         let iced: Vec<String> = CpuidFeature::values().map(|v| format!("{v:?}")).collect();
         let descriptive = [
-            "OSXSAVE", "HYPERVISOR", "ERMS", "UMIP", "OSPKE", "FSRM", "AVX10", "APX_F", "XGETBV1",
-            "LAHF_LM", "NX", "MMXEXT", "PDPE1GB", "SMAP", "INVPCID",
+            "OSXSAVE",
+            "HYPERVISOR",
+            "ERMS",
+            "UMIP",
+            "OSPKE",
+            "FSRM",
+            "AVX10",
+            "APX_F",
+            "XGETBV1",
+            "LAHF_LM",
+            "NX",
+            "MMXEXT",
+            "PDPE1GB",
+            "SMAP",
+            "INVPCID",
         ];
         for (n, ..) in CPUID_BITS {
             assert!(

@@ -51,8 +51,9 @@ int main(void)
     ferry_ready(d);
     ferry_wait();
 
-    /* 0 is the input where the two instructions disagree; the other inputs
-     * agree on both and show the path otherwise works. */
+    /* Natively both paths agree on all three inputs. Run as BSR, the lzcnt
+     * path gets 0 wrong (leftover register) and the others too (BSR yields
+     * the bit index, not the count). */
     uint64_t r = clz(zero);
     r = r * 1000 + clz(zero + 1);
     r = r * 1000 + clz(zero + 0x80000000u);

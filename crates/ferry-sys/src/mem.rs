@@ -63,6 +63,9 @@ mod tests {
         assert_eq!(n, data.len());
         assert_eq!(out, data);
         let mut small = [0u8; 8];
-        assert_eq!(read_mem(std::process::id() as i32, 8, &mut small).unwrap(), 0);
+        assert_eq!(
+            read_mem(std::process::id() as i32, 8, &mut small).unwrap(),
+            0
+        );
     }
 }

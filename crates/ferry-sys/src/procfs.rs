@@ -9,7 +9,10 @@ use std::path::PathBuf;
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum MapKind {
     /// A file; `deleted` when the file was unlinked after mapping.
-    File { path: PathBuf, deleted: bool },
+    File {
+        path: PathBuf,
+        deleted: bool,
+    },
     Anonymous,
     Heap,
     /// The main thread's stack.
@@ -275,7 +278,13 @@ mod tests {
         let maps = read_maps(me).unwrap();
         assert!(maps.iter().any(|m| m.exec));
         assert!(list_threads(me).unwrap().contains(&me));
-        assert!(read_auxv(me).unwrap().iter().any(|&(t, _)| t == libc::AT_ENTRY));
-        assert!(matches!(read_status(i32::MAX), Err(Error::NoSuchProcess(_))));
+        assert!(read_auxv(me)
+            .unwrap()
+            .iter()
+            .any(|&(t, _)| t == libc::AT_ENTRY));
+        assert!(matches!(
+            read_status(i32::MAX),
+            Err(Error::NoSuchProcess(_))
+        ));
     }
 }

@@ -1,1 +1,45 @@
-fn main() {}
+//! `ferry`: the command line. Thin: parse arguments, call a library, print (human or JSON),
+//! exit 0 (ok / compatible), 1 (a "no" verdict) or 2 (error).
+
+mod cpu;
+
+use clap::{Parser, Subcommand};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "ferry",
+    version,
+    about = "Live-migrate running Linux processes between hosts whose CPUs differ",
+    long_about = "Ferry moves running Linux processes between hosts whose CPUs differ.\n\n\
+        Before anything moves, `ferry cpu` tells whether a process can run on a destination: \
+        it profiles CPUs (CPUID, XCR0, xsave sizes), finds the CPU features the workload's code \
+        really uses (instruction by instruction, following its execution paths) and gives a \
+        verdict with evidence.\n\n\
+        Exit codes: 0 ok or compatible, 1 incompatible or unknown, 2 error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// CPU profiles, feature scans and compatibility verdicts.
+    Cpu(cpu::CpuArgs),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let res = match cli.cmd {
+        Cmd::Cpu(a) => cpu::run(a),
+    };
+    match res {
+        Ok(code) => ExitCode::from(code),
+        Err(e) => {
+            let msg = format!("{e:#}").replace('\n', " ");
+            eprintln!("ferry: error: {msg}");
+            ExitCode::from(2)
+        }
+    }
+}
