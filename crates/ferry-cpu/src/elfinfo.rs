@@ -242,6 +242,13 @@ impl ElfInfo {
         self.segments.iter().map(|s| s.vaddr).min().unwrap_or(0) & !0xfff
     }
 
+    /// Is `vaddr` inside the file-backed part of an executable segment?
+    pub fn in_file_code(&self, vaddr: u64) -> bool {
+        self.segments
+            .iter()
+            .any(|s| s.exec && vaddr >= s.vaddr && vaddr < s.vaddr + s.filesz)
+    }
+
     pub fn in_plt(&self, vaddr: u64) -> bool {
         self.plt_ranges
             .iter()

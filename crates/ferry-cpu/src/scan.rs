@@ -12,8 +12,8 @@
 use crate::features::{need_of, silent_when_missing};
 use crate::space::Space;
 use iced_x86::{
-    Code, Decoder, DecoderOptions, FlowControl, Formatter, Instruction, IntelFormatter, Mnemonic,
-    OpKind,
+    Code, Decoder, DecoderError, DecoderOptions, FlowControl, Formatter, Instruction,
+    IntelFormatter, Mnemonic, OpKind,
 };
 use serde::{Deserialize, Serialize};
 use std::collections::{BTreeMap, HashSet};
@@ -268,6 +268,13 @@ impl<'s> Scanner<'s> {
         while dec.can_decode() {
             dec.decode_out(&mut ins);
             if ins.code() == Code::INVALID {
+                if dec.last_error() == DecoderError::NoMoreBytes {
+                    // An instruction cut by the end of the range.
+                    if inside_function {
+                        self.record_unknown(module, &ins, bytes, start);
+                    }
+                    break;
+                }
                 if inside_function {
                     self.record_unknown(module, &ins, bytes, start);
                 } else {
@@ -295,6 +302,10 @@ impl<'s> Scanner<'s> {
             }
             if let Some(elf) = &elf {
                 let v = ip.wrapping_sub(bias);
+                if !elf.in_file_code(v) {
+                    // Past the end of the file's code: page padding, not code.
+                    return;
+                }
                 if ip != addr && !elf.in_plt(v) && elf.function_at(v).is_some() {
                     // Fell into a known function: it is swept as a unit.
                     self.push(ip, strong);
@@ -306,6 +317,9 @@ impl<'s> Scanner<'s> {
             dec.decode_out(&mut ins);
             self.counts.code_bytes_decoded += ins.len() as u64;
             if ins.code() == Code::INVALID {
+                if dec.last_error() == DecoderError::NoMoreBytes {
+                    return;
+                }
                 if strong {
                     self.record_unknown(module, &ins, bytes, base);
                 }
