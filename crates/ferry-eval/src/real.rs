@@ -74,10 +74,16 @@ struct Filter {
     input: Vec<u8>,
 }
 
+/// Is some thread of `pid` blocked in read(0, ...)?
 fn blocked_in_read(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/syscall"))
-        .map(|s| s.starts_with("0 0x0 "))
-        .unwrap_or(false)
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    dir.filter_map(|e| e.ok()).any(|e| {
+        std::fs::read_to_string(e.path().join("syscall"))
+            .map(|s| s.starts_with("0 0x0 "))
+            .unwrap_or(false)
+    })
 }
 
 impl Workload for Filter {
@@ -94,12 +100,6 @@ impl Workload for Filter {
             .stderr(Stdio::null())
             .spawn()
             .with_context(|| format!("starting {}", self.prog))?;
-        let half = self.input.len() / 2;
-        child
-            .stdin
-            .as_mut()
-            .unwrap()
-            .write_all(&self.input[..half])?;
         let out = child.stdout.take().unwrap();
         let reader = std::thread::spawn(move || {
             use std::io::Read;
@@ -108,6 +108,13 @@ impl Workload for Filter {
             let _ = o.read_to_end(&mut v);
             v
         });
+        // The reader runs first: a streaming filter blocks when its output is not drained.
+        let half = self.input.len() / 2;
+        child
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(&self.input[..half])?;
         // Wait until it has eaten the first half and waits for more.
         let end = Instant::now() + Duration::from_secs(30);
         while !blocked_in_read(child.id()) {
