@@ -379,11 +379,12 @@ impl<'s> Scanner<'s> {
                     self.push(ins.near_branch_target(), strong);
                 }
             }
-            FlowControl::IndirectBranch | FlowControl::IndirectCall => {
-                if ins.is_ip_rel_memory_operand() {
-                    if let Some(t) = self.space.mem.read_u64(ins.ip_rel_memory_address()) {
-                        self.push(t, strong);
-                    }
+            // jmp/call through a GOT slot or a function-pointer variable: follow its value.
+            FlowControl::IndirectBranch | FlowControl::IndirectCall
+                if ins.is_ip_rel_memory_operand() =>
+            {
+                if let Some(t) = self.space.mem.read_u64(ins.ip_rel_memory_address()) {
+                    self.push(t, strong);
                 }
             }
             _ => {}

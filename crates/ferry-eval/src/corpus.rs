@@ -27,6 +27,7 @@ const FILES: &[(&str, &str)] = files!(
     "thread_avx.c",
     "sighandler_avx.c",
     "lzcnt0.c",
+    "dead_avx512.c",
 );
 
 pub struct Entry {

@@ -130,7 +130,11 @@ pub fn evaluate(a: &EvalArgs) -> Result<Report> {
             std::fs::create_dir_all(d)?;
             d.clone()
         }
-        None => std::env::temp_dir().join(format!("ferry-eval-{}", std::process::id())),
+        None => {
+            static N: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+            let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            std::env::temp_dir().join(format!("ferry-eval-{}-{n}", std::process::id()))
+        }
     };
     std::fs::create_dir_all(&work)?;
     let host = CpuProfile::host()?;

@@ -57,7 +57,7 @@ fn input(size: usize) -> Vec<u8> {
         let w =
             ["alpha", "beta", "gamma", "delta", "ferry", "migrate", "cpu"][(x >> 16) as usize % 7];
         v.extend_from_slice(format!("{w} {} ", (x >> 8) % 1000).as_bytes());
-        if x % 11 == 0 {
+        if x.is_multiple_of(11) {
             v.push(b'\n');
         }
     }

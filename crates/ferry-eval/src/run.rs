@@ -116,8 +116,7 @@ pub fn run_limited(
             let tail = String::from_utf8_lossy(&stderr);
             let tail: String = tail
                 .lines()
-                .filter(|l| !l.contains("TCG doesn't support"))
-                .last()
+                .rfind(|l| !l.contains("TCG doesn't support"))
                 .unwrap_or("")
                 .chars()
                 .take(120)

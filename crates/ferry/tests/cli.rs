@@ -119,10 +119,25 @@ impl Proc {
     fn pid(&self) -> String {
         self.child.id().to_string()
     }
+    /// State letter, tracer and the syscall it is blocked in, once it is blocked.
     fn state(&self) -> String {
-        let s = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let get = |k: &str| s.lines().find(|l| l.starts_with(k)).unwrap().to_string();
-        format!("{} {}", get("State:"), get("TracerPid:"))
+        let pid = self.child.id();
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            let get = |k: &str| s.lines().find(|l| l.starts_with(k)).unwrap().to_string();
+            let sc = std::fs::read_to_string(format!("/proc/{pid}/syscall")).unwrap();
+            let st = format!(
+                "{} {} syscall {}",
+                get("State:"),
+                get("TracerPid:"),
+                sc.split(' ').next().unwrap()
+            );
+            if st.contains("(sleeping)") || Instant::now() > end {
+                return st;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
     }
     /// Let a corpus program run its work phase; return its result line.
     fn finish(mut self) -> String {
