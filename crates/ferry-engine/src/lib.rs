@@ -1,1 +1,36 @@
-//! placeholder
+//! Ferry's checkpoint/restore engine.
+//!
+//! Dump: freeze with ptrace, read state from /proc, regsets, process_vm_readv and syscalls
+//! injected into the stopped target, stream it into an image. Restore: fork an empty stub
+//! with the saved PID, and rebuild the process into it from outside with injected syscalls and
+//! ptrace, then let it run.
+//!
+//! Each kind of state is one module with its dump and restore halves side by side.
+
+pub mod ctx;
+pub mod files;
+pub mod memory;
+pub mod mm;
+pub mod regs;
+pub mod schema;
+pub mod signals;
+
+pub mod dump;
+pub mod restore;
+
+pub use dump::{dump, DumpOptions, DumpReport};
+pub use restore::{restore, RestoreOptions, RestoreReport};
+
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    #[error(transparent)]
+    Sys(#[from] ferry_sys::Error),
+    #[error(transparent)]
+    Image(#[from] ferry_image::ImageError),
+    #[error("process {pid}: {what}")]
+    Unsupported { pid: i32, what: String },
+    #[error("{0}")]
+    Failed(String),
+}
+
+pub type Result<T> = std::result::Result<T, EngineError>;

@@ -136,6 +136,15 @@ impl Frozen {
         get_xstate(tid)
     }
 
+    /// Kill the process (a half-built restore) and forget its threads.
+    pub fn kill(mut self) {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        self.threads.clear();
+    }
+
     /// Run one syscall in the context of thread `tid` and return its raw result (a negative
     /// errno on failure). The thread's registers are restored afterwards.
     pub fn inject_syscall(&mut self, tid: i32, nr: i64, args: [u64; 6]) -> Result<i64> {
@@ -221,6 +230,100 @@ impl Frozen {
         )))
     }
 
+    /// Use this address (which must hold `syscall`) for injected syscalls from now on.
+    pub fn set_syscall_insn(&mut self, addr: u64) {
+        self.syscall_insn = Some(addr);
+    }
+
+    pub fn set_regs(&mut self, tid: i32, regs: Regs) -> Result<()> {
+        ptrace::setregs(Pid::from_raw(tid), regs).map_err(pt_err("ptrace setregs", tid))?;
+        if let Some(t) = self.threads.iter_mut().find(|t| t.tid == tid) {
+            t.regs = regs;
+        }
+        Ok(())
+    }
+
+    pub fn set_xstate(&self, tid: i32, xsave: &[u8]) -> Result<()> {
+        let mut buf = xsave.to_vec();
+        let mut iov = libc::iovec {
+            iov_base: buf.as_mut_ptr().cast(),
+            iov_len: buf.len(),
+        };
+        // SAFETY: iov describes `buf`, valid for the whole call; the kernel only reads it.
+        let rc = unsafe {
+            libc::ptrace(
+                libc::PTRACE_SETREGSET,
+                tid,
+                NT_X86_XSTATE as usize as *mut libc::c_void,
+                &mut iov as *mut libc::iovec as *mut libc::c_void,
+            )
+        };
+        if rc < 0 {
+            return Err(pt_err("PTRACE_SETREGSET NT_X86_XSTATE", tid)(Errno::last()));
+        }
+        Ok(())
+    }
+
+    /// The thread's blocked-signal mask.
+    pub fn sigmask(&self, tid: i32) -> Result<u64> {
+        let mut mask: u64 = 0;
+        // SAFETY: PTRACE_GETSIGMASK writes exactly 8 bytes (the size passed) into `mask`.
+        let rc = unsafe {
+            libc::ptrace(
+                PTRACE_GETSIGMASK,
+                tid,
+                8usize as *mut libc::c_void,
+                &mut mask as *mut u64 as *mut libc::c_void,
+            )
+        };
+        if rc < 0 {
+            return Err(pt_err("PTRACE_GETSIGMASK", tid)(Errno::last()));
+        }
+        Ok(mask)
+    }
+
+    pub fn set_sigmask(&self, tid: i32, mask: u64) -> Result<()> {
+        let mut m = mask;
+        // SAFETY: PTRACE_SETSIGMASK reads 8 bytes from `m`, which lives across the call.
+        let rc = unsafe {
+            libc::ptrace(
+                PTRACE_SETSIGMASK,
+                tid,
+                8usize as *mut libc::c_void,
+                &mut m as *mut u64 as *mut libc::c_void,
+            )
+        };
+        if rc < 0 {
+            return Err(pt_err("PTRACE_SETSIGMASK", tid)(Errno::last()));
+        }
+        Ok(())
+    }
+
+    /// The thread's rseq registration, if any.
+    pub fn rseq(&self, tid: i32) -> Result<Option<RseqConfig>> {
+        let mut c = [0u8; 24];
+        // SAFETY: PTRACE_GET_RSEQ_CONFIGURATION writes at most `addr` (24) bytes into `c`.
+        let rc = unsafe {
+            libc::ptrace(
+                PTRACE_GET_RSEQ_CONFIGURATION,
+                tid,
+                c.len() as *mut libc::c_void,
+                c.as_mut_ptr() as *mut libc::c_void,
+            )
+        };
+        if rc < 0 {
+            return Err(pt_err("PTRACE_GET_RSEQ_CONFIGURATION", tid)(Errno::last()));
+        }
+        let ptr = u64::from_ne_bytes(c[0..8].try_into().unwrap());
+        let size = u32::from_ne_bytes(c[8..12].try_into().unwrap());
+        let signature = u32::from_ne_bytes(c[12..16].try_into().unwrap());
+        Ok((ptr != 0).then_some(RseqConfig {
+            ptr,
+            size,
+            signature,
+        }))
+    }
+
     /// Detach from every thread: the process runs on.
     pub fn resume(mut self) {
         self.detach_all();
@@ -275,6 +378,17 @@ pub fn xstate_bv(xsave: &[u8]) -> Option<u64> {
         .map(|b| u64::from_le_bytes(b.try_into().unwrap()))
 }
 
+const PTRACE_GETSIGMASK: libc::c_uint = 0x420a;
+const PTRACE_SETSIGMASK: libc::c_uint = 0x420b;
+const PTRACE_GET_RSEQ_CONFIGURATION: libc::c_uint = 0x420f;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RseqConfig {
+    pub ptr: u64,
+    pub size: u32,
+    pub signature: u32,
+}
+
 /// Kernel `struct sigaction` as rt_sigaction returns it on x86-64.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct KSigaction {
@@ -290,6 +404,12 @@ impl Frozen {
     pub fn sigaction(&mut self, sig: i32) -> Result<KSigaction> {
         let t = self.threads[0].clone();
         let scratch = (t.regs.rsp - 128 - 64) & !15;
+        self.sigaction_at(sig, scratch)
+    }
+
+    /// Like `sigaction`, with an explicit scratch address of 32 writable bytes.
+    pub fn sigaction_at(&mut self, sig: i32, scratch: u64) -> Result<KSigaction> {
+        let t = self.threads[0].clone();
         let rc = self.inject_syscall(
             t.tid,
             libc::SYS_rt_sigaction,

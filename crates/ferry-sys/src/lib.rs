@@ -6,6 +6,7 @@ pub mod error;
 pub mod freeze;
 pub mod mem;
 pub mod procfs;
+pub mod spawn;
 
 pub use error::{Error, Result};
 pub use freeze::{Frozen, FrozenThread, Regs};

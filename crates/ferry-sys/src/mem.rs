@@ -51,6 +51,55 @@ pub fn read_mem_lossy(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize> {
     Ok(missing)
 }
 
+/// Write into another process's memory through /proc/PID/mem, which also writes read-only
+/// private mappings (the kernel breaks COW for a ptracer).
+pub fn write_mem(pid: i32, addr: u64, data: &[u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let path = format!("/proc/{pid}/mem");
+    let f = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(&path)
+        .map_err(|e| Error::io(format!("opening {path}"), e))?;
+    f.write_all_at(data, addr).map_err(|e| {
+        Error::io(
+            format!("writing {} bytes at {addr:#x} of process {pid}", data.len()),
+            e,
+        )
+    })
+}
+
+/// Read through /proc/PID/mem, which also reads PROT_NONE mappings.
+pub fn read_mem_forced(pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
+    use std::os::unix::fs::FileExt;
+    let path = format!("/proc/{pid}/mem");
+    let f = std::fs::File::open(&path).map_err(|e| Error::io(format!("opening {path}"), e))?;
+    f.read_exact_at(buf, addr).map_err(|e| {
+        Error::io(
+            format!("reading {} bytes at {addr:#x} of process {pid}", buf.len()),
+            e,
+        )
+    })
+}
+
+/// Page flags from /proc/PID/pagemap for `count` pages from `addr`.
+pub fn pagemap(pid: i32, addr: u64, count: usize) -> Result<Vec<u64>> {
+    use std::os::unix::fs::FileExt;
+    let path = format!("/proc/{pid}/pagemap");
+    let f = std::fs::File::open(&path).map_err(|e| Error::io(format!("opening {path}"), e))?;
+    let mut raw = vec![0u8; count * 8];
+    f.read_exact_at(&mut raw, (addr / 4096) * 8)
+        .map_err(|e| Error::io(format!("reading {path}"), e))?;
+    Ok(raw
+        .chunks_exact(8)
+        .map(|c| u64::from_le_bytes(c.try_into().unwrap()))
+        .collect())
+}
+
+pub const PM_PRESENT: u64 = 1 << 63;
+pub const PM_SWAPPED: u64 = 1 << 62;
+pub const PM_FILE: u64 = 1 << 61;
+
 #[cfg(test)]
 mod tests {
     use super::*;

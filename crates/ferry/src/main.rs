@@ -2,6 +2,7 @@
 //! exit 0 (ok / compatible), 1 (a "no" verdict) or 2 (error).
 
 mod cpu;
+mod engine;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -27,12 +28,32 @@ struct Cli {
 enum Cmd {
     /// CPU profiles, feature scans and compatibility verdicts.
     Cpu(cpu::CpuArgs),
+    /// Checkpoint a running process into an image directory (killed afterwards by default).
+    Dump(engine::DumpArgs),
+    /// Rebuild a process from an image, with its saved PID.
+    Restore(engine::RestoreArgs),
+    /// Inspect images.
+    Image {
+        #[command(subcommand)]
+        cmd: ImageCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImageCmd {
+    /// Processes, threads, mappings, fds and sizes of an image.
+    Show(engine::ImageShowArgs),
 }
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let res = match cli.cmd {
         Cmd::Cpu(a) => cpu::run(a),
+        Cmd::Dump(a) => engine::dump(a),
+        Cmd::Restore(a) => engine::restore(a),
+        Cmd::Image {
+            cmd: ImageCmd::Show(a),
+        } => engine::image_show(a),
     };
     match res {
         Ok(code) => ExitCode::from(code),

@@ -1,0 +1,346 @@
+//! Memory: the mappings of a process and the pages that must travel.
+//!
+//! Dump: every mapping is described; pages are saved when the file cannot provide them:
+//! present or swapped pages of private anonymous memory (zero pages skipped), private copies
+//! (COW) of file pages, and pages of shared anonymous memory. vDSO areas are not saved: the
+//! running kernel's are moved to the old addresses on restore.
+//!
+//! Restore: the stub's own mappings are removed, its vDSO areas moved as one unit, each saved
+//! mapping recreated at its address, and the pages written through /proc/PID/mem.
+
+use crate::ctx::Target;
+use crate::schema::{MapKind, MappingImage};
+use crate::{EngineError, Result};
+use ferry_image::{ImageReader, ImageWriter, PAGE_SIZE};
+use ferry_sys::mem::{pagemap, read_mem, read_mem_forced, PM_FILE, PM_PRESENT, PM_SWAPPED};
+use ferry_sys::procfs::{self, Mapping};
+
+fn kind_of(m: &Mapping) -> MapKind {
+    use ferry_sys::MapKind as K;
+    match &m.kind {
+        K::Heap => MapKind::Heap,
+        K::Stack => MapKind::Stack,
+        K::Vdso => MapKind::Vdso,
+        K::Vvar => MapKind::Vvar,
+        K::VvarVclock => MapKind::VvarVclock,
+        K::Vsyscall => MapKind::Vsyscall,
+        // A shared anonymous mapping shows as the unlinked /dev/zero.
+        K::File {
+            path,
+            deleted: true,
+        } if m.shared && path.as_os_str() == "/dev/zero" => MapKind::SharedAnon,
+        K::File { .. } => MapKind::File,
+        K::Other(n) if m.shared && (n.starts_with("/dev/zero") || n.starts_with("[anon_shmem")) => {
+            MapKind::SharedAnon
+        }
+        K::Anonymous if m.shared => MapKind::SharedAnon,
+        _ => MapKind::Anon,
+    }
+}
+
+/// Describe every mapping and stream the pages that must be saved. Returns the mappings and
+/// the number of pages written.
+pub fn dump(pid: i32, maps: &[Mapping], w: &mut ImageWriter) -> Result<(Vec<MappingImage>, u64)> {
+    let mut out = Vec::new();
+    let mut total = 0u64;
+    let mut buf = vec![0u8; 4 << 20];
+    for m in maps {
+        let kind = kind_of(m);
+        let (path, deleted) = match &m.kind {
+            ferry_sys::MapKind::File { path, deleted } if kind == MapKind::File => {
+                (Some(path.display().to_string()), *deleted)
+            }
+            ferry_sys::MapKind::Other(n) if kind == MapKind::SharedAnon => (Some(n.clone()), false),
+            _ => (None, false),
+        };
+        if kind == MapKind::File && deleted {
+            return Err(EngineError::Unsupported {
+                pid,
+                what: format!(
+                    "mapping {:#x}-{:#x} of the unlinked file {}",
+                    m.start,
+                    m.end,
+                    path.unwrap_or_default()
+                ),
+            });
+        }
+        let meta = path
+            .as_ref()
+            .filter(|_| kind == MapKind::File)
+            .and_then(|p| std::fs::metadata(p).ok());
+        let mut img = MappingImage {
+            start: m.start,
+            end: m.end,
+            read: m.read,
+            write: m.write,
+            exec: m.exec,
+            shared: m.shared,
+            kind,
+            path,
+            offset: m.offset,
+            file_size: meta.as_ref().map(|x| x.len()),
+            file_mtime: meta.as_ref().map(|x| {
+                use std::os::unix::fs::MetadataExt;
+                x.mtime()
+            }),
+            pages_saved: 0,
+        };
+        let save = match kind {
+            MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall => false,
+            // Writes to a shared file mapping are in the file already.
+            MapKind::File if m.shared => false,
+            _ => true,
+        };
+        if save {
+            img.pages_saved = dump_pages(pid, m, kind, w, &mut buf)?;
+            total += img.pages_saved;
+        }
+        out.push(img);
+    }
+    Ok((out, total))
+}
+
+/// Save the pages of one mapping, in runs of consecutive pages.
+fn dump_pages(
+    pid: i32,
+    m: &Mapping,
+    kind: MapKind,
+    w: &mut ImageWriter,
+    buf: &mut [u8],
+) -> Result<u64> {
+    let npages = (m.len() / PAGE_SIZE as u64) as usize;
+    let per = buf.len() / PAGE_SIZE;
+    let mut saved = 0u64;
+    let mut i = 0;
+    while i < npages {
+        let n = (npages - i).min(per);
+        let start = m.start + (i * PAGE_SIZE) as u64;
+        let flags = pagemap(pid, start, n)?;
+        let wanted = |f: u64| {
+            if f & (PM_PRESENT | PM_SWAPPED) == 0 {
+                return false;
+            }
+            // In a private file mapping only the private copies differ from the file.
+            !(kind == MapKind::File && f & PM_FILE != 0)
+        };
+        let mut j = 0;
+        while j < n {
+            if !wanted(flags[j]) {
+                j += 1;
+                continue;
+            }
+            let mut k = j;
+            while k < n && wanted(flags[k]) {
+                k += 1;
+            }
+            let a = start + (j * PAGE_SIZE) as u64;
+            let chunk = &mut buf[..(k - j) * PAGE_SIZE];
+            if !m.read || read_mem(pid, a, chunk)? != chunk.len() {
+                read_mem_forced(pid, a, chunk)?;
+            }
+            saved += write_nonzero(w, a, chunk, kind != MapKind::File)?;
+            j = k;
+        }
+        i += n;
+    }
+    Ok(saved)
+}
+
+/// Write the pages of `data`, skipping all-zero pages when `skip_zero` (fresh anonymous memory
+/// is zero already).
+fn write_nonzero(w: &mut ImageWriter, addr: u64, data: &[u8], skip_zero: bool) -> Result<u64> {
+    let mut saved = 0;
+    let pages: Vec<&[u8]> = data.chunks(PAGE_SIZE).collect();
+    let mut j = 0;
+    while j < pages.len() {
+        let zero = |p: &[u8]| skip_zero && p.iter().all(|&b| b == 0);
+        if zero(pages[j]) {
+            j += 1;
+            continue;
+        }
+        let mut k = j;
+        while k < pages.len() && !zero(pages[k]) {
+            k += 1;
+        }
+        w.pages(
+            addr + (j * PAGE_SIZE) as u64,
+            &data[j * PAGE_SIZE..k * PAGE_SIZE],
+        )?;
+        saved += (k - j) as u64;
+        j = k;
+    }
+    Ok(saved)
+}
+
+/// Refuse files that changed since the dump.
+pub fn check_files(maps: &[MappingImage]) -> Result<()> {
+    for m in maps.iter().filter(|m| m.kind == MapKind::File) {
+        let p = m.path.as_deref().unwrap_or("");
+        let meta = std::fs::metadata(p).map_err(|e| {
+            EngineError::Failed(format!(
+                "mapped file {p} cannot be opened for the restore: {e}"
+            ))
+        })?;
+        if Some(meta.len()) != m.file_size {
+            return Err(EngineError::Failed(format!(
+                "mapped file {p} changed since the dump (size {} now, {} then)",
+                meta.len(),
+                m.file_size.unwrap_or(0)
+            )));
+        }
+    }
+    Ok(())
+}
+
+const PROT_R: u64 = libc::PROT_READ as u64;
+const PROT_W: u64 = libc::PROT_WRITE as u64;
+const PROT_X: u64 = libc::PROT_EXEC as u64;
+
+fn prot(m: &MappingImage) -> u64 {
+    (if m.read { PROT_R } else { 0 })
+        | (if m.write { PROT_W } else { 0 })
+        | (if m.exec { PROT_X } else { 0 })
+}
+
+/// Remove the stub's own memory except our page and the vDSO areas, move those to the saved
+/// addresses, and recreate every saved mapping.
+pub fn restore_layout(t: &mut Target, saved: &[MappingImage]) -> Result<()> {
+    let own = procfs::read_maps(t.pid)?;
+    let is_vdso = |k: &ferry_sys::MapKind| {
+        matches!(
+            k,
+            ferry_sys::MapKind::Vdso | ferry_sys::MapKind::Vvar | ferry_sys::MapKind::VvarVclock
+        )
+    };
+    for m in &own {
+        if m.start == t.page || is_vdso(&m.kind) || m.kind == ferry_sys::MapKind::Vsyscall {
+            continue;
+        }
+        t.sys(
+            "munmap of the stub's memory",
+            libc::SYS_munmap,
+            [m.start, m.len(), 0, 0, 0, 0],
+        )?;
+    }
+    // Move the running kernel's vDSO areas where the process expects them.
+    for m in own.iter().filter(|m| is_vdso(&m.kind)) {
+        let want = match m.kind {
+            ferry_sys::MapKind::Vdso => MapKind::Vdso,
+            ferry_sys::MapKind::Vvar => MapKind::Vvar,
+            _ => MapKind::VvarVclock,
+        };
+        let Some(s) = saved.iter().find(|s| s.kind == want) else {
+            t.sys(
+                "munmap of an unneeded vDSO area",
+                libc::SYS_munmap,
+                [m.start, m.len(), 0, 0, 0, 0],
+            )?;
+            continue;
+        };
+        if s.end - s.start != m.len() {
+            return Err(EngineError::Failed(format!(
+                "the vDSO area {:?} has another size on this kernel ({} vs {} bytes)",
+                want,
+                m.len(),
+                s.end - s.start
+            )));
+        }
+        if s.start != m.start {
+            t.sys(
+                "mremap of the vDSO",
+                libc::SYS_mremap,
+                [
+                    m.start,
+                    m.len(),
+                    m.len(),
+                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                    s.start,
+                    0,
+                ],
+            )?;
+        }
+    }
+    for m in saved {
+        let len = m.end - m.start;
+        let fixed = libc::MAP_FIXED as u64;
+        match m.kind {
+            MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall => continue,
+            MapKind::Anon | MapKind::Heap | MapKind::Stack => {
+                let mut flags = libc::MAP_PRIVATE as u64 | libc::MAP_ANONYMOUS as u64 | fixed;
+                if m.kind == MapKind::Stack {
+                    flags |= libc::MAP_GROWSDOWN as u64;
+                }
+                t.sys(
+                    "mmap of anonymous memory",
+                    libc::SYS_mmap,
+                    [m.start, len, prot(m), flags, u64::MAX, 0],
+                )?;
+            }
+            MapKind::SharedAnon => {
+                let flags = libc::MAP_SHARED as u64 | libc::MAP_ANONYMOUS as u64 | fixed;
+                t.sys(
+                    "mmap of shared anonymous memory",
+                    libc::SYS_mmap,
+                    [m.start, len, prot(m), flags, u64::MAX, 0],
+                )?;
+            }
+            MapKind::File => {
+                let path = m.path.as_deref().unwrap_or("");
+                let p = t.put_path(path)?;
+                let oflags = if m.shared && m.write {
+                    libc::O_RDWR
+                } else {
+                    libc::O_RDONLY
+                };
+                let fd = t.sys(
+                    &format!("open of the mapped file {path}"),
+                    libc::SYS_openat,
+                    [
+                        libc::AT_FDCWD as u64,
+                        p,
+                        (oflags | libc::O_CLOEXEC) as u64,
+                        0,
+                        0,
+                        0,
+                    ],
+                )?;
+                let share = if m.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                } as u64;
+                let r = t.sys(
+                    &format!("mmap of {path}"),
+                    libc::SYS_mmap,
+                    [m.start, len, prot(m), share | fixed, fd, m.offset],
+                );
+                t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+                r?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Write every saved page back. Pages go through /proc/PID/mem, which writes read-only and
+/// PROT_NONE mappings too.
+pub fn restore_pages(pid: i32, r: &mut ImageReader) -> Result<u64> {
+    use std::os::unix::fs::FileExt;
+    let path = format!("/proc/{pid}/mem");
+    let f = std::fs::OpenOptions::new()
+        .write(true)
+        .open(&path)
+        .map_err(|e| EngineError::Failed(format!("opening {path}: {e}")))?;
+    let mut pages = 0;
+    while let Some(b) = r.next_pages()? {
+        f.write_all_at(&b.data, b.vaddr).map_err(|e| {
+            EngineError::Failed(format!(
+                "writing {} bytes at {:#x} of the restored process {pid}: {e}",
+                b.data.len(),
+                b.vaddr
+            ))
+        })?;
+        pages += (b.data.len() / PAGE_SIZE) as u64;
+    }
+    Ok(pages)
+}

@@ -1,0 +1,130 @@
+//! Registers: general registers with fs/gs base, the whole xsave area, the blocked-signal mask
+//! and the rseq registration of each thread.
+
+use crate::ctx::Target;
+use crate::schema::{RseqImage, ThreadImage};
+use crate::{EngineError, Result};
+use ferry_sys::{Frozen, Regs};
+
+const ERESTARTSYS: i64 = 512;
+const ERESTARTNOINTR: i64 = 513;
+const ERESTARTNOHAND: i64 = 514;
+const ERESTART_RESTARTBLOCK: i64 = 516;
+
+fn to_vec(r: &Regs) -> Vec<u64> {
+    vec![
+        r.r15, r.r14, r.r13, r.r12, r.rbp, r.rbx, r.r11, r.r10, r.r9, r.r8, r.rax, r.rcx, r.rdx,
+        r.rsi, r.rdi, r.orig_rax, r.rip, r.cs, r.eflags, r.rsp, r.ss, r.fs_base, r.gs_base, r.ds,
+        r.es, r.fs, r.gs,
+    ]
+}
+
+fn from_vec(v: &[u64]) -> Result<Regs> {
+    if v.len() != 27 {
+        return Err(EngineError::Failed(format!(
+            "a thread image has {} registers, not 27",
+            v.len()
+        )));
+    }
+    Ok(Regs {
+        r15: v[0],
+        r14: v[1],
+        r13: v[2],
+        r12: v[3],
+        rbp: v[4],
+        rbx: v[5],
+        r11: v[6],
+        r10: v[7],
+        r9: v[8],
+        r8: v[9],
+        rax: v[10],
+        rcx: v[11],
+        rdx: v[12],
+        rsi: v[13],
+        rdi: v[14],
+        orig_rax: v[15],
+        rip: v[16],
+        cs: v[17],
+        eflags: v[18],
+        rsp: v[19],
+        ss: v[20],
+        fs_base: v[21],
+        gs_base: v[22],
+        ds: v[23],
+        es: v[24],
+        fs: v[25],
+        gs: v[26],
+    })
+}
+
+/// A thread stopped inside an interrupted syscall must redo it when it runs again.
+fn restart_fixup(r: &mut Regs) {
+    if (r.orig_rax as i64) < 0 {
+        return;
+    }
+    match -(r.rax as i64) {
+        ERESTARTSYS | ERESTARTNOINTR | ERESTARTNOHAND => {
+            r.rax = r.orig_rax;
+            r.rip -= 2;
+        }
+        ERESTART_RESTARTBLOCK => r.rax = (-libc::EINTR) as u64,
+        _ => {}
+    }
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>> {
+    if s.len() % 2 != 0 {
+        return Err(EngineError::Failed(
+            "xsave image has an odd number of hex digits".into(),
+        ));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16)
+                .map_err(|_| EngineError::Failed("xsave image is not hex".into()))
+        })
+        .collect()
+}
+
+pub fn dump(frozen: &Frozen) -> Result<Vec<ThreadImage>> {
+    let mut out = Vec::new();
+    for t in frozen.threads() {
+        let mut r = t.regs;
+        restart_fixup(&mut r);
+        out.push(ThreadImage {
+            tid: t.tid,
+            regs: to_vec(&r),
+            xsave: hex(&frozen.xstate(t.tid)?),
+            sigmask: frozen.sigmask(t.tid)?,
+            rseq: frozen.rseq(t.tid)?.map(|c| RseqImage {
+                ptr: c.ptr,
+                size: c.size,
+                signature: c.signature,
+            }),
+        });
+    }
+    Ok(out)
+}
+
+/// Set the registers last: nothing may be injected afterwards.
+pub fn restore(t: &mut Target, th: &ThreadImage) -> Result<()> {
+    if let Some(r) = th.rseq {
+        t.sys(
+            "rseq registration",
+            libc::SYS_rseq,
+            [r.ptr, r.size as u64, 0, r.signature as u64, 0, 0],
+        )?;
+    }
+    t.frozen.set_sigmask(th.tid, th.sigmask)?;
+    t.frozen.set_xstate(th.tid, &unhex(&th.xsave)?)?;
+    let mut regs = from_vec(&th.regs)?;
+    // The restart was resolved at dump time; the kernel must not restart anything again.
+    regs.orig_rax = u64::MAX;
+    t.frozen.set_regs(th.tid, regs)?;
+    Ok(())
+}

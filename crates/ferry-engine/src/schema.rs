@@ -1,0 +1,107 @@
+//! The metadata records of an image (JSON values in `meta.fimg`, see docs/image-format.md).
+
+use serde::{Deserialize, Serialize};
+
+/// Tag of the record describing one process.
+pub const TAG_PROCESS: &str = "process";
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProcessImage {
+    pub pid: i32,
+    pub ppid: i32,
+    pub comm: String,
+    pub exe: String,
+    pub threads: Vec<ThreadImage>,
+    pub mappings: Vec<MappingImage>,
+    pub mm: MmImage,
+    pub fds: Vec<FdImage>,
+    pub sigactions: Vec<SigactionImage>,
+    pub cwd: String,
+    pub umask: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ThreadImage {
+    pub tid: i32,
+    /// user_regs_struct in kernel order (r15 ... gs), after the syscall-restart fixup.
+    pub regs: Vec<u64>,
+    /// The xsave area in standard format, hex.
+    pub xsave: String,
+    pub sigmask: u64,
+    pub rseq: Option<RseqImage>,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize)]
+pub struct RseqImage {
+    pub ptr: u64,
+    pub size: u32,
+    pub signature: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum MapKind {
+    Anon,
+    Heap,
+    Stack,
+    File,
+    SharedAnon,
+    Vdso,
+    Vvar,
+    VvarVclock,
+    Vsyscall,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct MappingImage {
+    pub start: u64,
+    pub end: u64,
+    pub read: bool,
+    pub write: bool,
+    pub exec: bool,
+    pub shared: bool,
+    pub kind: MapKind,
+    pub path: Option<String>,
+    pub offset: u64,
+    /// Size and mtime of the file when dumped, to refuse a changed file at restore.
+    pub file_size: Option<u64>,
+    pub file_mtime: Option<i64>,
+    /// Pages of this mapping stored in pages.fimg.
+    pub pages_saved: u64,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MmImage {
+    pub start_code: u64,
+    pub end_code: u64,
+    pub start_data: u64,
+    pub end_data: u64,
+    pub start_brk: u64,
+    pub brk: u64,
+    pub start_stack: u64,
+    pub arg_start: u64,
+    pub arg_end: u64,
+    pub env_start: u64,
+    pub env_end: u64,
+    pub auxv: Vec<u64>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FdImage {
+    pub fd: i32,
+    pub path: String,
+    /// open(2) flags as /proc/PID/fdinfo reports them.
+    pub flags: u32,
+    pub pos: u64,
+    pub size: u64,
+    pub mode: u32,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct SigactionImage {
+    pub signal: i32,
+    pub handler: u64,
+    pub flags: u64,
+    pub restorer: u64,
+    pub mask: u64,
+}

@@ -1,0 +1,90 @@
+use ferry_image::*;
+use std::io::Cursor;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+#[derive(Clone, Default)]
+struct Buf(Arc<Mutex<Vec<u8>>>);
+impl std::io::Write for Buf {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap().extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+#[test]
+fn bench() {
+    let data: Vec<u8> = (0..(4usize << 20))
+        .map(|i| (i * 7 + i / 4096) as u8)
+        .collect(); // 4 MiB run
+    let n = 256; // 1 GiB
+    let t = Instant::now();
+    let mut w = ImageWriter::new(Box::new(std::io::sink()), Box::new(std::io::sink())).unwrap();
+    for i in 0..n {
+        w.pages(i as u64 * (4 << 20), &data).unwrap();
+    }
+    w.finish().unwrap();
+    let dt = t.elapsed().as_secs_f64();
+    println!(
+        "write to sink: {:.2} GB/s",
+        (n * data.len()) as f64 / dt / 1e9
+    );
+    // Small runs: 1 page each.
+    let t = Instant::now();
+    let mut w = ImageWriter::new(Box::new(std::io::sink()), Box::new(std::io::sink())).unwrap();
+    for i in 0..(n * 1024) {
+        w.pages(i as u64 * 4096, &data[..4096]).unwrap();
+    }
+    w.finish().unwrap();
+    let dt = t.elapsed().as_secs_f64();
+    println!(
+        "write 1-page runs to sink: {:.2} GB/s",
+        (n * data.len()) as f64 / dt / 1e9
+    );
+
+    let (m, p) = (Buf::default(), Buf::default());
+    let mut w = ImageWriter::new(Box::new(m.clone()), Box::new(p.clone())).unwrap();
+    for i in 0..n {
+        w.pages(i as u64 * (4 << 20), &data).unwrap();
+    }
+    w.finish().unwrap();
+    let (m, p) = (m.0.lock().unwrap().clone(), p.0.lock().unwrap().clone());
+    let t = Instant::now();
+    let mut r = ImageReader::from_streams(
+        Box::new(Cursor::new(m.clone())),
+        Box::new(Cursor::new(p.clone())),
+    )
+    .unwrap();
+    let s = r.verify_pages().unwrap();
+    let dt = t.elapsed().as_secs_f64();
+    println!("verify: {:.2} GB/s", s.page_bytes as f64 / dt / 1e9);
+    let t = Instant::now();
+    let mut r = ImageReader::from_streams(
+        Box::new(Cursor::new(m.clone())),
+        Box::new(Cursor::new(p.clone())),
+    )
+    .unwrap();
+    let mut buf = Vec::new();
+    while r.next_pages_into(&mut buf).unwrap().is_some() {}
+    let dt = t.elapsed().as_secs_f64();
+    println!(
+        "next_pages_into: {:.2} GB/s",
+        s.page_bytes as f64 / dt / 1e9
+    );
+    let t = Instant::now();
+    let mut r =
+        ImageReader::from_streams(Box::new(Cursor::new(m)), Box::new(Cursor::new(p))).unwrap();
+    while r.next_pages().unwrap().is_some() {}
+    let dt = t.elapsed().as_secs_f64();
+    println!("next_pages: {:.2} GB/s", s.page_bytes as f64 / dt / 1e9);
+    let t = Instant::now();
+    let c = crc32fast::hash(&data);
+    for _ in 1..n {
+        std::hint::black_box(crc32fast::hash(std::hint::black_box(&data)));
+    }
+    println!(
+        "crc32fast alone: {:.2} GB/s {c}",
+        (n * data.len()) as f64 / t.elapsed().as_secs_f64() / 1e9
+    );
+}

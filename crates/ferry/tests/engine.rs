@@ -1,0 +1,237 @@
+//! End-to-end tests of `ferry dump` / `ferry restore` / `ferry image show` on real processes.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
+
+fn ferry(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(args)
+        .output()
+        .expect("run ferry")
+}
+
+fn tmpdir(tag: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("ferry-engine-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+fn build(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let st = Command::new("musl-gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&out)
+        .arg(format!("{FIXTURES}/{name}.c"))
+        .status()
+        .expect("musl-gcc");
+    assert!(st.success());
+    out
+}
+
+fn wait_for(path: &Path, needle: &str) -> String {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = std::fs::read_to_string(path).unwrap_or_default();
+        if s.contains(needle) {
+            return s;
+        }
+        assert!(
+            Instant::now() < end,
+            "{needle:?} never appeared in {}: {s:?}",
+            path.display()
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+/// Start a fixture with stdout and stderr appended to `out`, stdin /dev/null.
+fn start(bin: &Path, out: &Path) -> Child {
+    let f = OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(out)
+        .unwrap();
+    Command::new(bin)
+        .stdin(Stdio::null())
+        .stdout(f.try_clone().unwrap())
+        .stderr(f)
+        .spawn()
+        .unwrap()
+}
+
+fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| !s.contains(") Z"))
+        .unwrap_or(false)
+}
+
+fn kill(pid: u32, sig: &str) {
+    Command::new("kill")
+        .arg(format!("-{sig}"))
+        .arg(pid.to_string())
+        .status()
+        .unwrap();
+}
+
+/// Dump (killing the process), restore with the same PID, dump the restored process again,
+/// restore again: the fixture verifies its memory and registers and reports PASS.
+#[test]
+fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
+    let dir = tmpdir("mem");
+    let bin = build(&dir, "memstate");
+    let out = dir.join("out.txt");
+    let mut child = start(&bin, &out);
+    let pid = child.id();
+    wait_for(&out, "ready");
+    std::thread::sleep(Duration::from_millis(100));
+    let img = dir.join("img1");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        d.status.success(),
+        "dump: {}",
+        String::from_utf8_lossy(&d.stderr)
+    );
+    let rep: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
+    assert_eq!(rep["left"], "killed");
+    assert!(rep["pages"].as_u64().unwrap() >= 1100, "{rep}");
+    child.wait().unwrap(); // reap: the PID must be free for the restore
+    let show = ferry(&["image", "show", img.to_str().unwrap(), "--verify"]);
+    assert!(show.status.success());
+    let text = String::from_utf8_lossy(&show.stdout);
+    assert!(text.contains(&format!("process {pid}")) && text.contains("[heap]") == false);
+    assert!(
+        text.contains("heap") && text.contains("stack") && text.contains("vdso"),
+        "{text}"
+    );
+
+    let r = ferry(&[
+        "restore",
+        "--images",
+        img.to_str().unwrap(),
+        "--detach",
+        "--json",
+    ]);
+    assert!(
+        r.status.success(),
+        "restore: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let rr: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
+    assert_eq!(rr["pid"].as_u64().unwrap(), pid as u64, "same PID");
+    assert!(alive(pid));
+    std::thread::sleep(Duration::from_millis(100));
+
+    // Second cycle on the restored process.
+    let img2 = dir.join("img2");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img2.to_str().unwrap(),
+    ]);
+    assert!(
+        d.status.success(),
+        "second dump: {}",
+        String::from_utf8_lossy(&d.stderr)
+    );
+    let end = Instant::now() + Duration::from_secs(5);
+    while alive(pid) {
+        assert!(Instant::now() < end);
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Restored processes are children of the restorer, which has exited: init reaps them.
+    let end = Instant::now() + Duration::from_secs(5);
+    while Path::new(&format!("/proc/{pid}")).exists() {
+        assert!(Instant::now() < end, "PID {pid} still taken");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Restore without --detach: ferry waits and passes on the exit status.
+    let mut waiter = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["restore", "--images", img2.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !alive(pid) {
+        assert!(Instant::now() < end, "restored process never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let st = waiter.wait().unwrap();
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    assert_eq!(st.code(), Some(0), "exit status passed on");
+}
+
+#[test]
+fn a_failed_dump_leaves_the_process_running_and_bad_images_are_refused() {
+    let dir = tmpdir("bad");
+    let bin = build(&dir, "memstate");
+    let out = dir.join("out.txt");
+    let mut child = start(&bin, &out);
+    let pid = child.id();
+    wait_for(&out, "ready");
+    // An image directory that already holds an image: the dump fails, the process runs on.
+    let img = dir.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+        "--leave-running",
+    ]);
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    let d2 = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(d2.status.code(), Some(2));
+    assert!(alive(pid));
+    // It still works: verification passes after a dump that resumed it.
+    kill(pid, "USR1");
+    assert!(child.wait().unwrap().success());
+    assert!(wait_for(&out, "PASS").contains("PASS"));
+    // A restore of a corrupted image fails before creating anything.
+    let pages = img.join("pages.fimg");
+    let mut b = std::fs::read(&pages).unwrap();
+    let n = b.len();
+    b[n / 2] ^= 0x55;
+    std::fs::write(&pages, &b).unwrap();
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(err.contains("pages.fimg"), "{err}");
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists() || !alive(pid),
+        "nothing was created"
+    );
+    // A dead PID.
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        "999999999",
+        "--images",
+        dir.join("x").to_str().unwrap(),
+    ]);
+    assert_eq!(d.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&d.stderr).contains("does not exist"));
+}
