@@ -50,34 +50,29 @@ fn bench() {
     }
     w.finish().unwrap();
     let (m, p) = (m.0.lock().unwrap().clone(), p.0.lock().unwrap().clone());
-    let t = Instant::now();
-    let mut r = ImageReader::from_streams(
-        Box::new(Cursor::new(m.clone())),
-        Box::new(Cursor::new(p.clone())),
-    )
-    .unwrap();
-    let s = r.verify_pages().unwrap();
-    let dt = t.elapsed().as_secs_f64();
-    println!("verify: {:.2} GB/s", s.page_bytes as f64 / dt / 1e9);
-    let t = Instant::now();
-    let mut r = ImageReader::from_streams(
-        Box::new(Cursor::new(m.clone())),
-        Box::new(Cursor::new(p.clone())),
-    )
-    .unwrap();
-    let mut buf = Vec::new();
-    while r.next_pages_into(&mut buf).unwrap().is_some() {}
-    let dt = t.elapsed().as_secs_f64();
-    println!(
-        "next_pages_into: {:.2} GB/s",
-        s.page_bytes as f64 / dt / 1e9
-    );
-    let t = Instant::now();
-    let mut r =
-        ImageReader::from_streams(Box::new(Cursor::new(m)), Box::new(Cursor::new(p))).unwrap();
-    while r.next_pages().unwrap().is_some() {}
-    let dt = t.elapsed().as_secs_f64();
-    println!("next_pages: {:.2} GB/s", s.page_bytes as f64 / dt / 1e9);
+    for mode in 0..3 {
+        for _ in 0..2 {
+            let (m2, p2) = (m.clone(), p.clone());
+            let t = Instant::now();
+            let mut r =
+                ImageReader::from_streams(Box::new(Cursor::new(m2)), Box::new(Cursor::new(p2)))
+                    .unwrap();
+            let t0 = t.elapsed();
+            let mut buf = Vec::new();
+            match mode {
+                0 => {
+                    r.verify_pages().unwrap();
+                }
+                1 => while r.next_pages_into(&mut buf).unwrap().is_some() {},
+                _ => while r.next_pages().unwrap().is_some() {},
+            }
+            let dt = t.elapsed().as_secs_f64();
+            println!(
+                "mode {mode}: open {t0:?} {:.2} GB/s",
+                p.len() as f64 / dt / 1e9
+            );
+        }
+    }
     let t = Instant::now();
     let c = crc32fast::hash(&data);
     for _ in 1..n {

@@ -49,8 +49,27 @@ fn wait_for(path: &Path, needle: &str) -> String {
     }
 }
 
+/// Fds inherited from whatever started the tests (shells leak some) must not reach fixtures.
+fn close_stray_fds() {
+    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
+    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
+        if let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() {
+            if fd > 2 {
+                let bfd = unsafe_borrow(fd);
+                let _ = fcntl(bfd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
+            }
+        }
+    }
+}
+
+fn unsafe_borrow(fd: i32) -> std::os::fd::BorrowedFd<'static> {
+    // SAFETY: the fd is only used for one fcntl while it is open in this process.
+    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
+}
+
 /// Start a fixture with stdout and stderr appended to `out`, stdin /dev/null.
 fn start(bin: &Path, out: &Path) -> Child {
+    close_stray_fds();
     let f = OpenOptions::new()
         .create(true)
         .append(true)
