@@ -28,8 +28,14 @@ pub struct DumpReport {
     pub mappings: usize,
     pub pages: u64,
     pub bytes: u64,
+    /// Time the process was stopped.
     pub frozen_ms: f64,
+    /// Time to read the memory and write it into the image.
+    pub memory_ms: f64,
+    /// Time to sync the image and read it back whole.
+    pub verify_ms: f64,
     pub total_ms: f64,
+    /// Page bytes over memory_ms.
     pub gb_per_s: f64,
     pub left: String,
 }
@@ -87,9 +93,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "/".into());
     let mut w = ImageWriter::create(dir)?;
-    let written = (|| -> Result<ferry_image::Summary> {
-        let (mappings, pages) = memory::dump(pid, &maps, &mut w)?;
-        let _ = pages;
+    let tm = Instant::now();
+    let collected = memory::dump(pid, &maps, &mut w).and_then(|(mappings, _)| {
         let img = ProcessImage {
             pid,
             ppid,
@@ -104,38 +109,59 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
             umask,
         };
         w.meta(TAG_PROCESS, &img)?;
-        let summary = w.finish()?;
-        // The process is killed only after the image is on disk and reads back whole.
-        ImageReader::open(dir)?.verify_pages()?;
-        Ok(summary)
-    })();
-    let summary = match written {
+        Ok(())
+    });
+    if let Err(e) = collected {
+        // Leave no half-written image behind; `frozen` resumes the process on drop.
+        drop(w);
+        let _ = std::fs::remove_dir_all(dir);
+        return Err(e);
+    }
+    let memory_ms = tm.elapsed().as_secs_f64() * 1e3;
+    // A process that keeps running needs nothing more from us: let it go before the image is
+    // synced and verified.
+    let mut frozen = Some(frozen);
+    let mut frozen_ms = 0.0;
+    if opts.leave == Leave::Running {
+        if let Some(f) = frozen.take() {
+            f.resume();
+        }
+        frozen_ms = tf.elapsed().as_secs_f64() * 1e3;
+    }
+    // The process is killed only after the image is synced and reads back whole.
+    let tv = Instant::now();
+    let finished = w.finish().map_err(crate::EngineError::from).and_then(|s| {
+        ImageReader::open(dir)?
+            .verify_pages()
+            .map(|_| s)
+            .map_err(Into::into)
+    });
+    let summary = match finished {
         Ok(s) => s,
         Err(e) => {
-            // Leave no half-written image behind; `frozen` resumes the process on drop.
             let _ = std::fs::remove_dir_all(dir);
             return Err(e);
         }
     };
-    let left = match opts.leave {
-        Leave::Killed => {
-            frozen.kill();
+    let verify_ms = tv.elapsed().as_secs_f64() * 1e3;
+    let left = match (opts.leave, frozen.take()) {
+        (Leave::Killed, Some(f)) => {
+            f.kill();
             "killed"
         }
-        Leave::Running => {
-            frozen.resume();
-            "running"
-        }
-        Leave::Stopped => {
+        (Leave::Stopped, Some(f)) => {
             // SAFETY: kill(2) has no memory effects; SIGSTOP takes effect at the detach.
             unsafe {
                 libc::kill(pid, libc::SIGSTOP);
             }
-            frozen.resume();
+            f.resume();
             "stopped"
         }
+        _ => "running",
     };
-    let frozen_ms = tf.elapsed().as_secs_f64() * 1e3;
+    if frozen_ms == 0.0 {
+        frozen_ms = tf.elapsed().as_secs_f64() * 1e3;
+    }
     let total = t0.elapsed().as_secs_f64();
     Ok(DumpReport {
         pid,
@@ -144,8 +170,10 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
         pages: summary.pages,
         bytes: summary.page_bytes,
         frozen_ms,
+        memory_ms,
+        verify_ms,
         total_ms: total * 1e3,
-        gb_per_s: summary.page_bytes as f64 / (frozen_ms / 1e3).max(1e-9) / 1e9,
+        gb_per_s: summary.page_bytes as f64 / (memory_ms / 1e3).max(1e-9) / 1e9,
         left: left.into(),
     })
 }

@@ -38,12 +38,22 @@ fn kind_of(m: &Mapping) -> MapKind {
     }
 }
 
-/// Describe every mapping and stream the pages that must be saved. Returns the mappings and
-/// the number of pages written.
+/// A run of pages read from the process, on its way to the image.
+struct Chunk {
+    addr: u64,
+    len: usize,
+    skip_zero: bool,
+    mapping: usize,
+    buf: Vec<u8>,
+}
+
+const CHUNK: usize = 4 << 20;
+
+/// Describe every mapping and stream the pages that must be saved. Reading the process
+/// (pagemap + process_vm_readv) and writing the image (zero check, checksum, write) run on
+/// two threads, overlapped. Returns the mappings and the number of pages written.
 pub fn dump(pid: i32, maps: &[Mapping], w: &mut ImageWriter) -> Result<(Vec<MappingImage>, u64)> {
     let mut out = Vec::new();
-    let mut total = 0u64;
-    let mut buf = vec![0u8; 4 << 20];
     for m in maps {
         let kind = kind_of(m);
         let (path, deleted) = match &m.kind {
@@ -68,7 +78,7 @@ pub fn dump(pid: i32, maps: &[Mapping], w: &mut ImageWriter) -> Result<(Vec<Mapp
             .as_ref()
             .filter(|_| kind == MapKind::File)
             .and_then(|p| std::fs::metadata(p).ok());
-        let mut img = MappingImage {
+        out.push(MappingImage {
             start: m.start,
             end: m.end,
             read: m.read,
@@ -84,38 +94,64 @@ pub fn dump(pid: i32, maps: &[Mapping], w: &mut ImageWriter) -> Result<(Vec<Mapp
                 x.mtime()
             }),
             pages_saved: 0,
-        };
-        let save = match kind {
-            MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall => false,
-            // Writes to a shared file mapping are in the file already.
-            MapKind::File if m.shared => false,
-            _ => true,
-        };
-        if save {
-            img.pages_saved = dump_pages(pid, m, kind, w, &mut buf)?;
-            total += img.pages_saved;
+        });
+    }
+    let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(3);
+    let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
+    for _ in 0..4 {
+        let _ = free_tx.send(vec![0u8; CHUNK]);
+    }
+    let mut total = 0u64;
+    let saved_per: Vec<u64> = std::thread::scope(|s| -> Result<Vec<u64>> {
+        // Owned here so that an early error return wakes a reader waiting for a buffer.
+        let free_tx = free_tx;
+        let out_ref = &out;
+        s.spawn(move || {
+            let r = read_all(pid, maps, out_ref, &full_tx, &free_rx);
+            if let Err(e) = r {
+                let _ = full_tx.send(Err(e));
+            }
+        });
+        let mut per = vec![0u64; out.len()];
+        for c in full_rx {
+            let c = c?;
+            let n = write_nonzero(w, c.addr, &c.buf[..c.len], c.skip_zero)?;
+            per[c.mapping] += n;
+            total += n;
+            let _ = free_tx.send(c.buf);
         }
-        out.push(img);
+        Ok(per)
+    })?;
+    for (m, n) in out.iter_mut().zip(saved_per) {
+        m.pages_saved = n;
     }
     Ok((out, total))
 }
 
-/// Save the pages of one mapping, in runs of consecutive pages.
-fn dump_pages(
+fn saves_pages(img: &MappingImage) -> bool {
+    match img.kind {
+        MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall => false,
+        // Writes to a shared file mapping are in the file already.
+        MapKind::File if img.shared => false,
+        _ => true,
+    }
+}
+
+/// The reading half: runs of wanted pages, read into recycled buffers.
+fn read_all(
     pid: i32,
-    m: &Mapping,
-    kind: MapKind,
-    w: &mut ImageWriter,
-    buf: &mut [u8],
-) -> Result<u64> {
-    let npages = (m.len() / PAGE_SIZE as u64) as usize;
-    let per = buf.len() / PAGE_SIZE;
-    let mut saved = 0u64;
-    let mut i = 0;
-    while i < npages {
-        let n = (npages - i).min(per);
-        let start = m.start + (i * PAGE_SIZE) as u64;
-        let flags = pagemap(pid, start, n)?;
+    maps: &[Mapping],
+    imgs: &[MappingImage],
+    tx: &std::sync::mpsc::SyncSender<Result<Chunk>>,
+    free: &std::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<()> {
+    let per = CHUNK / PAGE_SIZE;
+    for (mi, (m, img)) in maps.iter().zip(imgs).enumerate() {
+        if !saves_pages(img) {
+            continue;
+        }
+        let kind = img.kind;
+        let npages = (m.len() / PAGE_SIZE as u64) as usize;
         let wanted = |f: u64| {
             if f & (PM_PRESENT | PM_SWAPPED) == 0 {
                 return false;
@@ -123,27 +159,46 @@ fn dump_pages(
             // In a private file mapping only the private copies differ from the file.
             !(kind == MapKind::File && f & PM_FILE != 0)
         };
-        let mut j = 0;
-        while j < n {
-            if !wanted(flags[j]) {
-                j += 1;
-                continue;
+        let mut i = 0;
+        while i < npages {
+            let n = (npages - i).min(per);
+            let start = m.start + (i * PAGE_SIZE) as u64;
+            let flags = pagemap(pid, start, n)?;
+            let mut j = 0;
+            while j < n {
+                if !wanted(flags[j]) {
+                    j += 1;
+                    continue;
+                }
+                let mut k = j;
+                while k < n && wanted(flags[k]) {
+                    k += 1;
+                }
+                let a = start + (j * PAGE_SIZE) as u64;
+                let len = (k - j) * PAGE_SIZE;
+                let Ok(mut buf) = free.recv() else {
+                    return Ok(());
+                };
+                let chunk = &mut buf[..len];
+                if !m.read || read_mem(pid, a, chunk)? != len {
+                    read_mem_forced(pid, a, chunk)?;
+                }
+                let c = Chunk {
+                    addr: a,
+                    len,
+                    skip_zero: kind != MapKind::File,
+                    mapping: mi,
+                    buf,
+                };
+                if tx.send(Ok(c)).is_err() {
+                    return Ok(());
+                }
+                j = k;
             }
-            let mut k = j;
-            while k < n && wanted(flags[k]) {
-                k += 1;
-            }
-            let a = start + (j * PAGE_SIZE) as u64;
-            let chunk = &mut buf[..(k - j) * PAGE_SIZE];
-            if !m.read || read_mem(pid, a, chunk)? != chunk.len() {
-                read_mem_forced(pid, a, chunk)?;
-            }
-            saved += write_nonzero(w, a, chunk, kind != MapKind::File)?;
-            j = k;
+            i += n;
         }
-        i += n;
     }
-    Ok(saved)
+    Ok(())
 }
 
 /// Write the pages of `data`, skipping all-zero pages when `skip_zero` (fresh anonymous memory

@@ -77,7 +77,7 @@ fn hex(b: &[u8]) -> String {
 }
 
 fn unhex(s: &str) -> Result<Vec<u8>> {
-    if s.len() % 2 != 0 {
+    if !s.len().is_multiple_of(2) {
         return Err(EngineError::Failed(
             "xsave image has an odd number of hex digits".into(),
         ));

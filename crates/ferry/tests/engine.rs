@@ -129,7 +129,7 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
     let show = ferry(&["image", "show", img.to_str().unwrap(), "--verify"]);
     assert!(show.status.success());
     let text = String::from_utf8_lossy(&show.stdout);
-    assert!(text.contains(&format!("process {pid}")) && text.contains("[heap]") == false);
+    assert!(text.contains(&format!("process {pid}")));
     assert!(
         text.contains("heap") && text.contains("stack") && text.contains("vdso"),
         "{text}"
