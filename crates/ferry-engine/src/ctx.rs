@@ -15,9 +15,13 @@ pub struct Target {
 pub const SCRATCH_OFFSET: u64 = 64;
 
 impl Target {
-    /// Inject a syscall; a negative result becomes an error naming `what`.
+    /// Inject a syscall in the main thread; a negative result becomes an error naming `what`.
     pub fn sys(&mut self, what: &str, nr: i64, args: [u64; 6]) -> Result<u64> {
-        let tid = self.pid;
+        self.sys_in(self.pid, what, nr, args)
+    }
+
+    /// Inject a syscall in thread `tid`.
+    pub fn sys_in(&mut self, tid: i32, what: &str, nr: i64, args: [u64; 6]) -> Result<u64> {
         let rc = self.frozen.inject_syscall(tid, nr, args)?;
         if rc < 0 && rc > -4096 {
             return Err(EngineError::Failed(format!(

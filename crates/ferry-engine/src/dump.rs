@@ -62,16 +62,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let mut frozen = Frozen::freeze(pid)?;
     let tf = Instant::now();
     // Any error from here on drops `frozen`, which resumes the process untouched.
-    let threads = regs::dump(&frozen)?;
-    if threads.len() > 1 {
-        return Err(EngineError::Unsupported {
-            pid,
-            what: format!(
-                "it has {} threads: multi-threaded processes are not supported yet",
-                threads.len()
-            ),
-        });
-    }
+    let threads = regs::dump(&mut frozen)?;
     let maps = procfs::read_maps(pid)?;
     let st = procfs::read_status(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();

@@ -2,6 +2,7 @@
 //! and the rseq registration of each thread.
 
 use crate::ctx::Target;
+
 use crate::schema::{RseqImage, ThreadImage};
 use crate::{EngineError, Result};
 use ferry_sys::{Frozen, Regs};
@@ -91,9 +92,14 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
         .collect()
 }
 
-pub fn dump(frozen: &Frozen) -> Result<Vec<ThreadImage>> {
+pub fn dump(frozen: &mut Frozen) -> Result<Vec<ThreadImage>> {
     let mut out = Vec::new();
-    for t in frozen.threads() {
+    let pid = frozen.pid();
+    for t in frozen.threads().to_vec() {
+        let clear_tid = frozen.tid_address(t.tid)?;
+        let name = std::fs::read_to_string(format!("/proc/{pid}/task/{}/comm", t.tid))
+            .map(|s| s.trim_end().to_string())
+            .unwrap_or_default();
         let mut r = t.regs;
         restart_fixup(&mut r);
         out.push(ThreadImage {
@@ -106,25 +112,33 @@ pub fn dump(frozen: &Frozen) -> Result<Vec<ThreadImage>> {
                 size: c.size,
                 signature: c.signature,
             }),
+            clear_tid,
+            name,
         });
     }
     Ok(out)
 }
 
-/// Set the registers last: nothing may be injected afterwards.
+/// Set a thread's state. Syscalls injected afterwards keep these registers (injection saves
+/// and restores them).
 pub fn restore(t: &mut Target, th: &ThreadImage) -> Result<()> {
+    let tid = th.tid;
     if let Some(r) = th.rseq {
-        t.sys(
-            "rseq registration",
-            libc::SYS_rseq,
-            [r.ptr, r.size as u64, 0, r.signature as u64, 0, 0],
-        )?;
+        let args = [r.ptr, r.size as u64, 0, r.signature as u64, 0, 0];
+        t.sys_in(tid, "rseq registration", libc::SYS_rseq, args)?;
     }
-    t.frozen.set_sigmask(th.tid, th.sigmask)?;
-    t.frozen.set_xstate(th.tid, &unhex(&th.xsave)?)?;
+    let args = [th.clear_tid, 0, 0, 0, 0, 0];
+    t.sys_in(tid, "set_tid_address", libc::SYS_set_tid_address, args)?;
+    if !th.name.is_empty() {
+        let p = t.put_path(&th.name)?;
+        let args = [libc::PR_SET_NAME as u64, p, 0, 0, 0, 0];
+        t.sys_in(tid, "prctl(PR_SET_NAME)", libc::SYS_prctl, args)?;
+    }
+    t.frozen.set_sigmask(tid, th.sigmask)?;
+    t.frozen.set_xstate(tid, &unhex(&th.xsave)?)?;
     let mut regs = from_vec(&th.regs)?;
     // The restart was resolved at dump time; the kernel must not restart anything again.
     regs.orig_rax = u64::MAX;
-    t.frozen.set_regs(th.tid, regs)?;
+    t.frozen.set_regs(tid, regs)?;
     Ok(())
 }

@@ -43,10 +43,12 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     // Everything is checked before any process exists.
     let img = load(dir)?;
     ImageReader::open(dir)?.verify_pages()?;
-    if img.threads.len() != 1 {
-        return Err(EngineError::Failed(
-            "multi-threaded images are not supported yet".into(),
-        ));
+    if !img.threads.iter().any(|t| t.tid == img.pid) {
+        return Err(EngineError::Failed(format!(
+            "{}: the image has no thread {} (the thread-group leader)",
+            dir.display(),
+            img.pid
+        )));
     }
     memory::check_files(&img.mappings)?;
     files::check(&img.fds)?;
@@ -113,6 +115,36 @@ fn wait_exit(pid: i32) -> i32 {
     }
 }
 
+/// Create a thread with TID `tid` in the target (injected clone3 with set_tid) and seize it.
+fn create_thread(t: &mut Target, tid: i32) -> Result<()> {
+    let tids = t.put(3200, &(tid as u32).to_le_bytes())?;
+    let flags = (libc::CLONE_VM
+        | libc::CLONE_FS
+        | libc::CLONE_FILES
+        | libc::CLONE_SIGHAND
+        | libc::CLONE_THREAD
+        | libc::CLONE_SYSVSEM) as u64;
+    let mut args = Vec::new();
+    // struct clone_args: flags, pidfd, child_tid, parent_tid, exit_signal, stack, stack_size,
+    // tls, set_tid, set_tid_size, cgroup.
+    for v in [flags, 0, 0, 0, 0, 0, 0, 0, tids, 1, 0] {
+        args.extend_from_slice(&v.to_le_bytes());
+    }
+    let at = t.put(3072, &args)?;
+    let got = t.sys(
+        &format!("clone3 of thread {tid}"),
+        libc::SYS_clone3,
+        [at, args.len() as u64, 0, 0, 0, 0],
+    )?;
+    if got != tid as u64 {
+        return Err(EngineError::Failed(format!(
+            "thread {tid} was created as {got}"
+        )));
+    }
+    t.frozen.adopt_thread(tid)?;
+    Ok(())
+}
+
 /// A page for our `syscall; int3` that overlaps neither the stub nor the saved layout.
 fn free_page(pid: i32, saved: &[MappingImage]) -> Result<u64> {
     let own = procfs::read_maps(pid)?;
@@ -159,7 +191,12 @@ fn build(t: &mut Target, img: &ProcessImage, dir: &Path) -> Result<u64> {
             "restorer page mapped at {got:#x}, not {page:#x}"
         )));
     }
-    ferry_sys::mem::write_mem(t.pid, page, &[0x0f, 0x05, 0xcc])?;
+    // `syscall` for injections; threads created by an injected clone3 return after it and
+    // wait in a pause loop at +16 until they are seized.
+    let mut code = vec![0x0f, 0x05, 0xeb, 0x0c];
+    code.resize(16, 0xcc);
+    code.extend_from_slice(&[0xb8, 0x22, 0, 0, 0, 0x0f, 0x05, 0xeb, 0xf7]);
+    ferry_sys::mem::write_mem(t.pid, page, &code)?;
     t.frozen.set_syscall_insn(page);
     t.page = page;
     memory::restore_layout(t, &img.mappings)?;
@@ -181,7 +218,15 @@ fn build(t: &mut Target, img: &ProcessImage, dir: &Path) -> Result<u64> {
         [libc::PR_SET_NAME as u64, comm, 0, 0, 0, 0],
     )?;
     signals::restore(t, &img.sigactions)?;
-    regs::restore(t, &img.threads[0])?;
+    for th in img.threads.iter().filter(|th| th.tid != img.pid) {
+        create_thread(t, th.tid)?;
+    }
+    // The leader last.
+    let mut order: Vec<_> = img.threads.iter().filter(|th| th.tid != img.pid).collect();
+    order.extend(img.threads.iter().filter(|th| th.tid == img.pid));
+    for th in order {
+        regs::restore(t, th)?;
+    }
     // Last: remove our page. The syscall returns into it, but the step trap stops first.
     let p = t.page;
     t.frozen

@@ -29,6 +29,11 @@ pub struct ThreadImage {
     pub xsave: String,
     pub sigmask: u64,
     pub rseq: Option<RseqImage>,
+    /// set_tid_address / CLONE_CHILD_CLEARTID address.
+    #[serde(default)]
+    pub clear_tid: u64,
+    #[serde(default)]
+    pub name: String,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

@@ -127,6 +127,45 @@ impl Frozen {
         self.pid
     }
 
+    /// Seize and stop a thread created after the freeze (a thread a restore just made).
+    pub fn adopt_thread(&mut self, tid: i32) -> Result<()> {
+        match self.seize_one(tid)? {
+            Some(t) => {
+                self.threads.push(t);
+                Ok(())
+            }
+            None => Err(Error::Parse(format!(
+                "thread {tid} vanished before it could be seized"
+            ))),
+        }
+    }
+
+    /// The clear-child-tid address of a thread (prctl PR_GET_TID_ADDRESS run in that thread).
+    pub fn tid_address(&mut self, tid: i32) -> Result<u64> {
+        let rsp = self
+            .threads
+            .iter()
+            .find(|t| t.tid == tid)
+            .map(|t| t.regs.rsp)
+            .ok_or_else(|| Error::Parse(format!("thread {tid} is not frozen")))?;
+        let scratch = (rsp - 128 - 64) & !15;
+        const PR_GET_TID_ADDRESS: u64 = 40;
+        let rc = self.inject_syscall(
+            tid,
+            libc::SYS_prctl,
+            [PR_GET_TID_ADDRESS, scratch, 0, 0, 0, 0],
+        )?;
+        if rc < 0 {
+            return Err(Error::io(
+                format!("injected prctl(PR_GET_TID_ADDRESS) in thread {tid}"),
+                std::io::Error::from_raw_os_error(-rc as i32),
+            ));
+        }
+        let mut b = [0u8; 8];
+        read_mem(self.pid, scratch, &mut b)?;
+        Ok(u64::from_ne_bytes(b))
+    }
+
     pub fn threads(&self) -> &[FrozenThread] {
         &self.threads
     }

@@ -24,7 +24,7 @@ fn tmpdir(tag: &str) -> PathBuf {
 fn build(dir: &Path, name: &str) -> PathBuf {
     let out = dir.join(name);
     let st = Command::new("musl-gcc")
-        .args(["-static", "-O2", "-o"])
+        .args(["-static", "-O2", "-pthread", "-o"])
         .arg(&out)
         .arg(format!("{FIXTURES}/{name}.c"))
         .status()
@@ -253,4 +253,43 @@ fn a_failed_dump_leaves_the_process_running_and_bad_images_are_refused() {
     ]);
     assert_eq!(d.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&d.stderr).contains("does not exist"));
+}
+
+/// Threads blocked in a futex and in nanosleep, and one computing in AVX registers, with
+/// thread-local values: all restored with their TIDs and finish correctly.
+#[test]
+fn threads_blocked_in_syscalls_and_computing_survive() {
+    let dir = tmpdir("threads");
+    let bin = build(&dir, "threads");
+    let out = dir.join("out.txt");
+    let mut child = start(&bin, &out);
+    let pid = child.id();
+    wait_for(&out, "ready");
+    let tids = |p: u32| -> Vec<String> {
+        let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{p}/task"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        v.sort();
+        v
+    };
+    let before = tids(pid);
+    assert_eq!(before.len(), 4);
+    let img = dir.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    child.wait().unwrap();
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(tids(pid), before, "same TIDs");
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
 }
