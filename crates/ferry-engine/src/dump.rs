@@ -76,7 +76,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
         .find_map(|l| l.strip_prefix("PPid:"))
         .and_then(|v| v.trim().parse().ok())
         .unwrap_or(0);
-    let fds = files::dump(pid)?;
+    let (fds, pipes) = files::dump(pid)?;
     let mm = mm::dump(pid, &mut frozen)?;
     let sigactions = signals::dump(&mut frozen)?;
     let exe = procfs::read_exe(pid)?.display().to_string();
@@ -98,6 +98,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
             sigactions: sigactions.clone(),
             cwd: cwd.clone(),
             umask,
+            pipes: pipes.clone(),
         };
         w.meta(TAG_PROCESS, &img)?;
         Ok(())

@@ -1,21 +1,36 @@
-//! File descriptors: regular files (path, flags, offset, O_APPEND), directories and character
-//! devices such as /dev/null. Other kinds stop the dump with an error naming the fd.
+//! File descriptors: regular files (path, flags, offset, O_APPEND), directories, character
+//! devices such as /dev/null, pipes with their buffered bytes, and fds that share one open
+//! file description (kcmp). Other kinds stop the dump with an error naming the fd.
 
 use crate::ctx::Target;
-use crate::schema::FdImage;
+use crate::schema::{FdImage, PipeImage};
 use crate::{EngineError, Result};
 use std::os::unix::fs::MetadataExt;
 
-pub fn dump(pid: i32) -> Result<Vec<FdImage>> {
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>> {
+    if !s.len().is_multiple_of(2) {
+        return Err(EngineError::Failed("pipe data is not hex".into()));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| EngineError::Failed("pipe data is not hex".into())))
+        .collect()
+}
+
+pub fn dump(pid: i32) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
     let dir = format!("/proc/{pid}/fd");
-    let rd =
-        std::fs::read_dir(&dir).map_err(|e| EngineError::Failed(format!("reading {dir}: {e}")))?;
+    let rd = std::fs::read_dir(&dir).map_err(|e| EngineError::Failed(format!("reading {dir}: {e}")))?;
     let mut fds: Vec<i32> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
         .collect();
     fds.sort_unstable();
-    let mut out = Vec::new();
+    let mut out: Vec<FdImage> = Vec::new();
+    let mut pipes: Vec<PipeImage> = Vec::new();
     for fd in fds {
         let link = std::fs::read_link(format!("{dir}/{fd}"))
             .map_err(|e| EngineError::Failed(format!("process {pid} fd {fd}: {e}")))?;
@@ -33,12 +48,45 @@ pub fn dump(pid: i32) -> Result<Vec<FdImage>> {
             pid,
             what: format!("fd {fd} is {what} ({path}), which this version cannot dump"),
         };
+        let mut img = FdImage {
+            fd,
+            path: path.clone(),
+            same_as: None,
+            pipe: None,
+            flags,
+            pos,
+            size: 0,
+            mode: 0,
+        };
+        // Shares a description with an earlier fd: only the link is needed.
+        let mut shared = None;
+        for prev in out.iter().filter(|p| p.same_as.is_none()) {
+            if ferry_sys::files::same_file(pid, prev.fd, fd)? {
+                shared = Some(prev.fd);
+                break;
+            }
+        }
+        if let Some(p) = shared {
+            img.same_as = Some(p);
+            out.push(img);
+            continue;
+        }
+        if let Some(inode) = path.strip_prefix("pipe:[").and_then(|s| s.strip_suffix(']')) {
+            let inode: u64 = inode.parse().map_err(|_| unsupported("a pipe with an odd name"))?;
+            if !pipes.iter().any(|p| p.inode == inode) {
+                let (data, capacity) = ferry_sys::files::pipe_peek(pid, fd)?;
+                pipes.push(PipeImage {
+                    inode,
+                    capacity: capacity as u64,
+                    data: hex(&data),
+                });
+            }
+            img.pipe = Some(inode);
+            out.push(img);
+            continue;
+        }
         if !path.starts_with('/') {
-            let kind = path
-                .split(':')
-                .next()
-                .unwrap_or("an unknown object")
-                .to_string();
+            let kind = path.split(':').next().unwrap_or("an unknown object").to_string();
             return Err(unsupported(&format!("a {kind}")));
         }
         if path.ends_with(" (deleted)") {
@@ -49,33 +97,22 @@ pub fn dump(pid: i32) -> Result<Vec<FdImage>> {
         let ft = meta.file_type();
         use std::os::unix::fs::FileTypeExt;
         if !(ft.is_file() || ft.is_dir() || ft.is_char_device()) {
-            return Err(unsupported(
-                "neither a regular file, a directory nor a character device",
-            ));
+            return Err(unsupported("neither a regular file, a directory nor a character device"));
         }
-        out.push(FdImage {
-            fd,
-            path,
-            flags,
-            pos,
-            size: meta.len(),
-            mode: meta.mode(),
-        });
+        img.size = meta.len();
+        img.mode = meta.mode();
+        out.push(img);
     }
-    Ok(out)
+    Ok((out, pipes))
 }
 
 /// Check that the files are still what they were, before anything is created.
 pub fn check(fds: &[FdImage]) -> Result<()> {
-    for f in fds {
-        let m = std::fs::metadata(&f.path).map_err(|e| {
-            EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path))
-        })?;
+    for f in fds.iter().filter(|f| f.same_as.is_none() && f.pipe.is_none()) {
+        let m = std::fs::metadata(&f.path)
+            .map_err(|e| EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path)))?;
         if m.mode() & libc::S_IFMT != f.mode & libc::S_IFMT {
-            return Err(EngineError::Failed(format!(
-                "fd {}: {} changed type since the dump",
-                f.fd, f.path
-            )));
+            return Err(EngineError::Failed(format!("fd {}: {} changed type since the dump", f.fd, f.path)));
         }
         if m.is_file() && m.len() < f.pos && f.flags & libc::O_APPEND as u32 == 0 {
             return Err(EngineError::Failed(format!(
@@ -90,14 +127,69 @@ pub fn check(fds: &[FdImage]) -> Result<()> {
     Ok(())
 }
 
-pub fn restore(t: &mut Target, fds: &[FdImage]) -> Result<()> {
+fn cloexec(f: &FdImage) -> u64 {
+    if f.flags & libc::O_CLOEXEC as u32 != 0 {
+        libc::O_CLOEXEC as u64
+    } else {
+        0
+    }
+}
+
+/// Move a temporary fd above every saved fd number, so it cannot be clobbered.
+fn move_high(t: &mut Target, fd: u64, base: u64) -> Result<u64> {
+    let hi = t.sys("fcntl(F_DUPFD)", libc::SYS_fcntl, [fd, libc::F_DUPFD_CLOEXEC as u64, base, 0, 0, 0])?;
+    t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+    Ok(hi)
+}
+
+pub fn restore(t: &mut Target, fds: &[FdImage], pipes: &[PipeImage]) -> Result<()> {
     // The stub inherited the restorer's fds: none of them belongs to the process.
-    t.sys(
-        "close_range",
-        libc::SYS_close_range,
-        [0, u32::MAX as u64, 0, 0, 0, 0],
-    )?;
+    t.sys("close_range", libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
+    let base = fds.iter().map(|f| f.fd as u64 + 1).max().unwrap_or(0);
+    let mut made: Vec<(u64, u64, u64)> = Vec::new(); // (inode, read end, write end), high fds
     for f in fds {
+        let target = f.fd as u64;
+        if let Some(src) = f.same_as {
+            t.sys(&format!("dup3 of fd {src} to fd {}", f.fd), libc::SYS_dup3, [src as u64, target, cloexec(f), 0, 0, 0])?;
+            continue;
+        }
+        if let Some(inode) = f.pipe {
+            if !made.iter().any(|m| m.0 == inode) {
+                let p = pipes
+                    .iter()
+                    .find(|p| p.inode == inode)
+                    .ok_or_else(|| EngineError::Failed(format!("fd {}: pipe {inode} is not in the image", f.fd)))?;
+                let at = t.put(2560, &[0u8; 8])?;
+                t.sys("pipe2", libc::SYS_pipe2, [at, 0, 0, 0, 0, 0])?;
+                let mut b = [0u8; 8];
+                ferry_sys::mem::read_mem_forced(t.pid, at, &mut b)?;
+                let r = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
+                let w = u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64;
+                let r = move_high(t, r, base)?;
+                let w = move_high(t, w, base)?;
+                t.sys("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, [w, libc::F_SETPIPE_SZ as u64, p.capacity, 0, 0, 0])?;
+                let data = unhex(&p.data)?;
+                if !data.is_empty() {
+                    // Refill from outside through the restored process's own write end.
+                    use std::io::Write;
+                    let mut wf = std::fs::OpenOptions::new()
+                        .write(true)
+                        .open(format!("/proc/{}/fd/{w}", t.pid))
+                        .map_err(|e| EngineError::Failed(format!("reopening the new pipe: {e}")))?;
+                    wf.write_all(&data)
+                        .map_err(|e| EngineError::Failed(format!("refilling pipe {inode}: {e}")))?;
+                }
+                made.push((inode, r, w));
+            }
+            let &(_, r, w) = made.iter().find(|m| m.0 == inode).unwrap();
+            let write_end = f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
+            let src = if write_end { w } else { r };
+            t.sys(&format!("dup3 to fd {}", f.fd), libc::SYS_dup3, [src, target, cloexec(f), 0, 0, 0])?;
+            // O_NONBLOCK and friends live in the description.
+            let fl = f.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
+            t.sys("fcntl(F_SETFL)", libc::SYS_fcntl, [target, libc::F_SETFL as u64, fl as u64, 0, 0, 0])?;
+            continue;
+        }
         let p = t.put_path(&f.path)?;
         let flags = f.flags & !((libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) as u32);
         let fd = t.sys(
@@ -106,24 +198,18 @@ pub fn restore(t: &mut Target, fds: &[FdImage]) -> Result<()> {
             [libc::AT_FDCWD as u64, p, flags as u64, 0, 0, 0],
         )?;
         if f.pos != 0 {
-            t.sys(
-                &format!("lseek on fd {}", f.fd),
-                libc::SYS_lseek,
-                [fd, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
-            )?;
+            t.sys(&format!("lseek on fd {}", f.fd), libc::SYS_lseek, [fd, f.pos, libc::SEEK_SET as u64, 0, 0, 0])?;
         }
-        if fd != f.fd as u64 {
-            let cloexec = if f.flags & libc::O_CLOEXEC as u32 != 0 {
-                libc::O_CLOEXEC
-            } else {
-                0
-            };
-            t.sys(
-                &format!("dup3 to fd {}", f.fd),
-                libc::SYS_dup3,
-                [fd, f.fd as u64, cloexec as u64, 0, 0, 0],
-            )?;
+        if fd != target {
+            t.sys(&format!("dup3 to fd {}", f.fd), libc::SYS_dup3, [fd, target, cloexec(f), 0, 0, 0])?;
             t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        }
+    }
+    for (_, r, w) in made {
+        for fd in [r, w] {
+            if !fds.iter().any(|f| f.fd as u64 == fd) {
+                t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            }
         }
     }
     Ok(())

@@ -180,7 +180,7 @@ fn build(t: &mut Target, img: &ProcessImage, dir: &Path) -> Result<u64> {
         [
             page,
             4096,
-            (libc::PROT_READ | libc::PROT_EXEC) as u64,
+            (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
             flags,
             u64::MAX,
             0,
@@ -203,7 +203,7 @@ fn build(t: &mut Target, img: &ProcessImage, dir: &Path) -> Result<u64> {
     let mut r = ImageReader::open(dir)?;
     let pages = memory::restore_pages(t.pid, &mut r)?;
     mm::restore(t, &img.mm, &img.exe)?;
-    files::restore(t, &img.fds)?;
+    files::restore(t, &img.fds, &img.pipes)?;
     let cwd = t.put_path(&img.cwd)?;
     t.sys(
         &format!("chdir to {}", img.cwd),

@@ -18,6 +18,17 @@ pub struct ProcessImage {
     pub sigactions: Vec<SigactionImage>,
     pub cwd: String,
     pub umask: u32,
+    #[serde(default)]
+    pub pipes: Vec<PipeImage>,
+}
+
+/// A pipe held by the process, with the bytes buffered in it at the dump.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PipeImage {
+    pub inode: u64,
+    pub capacity: u64,
+    /// Buffered bytes, hex.
+    pub data: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -94,7 +105,15 @@ pub struct MmImage {
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FdImage {
     pub fd: i32,
+    /// The file's path, or `pipe:[INODE]` for a pipe.
     pub path: String,
+    /// An earlier fd of the process sharing this open file description (dup'ed, or inherited
+    /// together): restored with dup so that offset and flags stay shared.
+    #[serde(default)]
+    pub same_as: Option<i32>,
+    /// For a pipe end: the pipe's inode (an index into `ProcessImage::pipes`).
+    #[serde(default)]
+    pub pipe: Option<u64>,
     /// open(2) flags as /proc/PID/fdinfo reports them.
     pub flags: u32,
     pub pos: u64,

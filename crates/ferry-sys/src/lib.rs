@@ -3,6 +3,7 @@
 //! reading another process's memory. Higher crates never call ptrace or libc directly.
 
 pub mod error;
+pub mod files;
 pub mod freeze;
 pub mod mem;
 pub mod procfs;
