@@ -17,13 +17,17 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
     }
     (0..s.len())
         .step_by(2)
-        .map(|i| u8::from_str_radix(&s[i..i + 2], 16).map_err(|_| EngineError::Failed("pipe data is not hex".into())))
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16)
+                .map_err(|_| EngineError::Failed("pipe data is not hex".into()))
+        })
         .collect()
 }
 
 pub fn dump(pid: i32) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
     let dir = format!("/proc/{pid}/fd");
-    let rd = std::fs::read_dir(&dir).map_err(|e| EngineError::Failed(format!("reading {dir}: {e}")))?;
+    let rd =
+        std::fs::read_dir(&dir).map_err(|e| EngineError::Failed(format!("reading {dir}: {e}")))?;
     let mut fds: Vec<i32> = rd
         .filter_map(|e| e.ok())
         .filter_map(|e| e.file_name().to_str().and_then(|s| s.parse().ok()))
@@ -71,8 +75,13 @@ pub fn dump(pid: i32) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
             out.push(img);
             continue;
         }
-        if let Some(inode) = path.strip_prefix("pipe:[").and_then(|s| s.strip_suffix(']')) {
-            let inode: u64 = inode.parse().map_err(|_| unsupported("a pipe with an odd name"))?;
+        if let Some(inode) = path
+            .strip_prefix("pipe:[")
+            .and_then(|s| s.strip_suffix(']'))
+        {
+            let inode: u64 = inode
+                .parse()
+                .map_err(|_| unsupported("a pipe with an odd name"))?;
             if !pipes.iter().any(|p| p.inode == inode) {
                 let (data, capacity) = ferry_sys::files::pipe_peek(pid, fd)?;
                 pipes.push(PipeImage {
@@ -86,7 +95,11 @@ pub fn dump(pid: i32) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
             continue;
         }
         if !path.starts_with('/') {
-            let kind = path.split(':').next().unwrap_or("an unknown object").to_string();
+            let kind = path
+                .split(':')
+                .next()
+                .unwrap_or("an unknown object")
+                .to_string();
             return Err(unsupported(&format!("a {kind}")));
         }
         if path.ends_with(" (deleted)") {
@@ -97,7 +110,9 @@ pub fn dump(pid: i32) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
         let ft = meta.file_type();
         use std::os::unix::fs::FileTypeExt;
         if !(ft.is_file() || ft.is_dir() || ft.is_char_device()) {
-            return Err(unsupported("neither a regular file, a directory nor a character device"));
+            return Err(unsupported(
+                "neither a regular file, a directory nor a character device",
+            ));
         }
         img.size = meta.len();
         img.mode = meta.mode();
@@ -108,11 +123,18 @@ pub fn dump(pid: i32) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
 
 /// Check that the files are still what they were, before anything is created.
 pub fn check(fds: &[FdImage]) -> Result<()> {
-    for f in fds.iter().filter(|f| f.same_as.is_none() && f.pipe.is_none()) {
-        let m = std::fs::metadata(&f.path)
-            .map_err(|e| EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path)))?;
+    for f in fds
+        .iter()
+        .filter(|f| f.same_as.is_none() && f.pipe.is_none())
+    {
+        let m = std::fs::metadata(&f.path).map_err(|e| {
+            EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path))
+        })?;
         if m.mode() & libc::S_IFMT != f.mode & libc::S_IFMT {
-            return Err(EngineError::Failed(format!("fd {}: {} changed type since the dump", f.fd, f.path)));
+            return Err(EngineError::Failed(format!(
+                "fd {}: {} changed type since the dump",
+                f.fd, f.path
+            )));
         }
         if m.is_file() && m.len() < f.pos && f.flags & libc::O_APPEND as u32 == 0 {
             return Err(EngineError::Failed(format!(
@@ -137,28 +159,39 @@ fn cloexec(f: &FdImage) -> u64 {
 
 /// Move a temporary fd above every saved fd number, so it cannot be clobbered.
 fn move_high(t: &mut Target, fd: u64, base: u64) -> Result<u64> {
-    let hi = t.sys("fcntl(F_DUPFD)", libc::SYS_fcntl, [fd, libc::F_DUPFD_CLOEXEC as u64, base, 0, 0, 0])?;
+    let hi = t.sys(
+        "fcntl(F_DUPFD)",
+        libc::SYS_fcntl,
+        [fd, libc::F_DUPFD_CLOEXEC as u64, base, 0, 0, 0],
+    )?;
     t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
     Ok(hi)
 }
 
 pub fn restore(t: &mut Target, fds: &[FdImage], pipes: &[PipeImage]) -> Result<()> {
     // The stub inherited the restorer's fds: none of them belongs to the process.
-    t.sys("close_range", libc::SYS_close_range, [0, u32::MAX as u64, 0, 0, 0, 0])?;
+    t.sys(
+        "close_range",
+        libc::SYS_close_range,
+        [0, u32::MAX as u64, 0, 0, 0, 0],
+    )?;
     let base = fds.iter().map(|f| f.fd as u64 + 1).max().unwrap_or(0);
     let mut made: Vec<(u64, u64, u64)> = Vec::new(); // (inode, read end, write end), high fds
     for f in fds {
         let target = f.fd as u64;
         if let Some(src) = f.same_as {
-            t.sys(&format!("dup3 of fd {src} to fd {}", f.fd), libc::SYS_dup3, [src as u64, target, cloexec(f), 0, 0, 0])?;
+            t.sys(
+                &format!("dup3 of fd {src} to fd {}", f.fd),
+                libc::SYS_dup3,
+                [src as u64, target, cloexec(f), 0, 0, 0],
+            )?;
             continue;
         }
         if let Some(inode) = f.pipe {
             if !made.iter().any(|m| m.0 == inode) {
-                let p = pipes
-                    .iter()
-                    .find(|p| p.inode == inode)
-                    .ok_or_else(|| EngineError::Failed(format!("fd {}: pipe {inode} is not in the image", f.fd)))?;
+                let p = pipes.iter().find(|p| p.inode == inode).ok_or_else(|| {
+                    EngineError::Failed(format!("fd {}: pipe {inode} is not in the image", f.fd))
+                })?;
                 let at = t.put(2560, &[0u8; 8])?;
                 t.sys("pipe2", libc::SYS_pipe2, [at, 0, 0, 0, 0, 0])?;
                 let mut b = [0u8; 8];
@@ -167,7 +200,11 @@ pub fn restore(t: &mut Target, fds: &[FdImage], pipes: &[PipeImage]) -> Result<(
                 let w = u32::from_le_bytes(b[4..8].try_into().unwrap()) as u64;
                 let r = move_high(t, r, base)?;
                 let w = move_high(t, w, base)?;
-                t.sys("fcntl(F_SETPIPE_SZ)", libc::SYS_fcntl, [w, libc::F_SETPIPE_SZ as u64, p.capacity, 0, 0, 0])?;
+                t.sys(
+                    "fcntl(F_SETPIPE_SZ)",
+                    libc::SYS_fcntl,
+                    [w, libc::F_SETPIPE_SZ as u64, p.capacity, 0, 0, 0],
+                )?;
                 let data = unhex(&p.data)?;
                 if !data.is_empty() {
                     // Refill from outside through the restored process's own write end.
@@ -184,10 +221,18 @@ pub fn restore(t: &mut Target, fds: &[FdImage], pipes: &[PipeImage]) -> Result<(
             let &(_, r, w) = made.iter().find(|m| m.0 == inode).unwrap();
             let write_end = f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
             let src = if write_end { w } else { r };
-            t.sys(&format!("dup3 to fd {}", f.fd), libc::SYS_dup3, [src, target, cloexec(f), 0, 0, 0])?;
+            t.sys(
+                &format!("dup3 to fd {}", f.fd),
+                libc::SYS_dup3,
+                [src, target, cloexec(f), 0, 0, 0],
+            )?;
             // O_NONBLOCK and friends live in the description.
             let fl = f.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
-            t.sys("fcntl(F_SETFL)", libc::SYS_fcntl, [target, libc::F_SETFL as u64, fl as u64, 0, 0, 0])?;
+            t.sys(
+                "fcntl(F_SETFL)",
+                libc::SYS_fcntl,
+                [target, libc::F_SETFL as u64, fl as u64, 0, 0, 0],
+            )?;
             continue;
         }
         let p = t.put_path(&f.path)?;
@@ -198,10 +243,18 @@ pub fn restore(t: &mut Target, fds: &[FdImage], pipes: &[PipeImage]) -> Result<(
             [libc::AT_FDCWD as u64, p, flags as u64, 0, 0, 0],
         )?;
         if f.pos != 0 {
-            t.sys(&format!("lseek on fd {}", f.fd), libc::SYS_lseek, [fd, f.pos, libc::SEEK_SET as u64, 0, 0, 0])?;
+            t.sys(
+                &format!("lseek on fd {}", f.fd),
+                libc::SYS_lseek,
+                [fd, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
+            )?;
         }
         if fd != target {
-            t.sys(&format!("dup3 to fd {}", f.fd), libc::SYS_dup3, [fd, target, cloexec(f), 0, 0, 0])?;
+            t.sys(
+                &format!("dup3 to fd {}", f.fd),
+                libc::SYS_dup3,
+                [fd, target, cloexec(f), 0, 0, 0],
+            )?;
             t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
         }
     }

@@ -33,14 +33,23 @@ pub fn pipe_peek(pid: i32, fd: i32) -> Result<(Vec<u8>, usize)> {
         .map_err(|e| Error::io(what("F_GETPIPE_SZ"), e.into()))? as usize;
     let (r, w) = nix::unistd::pipe2(OFlag::O_CLOEXEC | OFlag::O_NONBLOCK)
         .map_err(|e| Error::io(what("pipe2"), e.into()))?;
-    let _ = fcntl(w.as_fd(), FcntlArg::F_SETPIPE_SZ(size.max(4096) as libc::c_int));
+    let _ = fcntl(
+        w.as_fd(),
+        FcntlArg::F_SETPIPE_SZ(size.max(4096) as libc::c_int),
+    );
     let mut data = Vec::new();
-    match tee(theirs.as_fd(), w.as_fd(), size, SpliceFFlags::SPLICE_F_NONBLOCK) {
+    match tee(
+        theirs.as_fd(),
+        w.as_fd(),
+        size,
+        SpliceFFlags::SPLICE_F_NONBLOCK,
+    ) {
         Ok(n) => {
             drop(w);
             let mut f = std::fs::File::from(r);
             data.resize(n, 0);
-            f.read_exact(&mut data).map_err(|e| Error::io(what("reading the copy"), e))?;
+            f.read_exact(&mut data)
+                .map_err(|e| Error::io(what("reading the copy"), e))?;
         }
         Err(nix::Error::EAGAIN) => {}
         Err(e) => return Err(Error::io(what("tee"), e.into())),

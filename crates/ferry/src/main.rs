@@ -58,7 +58,15 @@ fn main() -> ExitCode {
     match res {
         Ok(code) => ExitCode::from(code),
         Err(e) => {
-            let msg = format!("{e:#}").replace('\n', " ");
+            // One line; causes already quoted by their parent's message are not repeated.
+            let mut msg = e.to_string();
+            for cause in e.chain().skip(1) {
+                let c = cause.to_string();
+                if !msg.contains(&c) {
+                    msg = format!("{msg}: {c}");
+                }
+            }
+            let msg = msg.replace('\n', " ");
             eprintln!("ferry: error: {msg}");
             ExitCode::from(2)
         }

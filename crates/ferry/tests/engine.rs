@@ -293,3 +293,103 @@ fn threads_blocked_in_syscalls_and_computing_survive() {
     let s = wait_for(&out, "PASS");
     assert!(!s.contains("FAIL"), "{s}");
 }
+
+/// Run `cmd` uninterrupted for the reference output; run it again, dump it mid-way (killing
+/// it), restore it and let it finish: the output must be byte-identical.
+fn dump_restore_matches_reference(
+    tag: &str,
+    prog: &str,
+    args: &[&str],
+    out_name: &str,
+    after: Duration,
+) {
+    let dir = tmpdir(tag);
+    let reference = dir.join(format!("{out_name}.ref"));
+    let run = |out: &Path| -> Child {
+        close_stray_fds();
+        let f = std::fs::File::create(out).unwrap();
+        Command::new(prog)
+            .args(args)
+            .stdin(Stdio::null())
+            .stdout(f)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    assert!(run(&reference).wait().unwrap().success());
+    let out = dir.join(out_name);
+    let mut child = run(&out);
+    let pid = child.id();
+    std::thread::sleep(after);
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "{prog} finished before the dump: make its work longer"
+    );
+    let img = dir.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+        "--json",
+    ]);
+    assert!(
+        d.status.success(),
+        "dump of {prog}: {}",
+        String::from_utf8_lossy(&d.stderr)
+    );
+    child.wait().unwrap();
+    let r = ferry(&["restore", "--images", img.to_str().unwrap()]);
+    assert_eq!(
+        r.status.code(),
+        Some(0),
+        "restore of {prog}: {}",
+        String::from_utf8_lossy(&r.stderr)
+    );
+    let a = std::fs::read(&reference).unwrap();
+    let b = std::fs::read(&out).unwrap();
+    assert!(!a.is_empty());
+    assert!(
+        a == b,
+        "{prog}: output differs after dump and restore ({} vs {} bytes)",
+        a.len(),
+        b.len()
+    );
+}
+
+#[test]
+fn python3_mid_computation_gives_identical_output() {
+    let script = "import hashlib\nh = hashlib.sha256()\nacc = 0\nfor i in range(12_000_000):\n    acc = (acc * 31 + i * i) % 1_000_000_007\n    if i % 100_000 == 0:\n        h.update(str(acc).encode())\nprint(acc, h.hexdigest())\n";
+    dump_restore_matches_reference(
+        "py",
+        "/usr/bin/python3",
+        &["-c", script],
+        "py.out",
+        Duration::from_millis(800),
+    );
+}
+
+#[test]
+fn multithreaded_xz_with_a_pipe_gives_identical_output() {
+    let dir = tmpdir("xzin");
+    let input = dir.join("in.txt");
+    let mut text = String::new();
+    let mut x: u64 = 1;
+    while text.len() < 12 << 20 {
+        x = x
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
+        text.push_str(["alpha ", "beta ", "ferry ", "cpu "][(x >> 60) as usize % 4]);
+        text.push_str(&((x >> 33) % 1000).to_string());
+        text.push('\n');
+    }
+    std::fs::write(&input, text).unwrap();
+    dump_restore_matches_reference(
+        "xz",
+        "xz",
+        &["-T2", "-6", "-c", input.to_str().unwrap()],
+        "xz.out",
+        Duration::from_millis(1500),
+    );
+}
