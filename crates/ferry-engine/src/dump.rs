@@ -62,7 +62,11 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let mut frozen = Frozen::freeze(pid)?;
     let tf = Instant::now();
     // Any error from here on drops `frozen`, which resumes the process untouched.
-    let threads = regs::dump(&mut frozen)?;
+    let mut threads = regs::dump(&mut frozen)?;
+    for th in threads.iter_mut() {
+        (th.sigaltstack, th.pending) = signals::dump_thread(&mut frozen, th.tid)?;
+    }
+    let (shared_pending, itimers) = signals::dump_process(&mut frozen)?;
     let maps = procfs::read_maps(pid)?;
     let st = procfs::read_status(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -99,6 +103,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
             cwd: cwd.clone(),
             umask,
             pipes: pipes.clone(),
+            shared_pending: shared_pending.clone(),
+            itimers: itimers.clone(),
         };
         w.meta(TAG_PROCESS, &img)?;
         Ok(())

@@ -114,6 +114,8 @@ pub fn dump(frozen: &mut Frozen) -> Result<Vec<ThreadImage>> {
             }),
             clear_tid,
             name,
+            sigaltstack: None,
+            pending: Vec::new(),
         });
     }
     Ok(out)

@@ -225,8 +225,10 @@ fn build(t: &mut Target, img: &ProcessImage, dir: &Path) -> Result<u64> {
     let mut order: Vec<_> = img.threads.iter().filter(|th| th.tid != img.pid).collect();
     order.extend(img.threads.iter().filter(|th| th.tid == img.pid));
     for th in order {
+        signals::restore_thread(t, th)?;
         regs::restore(t, th)?;
     }
+    signals::restore_pending(t, img.pid, &img.threads, &img.shared_pending, &img.itimers)?;
     // Last: remove our page. The syscall returns into it, but the step trap stops first.
     let p = t.page;
     t.frozen

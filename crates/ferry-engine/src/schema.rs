@@ -20,6 +20,12 @@ pub struct ProcessImage {
     pub umask: u32,
     #[serde(default)]
     pub pipes: Vec<PipeImage>,
+    /// Signals pending for the whole process: raw siginfo, hex, in queue order.
+    #[serde(default)]
+    pub shared_pending: Vec<String>,
+    /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: (interval sec, usec, value sec, usec).
+    #[serde(default)]
+    pub itimers: Vec<[i64; 4]>,
 }
 
 /// A pipe held by the process, with the bytes buffered in it at the dump.
@@ -45,6 +51,12 @@ pub struct ThreadImage {
     pub clear_tid: u64,
     #[serde(default)]
     pub name: String,
+    /// sigaltstack: (ss_sp, ss_flags, ss_size); None when disabled.
+    #[serde(default)]
+    pub sigaltstack: Option<(u64, u32, u64)>,
+    /// Signals pending for this thread: raw siginfo, hex, in queue order.
+    #[serde(default)]
+    pub pending: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, Serialize, Deserialize)]

@@ -3,6 +3,8 @@
 
 use crate::ctx::Target;
 use crate::schema::SigactionImage;
+use crate::schema::ThreadImage;
+use crate::EngineError;
 use crate::Result;
 use ferry_sys::Frozen;
 
@@ -53,6 +55,170 @@ pub fn restore(t: &mut Target, acts: &[SigactionImage]) -> Result<()> {
             &format!("rt_sigaction({})", a.signal),
             libc::SYS_rt_sigaction,
             [a.signal as u64, at, 0, 8, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+fn hex(b: &[u8]) -> String {
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+fn unhex(s: &str) -> Result<Vec<u8>> {
+    if s.len() != 256 {
+        return Err(EngineError::Failed(
+            "a pending siginfo is not 128 bytes of hex".into(),
+        ));
+    }
+    (0..s.len())
+        .step_by(2)
+        .map(|i| {
+            u8::from_str_radix(&s[i..i + 2], 16)
+                .map_err(|_| EngineError::Failed("siginfo is not hex".into()))
+        })
+        .collect()
+}
+
+fn inject_read(
+    frozen: &mut Frozen,
+    tid: i32,
+    what: &str,
+    nr: i64,
+    args: impl Fn(u64) -> [u64; 6],
+    len: usize,
+) -> Result<Vec<u8>> {
+    let scratch = frozen.scratch_of(tid)?;
+    let rc = frozen.inject_syscall(tid, nr, args(scratch))?;
+    if rc < 0 {
+        return Err(EngineError::Failed(format!(
+            "injected {what} in thread {tid}: {}",
+            std::io::Error::from_raw_os_error(-rc as i32)
+        )));
+    }
+    let mut b = vec![0u8; len];
+    ferry_sys::mem::read_mem_forced(frozen.pid(), scratch, &mut b)?;
+    Ok(b)
+}
+
+fn u64_at(b: &[u8], i: usize) -> u64 {
+    u64::from_le_bytes(b[i..i + 8].try_into().unwrap())
+}
+
+/// (ss_sp, ss_flags, ss_size) of an enabled alternate signal stack.
+pub type AltStack = (u64, u32, u64);
+
+/// Per thread: alternate signal stack and thread-directed pending signals.
+pub fn dump_thread(
+    frozen: &mut Frozen,
+    tid: i32,
+) -> Result<(Option<AltStack>, Vec<String>)> {
+    let b = inject_read(
+        frozen,
+        tid,
+        "sigaltstack",
+        libc::SYS_sigaltstack,
+        |s| [0, s, 0, 0, 0, 0],
+        24,
+    )?;
+    let flags = u32::from_le_bytes(b[8..12].try_into().unwrap());
+    let ss = (flags & libc::SS_DISABLE as u32 == 0).then(|| {
+        (
+            u64_at(&b, 0),
+            flags & !(libc::SS_ONSTACK as u32),
+            u64_at(&b, 16),
+        )
+    });
+    let pending = frozen
+        .pending_siginfo(tid, false)?
+        .iter()
+        .map(|si| hex(si))
+        .collect();
+    Ok((ss, pending))
+}
+
+/// Per process: shared pending signals and interval timers.
+pub fn dump_process(frozen: &mut Frozen) -> Result<(Vec<String>, Vec<[i64; 4]>)> {
+    let tid = frozen.pid();
+    let shared = frozen
+        .pending_siginfo(tid, true)?
+        .iter()
+        .map(|si| hex(si))
+        .collect();
+    let mut timers = Vec::new();
+    for which in 0..3u64 {
+        let b = inject_read(
+            frozen,
+            tid,
+            "getitimer",
+            libc::SYS_getitimer,
+            |s| [which, s, 0, 0, 0, 0],
+            32,
+        )?;
+        timers.push([0, 8, 16, 24].map(|i| u64_at(&b, i) as i64));
+    }
+    Ok((shared, timers))
+}
+
+/// Alternate stack of one thread.
+pub fn restore_thread(t: &mut Target, th: &ThreadImage) -> Result<()> {
+    if let Some((sp, flags, size)) = th.sigaltstack {
+        let mut b = Vec::new();
+        b.extend_from_slice(&sp.to_le_bytes());
+        b.extend_from_slice(&(flags as u64).to_le_bytes());
+        b.extend_from_slice(&size.to_le_bytes());
+        let at = t.put(2304, &b)?;
+        t.sys_in(
+            th.tid,
+            "sigaltstack",
+            libc::SYS_sigaltstack,
+            [at, 0, 0, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
+/// Interval timers, then pending signals, queued again with their siginfo. Done last, so
+/// that nothing else is injected while they may be delivered.
+pub fn restore_pending(
+    t: &mut Target,
+    pid: i32,
+    threads: &[ThreadImage],
+    shared: &[String],
+    itimers: &[[i64; 4]],
+) -> Result<()> {
+    for (which, v) in itimers.iter().enumerate() {
+        if v.iter().all(|&x| x == 0) {
+            continue;
+        }
+        let b: Vec<u8> = v.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let at = t.put(2400, &b)?;
+        t.sys(
+            "setitimer",
+            libc::SYS_setitimer,
+            [which as u64, at, 0, 0, 0, 0],
+        )?;
+    }
+    for th in threads {
+        for si in &th.pending {
+            let b = unhex(si)?;
+            let sig = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
+            let at = t.put(2432, &b)?;
+            t.sys_in(
+                th.tid,
+                "rt_tgsigqueueinfo",
+                libc::SYS_rt_tgsigqueueinfo,
+                [pid as u64, th.tid as u64, sig, at, 0, 0],
+            )?;
+        }
+    }
+    for si in shared {
+        let b = unhex(si)?;
+        let sig = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
+        let at = t.put(2432, &b)?;
+        t.sys(
+            "rt_sigqueueinfo",
+            libc::SYS_rt_sigqueueinfo,
+            [pid as u64, sig, at, 0, 0, 0],
         )?;
     }
     Ok(())

@@ -363,6 +363,55 @@ impl Frozen {
         }))
     }
 
+    /// Signals pending for thread `tid` (or, with `shared`, for the whole process), as raw
+    /// 128-byte siginfo records, read without dequeuing them (PTRACE_PEEKSIGINFO).
+    pub fn pending_siginfo(&self, tid: i32, shared: bool) -> Result<Vec<[u8; 128]>> {
+        #[repr(C)]
+        struct PeekArgs {
+            off: u64,
+            flags: u32,
+            nr: i32,
+        }
+        const PTRACE_PEEKSIGINFO: libc::c_uint = 0x4209;
+        const PTRACE_PEEKSIGINFO_SHARED: u32 = 1;
+        let mut out = Vec::new();
+        loop {
+            let args = PeekArgs {
+                off: out.len() as u64,
+                flags: if shared { PTRACE_PEEKSIGINFO_SHARED } else { 0 },
+                nr: 32,
+            };
+            let mut buf = vec![[0u8; 128]; 32];
+            // SAFETY: the kernel writes at most `nr` (32) siginfo records of 128 bytes into
+            // `buf`, which holds 32; `args` is read only.
+            let rc = unsafe {
+                libc::ptrace(
+                    PTRACE_PEEKSIGINFO,
+                    tid,
+                    &args as *const PeekArgs as *mut libc::c_void,
+                    buf.as_mut_ptr() as *mut libc::c_void,
+                )
+            };
+            if rc < 0 {
+                return Err(pt_err("PTRACE_PEEKSIGINFO", tid)(Errno::last()));
+            }
+            let n = rc as usize;
+            out.extend_from_slice(&buf[..n]);
+            if n < 32 {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Scratch address below thread `tid`'s red zone, for injected syscalls' outputs.
+    pub fn scratch_of(&self, tid: i32) -> Result<u64> {
+        self.threads
+            .iter()
+            .find(|t| t.tid == tid)
+            .map(|t| (t.regs.rsp - 128 - 256) & !15)
+            .ok_or_else(|| Error::Parse(format!("thread {tid} is not frozen")))
+    }
+
     /// Detach from every thread: the process runs on.
     pub fn resume(mut self) {
         self.detach_all();

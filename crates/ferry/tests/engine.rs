@@ -393,3 +393,37 @@ fn multithreaded_xz_with_a_pipe_gives_identical_output() {
         Duration::from_millis(1500),
     );
 }
+
+/// A fixture that prints "ready", is dumped (killed) and restored, then checks itself after
+/// SIGUSR1 and prints PASS.
+fn fixture_survives(name: &str) {
+    let dir = tmpdir(name);
+    let bin = build(&dir, name);
+    let out = dir.join("out.txt");
+    let mut child = start(&bin, &out);
+    let pid = child.id();
+    wait_for(&out, "ready");
+    let img = dir.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    child.wait().unwrap();
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+}
+
+/// Queued real-time signals (process- and thread-directed, with their values, in order), an
+/// alternate signal stack and an interval timer that keeps its period.
+#[test]
+fn pending_signals_sigaltstack_and_itimers_survive() {
+    fixture_survives("sigstate");
+}
