@@ -24,6 +24,7 @@ pub struct DumpOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct DumpReport {
     pub pid: i32,
+    pub processes: usize,
     pub threads: usize,
     pub mappings: usize,
     pub pages: u64,
@@ -50,67 +51,113 @@ fn children(pid: i32) -> Vec<i32> {
     v
 }
 
-pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
-    let t0 = Instant::now();
-    procfs::check_inspectable(pid)?;
-    if let Some(c) = children(pid).first() {
-        return Err(EngineError::Unsupported {
-            pid,
-            what: format!("it has child process {c}: process trees are not supported yet"),
-        });
-    }
-    let mut frozen = Frozen::freeze(pid)?;
-    let tf = Instant::now();
-    // Any error from here on drops `frozen`, which resumes the process untouched.
-    let mut threads = regs::dump(&mut frozen)?;
+/// Everything but memory, for one frozen process.
+fn collect(
+    frozen: &mut Frozen,
+    pipes_seen: &mut Vec<(u64, i32, i32)>,
+) -> Result<(ProcessImage, Vec<procfs::Mapping>)> {
+    let pid = frozen.pid();
+    let mut threads = regs::dump(frozen)?;
     for th in threads.iter_mut() {
-        (th.sigaltstack, th.pending) = signals::dump_thread(&mut frozen, th.tid)?;
+        (th.sigaltstack, th.pending) = signals::dump_thread(frozen, th.tid)?;
     }
-    let (shared_pending, itimers) = signals::dump_process(&mut frozen)?;
+    let (shared_pending, itimers) = signals::dump_process(frozen)?;
     let maps = procfs::read_maps(pid)?;
     let st = procfs::read_status(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    let umask = status
-        .lines()
-        .find_map(|l| l.strip_prefix("Umask:"))
-        .and_then(|v| u32::from_str_radix(v.trim(), 8).ok())
+    let field = |k: &str| {
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+    };
+    let umask = field("Umask:")
+        .and_then(|v| u32::from_str_radix(&v, 8).ok())
         .unwrap_or(0o022);
-    let ppid = status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0);
-    let (fds, pipes) = files::dump(pid)?;
-    let mm = mm::dump(pid, &mut frozen)?;
-    let sigactions = signals::dump(&mut frozen)?;
+    let ppid = field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0);
+    let (fds, pipes) = files::dump(pid, pipes_seen)?;
+    let mm = mm::dump(pid, frozen)?;
+    let sigactions = signals::dump(frozen)?;
     let exe = procfs::read_exe(pid)?.display().to_string();
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "/".into());
+    let img = ProcessImage {
+        pid,
+        ppid,
+        comm: st.name,
+        exe,
+        threads,
+        mappings: Vec::new(),
+        mm,
+        fds,
+        sigactions,
+        cwd,
+        umask,
+        pipes,
+        shared_pending,
+        itimers,
+    };
+    Ok((img, maps))
+}
+
+/// Freeze `pid` and all its descendants, parents before children.
+fn freeze_tree(pid: i32) -> Result<Vec<Frozen>> {
+    let mut tree = vec![Frozen::freeze(pid)?];
+    let mut i = 0;
+    while i < tree.len() {
+        for c in children(tree[i].pid()) {
+            if tree.iter().any(|f| f.pid() == c) {
+                continue;
+            }
+            match procfs::check_inspectable(c) {
+                Err(ferry_sys::Error::Zombie(_)) => {
+                    return Err(EngineError::Unsupported {
+                        pid: c,
+                        what: "it is a zombie child in the tree: zombies are not supported yet"
+                            .into(),
+                    })
+                }
+                Err(e) => return Err(e.into()),
+                Ok(_) => {}
+            }
+            // A child that exits meanwhile is simply not part of the tree.
+            match Frozen::freeze(c) {
+                Ok(f) => tree.push(f),
+                Err(ferry_sys::Error::NoSuchProcess(_)) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        i += 1;
+    }
+    Ok(tree)
+}
+
+pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
+    let t0 = Instant::now();
+    procfs::check_inspectable(pid)?;
+    // Any error from here on drops the Frozen processes, which resumes them untouched.
+    let mut tree = freeze_tree(pid)?;
+    let tf = Instant::now();
+    let mut pipes_seen = Vec::new();
+    let mut collected = Vec::new();
+    for f in tree.iter_mut() {
+        collected.push(collect(f, &mut pipes_seen)?);
+    }
+    let threads: usize = collected.iter().map(|c| c.0.threads.len()).sum();
+    let pids: Vec<i32> = collected.iter().map(|c| c.0.pid).collect();
+    let nmaps: usize = collected.iter().map(|c| c.1.len()).sum();
     let mut w = ImageWriter::create(dir)?;
     let tm = Instant::now();
-    let collected = memory::dump(pid, &maps, &mut w).and_then(|(mappings, _)| {
-        let img = ProcessImage {
-            pid,
-            ppid,
-            comm: st.name.clone(),
-            exe: exe.clone(),
-            threads: threads.clone(),
-            mappings,
-            mm: mm.clone(),
-            fds: fds.clone(),
-            sigactions: sigactions.clone(),
-            cwd: cwd.clone(),
-            umask,
-            pipes: pipes.clone(),
-            shared_pending: shared_pending.clone(),
-            itimers: itimers.clone(),
-        };
+    // Pages are written process by process: a restore reads them back in the same order.
+    let written = collected.into_iter().try_for_each(|(mut img, maps)| {
+        let (mappings, _) = memory::dump(img.pid, &maps, &mut w)?;
+        img.mappings = mappings;
         w.meta(TAG_PROCESS, &img)?;
-        Ok(())
+        Ok::<(), EngineError>(())
     });
-    if let Err(e) = collected {
-        // Leave no half-written image behind; `frozen` resumes the process on drop.
+    if let Err(e) = written {
+        // Leave no half-written image behind; the tree resumes on drop.
         drop(w);
         let _ = std::fs::remove_dir_all(dir);
         return Err(e);
@@ -118,10 +165,10 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let memory_ms = tm.elapsed().as_secs_f64() * 1e3;
     // A process that keeps running needs nothing more from us: let it go before the image is
     // synced and verified.
-    let mut frozen = Some(frozen);
+    let mut tree = Some(tree);
     let mut frozen_ms = 0.0;
     if opts.leave == Leave::Running {
-        if let Some(f) = frozen.take() {
+        for f in tree.take().unwrap_or_default() {
             f.resume();
         }
         frozen_ms = tf.elapsed().as_secs_f64() * 1e3;
@@ -142,17 +189,21 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
         }
     };
     let verify_ms = tv.elapsed().as_secs_f64() * 1e3;
-    let left = match (opts.leave, frozen.take()) {
-        (Leave::Killed, Some(f)) => {
-            f.kill();
+    let left = match (opts.leave, tree.take()) {
+        (Leave::Killed, Some(t)) => {
+            for f in t {
+                f.kill();
+            }
             "killed"
         }
-        (Leave::Stopped, Some(f)) => {
-            // SAFETY: kill(2) has no memory effects; SIGSTOP takes effect at the detach.
-            unsafe {
-                libc::kill(pid, libc::SIGSTOP);
+        (Leave::Stopped, Some(t)) => {
+            for f in t {
+                // SAFETY: kill(2) has no memory effects; SIGSTOP takes effect at the detach.
+                unsafe {
+                    libc::kill(f.pid(), libc::SIGSTOP);
+                }
+                f.resume();
             }
-            f.resume();
             "stopped"
         }
         _ => "running",
@@ -163,8 +214,9 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let total = t0.elapsed().as_secs_f64();
     Ok(DumpReport {
         pid,
-        threads: threads.len(),
-        mappings: maps.len(),
+        processes: pids.len(),
+        threads,
+        mappings: nmaps,
         pages: summary.pages,
         bytes: summary.page_bytes,
         frozen_ms,

@@ -24,7 +24,8 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
         .collect()
 }
 
-pub fn dump(pid: i32) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
+/// `known`: pipes already held by processes dumped before, as (inode, pid, fd).
+pub fn dump(pid: i32, known: &mut Vec<(u64, i32, i32)>) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
     let dir = format!("/proc/{pid}/fd");
     let rd =
         std::fs::read_dir(&dir).map_err(|e| EngineError::Failed(format!("reading {dir}: {e}")))?;
@@ -57,6 +58,7 @@ pub fn dump(pid: i32) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
             path: path.clone(),
             same_as: None,
             pipe: None,
+            pipe_holder: None,
             flags,
             pos,
             size: 0,
@@ -82,7 +84,10 @@ pub fn dump(pid: i32) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
             let inode: u64 = inode
                 .parse()
                 .map_err(|_| unsupported("a pipe with an odd name"))?;
-            if !pipes.iter().any(|p| p.inode == inode) {
+            if let Some(&(_, hp, hfd)) = known.iter().find(|k| k.0 == inode && k.1 != pid) {
+                img.pipe_holder = Some((hp, hfd));
+            } else if !pipes.iter().any(|p| p.inode == inode) {
+                known.push((inode, pid, fd));
                 let (data, capacity) = ferry_sys::files::pipe_peek(pid, fd)?;
                 pipes.push(PipeImage {
                     inode,
@@ -184,6 +189,32 @@ pub fn restore(t: &mut Target, fds: &[FdImage], pipes: &[PipeImage]) -> Result<(
                 &format!("dup3 of fd {src} to fd {}", f.fd),
                 libc::SYS_dup3,
                 [src as u64, target, cloexec(f), 0, 0, 0],
+            )?;
+            continue;
+        }
+        if let (Some(_), Some((hp, hfd))) = (f.pipe, f.pipe_holder) {
+            // The pipe lives in a process restored before: open its other end through /proc.
+            let path = format!("/proc/{hp}/fd/{hfd}");
+            let p = t.put_path(&path)?;
+            let mode = f.flags & libc::O_ACCMODE as u32;
+            let fd = t.sys(
+                &format!("open of {path}"),
+                libc::SYS_openat,
+                [libc::AT_FDCWD as u64, p, mode as u64, 0, 0, 0],
+            )?;
+            if fd != target {
+                t.sys(
+                    &format!("dup3 to fd {}", f.fd),
+                    libc::SYS_dup3,
+                    [fd, target, cloexec(f), 0, 0, 0],
+                )?;
+                t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            }
+            let fl = f.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
+            t.sys(
+                "fcntl(F_SETFL)",
+                libc::SYS_fcntl,
+                [target, libc::F_SETFL as u64, fl as u64, 0, 0, 0],
             )?;
             continue;
         }

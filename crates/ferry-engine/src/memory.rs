@@ -94,6 +94,7 @@ pub fn dump(pid: i32, maps: &[Mapping], w: &mut ImageWriter) -> Result<(Vec<Mapp
                 x.mtime()
             }),
             pages_saved: 0,
+            shmem: (kind == MapKind::SharedAnon).then_some(m.inode),
         });
     }
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(3);
@@ -259,7 +260,11 @@ fn prot(m: &MappingImage) -> u64 {
 
 /// Remove the stub's own memory except our page and the vDSO areas, move those to the saved
 /// addresses, and recreate every saved mapping.
-pub fn restore_layout(t: &mut Target, saved: &[MappingImage]) -> Result<()> {
+pub fn restore_layout(
+    t: &mut Target,
+    saved: &[MappingImage],
+    shmem: &mut std::collections::HashMap<u64, (i32, u64, u64)>,
+) -> Result<()> {
     let own = procfs::read_maps(t.pid)?;
     let is_vdso = |k: &ferry_sys::MapKind| {
         matches!(
@@ -331,7 +336,37 @@ pub fn restore_layout(t: &mut Target, saved: &[MappingImage]) -> Result<()> {
                     [m.start, len, prot(m), flags, u64::MAX, 0],
                 )?;
             }
+            MapKind::SharedAnon if m.shmem.is_some_and(|i| shmem.contains_key(&i)) => {
+                // Shared with a process restored before: map the same object through its
+                // /proc map_files entry.
+                let (pid, a, b) = shmem[&m.shmem.unwrap()];
+                let path = format!("/proc/{pid}/map_files/{a:x}-{b:x}");
+                let p = t.put_path(&path)?;
+                let fd = t.sys(
+                    &format!("open of {path}"),
+                    libc::SYS_openat,
+                    [
+                        libc::AT_FDCWD as u64,
+                        p,
+                        (libc::O_RDWR | libc::O_CLOEXEC) as u64,
+                        0,
+                        0,
+                        0,
+                    ],
+                )?;
+                let flags = libc::MAP_SHARED as u64 | fixed;
+                let r = t.sys(
+                    "mmap of shared memory",
+                    libc::SYS_mmap,
+                    [m.start, len, prot(m), flags, fd, m.offset],
+                );
+                t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+                r?;
+            }
             MapKind::SharedAnon => {
+                if let Some(i) = m.shmem {
+                    shmem.insert(i, (t.pid, m.start, m.end));
+                }
                 let flags = libc::MAP_SHARED as u64 | libc::MAP_ANONYMOUS as u64 | fixed;
                 t.sys(
                     "mmap of shared anonymous memory",
@@ -379,7 +414,7 @@ pub fn restore_layout(t: &mut Target, saved: &[MappingImage]) -> Result<()> {
 
 /// Write every saved page back. Pages go through /proc/PID/mem, which writes read-only and
 /// PROT_NONE mappings too.
-pub fn restore_pages(pid: i32, r: &mut ImageReader) -> Result<u64> {
+pub fn restore_pages(pid: i32, r: &mut ImageReader, budget: u64) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     let path = format!("/proc/{pid}/mem");
     let f = std::fs::OpenOptions::new()
@@ -387,7 +422,12 @@ pub fn restore_pages(pid: i32, r: &mut ImageReader) -> Result<u64> {
         .open(&path)
         .map_err(|e| EngineError::Failed(format!("opening {path}: {e}")))?;
     let mut pages = 0;
-    while let Some(b) = r.next_pages()? {
+    while pages < budget {
+        let Some(b) = r.next_pages()? else {
+            return Err(EngineError::Failed(format!(
+                "pages.fimg ended after {pages} of the {budget} pages of process {pid}"
+            )));
+        };
         f.write_all_at(&b.data, b.vaddr).map_err(|e| {
             EngineError::Failed(format!(
                 "writing {} bytes at {:#x} of the restored process {pid}: {e}",

@@ -8,6 +8,7 @@ use crate::{files, memory, mm, regs, signals, EngineError, Result};
 use ferry_image::ImageReader;
 use ferry_sys::{procfs, spawn::spawn_stub, Frozen};
 use serde::Serialize;
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
@@ -19,65 +20,110 @@ pub struct RestoreOptions {
 #[derive(Debug, Clone, Serialize)]
 pub struct RestoreReport {
     pub pid: i32,
+    pub processes: usize,
     pub pages: u64,
     pub restore_ms: f64,
     /// Exit status of the restored process when not detached.
     pub exit_status: Option<i32>,
 }
 
-pub fn load(dir: &Path) -> Result<ProcessImage> {
+/// Every process of the image, parents before children.
+pub fn load(dir: &Path) -> Result<Vec<ProcessImage>> {
     let r = ImageReader::open(dir)?;
-    let mut procs: Vec<ProcessImage> = r.find(TAG_PROCESS)?;
-    if procs.len() != 1 {
+    let procs: Vec<ProcessImage> = r.find(TAG_PROCESS)?;
+    if procs.is_empty() {
         return Err(EngineError::Failed(format!(
-            "{}: the image holds {} processes; this version restores exactly one",
-            dir.display(),
-            procs.len()
+            "{}: the image holds no process",
+            dir.display()
         )));
     }
-    Ok(procs.remove(0))
+    for (i, p) in procs.iter().enumerate() {
+        if !p.threads.iter().any(|t| t.tid == p.pid) {
+            return Err(EngineError::Failed(format!(
+                "{}: process {} has no thread {} (the thread-group leader)",
+                dir.display(),
+                p.pid,
+                p.pid
+            )));
+        }
+        if i > 0 && !procs[..i].iter().any(|q| q.pid == p.ppid) {
+            return Err(EngineError::Failed(format!(
+                "{}: process {} comes before its parent {} or has none in the image",
+                dir.display(),
+                p.pid,
+                p.ppid
+            )));
+        }
+    }
+    Ok(procs)
 }
 
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let t0 = Instant::now();
     // Everything is checked before any process exists.
-    let img = load(dir)?;
+    let imgs = load(dir)?;
     ImageReader::open(dir)?.verify_pages()?;
-    if !img.threads.iter().any(|t| t.tid == img.pid) {
-        return Err(EngineError::Failed(format!(
-            "{}: the image has no thread {} (the thread-group leader)",
-            dir.display(),
-            img.pid
-        )));
+    for img in &imgs {
+        memory::check_files(&img.mappings)?;
+        files::check(&img.fds)?;
     }
-    memory::check_files(&img.mappings)?;
-    files::check(&img.fds)?;
-    let stub = spawn_stub(Some(img.pid))?;
-    let frozen = match Frozen::freeze(stub) {
-        Ok(f) => f,
-        Err(e) => {
-            kill_reap(stub);
-            return Err(e.into());
+    let root = imgs[0].pid;
+    let stub = spawn_stub(Some(root))?;
+    let mut targets: Vec<Target> = Vec::new();
+    let result = (|| -> Result<u64> {
+        let frozen = Frozen::freeze(stub)?;
+        targets.push(Target {
+            pid: stub,
+            frozen,
+            page: 0,
+        });
+        let all: Vec<MappingImage> = imgs
+            .iter()
+            .flat_map(|i| i.mappings.iter().cloned())
+            .collect();
+        prepare(&mut targets[0], &all)?;
+        // The stub tree: each child is forked by its parent's stub, so parentage is right.
+        for img in &imgs[1..] {
+            let parent = targets
+                .iter_mut()
+                .find(|t| t.pid == img.ppid)
+                .ok_or_else(|| EngineError::Failed(format!("no parent for process {}", img.pid)))?;
+            let child = fork_child(parent, img.pid)?;
+            let page = parent.page;
+            let mut frozen = Frozen::freeze(child)?;
+            frozen.set_syscall_insn(page);
+            targets.push(Target {
+                pid: child,
+                frozen,
+                page,
+            });
         }
-    };
-    let mut t = Target {
-        pid: stub,
-        frozen,
-        page: 0,
-    };
-    let pages = match build(&mut t, &img, dir) {
+        let mut r = ImageReader::open(dir)?;
+        let mut shmem = HashMap::new();
+        let mut pages = 0;
+        for (t, img) in targets.iter_mut().zip(&imgs) {
+            pages += build(t, img, &mut r, &mut shmem)?;
+        }
+        Ok(pages)
+    })();
+    let pages = match result {
         Ok(p) => p,
         Err(e) => {
-            let Target { frozen, .. } = t;
-            frozen.kill();
+            for t in targets.into_iter().rev() {
+                let pid = t.pid;
+                t.frozen.kill();
+                kill_reap(pid);
+            }
             kill_reap(stub);
             return Err(EngineError::Failed(format!(
-                "restore of process {} failed: {e}",
-                img.pid
+                "restore of process {root} failed: {e}"
             )));
         }
     };
-    t.frozen.resume();
+    // Children first, so that nothing of the tree runs before all of it exists.
+    for t in targets.into_iter().rev() {
+        t.frozen.resume();
+    }
     let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
     let exit_status = if opts.detach {
         None
@@ -86,10 +132,33 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     };
     Ok(RestoreReport {
         pid: stub,
+        processes: imgs.len(),
         pages,
         restore_ms,
         exit_status,
     })
+}
+
+/// Fork a child of `parent` with PID `pid` (injected clone3 with set_tid). The child returns
+/// into the restorer page and waits there in its pause loop.
+fn fork_child(parent: &mut Target, pid: i32) -> Result<i32> {
+    let tids = parent.put(3200, &(pid as u32).to_le_bytes())?;
+    let mut args = Vec::new();
+    for v in [0, 0, 0, 0, libc::SIGCHLD as u64, 0, 0, 0, tids, 1, 0] {
+        args.extend_from_slice(&v.to_le_bytes());
+    }
+    let at = parent.put(3072, &args)?;
+    let got = parent.sys(
+        &format!("clone3 of child {pid}"),
+        libc::SYS_clone3,
+        [at, args.len() as u64, 0, 0, 0, 0],
+    )?;
+    if got != pid as u64 {
+        return Err(EngineError::Failed(format!(
+            "child {pid} was created as {got}"
+        )));
+    }
+    Ok(pid)
 }
 
 fn kill_reap(pid: i32) {
@@ -162,7 +231,8 @@ fn free_page(pid: i32, saved: &[MappingImage]) -> Result<u64> {
     ))
 }
 
-fn build(t: &mut Target, img: &ProcessImage, dir: &Path) -> Result<u64> {
+/// Make the root stub ready to be driven: no rseq area, our page in place.
+fn prepare(t: &mut Target, all: &[MappingImage]) -> Result<()> {
     let tid = t.pid;
     // The stub's inherited rseq area is about to disappear: unregister it first.
     if let Some(r) = t.frozen.rseq(tid)? {
@@ -172,7 +242,7 @@ fn build(t: &mut Target, img: &ProcessImage, dir: &Path) -> Result<u64> {
             [r.ptr, r.size as u64, 1, r.signature as u64, 0, 0],
         )?;
     }
-    let page = free_page(t.pid, &img.mappings)?;
+    let page = free_page(t.pid, all)?;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
     let got = t.sys(
         "mmap of the restorer page",
@@ -199,9 +269,19 @@ fn build(t: &mut Target, img: &ProcessImage, dir: &Path) -> Result<u64> {
     ferry_sys::mem::write_mem(t.pid, page, &code)?;
     t.frozen.set_syscall_insn(page);
     t.page = page;
-    memory::restore_layout(t, &img.mappings)?;
-    let mut r = ImageReader::open(dir)?;
-    let pages = memory::restore_pages(t.pid, &mut r)?;
+    Ok(())
+}
+
+fn build(
+    t: &mut Target,
+    img: &ProcessImage,
+    r: &mut ImageReader,
+    shmem: &mut HashMap<u64, (i32, u64, u64)>,
+) -> Result<u64> {
+    let tid = t.pid;
+    memory::restore_layout(t, &img.mappings, shmem)?;
+    let budget = img.mappings.iter().map(|m| m.pages_saved).sum();
+    let pages = memory::restore_pages(t.pid, r, budget)?;
     mm::restore(t, &img.mm, &img.exe)?;
     files::restore(t, &img.fds, &img.pipes)?;
     let cwd = t.put_path(&img.cwd)?;

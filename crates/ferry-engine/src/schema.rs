@@ -96,6 +96,9 @@ pub struct MappingImage {
     pub file_mtime: Option<i64>,
     /// Pages of this mapping stored in pages.fimg.
     pub pages_saved: u64,
+    /// For shared anonymous memory: the shmem inode, the same in every process sharing it.
+    #[serde(default)]
+    pub shmem: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -126,6 +129,9 @@ pub struct FdImage {
     /// For a pipe end: the pipe's inode (an index into `ProcessImage::pipes`).
     #[serde(default)]
     pub pipe: Option<u64>,
+    /// For a pipe first held by another process of the tree: (its pid, its fd).
+    #[serde(default)]
+    pub pipe_holder: Option<(i32, i32)>,
     /// open(2) flags as /proc/PID/fdinfo reports them.
     pub flags: u32,
     pub pos: u64,

@@ -108,10 +108,7 @@ fn u64_at(b: &[u8], i: usize) -> u64 {
 pub type AltStack = (u64, u32, u64);
 
 /// Per thread: alternate signal stack and thread-directed pending signals.
-pub fn dump_thread(
-    frozen: &mut Frozen,
-    tid: i32,
-) -> Result<(Option<AltStack>, Vec<String>)> {
+pub fn dump_thread(frozen: &mut Frozen, tid: i32) -> Result<(Option<AltStack>, Vec<String>)> {
     let b = inject_read(
         frozen,
         tid,

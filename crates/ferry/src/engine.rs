@@ -65,8 +65,9 @@ pub fn dump(a: DumpArgs) -> Result<u8> {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
         println!(
-            "dumped process {}: {} thread(s), {} mappings, {} pages ({:.1} MiB) in {:.1} ms, frozen {:.1} ms ({:.2} GB/s); process {}",
+            "dumped process {} and {} descendant(s): {} thread(s), {} mappings, {} pages ({:.1} MiB) in {:.1} ms, frozen {:.1} ms ({:.2} GB/s); process {}",
             r.pid,
+            r.processes - 1,
             r.threads,
             r.mappings,
             r.pages,

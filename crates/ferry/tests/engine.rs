@@ -413,6 +413,18 @@ fn fixture_survives(name: &str) {
     ]);
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
     child.wait().unwrap();
+    // Every PID of the tree must be free again (orphans are reaped by init).
+    let show: serde_json::Value =
+        serde_json::from_slice(&ferry(&["image", "show", img.to_str().unwrap(), "--json"]).stdout)
+            .unwrap();
+    for p in show["processes"].as_array().unwrap() {
+        let p = p["pid"].as_u64().unwrap();
+        let end = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{p}")).exists() {
+            assert!(Instant::now() < end, "PID {p} still taken");
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
     let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
     std::thread::sleep(Duration::from_millis(100));
@@ -426,4 +438,11 @@ fn fixture_survives(name: &str) {
 #[test]
 fn pending_signals_sigaltstack_and_itimers_survive() {
     fixture_survives("sigstate");
+}
+
+/// A parent and its forked child: same PIDs and parentage, anonymous memory still shared both
+/// ways, bytes written by the child still in flight in their pipe.
+#[test]
+fn a_process_tree_with_shared_memory_and_a_pipe_in_flight_survives() {
+    fixture_survives("tree");
 }
