@@ -64,7 +64,7 @@ fn main() {
     };
     // This kind of VM pays ~3 s/GiB the first time the guest touches memory it never used
     // (host-side faults); warm 3x the largest size once so the figures measure Ferry.
-    let warm = sizes.iter().max().copied().unwrap_or(0) as usize * 3 << 20;
+    let warm = (sizes.iter().max().copied().unwrap_or(0) as usize * 3) << 20;
     let t = Instant::now();
     first_touch_bound(warm);
     eprintln!(
