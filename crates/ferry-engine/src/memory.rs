@@ -416,26 +416,59 @@ pub fn restore_layout(
 /// PROT_NONE mappings too.
 pub fn restore_pages(pid: i32, r: &mut ImageReader, budget: u64) -> Result<u64> {
     use std::os::unix::fs::FileExt;
+    use std::sync::{mpsc, Arc, Mutex};
     let path = format!("/proc/{pid}/mem");
     let f = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
         .map_err(|e| EngineError::Failed(format!("opening {path}: {e}")))?;
-    let mut pages = 0;
-    while pages < budget {
-        let Some(b) = r.next_pages()? else {
-            return Err(EngineError::Failed(format!(
-                "pages.fimg ended after {pages} of the {budget} pages of process {pid}"
-            )));
-        };
-        f.write_all_at(&b.data, b.vaddr).map_err(|e| {
-            EngineError::Failed(format!(
-                "writing {} bytes at {:#x} of the restored process {pid}: {e}",
-                b.data.len(),
-                b.vaddr
-            ))
-        })?;
-        pages += (b.data.len() / PAGE_SIZE) as u64;
-    }
-    Ok(pages)
+    // First touch of the new pages dominates: two writers populate them on both cores while
+    // this thread reads and checks the next blocks.
+    let (tx, rx) = mpsc::sync_channel::<ferry_image::PageBlock>(4);
+    let rx = Arc::new(Mutex::new(rx));
+    let f = &f;
+    std::thread::scope(|s| {
+        let writers: Vec<_> = (0..2)
+            .map(|_| {
+                let rx = Arc::clone(&rx);
+                s.spawn(move || -> Result<()> {
+                    loop {
+                        let next = rx
+                            .lock()
+                            .map_err(|_| EngineError::Failed("page writer".into()))?
+                            .recv();
+                        let Ok(b) = next else { return Ok(()) };
+                        f.write_all_at(&b.data, b.vaddr).map_err(|e| {
+                            EngineError::Failed(format!(
+                                "writing {} bytes at {:#x} of the restored process {pid}: {e}",
+                                b.data.len(),
+                                b.vaddr
+                            ))
+                        })?;
+                    }
+                })
+            })
+            .collect();
+        let mut pages = 0;
+        let read = (|| -> Result<()> {
+            while pages < budget {
+                let Some(b) = r.next_pages()? else {
+                    return Err(EngineError::Failed(format!(
+                        "pages.fimg ended after {pages} of the {budget} pages of process {pid}"
+                    )));
+                };
+                pages += (b.data.len() / PAGE_SIZE) as u64;
+                if tx.send(b).is_err() {
+                    break;
+                }
+            }
+            Ok(())
+        })();
+        drop(tx);
+        for w in writers {
+            w.join()
+                .map_err(|_| EngineError::Failed("page writer panicked".into()))??;
+        }
+        read.map(|_| pages)
+    })
 }
