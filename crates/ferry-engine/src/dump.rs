@@ -1,6 +1,6 @@
 //! `ferry dump`: freeze, collect, stream, verify, then kill or resume.
 
-use crate::schema::{ProcessImage, TAG_PROCESS};
+use crate::schema::{ProcessImage, ZombieImage, TAG_PROCESS, TAG_ZOMBIE};
 use crate::{files, memory, mm, regs, signals, EngineError, Result};
 use ferry_image::{ImageReader, ImageWriter};
 use ferry_sys::{procfs, Frozen};
@@ -101,8 +101,21 @@ fn collect(
     Ok((img, maps))
 }
 
-/// Freeze `pid` and all its descendants, parents before children.
-fn freeze_tree(pid: i32) -> Result<Vec<Frozen>> {
+fn zombie(pid: i32, ppid: i32) -> Result<ZombieImage> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map_err(|e| EngineError::Failed(format!("reading /proc/{pid}/stat: {e}")))?;
+    let rest = &stat[stat.rfind(')').map(|i| i + 2).unwrap_or(0)..];
+    // Field 52 (exit_code) is the 50th after the command name.
+    let status = rest
+        .split_whitespace()
+        .nth(49)
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    Ok(ZombieImage { pid, ppid, status })
+}
+
+/// Freeze `pid` and all its descendants, parents before children; zombies are recorded.
+fn freeze_tree(pid: i32, zombies: &mut Vec<ZombieImage>) -> Result<Vec<Frozen>> {
     let mut tree = vec![Frozen::freeze(pid)?];
     let mut i = 0;
     while i < tree.len() {
@@ -112,11 +125,9 @@ fn freeze_tree(pid: i32) -> Result<Vec<Frozen>> {
             }
             match procfs::check_inspectable(c) {
                 Err(ferry_sys::Error::Zombie(_)) => {
-                    return Err(EngineError::Unsupported {
-                        pid: c,
-                        what: "it is a zombie child in the tree: zombies are not supported yet"
-                            .into(),
-                    })
+                    let parent = tree[i].pid();
+                    zombies.push(zombie(c, parent)?);
+                    continue;
                 }
                 Err(e) => return Err(e.into()),
                 Ok(_) => {}
@@ -137,7 +148,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let t0 = Instant::now();
     procfs::check_inspectable(pid)?;
     // Any error from here on drops the Frozen processes, which resumes them untouched.
-    let mut tree = freeze_tree(pid)?;
+    let mut zombies = Vec::new();
+    let mut tree = freeze_tree(pid, &mut zombies)?;
     let tf = Instant::now();
     let mut pipes_seen = Vec::new();
     let mut collected = Vec::new();
@@ -150,12 +162,20 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let mut w = ImageWriter::create(dir)?;
     let tm = Instant::now();
     // Pages are written process by process: a restore reads them back in the same order.
-    let written = collected.into_iter().try_for_each(|(mut img, maps)| {
-        let (mappings, _) = memory::dump(img.pid, &maps, &mut w)?;
-        img.mappings = mappings;
-        w.meta(TAG_PROCESS, &img)?;
-        Ok::<(), EngineError>(())
-    });
+    let written = collected
+        .into_iter()
+        .try_for_each(|(mut img, maps)| {
+            let (mappings, _) = memory::dump(img.pid, &maps, &mut w)?;
+            img.mappings = mappings;
+            w.meta(TAG_PROCESS, &img)?;
+            Ok::<(), EngineError>(())
+        })
+        .and_then(|_| {
+            for z in &zombies {
+                w.meta(TAG_ZOMBIE, z)?;
+            }
+            Ok(())
+        });
     if let Err(e) = written {
         // Leave no half-written image behind; the tree resumes on drop.
         drop(w);

@@ -3,7 +3,7 @@
 //! is left running.
 
 use crate::ctx::Target;
-use crate::schema::{MappingImage, ProcessImage, TAG_PROCESS};
+use crate::schema::{MappingImage, ProcessImage, ZombieImage, TAG_PROCESS, TAG_ZOMBIE};
 use crate::{files, memory, mm, regs, signals, EngineError, Result};
 use ferry_image::ImageReader;
 use ferry_sys::{procfs, spawn::spawn_stub, Frozen};
@@ -98,6 +98,14 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
                 page,
             });
         }
+        let zombies: Vec<ZombieImage> = ImageReader::open(dir)?.find(TAG_ZOMBIE)?;
+        for z in &zombies {
+            let parent = targets
+                .iter_mut()
+                .find(|t| t.pid == z.ppid)
+                .ok_or_else(|| EngineError::Failed(format!("no parent for zombie {}", z.pid)))?;
+            make_zombie(parent, z)?;
+        }
         let mut r = ImageReader::open(dir)?;
         let mut shmem = HashMap::new();
         let mut pages = 0;
@@ -137,6 +145,31 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         restore_ms,
         exit_status,
     })
+}
+
+/// Recreate a zombie: fork it from its parent and make it end the way it ended.
+fn make_zombie(parent: &mut Target, z: &ZombieImage) -> Result<()> {
+    let pid = fork_child(parent, z.pid)?;
+    let page = parent.page;
+    let mut f = Frozen::freeze(pid)?;
+    f.set_syscall_insn(page);
+    if libc::WIFSIGNALED(z.status) {
+        let sig = libc::WTERMSIG(z.status);
+        // Default action for the signal, then die of it when released.
+        let dfl = page + crate::ctx::SCRATCH_OFFSET + 2048;
+        ferry_sys::mem::write_mem(pid, dfl, &[0u8; 32])?;
+        f.inject_syscall(pid, libc::SYS_rt_sigaction, [sig as u64, dfl, 0, 8, 0, 0])?;
+        f.inject_syscall(pid, libc::SYS_kill, [pid as u64, sig as u64, 0, 0, 0, 0])?;
+        f.resume();
+    } else {
+        // exit_group does not return: the injection reports the exit.
+        let code = libc::WEXITSTATUS(z.status) as u64;
+        match f.inject_syscall(pid, libc::SYS_exit_group, [code, 0, 0, 0, 0, 0]) {
+            Err(ferry_sys::Error::NoSuchProcess(_)) | Ok(_) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Ok(())
 }
 
 /// Fork a child of `parent` with PID `pid` (injected clone3 with set_tid). The child returns

@@ -4,6 +4,17 @@ use serde::{Deserialize, Serialize};
 
 /// Tag of the record describing one process.
 pub const TAG_PROCESS: &str = "process";
+/// Tag of the record describing a zombie of the tree.
+pub const TAG_ZOMBIE: &str = "zombie";
+
+/// A child that exited and was not reaped yet: recreated so that its parent can still wait.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ZombieImage {
+    pub pid: i32,
+    pub ppid: i32,
+    /// The raw wait status (as waitpid reports it).
+    pub status: i32,
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ProcessImage {

@@ -105,6 +105,8 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
     let summary = r.summary().clone();
     let procs: Vec<ferry_engine::schema::ProcessImage> =
         r.find(ferry_engine::schema::TAG_PROCESS)?;
+    let zombies: Vec<ferry_engine::schema::ZombieImage> =
+        r.find(ferry_engine::schema::TAG_ZOMBIE)?;
     let verified = if a.verify {
         let mut r = ferry_image::ImageReader::open(&a.dir)?;
         Some(r.verify_pages()?)
@@ -115,7 +117,8 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "summary": summary, "processes": procs, "pages_verified": verified.is_some(),
+                "summary": summary, "processes": procs, "zombies": zombies,
+                "pages_verified": verified.is_some(),
             }))?
         );
         return Ok(0);
@@ -167,6 +170,12 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
             );
         }
         println!("  signal dispositions: {}", p.sigactions.len());
+    }
+    for z in &zombies {
+        println!(
+            "zombie {} (child of {}), wait status {:#x}",
+            z.pid, z.ppid, z.status
+        );
     }
     Ok(0)
 }

@@ -417,7 +417,13 @@ fn fixture_survives(name: &str) {
     let show: serde_json::Value =
         serde_json::from_slice(&ferry(&["image", "show", img.to_str().unwrap(), "--json"]).stdout)
             .unwrap();
-    for p in show["processes"].as_array().unwrap() {
+    let zombies = show["zombies"].as_array().cloned().unwrap_or_default();
+    for p in show["processes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .chain(zombies.iter())
+    {
         let p = p["pid"].as_u64().unwrap();
         let end = Instant::now() + Duration::from_secs(10);
         while Path::new(&format!("/proc/{p}")).exists() {
@@ -445,4 +451,11 @@ fn pending_signals_sigaltstack_and_itimers_survive() {
 #[test]
 fn a_process_tree_with_shared_memory_and_a_pipe_in_flight_survives() {
     fixture_survives("tree");
+}
+
+/// Unreaped children (one exited with a code, one killed by a signal) are recreated as
+/// zombies that the restored parent reaps with the right statuses.
+#[test]
+fn zombies_are_restored_with_their_exit_status() {
+    fixture_survives("zombies");
 }
