@@ -75,7 +75,8 @@ fn collect(
         .and_then(|v| u32::from_str_radix(&v, 8).ok())
         .unwrap_or(0o022);
     let ppid = field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0);
-    let (fds, pipes) = files::dump(pid, pipes_seen)?;
+    let mut ghosts = Vec::new();
+    let (fds, pipes) = files::dump(pid, pipes_seen, &mut ghosts)?;
     let mm = mm::dump(pid, frozen)?;
     let sigactions = signals::dump(frozen)?;
     let exe = procfs::read_exe(pid)?.display().to_string();
@@ -97,6 +98,7 @@ fn collect(
         pipes,
         shared_pending,
         itimers,
+        ghosts,
     };
     Ok((img, maps))
 }
@@ -165,7 +167,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let written = collected
         .into_iter()
         .try_for_each(|(mut img, maps)| {
-            let (mappings, _) = memory::dump(img.pid, &maps, &mut w)?;
+            let (mappings, _) = memory::dump(img.pid, &maps, &mut w, &mut img.ghosts)?;
             img.mappings = mappings;
             w.meta(TAG_PROCESS, &img)?;
             Ok::<(), EngineError>(())

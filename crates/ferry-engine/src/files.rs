@@ -25,7 +25,11 @@ fn unhex(s: &str) -> Result<Vec<u8>> {
 }
 
 /// `known`: pipes already held by processes dumped before, as (inode, pid, fd).
-pub fn dump(pid: i32, known: &mut Vec<(u64, i32, i32)>) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
+pub fn dump(
+    pid: i32,
+    known: &mut Vec<(u64, i32, i32)>,
+    ghosts: &mut Vec<crate::schema::GhostFile>,
+) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
     let dir = format!("/proc/{pid}/fd");
     let rd =
         std::fs::read_dir(&dir).map_err(|e| EngineError::Failed(format!("reading {dir}: {e}")))?;
@@ -59,6 +63,7 @@ pub fn dump(pid: i32, known: &mut Vec<(u64, i32, i32)>) -> Result<(Vec<FdImage>,
             same_as: None,
             pipe: None,
             pipe_holder: None,
+            ghost: None,
             flags,
             pos,
             size: 0,
@@ -107,8 +112,15 @@ pub fn dump(pid: i32, known: &mut Vec<(u64, i32, i32)>) -> Result<(Vec<FdImage>,
                 .to_string();
             return Err(unsupported(&format!("a {kind}")));
         }
-        if path.ends_with(" (deleted)") {
-            return Err(unsupported("an unlinked file"));
+        if crate::ghost::is_ghost(&path) {
+            img.ghost = Some(crate::ghost::dump(
+                pid,
+                &format!("{dir}/{fd}"),
+                &path,
+                ghosts,
+            )?);
+            out.push(img);
+            continue;
         }
         let meta = std::fs::metadata(&path)
             .map_err(|e| EngineError::Failed(format!("process {pid} fd {fd}: {path}: {e}")))?;
@@ -130,7 +142,7 @@ pub fn dump(pid: i32, known: &mut Vec<(u64, i32, i32)>) -> Result<(Vec<FdImage>,
 pub fn check(fds: &[FdImage]) -> Result<()> {
     for f in fds
         .iter()
-        .filter(|f| f.same_as.is_none() && f.pipe.is_none())
+        .filter(|f| f.same_as.is_none() && f.pipe.is_none() && f.ghost.is_none())
     {
         let m = std::fs::metadata(&f.path).map_err(|e| {
             EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path))
@@ -173,13 +185,14 @@ fn move_high(t: &mut Target, fd: u64, base: u64) -> Result<u64> {
     Ok(hi)
 }
 
-pub fn restore(t: &mut Target, fds: &[FdImage], pipes: &[PipeImage]) -> Result<()> {
-    // The stub inherited the restorer's fds: none of them belongs to the process.
-    t.sys(
-        "close_range",
-        libc::SYS_close_range,
-        [0, u32::MAX as u64, 0, 0, 0, 0],
-    )?;
+/// Reopen every fd. `ghosts`: inode -> fd of the recreated unlinked files (closed here once
+/// dup'ed where they belong).
+pub fn restore(
+    t: &mut Target,
+    fds: &[FdImage],
+    pipes: &[PipeImage],
+    ghosts: &std::collections::HashMap<u64, u64>,
+) -> Result<()> {
     let base = fds.iter().map(|f| f.fd as u64 + 1).max().unwrap_or(0);
     let mut made: Vec<(u64, u64, u64)> = Vec::new(); // (inode, read end, write end), high fds
     for f in fds {
@@ -189,6 +202,31 @@ pub fn restore(t: &mut Target, fds: &[FdImage], pipes: &[PipeImage]) -> Result<(
                 &format!("dup3 of fd {src} to fd {}", f.fd),
                 libc::SYS_dup3,
                 [src as u64, target, cloexec(f), 0, 0, 0],
+            )?;
+            continue;
+        }
+        if let Some(inode) = f.ghost {
+            let src = *ghosts.get(&inode).ok_or_else(|| {
+                EngineError::Failed(format!(
+                    "fd {}: its unlinked file is not in the image",
+                    f.fd
+                ))
+            })?;
+            t.sys(
+                &format!("dup3 to fd {}", f.fd),
+                libc::SYS_dup3,
+                [src, target, cloexec(f), 0, 0, 0],
+            )?;
+            t.sys(
+                &format!("lseek on fd {}", f.fd),
+                libc::SYS_lseek,
+                [target, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
+            )?;
+            let fl = f.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
+            t.sys(
+                "fcntl(F_SETFL)",
+                libc::SYS_fcntl,
+                [target, libc::F_SETFL as u64, fl as u64, 0, 0, 0],
             )?;
             continue;
         }
@@ -288,6 +326,9 @@ pub fn restore(t: &mut Target, fds: &[FdImage], pipes: &[PipeImage]) -> Result<(
             )?;
             t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
         }
+    }
+    for &fd in ghosts.values() {
+        t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
     }
     for (_, r, w) in made {
         for fd in [r, w] {

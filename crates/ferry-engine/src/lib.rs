@@ -9,6 +9,7 @@
 
 pub mod ctx;
 pub mod files;
+pub mod ghost;
 pub mod memory;
 pub mod mm;
 pub mod regs;

@@ -52,7 +52,12 @@ const CHUNK: usize = 4 << 20;
 /// Describe every mapping and stream the pages that must be saved. Reading the process
 /// (pagemap + process_vm_readv) and writing the image (zero check, checksum, write) run on
 /// two threads, overlapped. Returns the mappings and the number of pages written.
-pub fn dump(pid: i32, maps: &[Mapping], w: &mut ImageWriter) -> Result<(Vec<MappingImage>, u64)> {
+pub fn dump(
+    pid: i32,
+    maps: &[Mapping],
+    w: &mut ImageWriter,
+    ghosts: &mut Vec<crate::schema::GhostFile>,
+) -> Result<(Vec<MappingImage>, u64)> {
     let mut out = Vec::new();
     for m in maps {
         let kind = kind_of(m);
@@ -63,16 +68,11 @@ pub fn dump(pid: i32, maps: &[Mapping], w: &mut ImageWriter) -> Result<(Vec<Mapp
             ferry_sys::MapKind::Other(n) if kind == MapKind::SharedAnon => (Some(n.clone()), false),
             _ => (None, false),
         };
+        let mut ghost = None;
         if kind == MapKind::File && deleted {
-            return Err(EngineError::Unsupported {
-                pid,
-                what: format!(
-                    "mapping {:#x}-{:#x} of the unlinked file {}",
-                    m.start,
-                    m.end,
-                    path.unwrap_or_default()
-                ),
-            });
+            let shown = format!("{} (deleted)", path.clone().unwrap_or_default());
+            let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            ghost = Some(crate::ghost::dump(pid, &link, &shown, ghosts)?);
         }
         let meta = path
             .as_ref()
@@ -95,6 +95,7 @@ pub fn dump(pid: i32, maps: &[Mapping], w: &mut ImageWriter) -> Result<(Vec<Mapp
             }),
             pages_saved: 0,
             shmem: (kind == MapKind::SharedAnon).then_some(m.inode),
+            ghost,
         });
     }
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(3);
@@ -230,7 +231,10 @@ fn write_nonzero(w: &mut ImageWriter, addr: u64, data: &[u8], skip_zero: bool) -
 
 /// Refuse files that changed since the dump.
 pub fn check_files(maps: &[MappingImage]) -> Result<()> {
-    for m in maps.iter().filter(|m| m.kind == MapKind::File) {
+    for m in maps
+        .iter()
+        .filter(|m| m.kind == MapKind::File && m.ghost.is_none())
+    {
         let p = m.path.as_deref().unwrap_or("");
         let meta = std::fs::metadata(p).map_err(|e| {
             EngineError::Failed(format!(
@@ -264,6 +268,7 @@ pub fn restore_layout(
     t: &mut Target,
     saved: &[MappingImage],
     shmem: &mut std::collections::HashMap<u64, (i32, u64, u64)>,
+    ghosts: &std::collections::HashMap<u64, u64>,
 ) -> Result<()> {
     let own = procfs::read_maps(t.pid)?;
     let is_vdso = |k: &ferry_sys::MapKind| {
@@ -372,6 +377,25 @@ pub fn restore_layout(
                     "mmap of shared anonymous memory",
                     libc::SYS_mmap,
                     [m.start, len, prot(m), flags, u64::MAX, 0],
+                )?;
+            }
+            MapKind::File if m.ghost.is_some() => {
+                let inode = m.ghost.unwrap();
+                let fd = *ghosts.get(&inode).ok_or_else(|| {
+                    EngineError::Failed(format!(
+                        "mapping {:#x}: its unlinked file is not in the image",
+                        m.start
+                    ))
+                })?;
+                let share = if m.shared {
+                    libc::MAP_SHARED
+                } else {
+                    libc::MAP_PRIVATE
+                } as u64;
+                t.sys(
+                    "mmap of an unlinked file",
+                    libc::SYS_mmap,
+                    [m.start, len, prot(m), share | fixed, fd, m.offset],
                 )?;
             }
             MapKind::File => {

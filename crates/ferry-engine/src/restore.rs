@@ -275,6 +275,12 @@ fn prepare(t: &mut Target, all: &[MappingImage]) -> Result<()> {
             [r.ptr, r.size as u64, 1, r.signature as u64, 0, 0],
         )?;
     }
+    // The stub inherited the restorer's fds: none of them belongs to the process.
+    t.sys(
+        "close_range",
+        libc::SYS_close_range,
+        [0, u32::MAX as u64, 0, 0, 0, 0],
+    )?;
     let page = free_page(t.pid, all)?;
     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_FIXED_NOREPLACE) as u64;
     let got = t.sys(
@@ -312,11 +318,19 @@ fn build(
     shmem: &mut HashMap<u64, (i32, u64, u64)>,
 ) -> Result<u64> {
     let tid = t.pid;
-    memory::restore_layout(t, &img.mappings, shmem)?;
+    let base = img
+        .fds
+        .iter()
+        .map(|f| f.fd as u64 + 1)
+        .max()
+        .unwrap_or(0)
+        .max(3);
+    let ghosts = crate::ghost::restore(t, &img.ghosts, base)?;
+    memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
     let budget = img.mappings.iter().map(|m| m.pages_saved).sum();
     let pages = memory::restore_pages(t.pid, r, budget)?;
     mm::restore(t, &img.mm, &img.exe)?;
-    files::restore(t, &img.fds, &img.pipes)?;
+    files::restore(t, &img.fds, &img.pipes, &ghosts)?;
     let cwd = t.put_path(&img.cwd)?;
     t.sys(
         &format!("chdir to {}", img.cwd),

@@ -37,7 +37,25 @@ pub struct ProcessImage {
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: (interval sec, usec, value sec, usec).
     #[serde(default)]
     pub itimers: Vec<[i64; 4]>,
+    /// Unlinked files and memfds the process holds or maps, with their contents.
+    #[serde(default)]
+    pub ghosts: Vec<GhostFile>,
 }
+
+/// A file with no name left (unlinked, or a memfd): its contents travel in the image.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct GhostFile {
+    pub inode: u64,
+    pub memfd: bool,
+    /// The memfd's name, or the path the file had.
+    pub name: String,
+    pub size: u64,
+    /// Contents, hex.
+    pub data: String,
+}
+
+/// Largest unlinked file or memfd whose contents a dump carries.
+pub const GHOST_MAX: u64 = 16 << 20;
 
 /// A pipe held by the process, with the bytes buffered in it at the dump.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -110,6 +128,9 @@ pub struct MappingImage {
     /// For shared anonymous memory: the shmem inode, the same in every process sharing it.
     #[serde(default)]
     pub shmem: Option<u64>,
+    /// For a mapping of an unlinked file or memfd: its inode in `ProcessImage::ghosts`.
+    #[serde(default)]
+    pub ghost: Option<u64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -143,6 +164,9 @@ pub struct FdImage {
     /// For a pipe first held by another process of the tree: (its pid, its fd).
     #[serde(default)]
     pub pipe_holder: Option<(i32, i32)>,
+    /// For an unlinked file or memfd: its inode in `ProcessImage::ghosts`.
+    #[serde(default)]
+    pub ghost: Option<u64>,
     /// open(2) flags as /proc/PID/fdinfo reports them.
     pub flags: u32,
     pub pos: u64,

@@ -459,3 +459,10 @@ fn a_process_tree_with_shared_memory_and_a_pipe_in_flight_survives() {
 fn zombies_are_restored_with_their_exit_status() {
     fixture_survives("zombies");
 }
+
+/// An unlinked file (fd with offset, shared mapping) and a memfd (private mapping with changed
+/// pages) come back with their contents.
+#[test]
+fn unlinked_files_and_memfds_survive() {
+    fixture_survives("ghost");
+}
