@@ -79,6 +79,7 @@ fn collect(
     let (fds, pipes) = files::dump(pid, pipes_seen, &mut ghosts)?;
     let mm = mm::dump(pid, frozen)?;
     let sigactions = signals::dump(frozen)?;
+    let attrs = crate::attrs::dump(frozen)?;
     let exe = procfs::read_exe(pid)?.display().to_string();
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
         .map(|p| p.display().to_string())
@@ -99,6 +100,7 @@ fn collect(
         shared_pending,
         itimers,
         ghosts,
+        attrs,
     };
     Ok((img, maps))
 }

@@ -7,6 +7,7 @@
 //!
 //! Each kind of state is one module with its dump and restore halves side by side.
 
+pub mod attrs;
 pub mod ctx;
 pub mod files;
 pub mod ghost;

@@ -82,6 +82,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
             .flat_map(|i| i.mappings.iter().cloned())
             .collect();
         prepare(&mut targets[0], &all)?;
+        crate::attrs::restore_session(&mut targets[0], root, &imgs[0].attrs)?;
         // The stub tree: each child is forked by its parent's stub, so parentage is right.
         for img in &imgs[1..] {
             let parent = targets
@@ -92,11 +93,13 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
             let page = parent.page;
             let mut frozen = Frozen::freeze(child)?;
             frozen.set_syscall_insn(page);
-            targets.push(Target {
+            let mut ct = Target {
                 pid: child,
                 frozen,
                 page,
-            });
+            };
+            crate::attrs::restore_session(&mut ct, img.pid, &img.attrs)?;
+            targets.push(ct);
         }
         let zombies: Vec<ZombieImage> = ImageReader::open(dir)?.find(TAG_ZOMBIE)?;
         for z in &zombies {
@@ -110,7 +113,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         let mut shmem = HashMap::new();
         let mut pages = 0;
         for (t, img) in targets.iter_mut().zip(&imgs) {
-            pages += build(t, img, &mut r, &mut shmem)?;
+            pages += build(t, img, &mut r, &mut shmem, img.pid == root)?;
         }
         Ok(pages)
     })();
@@ -316,6 +319,7 @@ fn build(
     img: &ProcessImage,
     r: &mut ImageReader,
     shmem: &mut HashMap<u64, (i32, u64, u64)>,
+    is_root: bool,
 ) -> Result<u64> {
     let tid = t.pid;
     let base = img
@@ -356,6 +360,7 @@ fn build(
         regs::restore(t, th)?;
     }
     signals::restore_pending(t, img.pid, &img.threads, &img.shared_pending, &img.itimers)?;
+    crate::attrs::restore(t, &img.attrs, is_root)?;
     // Last: remove our page. The syscall returns into it, but the step trap stops first.
     let p = t.page;
     t.frozen

@@ -40,6 +40,8 @@ pub struct ProcessImage {
     /// Unlinked files and memfds the process holds or maps, with their contents.
     #[serde(default)]
     pub ghosts: Vec<GhostFile>,
+    #[serde(default)]
+    pub attrs: crate::attrs::Attrs,
 }
 
 /// A file with no name left (unlinked, or a memfd): its contents travel in the image.

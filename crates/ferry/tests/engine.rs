@@ -466,3 +466,10 @@ fn zombies_are_restored_with_their_exit_status() {
 fn unlinked_files_and_memfds_survive() {
     fixture_survives("ghost");
 }
+
+/// rlimits, personality, no_new_privs, dumpable, session leadership and unprivileged
+/// credentials with supplementary groups.
+#[test]
+fn process_attributes_and_credentials_survive() {
+    fixture_survives("attrs");
+}
