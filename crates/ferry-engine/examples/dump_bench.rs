@@ -125,7 +125,14 @@ fn main() {
         .unwrap();
         c.wait().unwrap();
         let t = Instant::now();
-        let r = restore(&img, &RestoreOptions { detach: true }).unwrap();
+        let r = restore(
+            &img,
+            &RestoreOptions {
+                detach: true,
+                ..Default::default()
+            },
+        )
+        .unwrap();
         let rs = t.elapsed().as_secs_f64();
         // SAFETY-free cleanup through the kill command.
         let _ = Command::new("kill")

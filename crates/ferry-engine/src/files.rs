@@ -139,7 +139,8 @@ pub fn dump(
 }
 
 /// Check that the files are still what they were, before anything is created.
-pub fn check(fds: &[FdImage]) -> Result<()> {
+/// `allow_changed`: accept regular files whose size or permissions changed since the dump.
+pub fn check(fds: &[FdImage], allow_changed: bool) -> Result<()> {
     for f in fds
         .iter()
         .filter(|f| f.same_as.is_none() && f.pipe.is_none() && f.ghost.is_none())
@@ -151,6 +152,18 @@ pub fn check(fds: &[FdImage]) -> Result<()> {
             return Err(EngineError::Failed(format!(
                 "fd {}: {} changed type since the dump",
                 f.fd, f.path
+            )));
+        }
+        if m.is_file() && !allow_changed && (m.len() != f.size || m.mode() != f.mode) {
+            return Err(EngineError::Failed(format!(
+                "fd {}: {} changed since the dump (size {} now, {} then; mode {:o} now, {:o} then); \
+                 restore with --allow-changed-files to accept it",
+                f.fd,
+                f.path,
+                m.len(),
+                f.size,
+                m.mode() & 0o7777,
+                f.mode & 0o7777
             )));
         }
         if m.is_file() && m.len() < f.pos && f.flags & libc::O_APPEND as u32 == 0 {

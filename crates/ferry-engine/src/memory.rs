@@ -241,6 +241,7 @@ pub fn check_files(maps: &[MappingImage]) -> Result<()> {
                 "mapped file {p} cannot be opened for the restore: {e}"
             ))
         })?;
+        // A mapped file of another size cannot be the same code or data; not overridable.
         if Some(meta.len()) != m.file_size {
             return Err(EngineError::Failed(format!(
                 "mapped file {p} changed since the dump (size {} now, {} then)",

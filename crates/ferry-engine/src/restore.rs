@@ -15,6 +15,8 @@ use std::time::Instant;
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     pub detach: bool,
+    /// Accept regular files (fds) whose size or mode changed since the dump.
+    pub allow_changed_files: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -65,7 +67,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     ImageReader::open(dir)?.verify_pages()?;
     for img in &imgs {
         memory::check_files(&img.mappings)?;
-        files::check(&img.fds)?;
+        files::check(&img.fds, opts.allow_changed_files)?;
     }
     let root = imgs[0].pid;
     let stub = spawn_stub(Some(root))?;

@@ -32,6 +32,9 @@ pub struct RestoreArgs {
     /// Return once the process runs, instead of waiting for it and passing on its exit status.
     #[arg(long)]
     detach: bool,
+    /// Accept open regular files whose size or mode changed since the dump.
+    #[arg(long)]
+    allow_changed_files: bool,
     #[arg(long)]
     json: bool,
 }
@@ -82,7 +85,13 @@ pub fn dump(a: DumpArgs) -> Result<u8> {
 }
 
 pub fn restore(a: RestoreArgs) -> Result<u8> {
-    let r = ferry_engine::restore(&a.images, &RestoreOptions { detach: a.detach })?;
+    let r = ferry_engine::restore(
+        &a.images,
+        &RestoreOptions {
+            detach: a.detach,
+            allow_changed_files: a.allow_changed_files,
+        },
+    )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else if a.detach {

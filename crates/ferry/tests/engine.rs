@@ -473,3 +473,48 @@ fn unlinked_files_and_memfds_survive() {
 fn process_attributes_and_credentials_survive() {
     fixture_survives("attrs");
 }
+
+/// A file the process has open changed after the dump: the restore refuses it, naming the
+/// file, unless told to accept it.
+#[test]
+fn changed_files_are_refused_unless_allowed() {
+    let dir = tmpdir("changed");
+    let bin = build(&dir, "memstate");
+    let out = dir.join("out.txt");
+    let mut child = start(&bin, &out);
+    let pid = child.id();
+    wait_for(&out, "ready");
+    let img = dir.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    child.wait().unwrap();
+    std::fs::write(&out, "ready\nsomeone else wrote here\n").unwrap();
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert_eq!(r.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(
+        err.contains("out.txt") && err.contains("changed since the dump"),
+        "{err}"
+    );
+    assert!(
+        !Path::new(&format!("/proc/{pid}")).exists(),
+        "nothing was created"
+    );
+    let r = ferry(&[
+        "restore",
+        "--images",
+        img.to_str().unwrap(),
+        "--detach",
+        "--allow-changed-files",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+}
