@@ -518,3 +518,15 @@ fn changed_files_are_refused_unless_allowed() {
     let s = wait_for(&out, "PASS");
     assert!(!s.contains("FAIL"), "{s}");
 }
+
+/// AVX-512 state (zmm31, the opmask k7 and a masked accumulator) of a thread caught in a busy
+/// loop in user mode.
+#[test]
+fn avx512_registers_survive_in_a_busy_loop() {
+    let flags = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    if !flags.contains(" avx512f") {
+        eprintln!("this CPU has no AVX-512: the test checks nothing here");
+        return;
+    }
+    fixture_survives("avx512");
+}
