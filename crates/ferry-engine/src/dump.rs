@@ -62,6 +62,7 @@ fn collect(
         (th.sigaltstack, th.pending) = signals::dump_thread(frozen, th.tid)?;
     }
     let (shared_pending, itimers) = signals::dump_process(frozen)?;
+    let posix_timers = signals::dump_timers(frozen)?;
     let maps = procfs::read_maps(pid)?;
     let st = procfs::read_status(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -99,6 +100,7 @@ fn collect(
         pipes,
         shared_pending,
         itimers,
+        posix_timers,
         ghosts,
         attrs,
     };

@@ -361,6 +361,7 @@ fn build(
         signals::restore_thread(t, th)?;
         regs::restore(t, th)?;
     }
+    signals::restore_timers(t, &img.posix_timers)?;
     signals::restore_pending(t, img.pid, &img.threads, &img.shared_pending, &img.itimers)?;
     crate::attrs::restore(t, &img.attrs, is_root)?;
     // Last: remove our page. The syscall returns into it, but the step trap stops first.

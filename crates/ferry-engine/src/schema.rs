@@ -37,11 +37,27 @@ pub struct ProcessImage {
     /// ITIMER_REAL, ITIMER_VIRTUAL, ITIMER_PROF: (interval sec, usec, value sec, usec).
     #[serde(default)]
     pub itimers: Vec<[i64; 4]>,
+    #[serde(default)]
+    pub posix_timers: Vec<PosixTimer>,
     /// Unlinked files and memfds the process holds or maps, with their contents.
     #[serde(default)]
     pub ghosts: Vec<GhostFile>,
     #[serde(default)]
     pub attrs: crate::attrs::Attrs,
+}
+
+/// A POSIX timer (timer_create), restored with its ID.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PosixTimer {
+    pub id: i32,
+    pub clock: i32,
+    pub signo: i32,
+    pub sigval: u64,
+    /// SIGEV_SIGNAL 0, SIGEV_NONE 1, | SIGEV_THREAD_ID 4.
+    pub notify: i32,
+    pub tid: i32,
+    /// it_interval (sec, nsec), it_value (sec, nsec): the time left when dumped.
+    pub spec: [i64; 4],
 }
 
 /// A file with no name left (unlinked, or a memfd): its contents travel in the image.

@@ -133,6 +133,116 @@ pub fn dump_thread(frozen: &mut Frozen, tid: i32) -> Result<(Option<AltStack>, V
     Ok((ss, pending))
 }
 
+/// POSIX timers, from /proc/PID/timers and an injected timer_gettime each.
+pub fn dump_timers(frozen: &mut Frozen) -> Result<Vec<crate::schema::PosixTimer>> {
+    let pid = frozen.pid();
+    let text = std::fs::read_to_string(format!("/proc/{pid}/timers")).unwrap_or_default();
+    let mut out = Vec::new();
+    let mut cur: Option<crate::schema::PosixTimer> = None;
+    for line in text.lines().chain(std::iter::once("ID: -1")) {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        let v = v.trim();
+        match k {
+            "ID" => {
+                if let Some(t) = cur.take() {
+                    out.push(t);
+                }
+                let id: i32 = v.parse().unwrap_or(-1);
+                if id >= 0 {
+                    cur = Some(crate::schema::PosixTimer {
+                        id,
+                        clock: 0,
+                        signo: 0,
+                        sigval: 0,
+                        notify: 0,
+                        tid: 0,
+                        spec: [0; 4],
+                    });
+                }
+            }
+            "signal" => {
+                if let (Some(t), Some((s, val))) = (cur.as_mut(), v.split_once('/')) {
+                    t.signo = s.parse().unwrap_or(0);
+                    t.sigval = u64::from_str_radix(val.trim_start_matches("0x"), 16).unwrap_or(0);
+                }
+            }
+            "notify" => {
+                if let (Some(t), Some((kind, who))) = (cur.as_mut(), v.split_once('/')) {
+                    let base = match kind {
+                        "none" => 1,
+                        "thread" => 2,
+                        _ => 0,
+                    };
+                    let (which, n) = who.split_once('.').unwrap_or(("pid", "0"));
+                    t.notify = base | if which == "tid" { 4 } else { 0 };
+                    t.tid = n.parse().unwrap_or(0);
+                }
+            }
+            "ClockID" => {
+                if let Some(t) = cur.as_mut() {
+                    t.clock = v.parse().unwrap_or(0);
+                }
+            }
+            _ => {}
+        }
+    }
+    for t in out.iter_mut() {
+        let id = t.id as u64;
+        let b = inject_read(
+            frozen,
+            pid,
+            "timer_gettime",
+            libc::SYS_timer_gettime,
+            |s| [id, s, 0, 0, 0, 0],
+            32,
+        )?;
+        t.spec = [0, 8, 16, 24].map(|i| u64_at(&b, i) as i64);
+    }
+    Ok(out)
+}
+
+/// Recreate POSIX timers with their IDs (PR_TIMER_CREATE_RESTORE_IDS) and time left.
+pub fn restore_timers(t: &mut Target, timers: &[crate::schema::PosixTimer]) -> Result<()> {
+    if timers.is_empty() {
+        return Ok(());
+    }
+    const PR_TIMER_CREATE_RESTORE_IDS: u64 = 77;
+    t.sys(
+        "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
+        libc::SYS_prctl,
+        [PR_TIMER_CREATE_RESTORE_IDS, 1, 0, 0, 0, 0],
+    )?;
+    for pt in timers {
+        let mut sev = vec![0u8; 64];
+        sev[0..8].copy_from_slice(&pt.sigval.to_le_bytes());
+        sev[8..12].copy_from_slice(&pt.signo.to_le_bytes());
+        sev[12..16].copy_from_slice(&pt.notify.to_le_bytes());
+        sev[16..20].copy_from_slice(&pt.tid.to_le_bytes());
+        let sev_at = t.put(2816, &sev)?;
+        let id_at = t.put(2880, &pt.id.to_le_bytes())?;
+        t.sys(
+            &format!("timer_create of timer {}", pt.id),
+            libc::SYS_timer_create,
+            [pt.clock as u64, sev_at, id_at, 0, 0, 0],
+        )?;
+        let spec: Vec<u8> = pt.spec.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let spec_at = t.put(2896, &spec)?;
+        t.sys(
+            &format!("timer_settime of timer {}", pt.id),
+            libc::SYS_timer_settime,
+            [pt.id as u64, 0, spec_at, 0, 0, 0],
+        )?;
+    }
+    t.sys(
+        "prctl(PR_TIMER_CREATE_RESTORE_IDS)",
+        libc::SYS_prctl,
+        [PR_TIMER_CREATE_RESTORE_IDS, 0, 0, 0, 0, 0],
+    )?;
+    Ok(())
+}
+
 /// Per process: shared pending signals and interval timers.
 pub fn dump_process(frozen: &mut Frozen) -> Result<(Vec<String>, Vec<[i64; 4]>)> {
     let tid = frozen.pid();

@@ -440,9 +440,10 @@ fn fixture_survives(name: &str) {
 }
 
 /// Queued real-time signals (process- and thread-directed, with their values, in order), an
-/// alternate signal stack and an interval timer that keeps its period.
+/// alternate signal stack, an interval timer and a POSIX timer (same ID, same period) that
+/// keep firing.
 #[test]
-fn pending_signals_sigaltstack_and_itimers_survive() {
+fn pending_signals_sigaltstack_and_timers_survive() {
     fixture_survives("sigstate");
 }
 
