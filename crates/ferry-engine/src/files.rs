@@ -64,6 +64,7 @@ pub fn dump(
             pipe: None,
             pipe_holder: None,
             ghost: None,
+            eventfd: None,
             flags,
             pos,
             size: 0,
@@ -104,6 +105,14 @@ pub fn dump(
             out.push(img);
             continue;
         }
+        if path == "anon_inode:[eventfd]" {
+            // The kernel prints the counter in hex.
+            let count = u64::from_str_radix(&get("eventfd-count:"), 16).unwrap_or(0);
+            let sem = get("eventfd-semaphore:") == "1";
+            img.eventfd = Some((count, sem));
+            out.push(img);
+            continue;
+        }
         if !path.starts_with('/') {
             let kind = path
                 .split(':')
@@ -141,10 +150,9 @@ pub fn dump(
 /// Check that the files are still what they were, before anything is created.
 /// `allow_changed`: accept regular files whose size or permissions changed since the dump.
 pub fn check(fds: &[FdImage], allow_changed: bool) -> Result<()> {
-    for f in fds
-        .iter()
-        .filter(|f| f.same_as.is_none() && f.pipe.is_none() && f.ghost.is_none())
-    {
+    for f in fds.iter().filter(|f| {
+        f.same_as.is_none() && f.pipe.is_none() && f.ghost.is_none() && f.eventfd.is_none()
+    }) {
         let m = std::fs::metadata(&f.path).map_err(|e| {
             EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path))
         })?;
@@ -216,6 +224,36 @@ pub fn restore(
                 libc::SYS_dup3,
                 [src as u64, target, cloexec(f), 0, 0, 0],
             )?;
+            continue;
+        }
+        if let Some((count, sem)) = f.eventfd {
+            // The counter can exceed eventfd2's 32-bit initial value: write the rest.
+            let mut flags = f.flags & (libc::O_NONBLOCK | libc::O_CLOEXEC) as u32;
+            if sem {
+                flags |= libc::EFD_SEMAPHORE as u32;
+            }
+            let init = count.min(u32::MAX as u64);
+            let fd = t.sys(
+                &format!("eventfd2 for fd {}", f.fd),
+                libc::SYS_eventfd2,
+                [init, flags as u64, 0, 0, 0, 0],
+            )?;
+            if count > init {
+                let at = t.put(2944, &(count - init).to_le_bytes())?;
+                t.sys(
+                    "write to the eventfd",
+                    libc::SYS_write,
+                    [fd, at, 8, 0, 0, 0],
+                )?;
+            }
+            if fd != target {
+                t.sys(
+                    &format!("dup3 to fd {}", f.fd),
+                    libc::SYS_dup3,
+                    [fd, target, cloexec(f), 0, 0, 0],
+                )?;
+                t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+            }
             continue;
         }
         if let Some(inode) = f.ghost {

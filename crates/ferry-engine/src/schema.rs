@@ -185,6 +185,9 @@ pub struct FdImage {
     /// For an unlinked file or memfd: its inode in `ProcessImage::ghosts`.
     #[serde(default)]
     pub ghost: Option<u64>,
+    /// For an eventfd: (counter, semaphore mode).
+    #[serde(default)]
+    pub eventfd: Option<(u64, bool)>,
     /// open(2) flags as /proc/PID/fdinfo reports them.
     pub flags: u32,
     pub pos: u64,

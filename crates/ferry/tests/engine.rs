@@ -531,3 +531,9 @@ fn avx512_registers_survive_in_a_busy_loop() {
     }
     fixture_survives("avx512");
 }
+
+/// eventfd counters, semaphore mode and non-blocking flag.
+#[test]
+fn eventfds_survive() {
+    fixture_survives("evfd");
+}
