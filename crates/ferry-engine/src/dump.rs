@@ -120,8 +120,34 @@ fn zombie(pid: i32, ppid: i32) -> Result<ZombieImage> {
     Ok(ZombieImage { pid, ppid, status })
 }
 
+/// Refuse a tree member whose state this version cannot carry: stopped by a signal (it would
+/// come back running) or holding an exited, unreaped thread.
+fn check_member(pid: i32) -> Result<()> {
+    let st = procfs::read_status(pid)?;
+    if st.state == 'T' {
+        return Err(EngineError::Unsupported {
+            pid,
+            what: "it is stopped by a signal (SIGSTOP or SIGTSTP): continue it (kill -CONT) before the dump".into(),
+        });
+    }
+    for tid in procfs::list_threads(pid)? {
+        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
+        if s.rsplit_once(')')
+            .map(|(_, r)| r.trim_start().starts_with('Z'))
+            .unwrap_or(false)
+        {
+            return Err(EngineError::Unsupported {
+                pid,
+                what: format!("its thread {tid} has exited but is not reaped (a zombie thread)"),
+            });
+        }
+    }
+    Ok(())
+}
+
 /// Freeze `pid` and all its descendants, parents before children; zombies are recorded.
 fn freeze_tree(pid: i32, zombies: &mut Vec<ZombieImage>) -> Result<Vec<Frozen>> {
+    check_member(pid)?;
     let mut tree = vec![Frozen::freeze(pid)?];
     let mut i = 0;
     while i < tree.len() {
@@ -138,6 +164,7 @@ fn freeze_tree(pid: i32, zombies: &mut Vec<ZombieImage>) -> Result<Vec<Frozen>> 
                 Err(e) => return Err(e.into()),
                 Ok(_) => {}
             }
+            check_member(c)?;
             // A child that exits meanwhile is simply not part of the tree.
             match Frozen::freeze(c) {
                 Ok(f) => tree.push(f),

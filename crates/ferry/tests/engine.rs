@@ -243,6 +243,27 @@ fn a_failed_dump_leaves_the_process_running_and_bad_images_are_refused() {
         !Path::new(&format!("/proc/{pid}")).exists() || !alive(pid),
         "nothing was created"
     );
+    // A process stopped by a signal: refused, and left stopped as it was.
+    let mut stopped = start(&bin, &dir.join("out2.txt"));
+    wait_for(&dir.join("out2.txt"), "ready");
+    kill(stopped.id(), "STOP");
+    std::thread::sleep(Duration::from_millis(100));
+    let y = dir.join("y");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &stopped.id().to_string(),
+        "--images",
+        y.to_str().unwrap(),
+    ]);
+    assert_eq!(d.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(err.contains("stopped by a signal"), "{err}");
+    let st = std::fs::read_to_string(format!("/proc/{}/status", stopped.id())).unwrap();
+    assert!(st.contains("State:\tT"), "left stopped: {st}");
+    assert!(!y.exists(), "no image left behind");
+    let _ = stopped.kill();
+    let _ = stopped.wait();
     // A dead PID.
     let d = ferry(&[
         "dump",
