@@ -7,23 +7,6 @@ use crate::schema::{FdImage, PipeImage};
 use crate::{EngineError, Result};
 use std::os::unix::fs::MetadataExt;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return Err(EngineError::Failed("pipe data is not hex".into()));
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .map_err(|_| EngineError::Failed("pipe data is not hex".into()))
-        })
-        .collect()
-}
-
 /// `known`: pipes already held by processes dumped before, as (inode, pid, fd).
 pub fn dump(
     pid: i32,
@@ -98,7 +81,7 @@ pub fn dump(
                 pipes.push(PipeImage {
                     inode,
                     capacity: capacity as u64,
-                    data: hex(&data),
+                    data: crate::hexcodec::hex(&data),
                 });
             }
             img.pipe = Some(inode);
@@ -325,7 +308,7 @@ pub fn restore(
                     libc::SYS_fcntl,
                     [w, libc::F_SETPIPE_SZ as u64, p.capacity, 0, 0, 0],
                 )?;
-                let data = unhex(&p.data)?;
+                let data = crate::hexcodec::unhex(&p.data, "pipe data")?;
                 if !data.is_empty() {
                     // Refill from outside through the restored process's own write end.
                     use std::io::Write;

@@ -9,23 +9,6 @@ use std::collections::HashMap;
 use std::io::{Read, Write};
 use std::os::unix::fs::MetadataExt;
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return Err(EngineError::Failed("ghost file data is not hex".into()));
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .map_err(|_| EngineError::Failed("ghost file data is not hex".into()))
-        })
-        .collect()
-}
-
 /// Is this /proc link target a file without a name?
 pub fn is_ghost(path: &str) -> bool {
     path.ends_with(" (deleted)") || path.starts_with("/memfd:")
@@ -59,7 +42,7 @@ pub fn dump(pid: i32, proc_path: &str, shown: &str, ghosts: &mut Vec<GhostFile>)
         memfd,
         name: name.trim_start_matches("/memfd:").to_string(),
         size: meta.len(),
-        data: hex(&data),
+        data: crate::hexcodec::hex(&data),
     });
     Ok(inode)
 }
@@ -94,7 +77,7 @@ pub fn restore(t: &mut Target, ghosts: &[GhostFile], base: u64) -> Result<HashMa
                 }
             }
         };
-        let data = unhex(&g.data)?;
+        let data = crate::hexcodec::unhex(&g.data, "ghost file data")?;
         {
             let mut f = std::fs::OpenOptions::new()
                 .write(true)

@@ -11,6 +11,7 @@ pub mod attrs;
 pub mod ctx;
 pub mod files;
 pub mod ghost;
+pub mod hexcodec;
 pub mod memory;
 pub mod mm;
 pub mod regs;

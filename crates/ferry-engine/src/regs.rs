@@ -73,25 +73,6 @@ fn restart_fixup(r: &mut Regs) {
     }
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Result<Vec<u8>> {
-    if !s.len().is_multiple_of(2) {
-        return Err(EngineError::Failed(
-            "xsave image has an odd number of hex digits".into(),
-        ));
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .map_err(|_| EngineError::Failed("xsave image is not hex".into()))
-        })
-        .collect()
-}
-
 pub fn dump(frozen: &mut Frozen) -> Result<Vec<ThreadImage>> {
     let mut out = Vec::new();
     let pid = frozen.pid();
@@ -105,7 +86,7 @@ pub fn dump(frozen: &mut Frozen) -> Result<Vec<ThreadImage>> {
         out.push(ThreadImage {
             tid: t.tid,
             regs: to_vec(&r),
-            xsave: hex(&frozen.xstate(t.tid)?),
+            xsave: crate::hexcodec::hex(&frozen.xstate(t.tid)?),
             sigmask: frozen.sigmask(t.tid)?,
             rseq: frozen.rseq(t.tid)?.map(|c| RseqImage {
                 ptr: c.ptr,
@@ -137,7 +118,8 @@ pub fn restore(t: &mut Target, th: &ThreadImage) -> Result<()> {
         t.sys_in(tid, "prctl(PR_SET_NAME)", libc::SYS_prctl, args)?;
     }
     t.frozen.set_sigmask(tid, th.sigmask)?;
-    t.frozen.set_xstate(tid, &unhex(&th.xsave)?)?;
+    t.frozen
+        .set_xstate(tid, &crate::hexcodec::unhex(&th.xsave, "xsave area")?)?;
     let mut regs = from_vec(&th.regs)?;
     // The restart was resolved at dump time; the kernel must not restart anything again.
     regs.orig_rax = u64::MAX;

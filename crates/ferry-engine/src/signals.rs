@@ -60,25 +60,6 @@ pub fn restore(t: &mut Target, acts: &[SigactionImage]) -> Result<()> {
     Ok(())
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn unhex(s: &str) -> Result<Vec<u8>> {
-    if s.len() != 256 {
-        return Err(EngineError::Failed(
-            "a pending siginfo is not 128 bytes of hex".into(),
-        ));
-    }
-    (0..s.len())
-        .step_by(2)
-        .map(|i| {
-            u8::from_str_radix(&s[i..i + 2], 16)
-                .map_err(|_| EngineError::Failed("siginfo is not hex".into()))
-        })
-        .collect()
-}
-
 fn inject_read(
     frozen: &mut Frozen,
     tid: i32,
@@ -102,6 +83,17 @@ fn inject_read(
 
 fn u64_at(b: &[u8], i: usize) -> u64 {
     u64::from_le_bytes(b[i..i + 8].try_into().unwrap())
+}
+
+/// A saved siginfo: 128 bytes, hex.
+fn siginfo(s: &str) -> Result<Vec<u8>> {
+    let b = crate::hexcodec::unhex(s, "a pending siginfo")?;
+    if b.len() != 128 {
+        return Err(EngineError::Failed(
+            "a pending siginfo is not 128 bytes".into(),
+        ));
+    }
+    Ok(b)
 }
 
 /// (ss_sp, ss_flags, ss_size) of an enabled alternate signal stack.
@@ -128,7 +120,7 @@ pub fn dump_thread(frozen: &mut Frozen, tid: i32) -> Result<(Option<AltStack>, V
     let pending = frozen
         .pending_siginfo(tid, false)?
         .iter()
-        .map(|si| hex(si))
+        .map(|si| crate::hexcodec::hex(si))
         .collect();
     Ok((ss, pending))
 }
@@ -249,7 +241,7 @@ pub fn dump_process(frozen: &mut Frozen) -> Result<(Vec<String>, Vec<[i64; 4]>)>
     let shared = frozen
         .pending_siginfo(tid, true)?
         .iter()
-        .map(|si| hex(si))
+        .map(|si| crate::hexcodec::hex(si))
         .collect();
     let mut timers = Vec::new();
     for which in 0..3u64 {
@@ -307,7 +299,7 @@ pub fn restore_pending(
     }
     for th in threads {
         for si in &th.pending {
-            let b = unhex(si)?;
+            let b = siginfo(si)?;
             let sig = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
             let at = t.put(2432, &b)?;
             t.sys_in(
@@ -319,7 +311,7 @@ pub fn restore_pending(
         }
     }
     for si in shared {
-        let b = unhex(si)?;
+        let b = siginfo(si)?;
         let sig = u32::from_le_bytes(b[0..4].try_into().unwrap()) as u64;
         let at = t.put(2432, &b)?;
         t.sys(
