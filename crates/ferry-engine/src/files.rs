@@ -178,6 +178,25 @@ fn cloexec(f: &FdImage) -> u64 {
     }
 }
 
+/// Put a freshly opened fd at the saved number `f.fd` (dup3 with its close-on-exec flag).
+fn move_to(t: &mut Target, fd: u64, f: &FdImage) -> Result<()> {
+    let target = f.fd as u64;
+    if fd != target {
+        let args = [fd, target, cloexec(f), 0, 0, 0];
+        t.sys(&format!("dup3 to fd {}", f.fd), libc::SYS_dup3, args)?;
+        t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+    }
+    Ok(())
+}
+
+/// O_NONBLOCK and O_APPEND live in the open file description: set them on fd `f.fd`.
+fn set_status_flags(t: &mut Target, f: &FdImage) -> Result<()> {
+    let fl = f.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
+    let args = [f.fd as u64, libc::F_SETFL as u64, fl as u64, 0, 0, 0];
+    t.sys("fcntl(F_SETFL)", libc::SYS_fcntl, args)?;
+    Ok(())
+}
+
 /// Move a temporary fd above every saved fd number, so it cannot be clobbered.
 fn move_high(t: &mut Target, fd: u64, base: u64) -> Result<u64> {
     let hi = t.sys(
@@ -229,14 +248,7 @@ pub fn restore(
                     [fd, at, 8, 0, 0, 0],
                 )?;
             }
-            if fd != target {
-                t.sys(
-                    &format!("dup3 to fd {}", f.fd),
-                    libc::SYS_dup3,
-                    [fd, target, cloexec(f), 0, 0, 0],
-                )?;
-                t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-            }
+            move_to(t, fd, f)?;
             continue;
         }
         if let Some(inode) = f.ghost {
@@ -256,12 +268,7 @@ pub fn restore(
                 libc::SYS_lseek,
                 [target, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
             )?;
-            let fl = f.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
-            t.sys(
-                "fcntl(F_SETFL)",
-                libc::SYS_fcntl,
-                [target, libc::F_SETFL as u64, fl as u64, 0, 0, 0],
-            )?;
+            set_status_flags(t, f)?;
             continue;
         }
         if let (Some(_), Some((hp, hfd))) = (f.pipe, f.pipe_holder) {
@@ -274,20 +281,8 @@ pub fn restore(
                 libc::SYS_openat,
                 [libc::AT_FDCWD as u64, p, mode as u64, 0, 0, 0],
             )?;
-            if fd != target {
-                t.sys(
-                    &format!("dup3 to fd {}", f.fd),
-                    libc::SYS_dup3,
-                    [fd, target, cloexec(f), 0, 0, 0],
-                )?;
-                t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-            }
-            let fl = f.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
-            t.sys(
-                "fcntl(F_SETFL)",
-                libc::SYS_fcntl,
-                [target, libc::F_SETFL as u64, fl as u64, 0, 0, 0],
-            )?;
+            move_to(t, fd, f)?;
+            set_status_flags(t, f)?;
             continue;
         }
         if let Some(inode) = f.pipe {
@@ -330,12 +325,7 @@ pub fn restore(
                 [src, target, cloexec(f), 0, 0, 0],
             )?;
             // O_NONBLOCK and friends live in the description.
-            let fl = f.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
-            t.sys(
-                "fcntl(F_SETFL)",
-                libc::SYS_fcntl,
-                [target, libc::F_SETFL as u64, fl as u64, 0, 0, 0],
-            )?;
+            set_status_flags(t, f)?;
             continue;
         }
         let p = t.put_path(&f.path)?;
@@ -352,14 +342,7 @@ pub fn restore(
                 [fd, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
             )?;
         }
-        if fd != target {
-            t.sys(
-                &format!("dup3 to fd {}", f.fd),
-                libc::SYS_dup3,
-                [fd, target, cloexec(f), 0, 0, 0],
-            )?;
-            t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-        }
+        move_to(t, fd, f)?;
     }
     for &fd in ghosts.values() {
         t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;

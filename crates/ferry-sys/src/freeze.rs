@@ -284,75 +284,36 @@ impl Frozen {
 
     pub fn set_xstate(&self, tid: i32, xsave: &[u8]) -> Result<()> {
         let mut buf = xsave.to_vec();
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
-        // SAFETY: iov describes `buf`, valid for the whole call; the kernel only reads it.
-        let rc = unsafe {
-            libc::ptrace(
-                libc::PTRACE_SETREGSET,
-                tid,
-                NT_X86_XSTATE as usize as *mut libc::c_void,
-                &mut iov as *mut libc::iovec as *mut libc::c_void,
-            )
-        };
-        if rc < 0 {
-            return Err(pt_err("PTRACE_SETREGSET NT_X86_XSTATE", tid)(Errno::last()));
-        }
+        regset(
+            libc::PTRACE_SETREGSET,
+            tid,
+            "PTRACE_SETREGSET NT_X86_XSTATE",
+            &mut buf,
+        )?;
         Ok(())
     }
 
     /// The thread's blocked-signal mask.
     pub fn sigmask(&self, tid: i32) -> Result<u64> {
-        let mut mask: u64 = 0;
-        // SAFETY: PTRACE_GETSIGMASK writes exactly 8 bytes (the size passed) into `mask`.
-        let rc = unsafe {
-            libc::ptrace(
-                PTRACE_GETSIGMASK,
-                tid,
-                8usize as *mut libc::c_void,
-                &mut mask as *mut u64 as *mut libc::c_void,
-            )
-        };
-        if rc < 0 {
-            return Err(pt_err("PTRACE_GETSIGMASK", tid)(Errno::last()));
-        }
-        Ok(mask)
+        let mut b = [0u8; 8];
+        ptrace_sized(PTRACE_GETSIGMASK, tid, "PTRACE_GETSIGMASK", &mut b)?;
+        Ok(u64::from_ne_bytes(b))
     }
 
     pub fn set_sigmask(&self, tid: i32, mask: u64) -> Result<()> {
-        let mut m = mask;
-        // SAFETY: PTRACE_SETSIGMASK reads 8 bytes from `m`, which lives across the call.
-        let rc = unsafe {
-            libc::ptrace(
-                PTRACE_SETSIGMASK,
-                tid,
-                8usize as *mut libc::c_void,
-                &mut m as *mut u64 as *mut libc::c_void,
-            )
-        };
-        if rc < 0 {
-            return Err(pt_err("PTRACE_SETSIGMASK", tid)(Errno::last()));
-        }
-        Ok(())
+        let mut b = mask.to_ne_bytes();
+        ptrace_sized(PTRACE_SETSIGMASK, tid, "PTRACE_SETSIGMASK", &mut b)
     }
 
     /// The thread's rseq registration, if any.
     pub fn rseq(&self, tid: i32) -> Result<Option<RseqConfig>> {
         let mut c = [0u8; 24];
-        // SAFETY: PTRACE_GET_RSEQ_CONFIGURATION writes at most `addr` (24) bytes into `c`.
-        let rc = unsafe {
-            libc::ptrace(
-                PTRACE_GET_RSEQ_CONFIGURATION,
-                tid,
-                c.len() as *mut libc::c_void,
-                c.as_mut_ptr() as *mut libc::c_void,
-            )
-        };
-        if rc < 0 {
-            return Err(pt_err("PTRACE_GET_RSEQ_CONFIGURATION", tid)(Errno::last()));
-        }
+        ptrace_sized(
+            PTRACE_GET_RSEQ_CONFIGURATION,
+            tid,
+            "PTRACE_GET_RSEQ_CONFIGURATION",
+            &mut c,
+        )?;
         let ptr = u64::from_ne_bytes(c[0..8].try_into().unwrap());
         let size = u32::from_ne_bytes(c[8..12].try_into().unwrap());
         let signature = u32::from_ne_bytes(c[12..16].try_into().unwrap());
@@ -438,25 +399,56 @@ impl Drop for Frozen {
 /// PTRACE_GETREGSET(NT_X86_XSTATE) on a stopped, traced thread.
 fn get_xstate(tid: i32) -> Result<Vec<u8>> {
     let mut buf = vec![0u8; XSAVE_BUF];
+    let n = regset(
+        libc::PTRACE_GETREGSET,
+        tid,
+        "PTRACE_GETREGSET NT_X86_XSTATE",
+        &mut buf,
+    )?;
+    buf.truncate(n);
+    Ok(buf)
+}
+
+/// PTRACE_GETREGSET or PTRACE_SETREGSET of the xsave area through `buf`; returns the number
+/// of bytes the kernel transferred.
+fn regset(req: libc::c_uint, tid: i32, what: &'static str, buf: &mut [u8]) -> Result<usize> {
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr().cast(),
         iov_len: buf.len(),
     };
-    // SAFETY: iov points at `buf`, which outlives the call and is iov_len bytes long; the
-    // kernel writes at most iov_len bytes and updates iov_len to the size written.
+    // SAFETY: iov describes `buf`, valid and exclusively borrowed for the whole call; the
+    // kernel reads or writes at most iov_len bytes and updates iov_len.
     let rc = unsafe {
         libc::ptrace(
-            libc::PTRACE_GETREGSET,
+            req,
             tid,
             NT_X86_XSTATE as usize as *mut libc::c_void,
             &mut iov as *mut libc::iovec as *mut libc::c_void,
         )
     };
     if rc < 0 {
-        return Err(pt_err("PTRACE_GETREGSET NT_X86_XSTATE", tid)(Errno::last()));
+        return Err(pt_err(what, tid)(Errno::last()));
     }
-    buf.truncate(iov.iov_len);
-    Ok(buf)
+    Ok(iov.iov_len)
+}
+
+/// A ptrace request whose `addr` is the size of the buffer `data` points to
+/// (GETSIGMASK, SETSIGMASK, GET_RSEQ_CONFIGURATION).
+fn ptrace_sized(req: libc::c_uint, tid: i32, what: &'static str, buf: &mut [u8]) -> Result<()> {
+    // SAFETY: `buf` is valid and exclusively borrowed for the call, and the kernel touches at
+    // most `addr` = buf.len() bytes of it.
+    let rc = unsafe {
+        libc::ptrace(
+            req,
+            tid,
+            buf.len() as *mut libc::c_void,
+            buf.as_mut_ptr() as *mut libc::c_void,
+        )
+    };
+    if rc < 0 {
+        return Err(pt_err(what, tid)(Errno::last()));
+    }
+    Ok(())
 }
 
 /// XSTATE_BV of an xsave area: the state components that hold non-initial values.

@@ -83,6 +83,44 @@ fn start(bin: &Path, out: &Path) -> Child {
         .unwrap()
 }
 
+/// A fixture started and at its ready point.
+struct Ready {
+    dir: PathBuf,
+    bin: PathBuf,
+    out: PathBuf,
+    child: Child,
+}
+
+fn ready_fixture(tag: &str, name: &str) -> Ready {
+    let dir = tmpdir(tag);
+    let bin = build(&dir, name);
+    let out = dir.join("out.txt");
+    let child = start(&bin, &out);
+    wait_for(&out, "ready");
+    Ready {
+        dir,
+        bin,
+        out,
+        child,
+    }
+}
+
+/// Dump `pid` (killing it) into `img`; the dump must succeed.
+fn dump_ok(pid: u32, img: &Path) {
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert!(
+        d.status.success(),
+        "dump of {pid}: {}",
+        String::from_utf8_lossy(&d.stderr)
+    );
+}
+
 fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))
         .map(|s| !s.contains(") Z"))
@@ -101,12 +139,13 @@ fn kill(pid: u32, sig: &str) {
 /// restore again: the fixture verifies its memory and registers and reports PASS.
 #[test]
 fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
-    let dir = tmpdir("mem");
-    let bin = build(&dir, "memstate");
-    let out = dir.join("out.txt");
-    let mut child = start(&bin, &out);
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("mem", "memstate");
     let pid = child.id();
-    wait_for(&out, "ready");
     std::thread::sleep(Duration::from_millis(100));
     let img = dir.join("img1");
     let d = ferry(&[
@@ -199,12 +238,13 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
 
 #[test]
 fn a_failed_dump_leaves_the_process_running_and_bad_images_are_refused() {
-    let dir = tmpdir("bad");
-    let bin = build(&dir, "memstate");
-    let out = dir.join("out.txt");
-    let mut child = start(&bin, &out);
+    let Ready {
+        dir,
+        bin,
+        out,
+        mut child,
+    } = ready_fixture("bad", "memstate");
     let pid = child.id();
-    wait_for(&out, "ready");
     // An image directory that already holds an image: the dump fails, the process runs on.
     let img = dir.join("img");
     let d = ferry(&[
@@ -280,12 +320,13 @@ fn a_failed_dump_leaves_the_process_running_and_bad_images_are_refused() {
 /// thread-local values: all restored with their TIDs and finish correctly.
 #[test]
 fn threads_blocked_in_syscalls_and_computing_survive() {
-    let dir = tmpdir("threads");
-    let bin = build(&dir, "threads");
-    let out = dir.join("out.txt");
-    let mut child = start(&bin, &out);
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("threads", "threads");
     let pid = child.id();
-    wait_for(&out, "ready");
     let tids = |p: u32| -> Vec<String> {
         let mut v: Vec<String> = std::fs::read_dir(format!("/proc/{p}/task"))
             .unwrap()
@@ -297,14 +338,7 @@ fn threads_blocked_in_syscalls_and_computing_survive() {
     let before = tids(pid);
     assert_eq!(before.len(), 4);
     let img = dir.join("img");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-    ]);
-    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    dump_ok(pid, &img);
     child.wait().unwrap();
     let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
@@ -418,21 +452,15 @@ fn multithreaded_xz_with_a_pipe_gives_identical_output() {
 /// A fixture that prints "ready", is dumped (killed) and restored, then checks itself after
 /// SIGUSR1 and prints PASS.
 fn fixture_survives(name: &str) {
-    let dir = tmpdir(name);
-    let bin = build(&dir, name);
-    let out = dir.join("out.txt");
-    let mut child = start(&bin, &out);
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture(name, name);
     let pid = child.id();
-    wait_for(&out, "ready");
     let img = dir.join("img");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-    ]);
-    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    dump_ok(pid, &img);
     child.wait().unwrap();
     // Every PID of the tree must be free again (orphans are reaped by init).
     let show: serde_json::Value =
@@ -500,21 +528,15 @@ fn process_attributes_and_credentials_survive() {
 /// file, unless told to accept it.
 #[test]
 fn changed_files_are_refused_unless_allowed() {
-    let dir = tmpdir("changed");
-    let bin = build(&dir, "memstate");
-    let out = dir.join("out.txt");
-    let mut child = start(&bin, &out);
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("changed", "memstate");
     let pid = child.id();
-    wait_for(&out, "ready");
     let img = dir.join("img");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-    ]);
-    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    dump_ok(pid, &img);
     child.wait().unwrap();
     std::fs::write(&out, "ready\nsomeone else wrote here\n").unwrap();
     let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
