@@ -55,6 +55,8 @@ fn children(pid: i32) -> Vec<i32> {
 fn collect(
     frozen: &mut Frozen,
     pipes_seen: &mut Vec<(u64, i32, i32)>,
+    socks: &mut crate::sockets::DumpState,
+    tree: &[i32],
 ) -> Result<(ProcessImage, Vec<procfs::Mapping>)> {
     let pid = frozen.pid();
     let mut threads = regs::dump(frozen)?;
@@ -77,7 +79,7 @@ fn collect(
         .unwrap_or(0o022);
     let ppid = field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut ghosts = Vec::new();
-    let (fds, pipes) = files::dump(pid, pipes_seen, &mut ghosts)?;
+    let (fds, pipes, sockets) = files::dump(pid, pipes_seen, &mut ghosts, socks, tree)?;
     let mm = mm::dump(pid, frozen)?;
     let sigactions = signals::dump(frozen)?;
     let attrs = crate::attrs::dump(frozen)?;
@@ -103,6 +105,7 @@ fn collect(
         posix_timers,
         ghosts,
         attrs,
+        sockets,
     };
     Ok((img, maps))
 }
@@ -184,10 +187,19 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let mut zombies = Vec::new();
     let mut tree = freeze_tree(pid, &mut zombies)?;
     let tf = Instant::now();
+    let tree_pids: Vec<i32> = tree.iter().map(|f| f.pid()).collect();
+    // Dropped before `tree` on any error: sockets leave repair mode and their traffic is
+    // unblocked before the processes resume.
+    let mut net = NetGuard {
+        st: Default::default(),
+        table: crate::netblock::table_name(pid),
+    };
+    crate::sockets::plan_blocks(&mut net.st, &tree_pids)?;
+    crate::netblock::apply(&mut net.st.blocks, &net.table)?;
     let mut pipes_seen = Vec::new();
     let mut collected = Vec::new();
     for f in tree.iter_mut() {
-        collected.push(collect(f, &mut pipes_seen)?);
+        collected.push(collect(f, &mut pipes_seen, &mut net.st, &tree_pids)?);
     }
     let threads: usize = collected.iter().map(|c| c.0.threads.len()).sum();
     let pids: Vec<i32> = collected.iter().map(|c| c.0.pid).collect();
@@ -221,6 +233,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let mut tree = Some(tree);
     let mut frozen_ms = 0.0;
     if opts.leave == Leave::Running {
+        net.release();
         for f in tree.take().unwrap_or_default() {
             f.resume();
         }
@@ -247,9 +260,13 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
             for f in t {
                 f.kill();
             }
+            // Closed still in repair mode: the peers hear nothing, and stay blocked until
+            // the restore.
+            net.keep_blocked();
             "killed"
         }
         (Leave::Stopped, Some(t)) => {
+            net.release();
             for f in t {
                 // SAFETY: kill(2) has no memory effects; SIGSTOP takes effect at the detach.
                 unsafe {
@@ -279,4 +296,32 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
         gb_per_s: summary.page_bytes as f64 / (memory_ms / 1e3).max(1e-9) / 1e9,
         left: left.into(),
     })
+}
+
+/// The dump's hold on the tree's sockets: repair mode and the traffic block.
+struct NetGuard {
+    st: crate::sockets::DumpState,
+    table: String,
+}
+
+impl NetGuard {
+    /// The tree goes on running: sockets leave repair mode, traffic flows again.
+    fn release(&mut self) {
+        self.st.release();
+        crate::netblock::lift(&mut self.st.blocks, &self.table);
+    }
+
+    /// The tree was killed: close our copies in repair mode, leave the block for the restore.
+    fn keep_blocked(&mut self) {
+        self.st.repaired.clear();
+        for b in self.st.blocks.iter_mut() {
+            b.applied = false;
+        }
+    }
+}
+
+impl Drop for NetGuard {
+    fn drop(&mut self) {
+        self.release();
+    }
 }

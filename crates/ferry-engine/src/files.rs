@@ -12,7 +12,13 @@ pub fn dump(
     pid: i32,
     known: &mut Vec<(u64, i32, i32)>,
     ghosts: &mut Vec<crate::schema::GhostFile>,
-) -> Result<(Vec<FdImage>, Vec<PipeImage>)> {
+    socks: &mut crate::sockets::DumpState,
+    tree: &[i32],
+) -> Result<(
+    Vec<FdImage>,
+    Vec<PipeImage>,
+    Vec<crate::sockets::SocketImage>,
+)> {
     let dir = format!("/proc/{pid}/fd");
     let rd =
         std::fs::read_dir(&dir).map_err(|e| EngineError::Failed(format!("reading {dir}: {e}")))?;
@@ -23,6 +29,7 @@ pub fn dump(
     fds.sort_unstable();
     let mut out: Vec<FdImage> = Vec::new();
     let mut pipes: Vec<PipeImage> = Vec::new();
+    let mut sockets = Vec::new();
     for fd in fds {
         let link = std::fs::read_link(format!("{dir}/{fd}"))
             .map_err(|e| EngineError::Failed(format!("process {pid} fd {fd}: {e}")))?;
@@ -48,6 +55,7 @@ pub fn dump(
             pipe_holder: None,
             ghost: None,
             eventfd: None,
+            socket: None,
             flags,
             pos,
             size: 0,
@@ -85,6 +93,18 @@ pub fn dump(
                 });
             }
             img.pipe = Some(inode);
+            out.push(img);
+            continue;
+        }
+        if let Some(inode) = path
+            .strip_prefix("socket:[")
+            .and_then(|s| s.strip_suffix(']'))
+            .and_then(|s| s.parse::<u64>().ok())
+        {
+            if let Some(s) = crate::sockets::dump(socks, pid, fd, inode, flags, tree)? {
+                sockets.push(s);
+            }
+            img.socket = Some(inode);
             out.push(img);
             continue;
         }
@@ -127,14 +147,18 @@ pub fn dump(
         img.mode = meta.mode();
         out.push(img);
     }
-    Ok((out, pipes))
+    Ok((out, pipes, sockets))
 }
 
 /// Check that the files are still what they were, before anything is created.
 /// `allow_changed`: accept regular files whose size or permissions changed since the dump.
 pub fn check(fds: &[FdImage], allow_changed: bool) -> Result<()> {
     for f in fds.iter().filter(|f| {
-        f.same_as.is_none() && f.pipe.is_none() && f.ghost.is_none() && f.eventfd.is_none()
+        f.same_as.is_none()
+            && f.pipe.is_none()
+            && f.ghost.is_none()
+            && f.eventfd.is_none()
+            && f.socket.is_none()
     }) {
         let m = std::fs::metadata(&f.path).map_err(|e| {
             EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path))
@@ -179,7 +203,7 @@ fn cloexec(f: &FdImage) -> u64 {
 }
 
 /// Put a freshly opened fd at the saved number `f.fd` (dup3 with its close-on-exec flag).
-fn move_to(t: &mut Target, fd: u64, f: &FdImage) -> Result<()> {
+pub(crate) fn move_to(t: &mut Target, fd: u64, f: &FdImage) -> Result<()> {
     let target = f.fd as u64;
     if fd != target {
         let args = [fd, target, cloexec(f), 0, 0, 0];
@@ -198,7 +222,7 @@ fn set_status_flags(t: &mut Target, f: &FdImage) -> Result<()> {
 }
 
 /// Move a temporary fd above every saved fd number, so it cannot be clobbered.
-fn move_high(t: &mut Target, fd: u64, base: u64) -> Result<u64> {
+pub(crate) fn move_high(t: &mut Target, fd: u64, base: u64) -> Result<u64> {
     let hi = t.sys(
         "fcntl(F_DUPFD)",
         libc::SYS_fcntl,
@@ -215,8 +239,11 @@ pub fn restore(
     fds: &[FdImage],
     pipes: &[PipeImage],
     ghosts: &std::collections::HashMap<u64, u64>,
+    built: &crate::sockets::Built,
 ) -> Result<()> {
     let base = fds.iter().map(|f| f.fd as u64 + 1).max().unwrap_or(0);
+    // A pidfd on Ferry, for the target to take the objects built here (pidfd_getfd).
+    let mut ferry_pidfd: Option<u64> = None;
     let mut made: Vec<(u64, u64, u64)> = Vec::new(); // (inode, read end, write end), high fds
     for f in fds {
         let target = f.fd as u64;
@@ -226,6 +253,33 @@ pub fn restore(
                 libc::SYS_dup3,
                 [src as u64, target, cloexec(f), 0, 0, 0],
             )?;
+            continue;
+        }
+        if let Some(inode) = f.socket {
+            let s = built.socks.get(&inode).ok_or_else(|| {
+                EngineError::Failed(format!("fd {}: socket:[{inode}] was not rebuilt", f.fd))
+            })?;
+            let pidfd = match ferry_pidfd {
+                Some(p) => p,
+                None => {
+                    let me = std::process::id() as u64;
+                    let p = t.sys(
+                        "pidfd_open of ferry",
+                        libc::SYS_pidfd_open,
+                        [me, 0, 0, 0, 0, 0],
+                    )?;
+                    let p = move_high(t, p, base)?;
+                    ferry_pidfd = Some(p);
+                    p
+                }
+            };
+            use std::os::fd::AsRawFd;
+            let got = t.sys(
+                &format!("pidfd_getfd of socket:[{inode}] for fd {}", f.fd),
+                libc::SYS_pidfd_getfd,
+                [pidfd, s.as_raw_fd() as u64, 0, 0, 0, 0],
+            )?;
+            move_to(t, got, f)?;
             continue;
         }
         if let Some((count, sem)) = f.eventfd {
@@ -344,7 +398,7 @@ pub fn restore(
         }
         move_to(t, fd, f)?;
     }
-    for &fd in ghosts.values() {
+    for &fd in ghosts.values().chain(ferry_pidfd.iter()) {
         t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
     }
     for (_, r, w) in made {

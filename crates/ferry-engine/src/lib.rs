@@ -14,9 +14,11 @@ pub mod ghost;
 pub mod hexcodec;
 pub mod memory;
 pub mod mm;
+pub mod netblock;
 pub mod regs;
 pub mod schema;
 pub mod signals;
+pub mod sockets;
 
 pub mod dump;
 pub mod restore;

@@ -17,6 +17,8 @@ pub struct RestoreOptions {
     pub detach: bool,
     /// Accept regular files (fds) whose size or mode changed since the dump.
     pub allow_changed_files: bool,
+    /// Restore into this network namespace (a /proc/PID/ns/net or /run/netns/NAME file).
+    pub netns: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -70,6 +72,17 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         files::check(&img.fds, opts.allow_changed_files)?;
     }
     let root = imgs[0].pid;
+    if let Some(ns) = &opts.netns {
+        // This thread, the stubs it forks and the sockets it makes all live there.
+        ferry_sys::net::enter_netns(ns)?;
+    }
+    // Sockets first: an address that cannot be bound fails the restore before any process.
+    let all_socks: Vec<&crate::sockets::SocketImage> =
+        imgs.iter().flat_map(|i| i.sockets.iter()).collect();
+    let mut built = crate::sockets::Built::default();
+    for s in &all_socks {
+        crate::sockets::build(&mut built, s, &all_socks)?;
+    }
     let stub = spawn_stub(Some(root))?;
     let mut targets: Vec<Target> = Vec::new();
     let result = (|| -> Result<u64> {
@@ -115,8 +128,11 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         let mut shmem = HashMap::new();
         let mut pages = 0;
         for (t, img) in targets.iter_mut().zip(&imgs) {
-            pages += build(t, img, &mut r, &mut shmem, img.pid == root)?;
+            pages += build(t, img, &mut r, &mut shmem, img.pid == root, &built)?;
         }
+        // Connections go live and their traffic flows again just before the tree resumes.
+        built.go_live()?;
+        crate::netblock::lift_here(&crate::netblock::table_name(root))?;
         Ok(pages)
     })();
     let pages = match result {
@@ -322,6 +338,7 @@ fn build(
     r: &mut ImageReader,
     shmem: &mut HashMap<u64, (i32, u64, u64)>,
     is_root: bool,
+    built: &crate::sockets::Built,
 ) -> Result<u64> {
     let tid = t.pid;
     let base = img
@@ -336,7 +353,7 @@ fn build(
     let budget = img.mappings.iter().map(|m| m.pages_saved).sum();
     let pages = memory::restore_pages(t.pid, r, budget)?;
     mm::restore(t, &img.mm, &img.exe)?;
-    files::restore(t, &img.fds, &img.pipes, &ghosts)?;
+    files::restore(t, &img.fds, &img.pipes, &ghosts, built)?;
     let cwd = t.put_path(&img.cwd)?;
     t.sys(
         &format!("chdir to {}", img.cwd),

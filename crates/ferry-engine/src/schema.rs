@@ -44,6 +44,9 @@ pub struct ProcessImage {
     pub ghosts: Vec<GhostFile>,
     #[serde(default)]
     pub attrs: crate::attrs::Attrs,
+    /// Sockets first held by this process (others of the tree refer to them by inode).
+    #[serde(default)]
+    pub sockets: Vec<crate::sockets::SocketImage>,
 }
 
 /// A POSIX timer (timer_create), restored with its ID.
@@ -188,6 +191,9 @@ pub struct FdImage {
     /// For an eventfd: (counter, semaphore mode).
     #[serde(default)]
     pub eventfd: Option<(u64, bool)>,
+    /// For a socket: its inode, in `ProcessImage::sockets` of this or an earlier process.
+    #[serde(default)]
+    pub socket: Option<u64>,
     /// open(2) flags as /proc/PID/fdinfo reports them.
     pub flags: u32,
     pub pos: u64,

@@ -6,6 +6,7 @@ pub mod error;
 pub mod files;
 pub mod freeze;
 pub mod mem;
+pub mod net;
 pub mod procfs;
 pub mod spawn;
 

@@ -35,6 +35,10 @@ pub struct RestoreArgs {
     /// Accept open regular files whose size or mode changed since the dump.
     #[arg(long)]
     allow_changed_files: bool,
+    /// Restore into this network namespace: a file such as /run/netns/NAME or
+    /// /proc/PID/ns/net. The restored sockets take their saved addresses there.
+    #[arg(long, value_name = "NSFILE")]
+    netns: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -90,6 +94,7 @@ pub fn restore(a: RestoreArgs) -> Result<u8> {
         &RestoreOptions {
             detach: a.detach,
             allow_changed_files: a.allow_changed_files,
+            netns: a.netns.clone(),
         },
     )?;
     if a.json {
@@ -123,10 +128,15 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
         None
     };
     if a.json {
+        // Sockets as summaries: their queue contents would drown the rest.
+        let mut pv = serde_json::to_value(&procs)?;
+        for (v, p) in pv.as_array_mut().into_iter().flatten().zip(&procs) {
+            v["sockets"] = p.sockets.iter().map(|s| s.summary()).collect();
+        }
         println!(
             "{}",
             serde_json::to_string_pretty(&serde_json::json!({
-                "summary": summary, "processes": procs, "zombies": zombies,
+                "summary": summary, "processes": pv, "zombies": zombies,
                 "pages_verified": verified.is_some(),
             }))?
         );
@@ -177,6 +187,24 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
                 "    {:>3} {} flags {:o} pos {}",
                 f.fd, f.path, f.flags, f.pos
             );
+        }
+        if !p.sockets.is_empty() {
+            println!("  sockets:");
+            for s in &p.sockets {
+                let v = s.summary();
+                println!(
+                    "    socket:[{}] {} {} {} {} -> {}  queued: send {} (unsent {}), receive {}",
+                    v["inode"],
+                    v["family"].as_str().unwrap_or(""),
+                    v["type"].as_str().unwrap_or(""),
+                    v["state"].as_str().unwrap_or(""),
+                    v["local"].as_str().unwrap_or(""),
+                    v["peer"].as_str().unwrap_or(""),
+                    v["send_queue"],
+                    v["unsent"],
+                    v["recv_queue"]
+                );
+            }
         }
         println!("  signal dispositions: {}", p.sigactions.len());
     }
