@@ -56,6 +56,10 @@ pub fn dump(
             ghost: None,
             eventfd: None,
             socket: None,
+            timerfd: None,
+            signalfd: None,
+            inotify: None,
+            epoll: None,
             flags,
             pos,
             size: 0,
@@ -108,6 +112,17 @@ pub fn dump(
             out.push(img);
             continue;
         }
+        match path.as_str() {
+            "anon_inode:[timerfd]" => img.timerfd = Some(crate::evfds::dump_timerfd(&info)),
+            "anon_inode:[signalfd]" => img.signalfd = Some(crate::evfds::dump_signalfd(&info)),
+            "anon_inode:inotify" => img.inotify = Some(crate::evfds::dump_inotify(pid, fd, &info)?),
+            "anon_inode:[eventpoll]" => img.epoll = Some(crate::evfds::dump_epoll(pid, fd, &info)?),
+            _ => {}
+        }
+        if !img.by_path() {
+            out.push(img);
+            continue;
+        }
         if path == "anon_inode:[eventfd]" {
             // The kernel prints the counter in hex.
             let count = u64::from_str_radix(&get("eventfd-count:"), 16).unwrap_or(0);
@@ -153,13 +168,7 @@ pub fn dump(
 /// Check that the files are still what they were, before anything is created.
 /// `allow_changed`: accept regular files whose size or permissions changed since the dump.
 pub fn check(fds: &[FdImage], allow_changed: bool) -> Result<()> {
-    for f in fds.iter().filter(|f| {
-        f.same_as.is_none()
-            && f.pipe.is_none()
-            && f.ghost.is_none()
-            && f.eventfd.is_none()
-            && f.socket.is_none()
-    }) {
+    for f in fds.iter().filter(|f| f.by_path()) {
         let m = std::fs::metadata(&f.path).map_err(|e| {
             EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path))
         })?;
@@ -255,10 +264,24 @@ pub fn restore(
             )?;
             continue;
         }
-        if let Some(inode) = f.socket {
-            let s = built.socks.get(&inode).ok_or_else(|| {
-                EngineError::Failed(format!("fd {}: socket:[{inode}] was not rebuilt", f.fd))
-            })?;
+        // Objects rebuilt here, in Ferry, and handed over.
+        let made_here = if let Some(w) = &f.inotify {
+            Some(crate::evfds::build_inotify(w, f.flags)?)
+        } else if let Some(tf) = &f.timerfd {
+            Some(crate::evfds::build_timerfd(tf, f.flags)?)
+        } else if let Some(mask) = f.signalfd {
+            Some(crate::evfds::build_signalfd(mask, f.flags)?)
+        } else {
+            None
+        };
+        if f.socket.is_some() || made_here.is_some() {
+            let s = match (&made_here, f.socket) {
+                (Some(m), _) => m,
+                (None, Some(inode)) => built.socks.get(&inode).ok_or_else(|| {
+                    EngineError::Failed(format!("fd {}: socket:[{inode}] was not rebuilt", f.fd))
+                })?,
+                _ => unreachable!(),
+            };
             let pidfd = match ferry_pidfd {
                 Some(p) => p,
                 None => {
@@ -275,11 +298,16 @@ pub fn restore(
             };
             use std::os::fd::AsRawFd;
             let got = t.sys(
-                &format!("pidfd_getfd of socket:[{inode}] for fd {}", f.fd),
+                &format!("pidfd_getfd for fd {} ({})", f.fd, f.path),
                 libc::SYS_pidfd_getfd,
                 [pidfd, s.as_raw_fd() as u64, 0, 0, 0, 0],
             )?;
             move_to(t, got, f)?;
+            continue;
+        }
+        if f.epoll.is_some() {
+            let e = crate::evfds::create_epoll(t, f.fd, f.flags)?;
+            move_to(t, e, f)?;
             continue;
         }
         if let Some((count, sem)) = f.eventfd {
@@ -397,6 +425,12 @@ pub fn restore(
             )?;
         }
         move_to(t, fd, f)?;
+    }
+    // Epoll sets last: what they watch exists now.
+    for f in fds.iter().filter(|f| f.same_as.is_none()) {
+        if let Some(items) = &f.epoll {
+            crate::evfds::fill_epoll(t, f.fd, items)?;
+        }
     }
     for &fd in ghosts.values().chain(ferry_pidfd.iter()) {
         t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;

@@ -9,6 +9,7 @@
 
 pub mod attrs;
 pub mod ctx;
+pub mod evfds;
 pub mod files;
 pub mod ghost;
 pub mod hexcodec;

@@ -194,6 +194,15 @@ pub struct FdImage {
     /// For a socket: its inode, in `ProcessImage::sockets` of this or an earlier process.
     #[serde(default)]
     pub socket: Option<u64>,
+    #[serde(default)]
+    pub timerfd: Option<crate::evfds::TimerFd>,
+    /// For a signalfd: its mask.
+    #[serde(default)]
+    pub signalfd: Option<u64>,
+    #[serde(default)]
+    pub inotify: Option<Vec<crate::evfds::InotifyWatch>>,
+    #[serde(default)]
+    pub epoll: Option<Vec<crate::evfds::EpollItem>>,
     /// open(2) flags as /proc/PID/fdinfo reports them.
     pub flags: u32,
     pub pos: u64,
@@ -208,4 +217,20 @@ pub struct SigactionImage {
     pub flags: u64,
     pub restorer: u64,
     pub mask: u64,
+}
+
+impl FdImage {
+    /// An fd reopened by its path (a regular file, directory or device), as opposed to the
+    /// objects rebuilt from their saved state.
+    pub fn by_path(&self) -> bool {
+        self.same_as.is_none()
+            && self.pipe.is_none()
+            && self.ghost.is_none()
+            && self.eventfd.is_none()
+            && self.socket.is_none()
+            && self.timerfd.is_none()
+            && self.signalfd.is_none()
+            && self.inotify.is_none()
+            && self.epoll.is_none()
+    }
 }

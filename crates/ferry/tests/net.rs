@@ -102,3 +102,33 @@ fn tcp_connection_with_queues_in_flight_and_other_sockets_survive() {
     }
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// An event loop (epoll over a timerfd, a signalfd, inotify with watch descriptors 1 and 3,
+/// an eventfd) keeps every registration, its timer period, its watches and its signals.
+#[test]
+fn epoll_timerfd_signalfd_and_inotify_survive() {
+    let dir = tmpdir("evloop");
+    let bin = build(&dir, "evloop");
+    let watched = dir.join("watched");
+    std::fs::create_dir_all(watched.join("sub")).unwrap();
+    let out = dir.join("out.txt");
+    let mut cmd = Command::new(&bin);
+    cmd.arg(&watched);
+    let mut child = start_cmd(cmd, &out);
+    let pid = child.id();
+    assert!(wait_for(&out, "ready").contains("ready wd 1 3"));
+    std::fs::write(watched.join("before"), b"x").unwrap();
+    wait_for(&out, "saw before");
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    wait_gone(pid);
+    restore_detached(&img, &[]);
+    kill(pid, "USR2");
+    std::fs::write(watched.join("sub/after"), b"y").unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS rate");
+    assert!(!s.contains("FAIL"), "{s}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
