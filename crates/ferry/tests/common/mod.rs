@@ -141,3 +141,91 @@ pub fn kill(pid: u32, sig: &str) {
         .status()
         .unwrap();
 }
+
+fn ip(args: &[&str]) {
+    let st = Command::new("ip").args(args).status().expect("run ip");
+    assert!(st.success(), "ip {}", args.join(" "));
+}
+
+/// Two network namespaces joined by a veth pair: the "server" side holds 10.X.Y.1/24, the
+/// "client" side 10.X.Y.2/24. Removed on drop.
+pub struct NetPair {
+    pub server: String,
+    pub client: String,
+    pub server_ip: String,
+    pub client_ip: String,
+}
+
+impl NetPair {
+    pub fn new(tag: &str) -> NetPair {
+        let id = std::process::id();
+        let (x, y) = ((id >> 8) % 200 + 20, id % 250 + 1);
+        let server = format!("fs{tag}{id}");
+        let client = format!("fc{tag}{id}");
+        let (va, vc) = (
+            format!("va{tag}{}", id % 100000),
+            format!("vc{tag}{}", id % 100000),
+        );
+        let _ = Command::new("ip")
+            .args(["netns", "del", &server])
+            .stderr(Stdio::null())
+            .status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &client])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["netns", "add", &server]);
+        ip(&["netns", "add", &client]);
+        ip(&["link", "add", &va, "type", "veth", "peer", "name", &vc]);
+        ip(&["link", "set", &va, "netns", &server]);
+        ip(&["link", "set", &vc, "netns", &client]);
+        let server_ip = format!("10.{x}.{y}.1");
+        let client_ip = format!("10.{x}.{y}.2");
+        for (ns, dev, addr) in [(&server, &va, &server_ip), (&client, &vc, &client_ip)] {
+            ip(&["-n", ns, "addr", "add", &format!("{addr}/24"), "dev", dev]);
+            ip(&["-n", ns, "link", "set", dev, "up"]);
+            ip(&["-n", ns, "link", "set", "lo", "up"]);
+        }
+        NetPair {
+            server,
+            client,
+            server_ip,
+            client_ip,
+        }
+    }
+
+    pub fn path(ns: &str) -> String {
+        format!("/run/netns/{ns}")
+    }
+
+    /// A command run inside namespace `ns` (network only: nsenter --net).
+    pub fn cmd(ns: &str, prog: &str) -> Command {
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net={}", Self::path(ns))).arg(prog);
+        c
+    }
+
+    /// A TCP connection made from inside namespace `ns`.
+    pub fn connect(ns: &str, addr: &str) -> std::net::TcpStream {
+        let path = Self::path(ns);
+        let addr = addr.to_string();
+        std::thread::spawn(move || {
+            let f = std::fs::File::open(&path).unwrap();
+            use std::os::fd::AsRawFd;
+            // SAFETY: setns on this short-lived thread only; the socket keeps the namespace.
+            let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
+            assert_eq!(rc, 0, "setns into {path}");
+            std::net::TcpStream::connect(addr.as_str()).expect("connect")
+        })
+        .join()
+        .unwrap()
+    }
+}
+
+impl Drop for NetPair {
+    fn drop(&mut self) {
+        for ns in [&self.server, &self.client] {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+    }
+}

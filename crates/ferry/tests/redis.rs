@@ -1,0 +1,207 @@
+//! Acceptance: Debian's redis-server in its own network namespace, with 200,000 keys and a
+//! client in another namespace writing continuously over one TCP connection, is dumped,
+//! killed and restored. Every key is there, the client's connection carries on, and no write
+//! acknowledged before the freeze is lost.
+
+mod common;
+use common::*;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+fn cmd(args: &[&str]) -> Vec<u8> {
+    let mut v = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    v
+}
+
+#[derive(Debug, PartialEq)]
+enum Reply {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<String>),
+    Array(Vec<Reply>),
+}
+
+fn reply(r: &mut BufReader<TcpStream>) -> std::io::Result<Reply> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::other("connection closed"));
+    }
+    let (kind, rest) = line.trim_end().split_at(1);
+    Ok(match kind {
+        "+" => Reply::Status(rest.into()),
+        "-" => Reply::Error(rest.into()),
+        ":" => Reply::Int(rest.parse().unwrap()),
+        "$" => {
+            let n: i64 = rest.parse().unwrap();
+            if n < 0 {
+                Reply::Bulk(None)
+            } else {
+                let mut b = vec![0u8; n as usize + 2];
+                r.read_exact(&mut b)?;
+                b.truncate(n as usize);
+                Reply::Bulk(Some(String::from_utf8(b).unwrap()))
+            }
+        }
+        "*" => {
+            let n: usize = rest.parse().unwrap();
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                v.push(reply(r)?);
+            }
+            Reply::Array(v)
+        }
+        k => panic!("unexpected reply kind {k:?}"),
+    })
+}
+
+struct Redis {
+    pid: u32,
+    child: std::process::Child,
+}
+
+fn start_redis(net: &NetPair, dir: &std::path::Path) -> Redis {
+    let mut c = NetPair::cmd(&net.server, "redis-server");
+    c.args([
+        "--bind",
+        &net.server_ip,
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+        "--protected-mode",
+        "no",
+        "--daemonize",
+        "no",
+        "--dir",
+    ])
+    .arg(dir)
+    .current_dir(dir);
+    let child = start_cmd(c, &dir.join("redis.log"));
+    let pid = child.id();
+    wait_for(&dir.join("redis.log"), "Ready to accept connections");
+    Redis { pid, child }
+}
+
+/// MGET `keys` in batches; each must hold the value `want(key index)`.
+fn check_keys(
+    r: &mut BufReader<TcpStream>,
+    w: &mut TcpStream,
+    keys: impl Iterator<Item = (String, String)>,
+) -> usize {
+    let all: Vec<(String, String)> = keys.collect();
+    for chunk in all.chunks(5000) {
+        let mut args = vec!["MGET"];
+        args.extend(chunk.iter().map(|(k, _)| k.as_str()));
+        w.write_all(&cmd(&args)).unwrap();
+        let Reply::Array(vals) = reply(r).unwrap() else {
+            panic!("MGET reply")
+        };
+        for ((k, want), got) in chunk.iter().zip(vals) {
+            assert_eq!(got, Reply::Bulk(Some(want.clone())), "key {k}");
+        }
+    }
+    all.len()
+}
+
+#[test]
+fn redis_in_its_namespace_keeps_keys_and_its_client_connection() {
+    let dir = tmpdir("redis");
+    let net = NetPair::new("r");
+    let mut redis = start_redis(&net, &dir);
+    let addr = format!("{}:6379", net.server_ip);
+
+    // 200,000 keys, pipelined.
+    let loader = NetPair::connect(&net.client, &addr);
+    let mut lr = BufReader::new(loader.try_clone().unwrap());
+    let mut lw = loader;
+    const KEYS: usize = 200_000;
+    for base in (0..KEYS).step_by(10_000) {
+        let mut buf = Vec::new();
+        for i in base..base + 10_000 {
+            buf.extend(cmd(&["SET", &format!("key:{i}"), &format!("value-{i}")]));
+        }
+        lw.write_all(&buf).unwrap();
+        for _ in 0..10_000 {
+            assert_eq!(reply(&mut lr).unwrap(), Reply::Status("OK".into()));
+        }
+    }
+
+    // A client writing continuously over one connection; `acked` is the last write
+    // acknowledged.
+    let acked = Arc::new(AtomicI64::new(-1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let conn = NetPair::connect(&net.client, &addr);
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                w.write_all(&cmd(&["SET", &format!("w:{n}"), &n.to_string()]))
+                    .map_err(|e| format!("write {n}: {e}"))?;
+                match reply(&mut r).map_err(|e| format!("reply to write {n}: {e}"))? {
+                    Reply::Status(s) if s == "OK" => acked.store(n, Ordering::SeqCst),
+                    other => return Err(format!("write {n}: {other:?}")),
+                }
+                n += 1;
+            }
+            Ok(())
+        })
+    };
+    let wait_acked = |at_least: i64| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while acked.load(Ordering::SeqCst) < at_least {
+            assert!(Instant::now() < end, "writes stalled at {acked:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_acked(200);
+
+    let img = dir.join("img");
+    let d = dump_ok(redis.pid, &img);
+    let acked_at_freeze = acked.load(Ordering::SeqCst);
+    redis.child.wait().unwrap();
+    wait_gone(redis.pid);
+    eprintln!(
+        "redis dump: frozen {} ms, {} pages, {} writes acknowledged",
+        d["frozen_ms"], d["pages"], acked_at_freeze
+    );
+    let r = restore_detached(&img, &["--netns", &NetPair::path(&net.server)]);
+    assert_eq!(r["pid"].as_u64().unwrap() as u32, redis.pid);
+    eprintln!("redis restore: {} ms", r["restore_ms"]);
+    // The same connection goes on.
+    wait_acked(acked_at_freeze + 1000);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap().expect("the writer's connection");
+    let last = acked.load(Ordering::SeqCst);
+
+    // Every key loaded and every write acknowledged is there, over the writer's connection.
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut w = conn;
+    let n = check_keys(
+        &mut r,
+        &mut w,
+        (0..KEYS).map(|i| (format!("key:{i}"), format!("value-{i}"))),
+    );
+    let m = check_keys(
+        &mut r,
+        &mut w,
+        (0..=last).map(|i| (format!("w:{i}"), i.to_string())),
+    );
+    w.write_all(&cmd(&["DBSIZE"])).unwrap();
+    assert_eq!(reply(&mut r).unwrap(), Reply::Int((n + m) as i64));
+    kill(redis.pid, "KILL");
+    let _ = std::fs::remove_dir_all(&dir);
+}
