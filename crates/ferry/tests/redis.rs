@@ -205,3 +205,48 @@ fn redis_in_its_namespace_keeps_keys_and_its_client_connection() {
     kill(redis.pid, "KILL");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// redis-benchmark (10 connections from another namespace) runs across a dump and restore of
+/// the server and reports no error.
+#[test]
+fn redis_benchmark_across_dump_and_restore_reports_no_errors() {
+    let dir = tmpdir("redisbench");
+    let net = NetPair::new("b");
+    let mut redis = start_redis(&net, &dir);
+    let log = dir.join("bench.log");
+    let mut b = NetPair::cmd(&net.client, "redis-benchmark");
+    b.args([
+        "-h",
+        &net.server_ip,
+        "-p",
+        "6379",
+        "-c",
+        "10",
+        "-n",
+        "400000",
+    ])
+    .args(["-t", "set,get", "-q"]);
+    let mut bench = start_cmd(b, &log);
+    // Let it run, then move the server underneath it.
+    std::thread::sleep(Duration::from_millis(700));
+    assert!(
+        bench.try_wait().unwrap().is_none(),
+        "benchmark ended too early"
+    );
+    let img = dir.join("img");
+    dump_ok(redis.pid, &img);
+    redis.child.wait().unwrap();
+    wait_gone(redis.pid);
+    restore_detached(&img, &["--netns", &NetPair::path(&net.server)]);
+    let t = Instant::now();
+    let st = bench.wait().unwrap();
+    eprintln!("benchmark finished {:?} after the restore", t.elapsed());
+    let out = std::fs::read_to_string(&log).unwrap();
+    assert!(st.success(), "redis-benchmark failed: {out}");
+    assert!(!out.to_lowercase().contains("error"), "{out}");
+    for t in ["SET", "GET"] {
+        assert!(out.contains(&format!("{t}: ")), "no {t} result: {out}");
+    }
+    kill(redis.pid, "KILL");
+    let _ = std::fs::remove_dir_all(&dir);
+}
