@@ -203,6 +203,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     }
     let threads: usize = collected.iter().map(|c| c.0.threads.len()).sum();
     let pids: Vec<i32> = collected.iter().map(|c| c.0.pid).collect();
+    let ppids: Vec<i32> = collected.iter().map(|c| c.0.ppid).collect();
     let nmaps: usize = collected.iter().map(|c| c.1.len()).sum();
     let mut w = ImageWriter::create(dir)?;
     let tm = Instant::now();
@@ -257,9 +258,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let verify_ms = tv.elapsed().as_secs_f64() * 1e3;
     let left = match (opts.leave, tree.take()) {
         (Leave::Killed, Some(t)) => {
-            for f in t {
-                f.kill();
-            }
+            kill_tree(t, &ppids, &zombies);
             // Closed still in repair mode: the peers hear nothing, and stay blocked until
             // the restore.
             net.keep_blocked();
@@ -323,5 +322,26 @@ impl NetGuard {
 impl Drop for NetGuard {
     fn drop(&mut self) {
         self.release();
+    }
+}
+
+/// Kill a frozen tree, children first, each reaped by its own (still frozen) parent through an
+/// injected wait4, as are the tree's zombies: their PIDs are free at once for a restore, even
+/// where nobody would reap orphans. The root is left to its own parent.
+fn kill_tree(mut tree: Vec<Frozen>, ppids: &[i32], zombies: &[ZombieImage]) {
+    const WALL: u64 = libc::__WALL as u64;
+    for z in zombies {
+        if let Some(p) = tree.iter_mut().find(|f| f.pid() == z.ppid) {
+            let pp = p.pid();
+            let _ = p.inject_syscall(pp, libc::SYS_wait4, [z.pid as u64, 0, WALL, 0, 0, 0]);
+        }
+    }
+    while let Some(child) = tree.pop() {
+        let (pid, ppid) = (child.pid(), ppids.get(tree.len()).copied().unwrap_or(0));
+        child.kill_and_release();
+        if let Some(p) = tree.iter_mut().find(|f| f.pid() == ppid) {
+            let pp = p.pid();
+            let _ = p.inject_syscall(pp, libc::SYS_wait4, [pid as u64, 0, WALL, 0, 0, 0]);
+        }
     }
 }

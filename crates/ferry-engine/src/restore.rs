@@ -202,11 +202,21 @@ fn fork_child(parent: &mut Target, pid: i32) -> Result<i32> {
         args.extend_from_slice(&v.to_le_bytes());
     }
     let at = parent.put(3072, &args)?;
-    let got = parent.sys(
-        &format!("clone3 of child {pid}"),
-        libc::SYS_clone3,
-        [at, args.len() as u64, 0, 0, 0, 0],
-    )?;
+    let got = parent
+        .sys(
+            &format!("clone3 of child {pid}"),
+            libc::SYS_clone3,
+            [at, args.len() as u64, 0, 0, 0, 0],
+        )
+        .map_err(|e| match e {
+            EngineError::Failed(m) if m.contains("os error 17") => EngineError::Failed(format!(
+                "PID {pid} is taken by another process (or a zombie not reaped yet): {}",
+                procfs::read_status(pid)
+                    .map(|s| format!("{} in state {}", s.name, s.state))
+                    .unwrap_or_else(|_| "gone now".into())
+            )),
+            e => e,
+        })?;
     if got != pid as u64 {
         return Err(EngineError::Failed(format!(
             "child {pid} was created as {got}"

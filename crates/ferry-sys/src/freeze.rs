@@ -184,6 +184,25 @@ impl Frozen {
         self.threads.clear();
     }
 
+    /// Kill the process and collect every thread's exit as its tracer, so that the process
+    /// is left a zombie for its real parent to reap.
+    pub fn kill_and_release(mut self) {
+        // SAFETY: kill(2) has no memory effects.
+        unsafe {
+            libc::kill(self.pid, libc::SIGKILL);
+        }
+        // The leader's exit is reported only once every other thread is collected.
+        let pid = self.pid;
+        self.threads.sort_by_key(|t| t.tid == pid);
+        for t in self.threads.drain(..) {
+            let mut st = 0;
+            // SAFETY: waitpid writes only `st`. ECHILD (already collected) is fine.
+            unsafe {
+                libc::waitpid(t.tid, &mut st, libc::__WALL);
+            }
+        }
+    }
+
     /// Run one syscall in the context of thread `tid` and return its raw result (a negative
     /// errno on failure). The thread's registers are restored afterwards.
     pub fn inject_syscall(&mut self, tid: i32, nr: i64, args: [u64; 6]) -> Result<i64> {

@@ -132,3 +132,148 @@ fn epoll_timerfd_signalfd_and_inotify_survive() {
     assert!(!s.contains("FAIL"), "{s}");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn free_port(seed: u16) -> u16 {
+    (30000 + (std::process::id() as u16 % 10000) + seed * 7) % 60000 + 1024
+}
+
+/// Wait for a TCP port to accept connections.
+fn wait_port(port: u16) {
+    let end = std::time::Instant::now() + Duration::from_secs(20);
+    while TcpStream::connect(("127.0.0.1", port)).is_err() {
+        assert!(std::time::Instant::now() < end, "port {port} never opened");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn http_get(port: u16, path: &str) -> (BufReader<TcpStream>, usize) {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    c.set_read_timeout(Some(Duration::from_secs(30))).unwrap();
+    write!(c, "GET {path} HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+    let mut r = BufReader::new(c);
+    let mut len = 0;
+    loop {
+        let l = read_line(&mut r);
+        if l.is_empty() {
+            break;
+        }
+        if let Some(v) = l.to_ascii_lowercase().strip_prefix("content-length:") {
+            len = v.trim().parse().unwrap();
+        }
+        if l.starts_with("HTTP/") {
+            assert!(l.contains(" 200 "), "{l}");
+        }
+    }
+    (r, len)
+}
+
+/// `python3 -m http.server` in the middle of a long download is dumped, killed and restored:
+/// the download continues on the same connection and its bytes match the file.
+#[test]
+fn python_http_server_download_continues_across_restore() {
+    let dir = tmpdir("http");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    let data: Vec<u8> = (0..48u32 << 20)
+        .map(|i| (i.wrapping_mul(2654435761) >> 24) as u8)
+        .collect();
+    std::fs::write(www.join("big.bin"), &data).unwrap();
+    let port = free_port(1);
+    let mut cmd = Command::new("python3");
+    cmd.args([
+        "-m",
+        "http.server",
+        &port.to_string(),
+        "--bind",
+        "127.0.0.1",
+    ])
+    .arg("--directory")
+    .arg(&www);
+    let out = dir.join("out.txt");
+    let mut child = start_cmd(cmd, &out);
+    let pid = child.id();
+    wait_port(port);
+    let (mut r, len) = http_get(port, "/big.bin");
+    assert_eq!(len, data.len());
+    let mut got = vec![0u8; len];
+    // Read a part, then stop reading: the server blocks with the rest unsent.
+    r.read_exact(&mut got[..4 << 20]).unwrap();
+    std::thread::sleep(Duration::from_millis(300));
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    wait_gone(pid);
+    restore_detached(&img, &[]);
+    r.read_exact(&mut got[4 << 20..])
+        .expect("the rest of the download");
+    assert!(got == data, "the downloaded bytes differ from the file");
+    // And it serves new requests.
+    let (mut r2, len2) = http_get(port, "/big.bin");
+    let mut again = vec![0u8; len2];
+    r2.read_exact(&mut again).unwrap();
+    assert!(again == data);
+    kill(pid, "KILL");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// nginx, a master with two workers sharing one listening socket (and socketpair channels
+/// between them), keeps serving after a dump and restore of the whole tree.
+#[test]
+fn nginx_master_and_workers_keep_serving() {
+    let dir = tmpdir("nginx");
+    let www = dir.join("www");
+    std::fs::create_dir_all(&www).unwrap();
+    std::fs::write(www.join("index.html"), b"hello from nginx\n").unwrap();
+    let port = free_port(2);
+    let conf = dir.join("nginx.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "worker_processes 2;\ndaemon off;\nmaster_process on;\npid {d}/nginx.pid;\n\
+             error_log {d}/error.log;\nevents {{ worker_connections 64; }}\n\
+             http {{ access_log {d}/access.log; client_body_temp_path {d}; proxy_temp_path {d};\n\
+             server {{ listen 127.0.0.1:{port}; root {w}; }} }}\n",
+            d = dir.display(),
+            w = www.display()
+        ),
+    )
+    .unwrap();
+    let mut cmd = Command::new("nginx");
+    cmd.arg("-c").arg(&conf).args(["-p"]).arg(&dir);
+    let out = dir.join("out.txt");
+    let mut child = start_cmd(cmd, &out);
+    let pid = child.id();
+    wait_port(port);
+    let get = || {
+        let (mut r, len) = http_get(port, "/index.html");
+        let mut b = String::new();
+        r.read_to_string(&mut b).unwrap();
+        assert_eq!((len, b.as_str()), (17, "hello from nginx\n"));
+    };
+    for _ in 0..4 {
+        get();
+    }
+    let img = dir.join("img");
+    let d = dump_ok(pid, &img);
+    assert_eq!(d["processes"], 3, "master and two workers");
+    child.wait().unwrap();
+    wait_gone(pid);
+    let r = restore_detached(&img, &[]);
+    assert_eq!(r["processes"], 3);
+    for _ in 0..20 {
+        get();
+    }
+    // Both workers are still there, children of the master.
+    let kids = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children")).unwrap();
+    assert_eq!(kids.split_whitespace().count(), 2, "workers: {kids}");
+    kill(pid, "QUIT");
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    while alive(pid) && std::time::Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert!(
+        !alive(pid),
+        "nginx did not quit on SIGQUIT after the restore"
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}
