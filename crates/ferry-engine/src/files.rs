@@ -132,12 +132,18 @@ pub fn dump(
             continue;
         }
         if !path.starts_with('/') {
-            let kind = path
-                .split(':')
-                .next()
-                .unwrap_or("an unknown object")
-                .to_string();
-            return Err(unsupported(&format!("a {kind}")));
+            let kind = match path.as_str() {
+                "anon_inode:[io_uring]" => "an io_uring instance".to_string(),
+                "anon_inode:[pidfd]" => "a pidfd".to_string(),
+                "anon_inode:[fanotify]" => "a fanotify instance".to_string(),
+                "anon_inode:[perf_event]" => "a perf event".to_string(),
+                "anon_inode:bpf-map" | "anon_inode:bpf-prog" => "a BPF object".to_string(),
+                p => format!(
+                    "an object of kind {}",
+                    p.split(':').next().unwrap_or("unknown")
+                ),
+            };
+            return Err(unsupported(&kind));
         }
         if crate::ghost::is_ghost(&path) {
             img.ghost = Some(crate::ghost::dump(
@@ -153,6 +159,20 @@ pub fn dump(
             .map_err(|e| EngineError::Failed(format!("process {pid} fd {fd}: {path}: {e}")))?;
         let ft = meta.file_type();
         use std::os::unix::fs::FileTypeExt;
+        // A terminal cannot be reopened as it was: its controlling-terminal role, its line
+        // settings and its other end belong to someone else.
+        if ft.is_char_device()
+            && (path.starts_with("/dev/pts/")
+                || path == "/dev/ptmx"
+                || path == "/dev/tty"
+                || path.starts_with("/dev/tty")
+                || path.starts_with("/dev/console"))
+        {
+            return Err(unsupported(
+                "a terminal; run the workload with its standard streams redirected (for \
+                 example under nohup or setsid with files or pipes) to move it",
+            ));
+        }
         if !(ft.is_file() || ft.is_dir() || ft.is_char_device()) {
             return Err(unsupported(
                 "neither a regular file, a directory nor a character device",

@@ -277,3 +277,131 @@ fn nginx_master_and_workers_keep_serving() {
     );
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+fn python(code: &str, out: &std::path::Path) -> std::process::Child {
+    let mut c = Command::new("python3");
+    c.args(["-c", code]);
+    let child = start_cmd(c, out);
+    wait_for(out, "ready");
+    child
+}
+
+fn dump_err(pid: u32, img: &std::path::Path) -> String {
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(d.status.code(), Some(2), "dump should fail");
+    assert!(
+        !img.join("meta.fimg").exists(),
+        "a failed dump left an image"
+    );
+    String::from_utf8_lossy(&d.stderr).to_string()
+}
+
+fn running(pid: u32) -> bool {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    let state = s.rsplit_once(") ").map(|(_, r)| r.chars().next()).flatten();
+    matches!(state, Some('S') | Some('R'))
+}
+
+/// Unsupported objects stop the dump with an error naming the process, fd and type; the
+/// process runs on untouched and its traffic is not left blocked. A restore whose address
+/// cannot be bound fails clearly and leaves nothing running.
+#[test]
+fn unsupported_sockets_and_unbindable_addresses_fail_clearly() {
+    let dir = tmpdir("netbad");
+    let port = free_port(3);
+    // A TCP listener (blocked during the dump) and then a netlink socket (refused).
+    let out = dir.join("netlink.txt");
+    let code = format!(
+        "import socket,time\nl=socket.socket(); l.bind(('127.0.0.1',{port})); l.listen()\n\
+         n=socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, 0)\nprint('ready', n.fileno(), flush=True)\n\
+         while True:\n  c,_=l.accept(); c.sendall(b'hi'); c.close()\n"
+    );
+    let mut p = python(&code, &out);
+    let nfd: String = wait_for(&out, "ready")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .to_string();
+    let e = dump_err(p.id(), &dir.join("img1"));
+    assert!(
+        e.contains(&format!("process {}", p.id()))
+            && e.contains(&format!("fd {nfd}"))
+            && e.contains("netlink"),
+        "{e}"
+    );
+    assert!(running(p.id()));
+    let tables = Command::new("nft")
+        .args(["list", "tables"])
+        .output()
+        .unwrap();
+    assert!(!String::from_utf8_lossy(&tables.stdout).contains(&format!("ferry_{}", p.id())));
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let mut hi = String::new();
+    c.read_to_string(&mut hi).unwrap();
+    assert_eq!(hi, "hi", "the listener works after the failed dump");
+    p.kill().unwrap();
+    p.wait().unwrap();
+
+    // A Unix socket connected to a listener outside the tree.
+    let path = dir.join("outside.sock");
+    let l = std::os::unix::net::UnixListener::bind(&path).unwrap();
+    let out = dir.join("unix.txt");
+    let code = format!(
+        "import socket,time\ns=socket.socket(socket.AF_UNIX); s.connect('{}')\nprint('ready', flush=True)\ntime.sleep(100)\n",
+        path.display()
+    );
+    let mut p = python(&code, &out);
+    let _accepted = l.accept().unwrap();
+    let e = dump_err(p.id(), &dir.join("img2"));
+    assert!(e.contains("outside the dumped tree"), "{e}");
+    assert!(running(p.id()));
+    p.kill().unwrap();
+    p.wait().unwrap();
+
+    // A terminal.
+    let out = dir.join("pty.txt");
+    let mut p = python(
+        "import os,time\nm,s=os.openpty()\nprint('ready', flush=True)\ntime.sleep(100)\n",
+        &out,
+    );
+    let e = dump_err(p.id(), &dir.join("img3"));
+    assert!(e.contains("a terminal"), "{e}");
+    assert!(running(p.id()));
+    p.kill().unwrap();
+    p.wait().unwrap();
+
+    // A listener on an address of another namespace: restored outside it, bind fails.
+    let net = NetPair::new("x");
+    let out = dir.join("ns.txt");
+    let mut c = NetPair::cmd(&net.server, "python3");
+    c.args([
+        "-c",
+        &format!(
+            "import socket,time\nl=socket.socket(); l.bind(('{}',{port})); l.listen()\nprint('ready', flush=True)\ntime.sleep(100)\n",
+            net.server_ip
+        ),
+    ]);
+    let mut p = start_cmd(c, &out);
+    wait_for(&out, "ready");
+    let pid = p.id();
+    let img = dir.join("img4");
+    dump_ok(pid, &img);
+    p.wait().unwrap();
+    wait_gone(pid);
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert_eq!(r.status.code(), Some(2));
+    let e = String::from_utf8_lossy(&r.stderr);
+    assert!(e.contains(&net.server_ip) && e.contains("bind"), "{e}");
+    assert!(!alive(pid), "a failed restore left process {pid}");
+    // In its namespace it comes back.
+    restore_detached(&img, &["--netns", &NetPair::path(&net.server)]);
+    assert!(running(pid));
+    kill(pid, "KILL");
+    let _ = std::fs::remove_dir_all(&dir);
+}
