@@ -106,6 +106,7 @@ fn collect(
         ghosts,
         attrs,
         sockets,
+        namespaces: Default::default(),
     };
     Ok((img, maps))
 }
@@ -201,6 +202,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     for f in tree.iter_mut() {
         collected.push(collect(f, &mut pipes_seen, &mut net.st, &tree_pids)?);
     }
+    crate::namespaces::check_tree(&tree_pids)?;
+    collected[0].0.namespaces = crate::namespaces::dump(pid)?;
     let threads: usize = collected.iter().map(|c| c.0.threads.len()).sum();
     let pids: Vec<i32> = collected.iter().map(|c| c.0.pid).collect();
     let ppids: Vec<i32> = collected.iter().map(|c| c.0.ppid).collect();

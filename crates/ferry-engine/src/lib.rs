@@ -15,6 +15,7 @@ pub mod ghost;
 pub mod hexcodec;
 pub mod memory;
 pub mod mm;
+pub mod namespaces;
 pub mod netblock;
 pub mod regs;
 pub mod schema;

@@ -81,7 +81,15 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         imgs.iter().flat_map(|i| i.sockets.iter()).collect();
     let mut built = crate::sockets::Built::default();
     for s in &all_socks {
-        crate::sockets::build(&mut built, s, &all_socks)?;
+        crate::sockets::build(&mut built, s, &all_socks).map_err(|e| {
+            match (&imgs[0].namespaces.net, &opts.netns) {
+                (Some(_), None) => EngineError::Failed(format!(
+                    "{e} (the tree lived in a network namespace of its own: restore it into \
+                     one that holds its addresses with --netns)"
+                )),
+                _ => e,
+            }
+        })?;
     }
     let stub = spawn_stub(Some(root))?;
     let mut targets: Vec<Target> = Vec::new();
@@ -97,6 +105,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
             .flat_map(|i| i.mappings.iter().cloned())
             .collect();
         prepare(&mut targets[0], &all)?;
+        crate::namespaces::restore(&mut targets[0], &imgs[0].namespaces)?;
         crate::attrs::restore_session(&mut targets[0], root, &imgs[0].attrs)?;
         // The stub tree: each child is forked by its parent's stub, so parentage is right.
         for img in &imgs[1..] {

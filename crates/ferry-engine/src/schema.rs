@@ -47,6 +47,9 @@ pub struct ProcessImage {
     /// Sockets first held by this process (others of the tree refer to them by inode).
     #[serde(default)]
     pub sockets: Vec<crate::sockets::SocketImage>,
+    /// Namespaces of its own (the root of the tree only).
+    #[serde(default)]
+    pub namespaces: crate::namespaces::Namespaces,
 }
 
 /// A POSIX timer (timer_create), restored with its ID.

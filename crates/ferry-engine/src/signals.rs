@@ -258,9 +258,13 @@ pub fn dump_process(frozen: &mut Frozen) -> Result<(Vec<String>, Vec<[i64; 4]>)>
     Ok((shared, timers))
 }
 
-/// Alternate stack of one thread.
+/// Alternate stack of one thread. A thread that had none gets it disabled explicitly: the
+/// stub inherited Ferry's own, which points to memory that is gone now, and a handler with
+/// SA_ONSTACK would fault setting up its frame there.
 pub fn restore_thread(t: &mut Target, th: &ThreadImage) -> Result<()> {
-    if let Some((sp, flags, size)) = th.sigaltstack {
+    let ss = th.sigaltstack.unwrap_or((0, libc::SS_DISABLE as u32, 0));
+    {
+        let (sp, flags, size) = ss;
         let mut b = Vec::new();
         b.extend_from_slice(&sp.to_le_bytes());
         b.extend_from_slice(&(flags as u64).to_le_bytes());

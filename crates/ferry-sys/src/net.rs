@@ -438,6 +438,23 @@ pub fn set_status_flags(fd: &OwnedFd, flags: i32) -> Result<()> {
     Ok(())
 }
 
+/// Run `f` on a thread that entered the namespace at `path` (of kind `nstype`, a CLONE_NEW*
+/// flag): reads of /proc/sys there see that namespace.
+pub fn in_ns<R: Send>(path: &str, nstype: i32, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let fd =
+                std::fs::File::open(path).map_err(|e| Error::io(format!("opening {path}"), e))?;
+            // SAFETY: setns takes an fd and a flag; it changes only this thread's namespaces.
+            let rc = unsafe { libc::setns(fd.as_raw_fd(), nstype) };
+            check(rc as libc::c_long, || format!("entering namespace {path}"))?;
+            f()
+        })
+        .join()
+        .unwrap_or_else(|_| Err(Error::Parse("a namespace worker thread panicked".into())))
+    })
+}
+
 /// Run `f` on a thread inside the network namespace at `netns` (None: ours), so that the
 /// sockets it creates or the netlink dumps it makes belong there.
 pub fn in_netns<R: Send>(netns: Option<&str>, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {

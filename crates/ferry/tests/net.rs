@@ -405,3 +405,59 @@ fn unsupported_sockets_and_unbindable_addresses_fail_clearly() {
     kill(pid, "KILL");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// UDP over IPv6 (bound, and connected), a seqpacket pair with messages queued, and the UTS
+/// and IPC namespaces the tree made (with its host name) survive.
+#[test]
+fn udp6_seqpacket_and_uts_namespace_survive() {
+    let dir = tmpdir("udp6");
+    let port = free_port(4);
+    let code = format!(
+        r#"import socket, signal, time
+P = {port}
+u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u6.bind(('::1', P))
+u6c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u6c.connect(('::1', P))
+a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+a.send(b'one'); a.send(b'two-two')
+def check(*_):
+    try:
+        assert b.recv(100) == b'one', 'first message'
+        assert b.recv(100) == b'two-two', 'second message'
+        u6c.send(b'six')
+        assert u6.recv(10) == b'six', 'udp6'
+        assert u6c.getpeername()[:2] == ('::1', P), 'udp6 peer'
+        assert socket.gethostname() == 'ferry-uts', 'host name'
+        print('PASS', flush=True)
+    except Exception as e:
+        print('FAIL', repr(e), flush=True)
+signal.signal(signal.SIGUSR1, check)
+print('ready', flush=True)
+while True:
+    time.sleep(1)
+"#
+    );
+    let mut c = Command::new("unshare");
+    c.args(["--uts", "--ipc", "--", "sh", "-c"])
+        .arg("hostname ferry-uts && exec python3 -c \"$0\"")
+        .arg(&code);
+    let out = dir.join("out.txt");
+    let mut p = start_cmd(c, &out);
+    wait_for(&out, "ready");
+    let pid = p.id();
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    p.wait().unwrap();
+    wait_gone(pid);
+    restore_detached(&img, &[]);
+    let uts = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/uts")).unwrap();
+    assert_ne!(
+        uts(&pid.to_string()),
+        uts("self"),
+        "no UTS namespace of its own"
+    );
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    kill(pid, "KILL");
+    let _ = std::fs::remove_dir_all(&dir);
+}
