@@ -304,7 +304,7 @@ fn dump_err(pid: u32, img: &std::path::Path) -> String {
 
 fn running(pid: u32) -> bool {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    let state = s.rsplit_once(") ").map(|(_, r)| r.chars().next()).flatten();
+    let state = s.rsplit_once(") ").and_then(|(_, r)| r.chars().next());
     matches!(state, Some('S') | Some('R'))
 }
 
