@@ -9,6 +9,7 @@ pub mod mem;
 pub mod net;
 pub mod procfs;
 pub mod spawn;
+pub mod uffd;
 
 pub use error::{Error, Result};
 pub use freeze::{Frozen, FrozenThread, Regs};
