@@ -580,3 +580,10 @@ fn avx512_registers_survive_in_a_busy_loop() {
 fn eventfds_survive() {
     fixture_survives("evfd");
 }
+
+/// Regular files: an O_APPEND fd whose offset was moved back (appends still go to the end), a
+/// read-write fd with its offset and a dup sharing it, a read-only close-on-exec fd.
+#[test]
+fn file_offsets_and_appends_survive() {
+    fixture_survives("files");
+}
