@@ -587,3 +587,10 @@ fn eventfds_survive() {
 fn file_offsets_and_appends_survive() {
     fixture_survives("files");
 }
+
+/// Children with a parent-death signal, one of them with dropped credentials (which clear the
+/// setting when they change): both still have it, under the same parent.
+#[test]
+fn parent_death_signals_of_children_survive() {
+    fixture_survives("pdeath");
+}
