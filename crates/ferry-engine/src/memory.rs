@@ -59,6 +59,12 @@ pub fn dump(
     ghosts: &mut Vec<crate::schema::GhostFile>,
 ) -> Result<(Vec<MappingImage>, u64)> {
     let mut out = Vec::new();
+    let smaps = procfs::read_smaps(pid)?;
+    let hugetlb = |m: &Mapping| {
+        smaps
+            .iter()
+            .any(|s| s.start == m.start && s.vm_flags.iter().any(|f| f == "ht"))
+    };
     for m in maps {
         let kind = kind_of(m);
         let (path, deleted) = match &m.kind {
@@ -69,7 +75,8 @@ pub fn dump(
             _ => (None, false),
         };
         let mut ghost = None;
-        if kind == MapKind::File && deleted {
+        // hugetlbfs memory shows as an unlinked file; its pages travel like anonymous memory.
+        if kind == MapKind::File && deleted && !hugetlb(m) {
             let shown = format!("{} (deleted)", path.clone().unwrap_or_default());
             let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
             ghost = Some(crate::ghost::dump(pid, &link, &shown, ghosts)?);
@@ -96,8 +103,12 @@ pub fn dump(
             pages_saved: 0,
             shmem: (kind == MapKind::SharedAnon).then_some(m.inode),
             ghost,
+            advice: Vec::new(),
+            thp_kb: 0,
+            huge_page_kb: 0,
         });
     }
+    add_smaps(pid, &smaps, maps, &mut out)?;
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(3);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..4 {
@@ -130,9 +141,93 @@ pub fn dump(
     Ok((out, total))
 }
 
+/// madvise(2) advice that the kernel shows in smaps VmFlags: (code, name in the image, advice).
+const ADVICE: [(&str, &str, i32); 6] = [
+    ("dc", "dontfork", libc::MADV_DONTFORK),
+    ("wf", "wipeonfork", libc::MADV_WIPEONFORK),
+    ("hg", "hugepage", libc::MADV_HUGEPAGE),
+    ("nh", "nohugepage", libc::MADV_NOHUGEPAGE),
+    ("dd", "dontdump", libc::MADV_DONTDUMP),
+    ("mg", "mergeable", libc::MADV_MERGEABLE),
+];
+
+fn kernel_area(k: MapKind) -> bool {
+    matches!(
+        k,
+        MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall
+    )
+}
+
+/// Advice, transparent huge pages and hugetlbfs memory, from /proc/PID/smaps.
+fn add_smaps(
+    pid: i32,
+    smaps: &[procfs::SmapsEntry],
+    maps: &[Mapping],
+    out: &mut [MappingImage],
+) -> Result<()> {
+    for (m, img) in maps.iter().zip(out.iter_mut()) {
+        let Some(s) = smaps.iter().find(|s| s.start == m.start && s.end == m.end) else {
+            return Err(EngineError::Failed(format!(
+                "process {pid}: mapping {:#x}-{:#x} is not in its smaps",
+                m.start, m.end
+            )));
+        };
+        img.thp_kb = s.anon_huge_kb;
+        if s.vm_flags.iter().any(|f| f == "ht") {
+            let anon = matches!(&m.kind, ferry_sys::MapKind::File { path, deleted: true }
+                if path.as_os_str() == "/anon_hugepage");
+            if m.shared || !anon {
+                return Err(EngineError::Unsupported {
+                    pid,
+                    what: format!(
+                        "mapping {:#x}-{:#x} ({}) is {} hugetlbfs memory, which this version \
+                         cannot dump (only private MAP_HUGETLB memory)",
+                        m.start,
+                        m.end,
+                        m.name(),
+                        if m.shared { "shared" } else { "file-backed" }
+                    ),
+                });
+            }
+            img.kind = MapKind::Hugetlb;
+            img.path = None;
+            img.file_size = None;
+            img.file_mtime = None;
+            img.huge_page_kb = s.kernel_page_kb;
+        }
+        if kernel_area(img.kind) {
+            continue;
+        }
+        img.advice = ADVICE
+            .iter()
+            .filter(|(code, _, _)| s.vm_flags.iter().any(|f| f == code))
+            .map(|(_, name, _)| name.to_string())
+            .collect();
+    }
+    Ok(())
+}
+
+/// Re-apply the saved advice to a recreated mapping.
+fn advise(t: &mut Target, m: &MappingImage) -> Result<()> {
+    for a in &m.advice {
+        let Some(&(_, _, adv)) = ADVICE.iter().find(|(_, name, _)| name == a) else {
+            return Err(EngineError::Failed(format!(
+                "mapping {:#x}-{:#x}: unknown madvise advice {a:?} in the image",
+                m.start, m.end
+            )));
+        };
+        t.sys(
+            &format!("madvise({a}) of mapping {:#x}-{:#x}", m.start, m.end),
+            libc::SYS_madvise,
+            [m.start, m.end - m.start, adv as u64, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
 fn saves_pages(img: &MappingImage) -> bool {
     match img.kind {
-        MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall => false,
+        k if kernel_area(k) => false,
         // Writes to a shared file mapping are in the file already.
         MapKind::File if img.shared => false,
         _ => true,
@@ -331,6 +426,27 @@ pub fn restore_layout(
         let fixed = libc::MAP_FIXED as u64;
         match m.kind {
             MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall => continue,
+            MapKind::Hugetlb => {
+                let size = m.huge_page_kb.max(4) * 1024;
+                if !size.is_power_of_two() {
+                    return Err(EngineError::Failed(format!(
+                        "mapping {:#x}-{:#x}: odd huge page size {} KiB",
+                        m.start, m.end, m.huge_page_kb
+                    )));
+                }
+                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB) as u64
+                    | fixed
+                    | ((size.trailing_zeros() as u64) << libc::MAP_HUGE_SHIFT);
+                t.sys(
+                    &format!(
+                        "mmap of hugetlb memory {:#x}-{:#x} ({} KiB pages; are there enough \
+                         free huge pages, /proc/sys/vm/nr_hugepages?)",
+                        m.start, m.end, m.huge_page_kb
+                    ),
+                    libc::SYS_mmap,
+                    [m.start, len, prot(m), flags, u64::MAX, 0],
+                )?;
+            }
             MapKind::Anon | MapKind::Heap | MapKind::Stack => {
                 let mut flags = libc::MAP_PRIVATE as u64 | libc::MAP_ANONYMOUS as u64 | fixed;
                 if m.kind == MapKind::Stack {
@@ -433,6 +549,8 @@ pub fn restore_layout(
                 r?;
             }
         }
+        // Before the pages are written: with `hugepage` they fault in as huge pages.
+        advise(t, m)?;
     }
     Ok(())
 }

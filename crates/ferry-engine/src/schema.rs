@@ -128,6 +128,8 @@ pub enum MapKind {
     Vvar,
     VvarVclock,
     Vsyscall,
+    /// Private anonymous hugetlbfs memory (MAP_HUGETLB): recreated with the same page size.
+    Hugetlb,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -152,6 +154,16 @@ pub struct MappingImage {
     /// For a mapping of an unlinked file or memfd: its inode in `ProcessImage::ghosts`.
     #[serde(default)]
     pub ghost: Option<u64>,
+    /// madvise(2) advice in effect (from the smaps VmFlags), re-applied at restore:
+    /// `dontfork`, `wipeonfork`, `hugepage`, `nohugepage`, `dontdump`, `mergeable`.
+    #[serde(default)]
+    pub advice: Vec<String>,
+    /// Transparent huge pages in the mapping when dumped (smaps AnonHugePages), KiB.
+    #[serde(default)]
+    pub thp_kb: u64,
+    /// For `Hugetlb`: the size of its huge pages, KiB.
+    #[serde(default)]
+    pub huge_page_kb: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]

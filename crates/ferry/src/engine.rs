@@ -169,7 +169,7 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
         println!("  mappings:");
         for m in &p.mappings {
             println!(
-                "    {:#014x}-{:#014x} {}{}{}{} {:<11} {:>7} pages saved  {}",
+                "    {:#014x}-{:#014x} {}{}{}{} {:<11} {:>7} pages saved  {}{}",
                 m.start,
                 m.end,
                 if m.read { 'r' } else { '-' },
@@ -178,7 +178,12 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
                 if m.shared { 's' } else { 'p' },
                 format!("{:?}", m.kind).to_lowercase(),
                 m.pages_saved,
-                m.path.as_deref().unwrap_or("")
+                m.path.as_deref().unwrap_or(""),
+                if m.advice.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", m.advice.join(","))
+                }
             );
         }
         println!("  fds:");

@@ -594,3 +594,131 @@ fn file_offsets_and_appends_survive() {
 fn parent_death_signals_of_children_survive() {
     fixture_survives("pdeath");
 }
+
+/// madvise advice (DONTFORK, WIPEONFORK, HUGEPAGE, NOHUGEPAGE, DONTDUMP, MERGEABLE) is back in
+/// the VmFlags and acts on fork; the HUGEPAGE region's transparent huge pages are reported.
+#[test]
+fn madvise_advice_survives() {
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("madv", "madv");
+    let pid = child.id();
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    let show: serde_json::Value =
+        serde_json::from_slice(&ferry(&["image", "show", img.to_str().unwrap(), "--json"]).stdout)
+            .unwrap();
+    let advice: Vec<String> = show["processes"][0]["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["advice"].as_array().cloned().unwrap_or_default())
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    for a in [
+        "dontfork",
+        "wipeonfork",
+        "hugepage",
+        "nohugepage",
+        "dontdump",
+    ] {
+        assert!(
+            advice.iter().any(|x| x == a),
+            "{a} not recorded: {advice:?}"
+        );
+    }
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    eprintln!("{}", s.lines().find(|l| l.starts_with("thp")).unwrap_or(""));
+}
+
+/// Sets a sysctl for the time of a test and puts the old value back, even on failure.
+struct Sysctl {
+    path: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> std::io::Result<Sysctl> {
+        let old = std::fs::read_to_string(path)?;
+        std::fs::write(path, value)?;
+        Ok(Sysctl { path, old })
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.old.trim());
+    }
+}
+
+/// Private MAP_HUGETLB memory comes back as hugetlb memory with its data; shared hugetlb
+/// memory is refused at dump with an error naming the process and the mapping, and the
+/// process runs on.
+#[test]
+fn hugetlb_memory_survives_and_shared_hugetlb_is_refused() {
+    let _pages = match Sysctl::set("/proc/sys/vm/nr_hugepages", "64") {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot reserve huge pages ({e}): the test checks nothing here");
+            return;
+        }
+    };
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("HugePages_Free:")
+                .map(|v| v.trim().parse::<u64>())
+        })
+        .and_then(|v| v.ok())
+        .unwrap_or(0);
+    if free < 4 {
+        eprintln!("only {free} free huge pages: the test checks nothing here");
+        return;
+    }
+    fixture_survives("hugetlb");
+
+    let dir = tmpdir("hugetlb-shared");
+    let bin = dir.join("hugetlb-shared");
+    let st = Command::new("musl-gcc")
+        .args(["-static", "-O2", "-DSHARED", "-o"])
+        .arg(&bin)
+        .arg(format!("{FIXTURES}/hugetlb.c"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = dir.join("out.txt");
+    let mut child = start(&bin, &out);
+    let text = wait_for(&out, "ready");
+    let addr = text.trim().trim_start_matches("ready 0x").to_string();
+    let img = dir.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &child.id().to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(d.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(
+        err.contains(&format!("process {}", child.id()))
+            && err.contains(&addr)
+            && err.contains("shared hugetlbfs"),
+        "{err}"
+    );
+    assert!(!img.exists(), "no image left behind");
+    assert!(alive(child.id()), "the process runs on");
+    kill(child.id(), "USR1");
+    assert!(child.wait().unwrap().success());
+    assert!(wait_for(&out, "PASS").contains("PASS"));
+}
