@@ -54,7 +54,7 @@ fn children(pid: i32) -> Vec<i32> {
 /// Everything but memory, for one frozen process.
 fn collect(
     frozen: &mut Frozen,
-    pipes_seen: &mut Vec<(u64, i32, i32)>,
+    seen: &mut files::Seen,
     socks: &mut crate::sockets::DumpState,
     tree: &[i32],
 ) -> Result<(ProcessImage, Vec<procfs::Mapping>)> {
@@ -79,7 +79,7 @@ fn collect(
         .unwrap_or(0o022);
     let ppid = field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut ghosts = Vec::new();
-    let (fds, pipes, sockets) = files::dump(pid, pipes_seen, &mut ghosts, socks, tree)?;
+    let (fds, pipes, fifos, sockets) = files::dump(pid, seen, &mut ghosts, socks, tree)?;
     let mm = mm::dump(pid, frozen)?;
     let sigactions = signals::dump(frozen)?;
     let attrs = crate::attrs::dump(frozen)?;
@@ -100,6 +100,7 @@ fn collect(
         cwd,
         umask,
         pipes,
+        fifos,
         shared_pending,
         itimers,
         posix_timers,
@@ -196,10 +197,10 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     };
     crate::sockets::plan_blocks(&mut net.st, &tree_pids)?;
     crate::netblock::apply(&mut net.st.blocks, &net.table)?;
-    let mut pipes_seen = Vec::new();
+    let mut seen = files::Seen::default();
     let mut collected = Vec::new();
     for f in tree.iter_mut() {
-        collected.push(collect(f, &mut pipes_seen, &mut net.st, &tree_pids)?);
+        collected.push(collect(f, &mut seen, &mut net.st, &tree_pids)?);
     }
     let threads: usize = collected.iter().map(|c| c.0.threads.len()).sum();
     let pids: Vec<i32> = collected.iter().map(|c| c.0.pid).collect();

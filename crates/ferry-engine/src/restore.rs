@@ -353,7 +353,7 @@ fn build(
     let budget = img.mappings.iter().map(|m| m.pages_saved).sum();
     let pages = memory::restore_pages(t.pid, r, budget)?;
     mm::restore(t, &img.mm, &img.exe)?;
-    files::restore(t, &img.fds, &img.pipes, &ghosts, built)?;
+    files::restore(t, &img.fds, &img.pipes, &img.fifos, &ghosts, built)?;
     let cwd = t.put_path(&img.cwd)?;
     t.sys(
         &format!("chdir to {}", img.cwd),

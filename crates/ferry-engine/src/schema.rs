@@ -31,6 +31,10 @@ pub struct ProcessImage {
     pub umask: u32,
     #[serde(default)]
     pub pipes: Vec<PipeImage>,
+    /// FIFOs (named pipes) first held by this process in the tree, with their buffered bytes;
+    /// `inode` is the FIFO's inode on its file system.
+    #[serde(default)]
+    pub fifos: Vec<PipeImage>,
     /// Signals pending for the whole process: raw siginfo, hex, in queue order.
     #[serde(default)]
     pub shared_pending: Vec<String>,
@@ -200,6 +204,10 @@ pub struct FdImage {
     /// For an unlinked file or memfd: its inode in `ProcessImage::ghosts`.
     #[serde(default)]
     pub ghost: Option<u64>,
+    /// For a FIFO opened by its path: its inode (data in `ProcessImage::fifos` of the first
+    /// process of the tree holding it).
+    #[serde(default)]
+    pub fifo: Option<u64>,
     /// For an eventfd: (counter, semaphore mode).
     #[serde(default)]
     pub eventfd: Option<(u64, bool)>,

@@ -722,3 +722,11 @@ fn hugetlb_memory_survives_and_shared_hugetlb_is_refused() {
     assert!(child.wait().unwrap().success());
     assert!(wait_for(&out, "PASS").contains("PASS"));
 }
+
+/// FIFOs opened by their path: one shared by a parent (reading) and its child (writing) with
+/// bytes in flight, one with both ends in one process; reopened at their paths with their
+/// bytes and flags.
+#[test]
+fn fifos_with_bytes_in_flight_survive() {
+    fixture_survives("fifo");
+}
