@@ -87,6 +87,10 @@ fn collect(
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "/".into());
+    let root = std::fs::read_link(format!("/proc/{pid}/root"))
+        .map_err(|e| EngineError::Failed(format!("reading /proc/{pid}/root: {e}")))?
+        .display()
+        .to_string();
     let img = ProcessImage {
         pid,
         ppid,
@@ -98,6 +102,7 @@ fn collect(
         fds,
         sigactions,
         cwd,
+        root: (root != "/").then_some(root),
         umask,
         pipes,
         fifos,

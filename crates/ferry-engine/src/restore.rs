@@ -70,6 +70,14 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     for img in &imgs {
         memory::check_files(&img.mappings)?;
         files::check(&img.fds, opts.allow_changed_files)?;
+        if let Some(r) = &img.root {
+            if !Path::new(r).is_dir() {
+                return Err(EngineError::Failed(format!(
+                    "process {}: its root directory {r} is not a directory here",
+                    img.pid
+                )));
+            }
+        }
     }
     let root = imgs[0].pid;
     if let Some(ns) = &opts.netns {
@@ -360,6 +368,16 @@ fn build(
         libc::SYS_chdir,
         [cwd, 0, 0, 0, 0, 0],
     )?;
+    // Every path above is as the dumper saw it, from our root: the process enters its own
+    // root only now (and before its credentials may drop the right to).
+    if let Some(root) = &img.root {
+        let p = t.put_path(root)?;
+        t.sys(
+            &format!("chroot to {root}"),
+            libc::SYS_chroot,
+            [p, 0, 0, 0, 0, 0],
+        )?;
+    }
     t.sys("umask", libc::SYS_umask, [img.umask as u64, 0, 0, 0, 0, 0])?;
     let comm = t.put_path(&img.comm)?;
     t.sys(

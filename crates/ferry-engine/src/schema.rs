@@ -28,6 +28,9 @@ pub struct ProcessImage {
     pub fds: Vec<FdImage>,
     pub sigactions: Vec<SigactionImage>,
     pub cwd: String,
+    /// The root directory (chroot) as the dumper saw it, when it is not the dumper's `/`.
+    #[serde(default)]
+    pub root: Option<String>,
     pub umask: u32,
     #[serde(default)]
     pub pipes: Vec<PipeImage>,

@@ -157,8 +157,16 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
     );
     for p in &procs {
         println!(
-            "process {} ({}) ppid {} exe {} cwd {}",
-            p.pid, p.comm, p.ppid, p.exe, p.cwd
+            "process {} ({}) ppid {} exe {} cwd {}{}",
+            p.pid,
+            p.comm,
+            p.ppid,
+            p.exe,
+            p.cwd,
+            p.root
+                .as_ref()
+                .map(|r| format!(" root {r}"))
+                .unwrap_or_default()
         );
         for t in &p.threads {
             println!(

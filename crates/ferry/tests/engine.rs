@@ -730,3 +730,10 @@ fn hugetlb_memory_survives_and_shared_hugetlb_is_refused() {
 fn fifos_with_bytes_in_flight_survive() {
     fixture_survives("fifo");
 }
+
+/// A process in a chroot jail, with its cwd and an open file inside: still jailed after the
+/// restore, the file reopened through the host path the dump saw.
+#[test]
+fn a_chrooted_process_stays_in_its_jail() {
+    fixture_survives("chroot");
+}
