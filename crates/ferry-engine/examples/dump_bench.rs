@@ -120,6 +120,7 @@ fn main() {
             &img,
             &DumpOptions {
                 leave: Leave::Killed,
+                ..Default::default()
             },
         )
         .unwrap();

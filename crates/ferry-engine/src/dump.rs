@@ -8,17 +8,20 @@ use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Leave {
     /// Kill the process once the image is complete and verified (the default).
+    #[default]
     Killed,
     Running,
     Stopped,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
     pub leave: Leave,
+    /// Told how much memory has been read (`Phase::Memory`).
+    pub progress: crate::Progress,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -31,6 +34,10 @@ pub struct DumpReport {
     pub bytes: u64,
     /// Time the process was stopped.
     pub frozen_ms: f64,
+    /// Time to seize and interrupt every thread of the tree.
+    pub freeze_ms: f64,
+    /// Time to collect everything but memory (registers, files, signals, ...).
+    pub collect_ms: f64,
     /// Time to read the memory and write it into the image.
     pub memory_ms: f64,
     /// Time to sync the image and read it back whole.
@@ -49,6 +56,19 @@ fn children(pid: i32) -> Vec<i32> {
         v.extend(s.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
     }
     v
+}
+
+/// RssAnon + RssShmem of a process, KiB (0 when unreadable).
+fn resident_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("RssAnon:")
+                .or_else(|| l.strip_prefix("RssShmem:"))
+        })
+        .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .sum()
 }
 
 /// Everything but memory, for one frozen process.
@@ -193,6 +213,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let mut zombies = Vec::new();
     let mut tree = freeze_tree(pid, &mut zombies)?;
     let tf = Instant::now();
+    let freeze_ms = (tf - t0).as_secs_f64() * 1e3;
     let tree_pids: Vec<i32> = tree.iter().map(|f| f.pid()).collect();
     // Dropped before `tree` on any error: sockets leave repair mode and their traffic is
     // unblocked before the processes resume.
@@ -210,13 +231,23 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let threads: usize = collected.iter().map(|c| c.0.threads.len()).sum();
     let pids: Vec<i32> = collected.iter().map(|c| c.0.pid).collect();
     let nmaps: usize = collected.iter().map(|c| c.1.len()).sum();
+    // What the memory phase will read, roughly: the tree's resident anonymous and shared memory.
+    let expected: u64 = pids.iter().map(|&p| resident_kb(p) * 1024).sum();
     let mut w = ImageWriter::create(dir)?;
     let tm = Instant::now();
+    let collect_ms = (tm - tf).as_secs_f64() * 1e3;
+    let mut read_so_far = 0u64;
+    let mut on_chunk = |n: u64| {
+        read_so_far += n;
+        opts.progress
+            .report(crate::Phase::Memory, read_so_far, expected.max(read_so_far));
+    };
     // Pages are written process by process: a restore reads them back in the same order.
     let written = collected
         .into_iter()
         .try_for_each(|(mut img, maps)| {
-            let (mappings, _) = memory::dump(img.pid, &maps, &mut w, &mut img.ghosts)?;
+            let (mappings, _) =
+                memory::dump(img.pid, &maps, &mut w, &mut img.ghosts, &mut on_chunk)?;
             img.mappings = mappings;
             w.meta(TAG_PROCESS, &img)?;
             Ok::<(), EngineError>(())
@@ -296,6 +327,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
         pages: summary.pages,
         bytes: summary.page_bytes,
         frozen_ms,
+        freeze_ms,
+        collect_ms,
         memory_ms,
         verify_ms,
         total_ms: total * 1e3,

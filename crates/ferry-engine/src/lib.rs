@@ -16,6 +16,7 @@ pub mod hexcodec;
 pub mod memory;
 pub mod mm;
 pub mod netblock;
+pub mod progress;
 pub mod regs;
 pub mod schema;
 pub mod signals;
@@ -25,6 +26,7 @@ pub mod dump;
 pub mod restore;
 
 pub use dump::{dump, DumpOptions, DumpReport};
+pub use progress::{Phase, Progress};
 pub use restore::{restore, RestoreOptions, RestoreReport};
 
 #[derive(Debug, thiserror::Error)]

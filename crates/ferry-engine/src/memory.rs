@@ -57,6 +57,7 @@ pub fn dump(
     maps: &[Mapping],
     w: &mut ImageWriter,
     ghosts: &mut Vec<crate::schema::GhostFile>,
+    on_chunk: &mut dyn FnMut(u64),
 ) -> Result<(Vec<MappingImage>, u64)> {
     let mut out = Vec::new();
     let smaps = procfs::read_smaps(pid)?;
@@ -131,6 +132,7 @@ pub fn dump(
             let n = write_nonzero(w, c.addr, &c.buf[..c.len], c.skip_zero)?;
             per[c.mapping] += n;
             total += n;
+            on_chunk(c.len as u64);
             let _ = free_tx.send(c.buf);
         }
         Ok(per)
@@ -557,7 +559,13 @@ pub fn restore_layout(
 
 /// Write every saved page back. Pages go through /proc/PID/mem, which writes read-only and
 /// PROT_NONE mappings too.
-pub fn restore_pages(pid: i32, r: &mut ImageReader, budget: u64) -> Result<u64> {
+/// `on_block` is told the bytes of each block handed to the writers.
+pub fn restore_pages(
+    pid: i32,
+    r: &mut ImageReader,
+    budget: u64,
+    on_block: &mut dyn FnMut(u64),
+) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     use std::sync::{mpsc, Arc, Mutex};
     let path = format!("/proc/{pid}/mem");
@@ -601,6 +609,7 @@ pub fn restore_pages(pid: i32, r: &mut ImageReader, budget: u64) -> Result<u64> 
                     )));
                 };
                 pages += (b.data.len() / PAGE_SIZE) as u64;
+                on_block(b.data.len() as u64);
                 if tx.send(b).is_err() {
                     break;
                 }

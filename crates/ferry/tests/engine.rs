@@ -163,6 +163,20 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
     );
     let rep: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
     assert_eq!(rep["left"], "killed");
+    for k in [
+        "freeze_ms",
+        "collect_ms",
+        "memory_ms",
+        "verify_ms",
+        "frozen_ms",
+        "gb_per_s",
+    ] {
+        assert!(rep[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {rep}");
+    }
+    assert_eq!(
+        rep["bytes"].as_u64().unwrap(),
+        rep["pages"].as_u64().unwrap() * 4096
+    );
     assert!(rep["pages"].as_u64().unwrap() >= 1100, "{rep}");
     child.wait().unwrap(); // reap: the PID must be free for the restore
     let show = ferry(&["image", "show", img.to_str().unwrap(), "--verify"]);
@@ -188,6 +202,16 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
     );
     let rr: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(rr["pid"].as_u64().unwrap(), pid as u64, "same PID");
+    // Phases with timings: they add up to the whole.
+    let ms = |k: &str| {
+        rr[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {k} in the restore report: {rr}"))
+    };
+    let parts = ms("verify_ms") + ms("layout_ms") + ms("pages_ms") + ms("rest_ms");
+    assert!((parts - ms("restore_ms")).abs() < 1.0, "{rr}");
+    assert!(ms("pages_ms") > 0.0 && ms("gb_per_s") > 0.0, "{rr}");
+    assert_eq!(rr["bytes"], rep["bytes"], "{rr} {rep}");
     assert!(alive(pid));
     std::thread::sleep(Duration::from_millis(100));
 
@@ -736,4 +760,95 @@ fn fifos_with_bytes_in_flight_survive() {
 #[test]
 fn a_chrooted_process_stays_in_its_jail() {
     fixture_survives("chroot");
+}
+
+/// Run `cmd` under a pseudo-terminal (util-linux `script`); returns what the terminal showed.
+fn on_terminal(cmd: &str, typescript: &Path) -> std::process::ExitStatus {
+    Command::new("script")
+        .args(["-qec", cmd])
+        .arg(typescript)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("script (util-linux)")
+}
+
+/// Progress bars on stderr when it is a terminal (memory of a dump, pages of a restore), and
+/// nothing extra when it is not; `--quiet` silences stderr altogether.
+#[test]
+fn progress_is_shown_on_a_terminal_only() {
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("progress", "memstate");
+    let pid = child.id();
+    let ferry_bin = env!("CARGO_BIN_EXE_ferry");
+    let img = dir.join("img1");
+    let ts = dir.join("dump.typescript");
+    let st = on_terminal(
+        &format!(
+            "{ferry_bin} dump --pid {pid} --images {} --leave-running",
+            img.display()
+        ),
+        &ts,
+    );
+    assert!(st.success());
+    let shown = String::from_utf8_lossy(&std::fs::read(&ts).unwrap()).into_owned();
+    assert!(
+        shown.contains("memory [") && shown.contains("dumped process"),
+        "{shown}"
+    );
+    assert!(alive(pid));
+    // Not a terminal: no bar.
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        dir.join("img2").to_str().unwrap(),
+        "--leave-running",
+    ]);
+    assert!(d.status.success());
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(
+        !err.contains("memory [") && err.lines().count() == 1,
+        "{err}"
+    );
+    let img = dir.join("img3");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(d.status.success());
+    assert!(
+        d.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&d.stderr)
+    );
+    child.wait().unwrap();
+    // The restore waits for the process (so that the terminal outlives it).
+    let ts = dir.join("restore.typescript");
+    let cmd = format!("{ferry_bin} restore --images {}", img.display());
+    let waiter = std::thread::spawn(move || on_terminal(&cmd, &ts).success().then_some(ts));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !alive(pid) {
+        assert!(Instant::now() < end, "restored process never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let ts = waiter.join().unwrap().expect("restore under a terminal");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    let shown = String::from_utf8_lossy(&std::fs::read(&ts).unwrap()).into_owned();
+    assert!(
+        shown.contains("pages [") && shown.contains("restored process"),
+        "{shown}"
+    );
 }
