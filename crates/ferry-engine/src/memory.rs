@@ -558,8 +558,7 @@ pub fn restore_layout(
 }
 
 /// Write every saved page back. Pages go through /proc/PID/mem, which writes read-only and
-/// PROT_NONE mappings too.
-/// `on_block` is told the bytes of each block handed to the writers.
+/// PROT_NONE mappings too. `on_block` is told the bytes of each block handed to the writers.
 pub fn restore_pages(
     pid: i32,
     r: &mut ImageReader,
@@ -574,43 +573,55 @@ pub fn restore_pages(
         .open(&path)
         .map_err(|e| EngineError::Failed(format!("opening {path}: {e}")))?;
     // First touch of the new pages dominates: two writers populate them on both cores while
-    // this thread reads and checks the next blocks.
-    let (tx, rx) = mpsc::sync_channel::<ferry_image::PageBlock>(4);
+    // this thread reads and checks the next blocks. Buffers go round (no allocation, and no
+    // first touch of our own, per block).
+    let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(4);
+    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
+    for _ in 0..6 {
+        let _ = free_tx.send(Vec::new());
+    }
     let rx = Arc::new(Mutex::new(rx));
     let f = &f;
     std::thread::scope(|s| {
         let writers: Vec<_> = (0..2)
             .map(|_| {
                 let rx = Arc::clone(&rx);
+                let free_tx = free_tx.clone();
                 s.spawn(move || -> Result<()> {
                     loop {
                         let next = rx
                             .lock()
                             .map_err(|_| EngineError::Failed("page writer".into()))?
                             .recv();
-                        let Ok(b) = next else { return Ok(()) };
-                        f.write_all_at(&b.data, b.vaddr).map_err(|e| {
+                        let Ok((vaddr, data)) = next else {
+                            return Ok(());
+                        };
+                        f.write_all_at(&data, vaddr).map_err(|e| {
                             EngineError::Failed(format!(
-                                "writing {} bytes at {:#x} of the restored process {pid}: {e}",
-                                b.data.len(),
-                                b.vaddr
+                                "writing {} bytes at {vaddr:#x} of the restored process {pid}: {e}",
+                                data.len()
                             ))
                         })?;
+                        let _ = free_tx.send(data);
                     }
                 })
             })
             .collect();
+        drop(free_tx);
         let mut pages = 0;
         let read = (|| -> Result<()> {
             while pages < budget {
-                let Some(b) = r.next_pages()? else {
+                let Ok(mut buf) = free_rx.recv() else {
+                    break;
+                };
+                let Some(vaddr) = r.next_pages_into(&mut buf)? else {
                     return Err(EngineError::Failed(format!(
                         "pages.fimg ended after {pages} of the {budget} pages of process {pid}"
                     )));
                 };
-                pages += (b.data.len() / PAGE_SIZE) as u64;
-                on_block(b.data.len() as u64);
-                if tx.send(b).is_err() {
+                pages += (buf.len() / PAGE_SIZE) as u64;
+                on_block(buf.len() as u64);
+                if tx.send((vaddr, buf)).is_err() {
                     break;
                 }
             }
