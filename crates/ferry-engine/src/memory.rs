@@ -11,7 +11,7 @@
 use crate::ctx::Target;
 use crate::schema::{MapKind, MappingImage};
 use crate::{EngineError, Result};
-use ferry_image::{ImageReader, ImageWriter, PAGE_SIZE};
+use ferry_image::{ImageWriter, PAGE_SIZE};
 use ferry_sys::mem::{pagemap, read_mem, read_mem_forced, PM_FILE, PM_PRESENT, PM_SWAPPED};
 use ferry_sys::procfs::{self, Mapping};
 
@@ -557,81 +557,107 @@ pub fn restore_layout(
     Ok(())
 }
 
-/// Write every saved page back. Pages go through /proc/PID/mem, which writes read-only and
-/// PROT_NONE mappings too. `on_block` is told the bytes of each block handed to the writers.
+/// The page blocks of an image, verified, and the file they are in.
+pub struct Pages {
+    pub file: std::fs::File,
+    pub index: Vec<ferry_image::BlockIndex>,
+    /// The next block to restore: blocks are in process order.
+    pub next: usize,
+}
+
+/// Write the `budget` next saved pages back into process `pid`. Two writers take blocks
+/// straight from pages.fimg, check each against the CRC verified before any process existed
+/// (so a file changed since fails the restore), and write them through /proc/PID/mem, which
+/// writes read-only and PROT_NONE mappings too. First touch of the new pages dominates, so both
+/// cores populate them, each with its own recycled buffer. `on_progress` is told the bytes
+/// written so far, now and then.
 pub fn restore_pages(
     pid: i32,
-    r: &mut ImageReader,
+    pages: &mut Pages,
     budget: u64,
-    on_block: &mut dyn FnMut(u64),
+    on_progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     use std::os::unix::fs::FileExt;
-    use std::sync::{mpsc, Arc, Mutex};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    let first = pages.next;
+    let mut n = 0u64;
+    while n < budget {
+        let Some(b) = pages.index.get(pages.next) else {
+            return Err(EngineError::Failed(format!(
+                "pages.fimg ended after {n} of the {budget} pages of process {pid}"
+            )));
+        };
+        n += b.data_len / PAGE_SIZE as u64;
+        pages.next += 1;
+    }
+    let blocks = &pages.index[first..pages.next];
     let path = format!("/proc/{pid}/mem");
-    let f = std::fs::OpenOptions::new()
+    let mem = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
         .map_err(|e| EngineError::Failed(format!("opening {path}: {e}")))?;
-    // First touch of the new pages dominates: two writers populate them on both cores while
-    // this thread reads and checks the next blocks. Buffers go round (no allocation, and no
-    // first touch of our own, per block).
-    let (tx, rx) = mpsc::sync_channel::<(u64, Vec<u8>)>(4);
-    let (free_tx, free_rx) = mpsc::channel::<Vec<u8>>();
-    for _ in 0..6 {
-        let _ = free_tx.send(Vec::new());
-    }
-    let rx = Arc::new(Mutex::new(rx));
-    let f = &f;
+    let (mem, file) = (&mem, &pages.file);
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let (next, done, failed) = (&next, &done, &failed);
     std::thread::scope(|s| {
         let writers: Vec<_> = (0..2)
             .map(|_| {
-                let rx = Arc::clone(&rx);
-                let free_tx = free_tx.clone();
                 s.spawn(move || -> Result<()> {
-                    loop {
-                        let next = rx
-                            .lock()
-                            .map_err(|_| EngineError::Failed("page writer".into()))?
-                            .recv();
-                        let Ok((vaddr, data)) = next else {
+                    let mut buf = Vec::new();
+                    while !failed.load(Ordering::Relaxed) {
+                        let Some(b) = blocks.get(next.fetch_add(1, Ordering::Relaxed)) else {
                             return Ok(());
                         };
-                        f.write_all_at(&data, vaddr).map_err(|e| {
-                            EngineError::Failed(format!(
-                                "writing {} bytes at {vaddr:#x} of the restored process {pid}: {e}",
-                                data.len()
-                            ))
-                        })?;
-                        let _ = free_tx.send(data);
+                        buf.resize(b.data_len as usize, 0);
+                        let r = file
+                            .read_exact_at(&mut buf, b.data_offset)
+                            .map_err(|e| {
+                                EngineError::Failed(format!(
+                                    "reading {} bytes at offset {} of pages.fimg: {e}",
+                                    b.data_len, b.data_offset
+                                ))
+                            })
+                            .and_then(|_| {
+                                if b.matches(&buf) {
+                                    Ok(())
+                                } else {
+                                    Err(EngineError::Failed(format!(
+                                        "pages.fimg changed since it was verified: the block at \
+                                         offset {} (pages at {:#x}) no longer matches its CRC",
+                                        b.data_offset, b.vaddr
+                                    )))
+                                }
+                            })
+                            .and_then(|_| {
+                                mem.write_all_at(&buf, b.vaddr).map_err(|e| {
+                                    EngineError::Failed(format!(
+                                        "writing {} bytes at {:#x} of the restored process {pid}: {e}",
+                                        buf.len(),
+                                        b.vaddr
+                                    ))
+                                })
+                            });
+                        if r.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                            return r;
+                        }
+                        done.fetch_add(b.data_len, Ordering::Relaxed);
                     }
+                    Ok(())
                 })
             })
             .collect();
-        drop(free_tx);
-        let mut pages = 0;
-        let read = (|| -> Result<()> {
-            while pages < budget {
-                let Ok(mut buf) = free_rx.recv() else {
-                    break;
-                };
-                let Some(vaddr) = r.next_pages_into(&mut buf)? else {
-                    return Err(EngineError::Failed(format!(
-                        "pages.fimg ended after {pages} of the {budget} pages of process {pid}"
-                    )));
-                };
-                pages += (buf.len() / PAGE_SIZE) as u64;
-                on_block(buf.len() as u64);
-                if tx.send((vaddr, buf)).is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        })();
-        drop(tx);
+        while writers.iter().any(|w| !w.is_finished()) {
+            on_progress(done.load(Ordering::Relaxed));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        on_progress(done.load(Ordering::Relaxed));
         for w in writers {
             w.join()
                 .map_err(|_| EngineError::Failed("page writer panicked".into()))??;
         }
-        read.map(|_| pages)
+        Ok(n)
     })
 }

@@ -81,7 +81,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let t0 = Instant::now();
     // Everything is checked before any process exists.
     let imgs = load(dir)?;
-    let summary = ImageReader::open(dir)?.verify_pages()?;
+    let (summary, index) = ImageReader::open(dir)?.verify_pages_indexed()?;
     for img in &imgs {
         memory::check_files(&img.mappings)?;
         files::check(&img.fds, opts.allow_changed_files)?;
@@ -149,26 +149,32 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
                 .ok_or_else(|| EngineError::Failed(format!("no parent for zombie {}", z.pid)))?;
             make_zombie(parent, z)?;
         }
-        let mut r = ImageReader::open(dir)?;
+        let path = dir.join("pages.fimg");
+        let mut pages_src = memory::Pages {
+            file: std::fs::File::open(&path)
+                .map_err(|e| EngineError::Failed(format!("opening {}: {e}", path.display())))?,
+            index,
+            next: 0,
+        };
         let mut shmem = HashMap::new();
         let mut pages = 0;
-        let mut written = 0u64;
         let total = summary.page_bytes;
-        let mut on_block = |n: u64| {
-            written += n;
-            opts.progress.report(crate::Phase::Pages, written, total);
-        };
+        let mut before = 0u64;
         for (t, img) in targets.iter_mut().zip(&imgs) {
-            pages += build(
+            let mut on_progress =
+                |n: u64| opts.progress.report(crate::Phase::Pages, before + n, total);
+            let n = build(
                 t,
                 img,
-                &mut r,
+                &mut pages_src,
                 &mut shmem,
                 img.pid == root,
                 &built,
                 &mut times,
-                &mut on_block,
+                &mut on_progress,
             )?;
+            before += n * ferry_image::PAGE_SIZE as u64;
+            pages += n;
         }
         // Connections go live and their traffic flows again just before the tree resumes.
         built.go_live()?;
@@ -390,12 +396,12 @@ struct Timings {
 fn build(
     t: &mut Target,
     img: &ProcessImage,
-    r: &mut ImageReader,
+    page_src: &mut memory::Pages,
     shmem: &mut HashMap<u64, (i32, u64, u64)>,
     is_root: bool,
     built: &crate::sockets::Built,
     times: &mut Timings,
-    on_block: &mut dyn FnMut(u64),
+    on_progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     let tid = t.pid;
     let base = img
@@ -410,7 +416,7 @@ fn build(
     memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
     let tp = Instant::now();
     let budget = img.mappings.iter().map(|m| m.pages_saved).sum();
-    let pages = memory::restore_pages(t.pid, r, budget, on_block)?;
+    let pages = memory::restore_pages(t.pid, page_src, budget, on_progress)?;
     times.layout_ms += (tp - tl).as_secs_f64() * 1e3;
     times.pages_ms += tp.elapsed().as_secs_f64() * 1e3;
     mm::restore(t, &img.mm, &img.exe)?;
