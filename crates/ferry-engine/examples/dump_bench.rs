@@ -1,11 +1,14 @@
 //! Dump and restore speed: a process with N MiB of dirtied anonymous memory, images on tmpfs
 //! (/dev/shm). Prints frozen time, dump GB/s and restore time beside the process_vm_readv and
-//! first-touch bounds measured in the same run. Figures only, no assertions.
+//! first-touch bounds measured in the same run, and the peak memory (VmHWM) of the dumping and
+//! of the restoring process, each run in a child of its own so that the figure is Ferry's
+//! alone. Figures only, no assertions.
 //!
-//! cargo run --release -p ferry-engine --example dump_bench [MiB ...]   (default 256 1024 2048)
+//! cargo run --release -p ferry-engine --example dump_bench [MiB ...]   (default 256 1024 4096)
 
 use ferry_engine::dump::Leave;
 use ferry_engine::{dump, restore, DumpOptions, RestoreOptions};
+use serde_json::{json, Value};
 use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::Instant;
@@ -52,13 +55,72 @@ fn first_touch_bound(len: usize) -> f64 {
     s
 }
 
+/// Peak resident memory of this process, KiB.
+fn vmhwm_kb() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+/// `--child dump PID IMG` / `--child restore IMG`: one operation, its report and this
+/// process's peak memory as one JSON line.
+fn child(args: &[String]) {
+    let rep = match args[0].as_str() {
+        "dump" => serde_json::to_value(
+            dump(
+                args[1].parse().unwrap(),
+                std::path::Path::new(&args[2]),
+                &DumpOptions {
+                    leave: Leave::Killed,
+                    ..Default::default()
+                },
+            )
+            .unwrap(),
+        ),
+        _ => {
+            let t = Instant::now();
+            let r = restore(
+                std::path::Path::new(&args[1]),
+                &RestoreOptions {
+                    detach: true,
+                    ..Default::default()
+                },
+            )
+            .unwrap();
+            let mut v = serde_json::to_value(r).unwrap();
+            v["wall_s"] = json!(t.elapsed().as_secs_f64());
+            Ok(v)
+        }
+    }
+    .unwrap();
+    let mut rep = rep;
+    rep["vmhwm_kb"] = json!(vmhwm_kb());
+    println!("{rep}");
+}
+
+fn run_child(args: &[&str]) -> Value {
+    let out = Command::new(std::env::current_exe().unwrap())
+        .arg("--child")
+        .args(args)
+        .stdin(Stdio::null())
+        .stderr(Stdio::inherit())
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "child {args:?} failed");
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
 fn main() {
-    let sizes: Vec<u64> = std::env::args()
-        .skip(1)
-        .filter_map(|a| a.parse().ok())
-        .collect::<Vec<_>>();
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    if args.first().map(String::as_str) == Some("--child") {
+        return child(&args[1..]);
+    }
+    let sizes: Vec<u64> = args.iter().filter_map(|a| a.parse().ok()).collect();
     let sizes = if sizes.is_empty() {
-        vec![256, 1024, 2048]
+        vec![256, 1024, 4096]
     } else {
         sizes
     };
@@ -85,18 +147,21 @@ fn main() {
         .unwrap()
         .success());
     println!(
-        "{:>6} {:>10} {:>10} {:>9} {:>9} {:>9} {:>10} {:>9} {:>11} {:>9}",
+        "{:>6} {:>9} {:>9} {:>9} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>8} {:>8}",
         "MiB",
-        "memory ms",
-        "verify ms",
         "frozen ms",
+        "memory ms",
         "dump GB/s",
         "pvr GB/s",
         "dump/pvr",
         "restore s",
-        "1st-touch s",
-        "ratio"
+        "pages s",
+        "touch s",
+        "rest/tch",
+        "dump HWM",
+        "rest HWM"
     );
+    println!("(HWM: peak resident memory of the dumping / restoring process, MiB)");
     for mib in sizes {
         let mut c = Command::new(&bin)
             .arg(mib.to_string())
@@ -115,42 +180,36 @@ fn main() {
         let img = std::path::Path::new("/dev/shm")
             .join(format!("ferry-bench-{}-{mib}", std::process::id()));
         let _ = std::fs::remove_dir_all(&img);
-        let d = dump(
-            pid,
-            &img,
-            &DumpOptions {
-                leave: Leave::Killed,
-            },
-        )
-        .unwrap();
+        let d = run_child(&["dump", &pid.to_string(), img.to_str().unwrap()]);
         c.wait().unwrap();
-        let t = Instant::now();
-        let r = restore(
-            &img,
-            &RestoreOptions {
-                detach: true,
-                ..Default::default()
-            },
-        )
-        .unwrap();
-        let rs = t.elapsed().as_secs_f64();
-        // SAFETY-free cleanup through the kill command.
+        let r = run_child(&["restore", img.to_str().unwrap()]);
         let _ = Command::new("kill")
             .arg("-9")
-            .arg(r.pid.to_string())
+            .arg(r["pid"].to_string())
             .status();
         let touch = first_touch_bound((mib << 20) as usize);
+        let f = |v: &Value, k: &str| v[k].as_f64().unwrap_or(f64::NAN);
+        let rs = f(&r, "wall_s");
         println!(
-            "{mib:>6} {:>10.1} {:>10.1} {:>9.1} {:>9.2} {:>9.2} {:>10.2} {:>9.3} {:>11.3} {:>9.2}",
-            d.memory_ms,
-            d.verify_ms,
-            d.frozen_ms,
-            d.gb_per_s,
+            "{mib:>6} {:>9.1} {:>9.1} {:>9.2} {:>9.2} {:>8.2} {:>9.3} {:>9.3} {:>9.3} {:>9.2} {:>8.1} {:>8.1}",
+            f(&d, "frozen_ms"),
+            f(&d, "memory_ms"),
+            f(&d, "gb_per_s"),
             pvr,
-            d.gb_per_s / pvr,
+            f(&d, "gb_per_s") / pvr,
             rs,
+            f(&r, "pages_ms") / 1e3,
             touch,
-            rs / touch
+            rs / touch,
+            f(&d, "vmhwm_kb") / 1024.0,
+            f(&r, "vmhwm_kb") / 1024.0,
+        );
+        eprintln!(
+            "  restore phases (ms): verify {:.1} layout {:.1} pages {:.1} rest {:.1}",
+            f(&r, "verify_ms"),
+            f(&r, "layout_ms"),
+            f(&r, "pages_ms"),
+            f(&r, "rest_ms")
         );
         let _ = std::fs::remove_dir_all(&img);
     }

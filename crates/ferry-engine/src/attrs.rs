@@ -172,14 +172,6 @@ pub fn restore(t: &mut Target, a: &Attrs, is_root: bool) -> Result<()> {
             [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
         )?;
     }
-    // The root's parent is the restorer, whose exit must not kill it.
-    if a.pdeathsig != 0 && !is_root {
-        t.sys(
-            "prctl(PR_SET_PDEATHSIG)",
-            libc::SYS_prctl,
-            [libc::PR_SET_PDEATHSIG as u64, a.pdeathsig, 0, 0, 0, 0],
-        )?;
-    }
     let groups: Vec<u8> = a.groups.iter().flat_map(|g| g.to_le_bytes()).collect();
     if groups.len() > 1024 {
         return Err(EngineError::Failed("too many supplementary groups".into()));
@@ -202,6 +194,15 @@ pub fn restore(t: &mut Target, a: &Attrs, is_root: bool) -> Result<()> {
         libc::SYS_setresuid,
         [r as u64, e as u64, s as u64, 0, 0, 0],
     )?;
+    // Changing credentials clears the parent-death signal: set it after them. The root's
+    // parent is the restorer, whose exit must not kill it.
+    if a.pdeathsig != 0 && !is_root {
+        t.sys(
+            "prctl(PR_SET_PDEATHSIG)",
+            libc::SYS_prctl,
+            [libc::PR_SET_PDEATHSIG as u64, a.pdeathsig, 0, 0, 0, 0],
+        )?;
+    }
     // Changing credentials resets dumpable: set it after them.
     t.sys(
         "prctl(PR_SET_DUMPABLE)",

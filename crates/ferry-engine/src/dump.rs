@@ -8,17 +8,20 @@ use serde::Serialize;
 use std::path::Path;
 use std::time::Instant;
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Leave {
     /// Kill the process once the image is complete and verified (the default).
+    #[default]
     Killed,
     Running,
     Stopped,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct DumpOptions {
     pub leave: Leave,
+    /// Told how much memory has been read (`Phase::Memory`).
+    pub progress: crate::Progress,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -31,6 +34,10 @@ pub struct DumpReport {
     pub bytes: u64,
     /// Time the process was stopped.
     pub frozen_ms: f64,
+    /// Time to seize and interrupt every thread of the tree.
+    pub freeze_ms: f64,
+    /// Time to collect everything but memory (registers, files, signals, ...).
+    pub collect_ms: f64,
     /// Time to read the memory and write it into the image.
     pub memory_ms: f64,
     /// Time to sync the image and read it back whole.
@@ -51,10 +58,23 @@ fn children(pid: i32) -> Vec<i32> {
     v
 }
 
+/// RssAnon + RssShmem of a process, KiB (0 when unreadable).
+fn resident_kb(pid: i32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    status
+        .lines()
+        .filter_map(|l| {
+            l.strip_prefix("RssAnon:")
+                .or_else(|| l.strip_prefix("RssShmem:"))
+        })
+        .filter_map(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        .sum()
+}
+
 /// Everything but memory, for one frozen process.
 fn collect(
     frozen: &mut Frozen,
-    pipes_seen: &mut Vec<(u64, i32, i32)>,
+    seen: &mut files::Seen,
     socks: &mut crate::sockets::DumpState,
     tree: &[i32],
 ) -> Result<(ProcessImage, Vec<procfs::Mapping>)> {
@@ -79,7 +99,7 @@ fn collect(
         .unwrap_or(0o022);
     let ppid = field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut ghosts = Vec::new();
-    let (fds, pipes, sockets) = files::dump(pid, pipes_seen, &mut ghosts, socks, tree)?;
+    let (fds, pipes, fifos, sockets) = files::dump(pid, seen, &mut ghosts, socks, tree)?;
     let mm = mm::dump(pid, frozen)?;
     let sigactions = signals::dump(frozen)?;
     let attrs = crate::attrs::dump(frozen)?;
@@ -87,6 +107,10 @@ fn collect(
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
         .map(|p| p.display().to_string())
         .unwrap_or_else(|_| "/".into());
+    let root = std::fs::read_link(format!("/proc/{pid}/root"))
+        .map_err(|e| EngineError::Failed(format!("reading /proc/{pid}/root: {e}")))?
+        .display()
+        .to_string();
     let img = ProcessImage {
         pid,
         ppid,
@@ -98,8 +122,10 @@ fn collect(
         fds,
         sigactions,
         cwd,
+        root: (root != "/").then_some(root),
         umask,
         pipes,
+        fifos,
         shared_pending,
         itimers,
         posix_timers,
@@ -188,6 +214,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let mut zombies = Vec::new();
     let mut tree = freeze_tree(pid, &mut zombies)?;
     let tf = Instant::now();
+    let freeze_ms = (tf - t0).as_secs_f64() * 1e3;
     let tree_pids: Vec<i32> = tree.iter().map(|f| f.pid()).collect();
     // Dropped before `tree` on any error: sockets leave repair mode and their traffic is
     // unblocked before the processes resume.
@@ -197,10 +224,10 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     };
     crate::sockets::plan_blocks(&mut net.st, &tree_pids)?;
     crate::netblock::apply(&mut net.st.blocks, &net.table)?;
-    let mut pipes_seen = Vec::new();
+    let mut seen = files::Seen::default();
     let mut collected = Vec::new();
     for f in tree.iter_mut() {
-        collected.push(collect(f, &mut pipes_seen, &mut net.st, &tree_pids)?);
+        collected.push(collect(f, &mut seen, &mut net.st, &tree_pids)?);
     }
     crate::namespaces::check_tree(&tree_pids)?;
     collected[0].0.namespaces = crate::namespaces::dump(pid)?;
@@ -208,13 +235,23 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let pids: Vec<i32> = collected.iter().map(|c| c.0.pid).collect();
     let ppids: Vec<i32> = collected.iter().map(|c| c.0.ppid).collect();
     let nmaps: usize = collected.iter().map(|c| c.1.len()).sum();
+    // What the memory phase will read, roughly: the tree's resident anonymous and shared memory.
+    let expected: u64 = pids.iter().map(|&p| resident_kb(p) * 1024).sum();
     let mut w = ImageWriter::create(dir)?;
     let tm = Instant::now();
+    let collect_ms = (tm - tf).as_secs_f64() * 1e3;
+    let mut read_so_far = 0u64;
+    let mut on_chunk = |n: u64| {
+        read_so_far += n;
+        opts.progress
+            .report(crate::Phase::Memory, read_so_far, expected.max(read_so_far));
+    };
     // Pages are written process by process: a restore reads them back in the same order.
     let written = collected
         .into_iter()
         .try_for_each(|(mut img, maps)| {
-            let (mappings, _) = memory::dump(img.pid, &maps, &mut w, &mut img.ghosts)?;
+            let (mappings, _) =
+                memory::dump(img.pid, &maps, &mut w, &mut img.ghosts, &mut on_chunk)?;
             img.mappings = mappings;
             w.meta(TAG_PROCESS, &img)?;
             Ok::<(), EngineError>(())
@@ -292,6 +329,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
         pages: summary.pages,
         bytes: summary.page_bytes,
         frozen_ms,
+        freeze_ms,
+        collect_ms,
         memory_ms,
         verify_ms,
         total_ms: total * 1e3,

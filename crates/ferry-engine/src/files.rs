@@ -7,18 +7,32 @@ use crate::schema::{FdImage, PipeImage};
 use crate::{EngineError, Result};
 use std::os::unix::fs::MetadataExt;
 
-/// `known`: pipes already held by processes dumped before, as (inode, pid, fd).
+/// Pipes and FIFOs already held by processes dumped before.
+#[derive(Debug, Default)]
+pub struct Seen {
+    /// (inode, pid, fd)
+    pub pipes: Vec<(u64, i32, i32)>,
+    /// (device, inode)
+    pub fifos: Vec<(u64, u64)>,
+}
+
+/// The fds of a process, the pipes and the FIFOs whose data it carries, its sockets.
+pub type Dumped = (
+    Vec<FdImage>,
+    Vec<PipeImage>,
+    Vec<PipeImage>,
+    Vec<crate::sockets::SocketImage>,
+);
+
+/// Everything about the fds of process `pid`.
 pub fn dump(
     pid: i32,
-    known: &mut Vec<(u64, i32, i32)>,
+    seen: &mut Seen,
     ghosts: &mut Vec<crate::schema::GhostFile>,
     socks: &mut crate::sockets::DumpState,
     tree: &[i32],
-) -> Result<(
-    Vec<FdImage>,
-    Vec<PipeImage>,
-    Vec<crate::sockets::SocketImage>,
-)> {
+) -> Result<Dumped> {
+    let known = &mut seen.pipes;
     let dir = format!("/proc/{pid}/fd");
     let rd =
         std::fs::read_dir(&dir).map_err(|e| EngineError::Failed(format!("reading {dir}: {e}")))?;
@@ -30,6 +44,7 @@ pub fn dump(
     let mut out: Vec<FdImage> = Vec::new();
     let mut pipes: Vec<PipeImage> = Vec::new();
     let mut sockets = Vec::new();
+    let mut fifos: Vec<PipeImage> = Vec::new();
     for fd in fds {
         let link = std::fs::read_link(format!("{dir}/{fd}"))
             .map_err(|e| EngineError::Failed(format!("process {pid} fd {fd}: {e}")))?;
@@ -54,6 +69,7 @@ pub fn dump(
             pipe: None,
             pipe_holder: None,
             ghost: None,
+            fifo: None,
             eventfd: None,
             socket: None,
             timerfd: None,
@@ -173,16 +189,33 @@ pub fn dump(
                  example under nohup or setsid with files or pipes) to move it",
             ));
         }
+        if ft.is_fifo() {
+            // Its buffered bytes are saved once, by the first process of the tree holding it.
+            let key = (meta.dev(), meta.ino());
+            if !seen.fifos.contains(&key) {
+                seen.fifos.push(key);
+                let (data, capacity) = ferry_sys::files::pipe_peek(pid, fd)?;
+                fifos.push(PipeImage {
+                    inode: meta.ino(),
+                    capacity: capacity as u64,
+                    data: crate::hexcodec::hex(&data),
+                });
+            }
+            img.fifo = Some(meta.ino());
+            img.mode = meta.mode();
+            out.push(img);
+            continue;
+        }
         if !(ft.is_file() || ft.is_dir() || ft.is_char_device()) {
             return Err(unsupported(
-                "neither a regular file, a directory nor a character device",
+                "neither a regular file, a directory, a FIFO nor a character device",
             ));
         }
         img.size = meta.len();
         img.mode = meta.mode();
         out.push(img);
     }
-    Ok((out, pipes, sockets))
+    Ok((out, pipes, fifos, sockets))
 }
 
 /// Check that the files are still what they were, before anything is created.
@@ -261,12 +294,76 @@ pub(crate) fn move_high(t: &mut Target, fd: u64, base: u64) -> Result<u64> {
     Ok(hi)
 }
 
+/// A FIFO reopened by its path. A read-write fd of ours on it is opened first, so that opening
+/// either end does not wait for the other; the FIFO's saved bytes are written back through it.
+/// It stays open until every fd of the process is in place.
+fn restore_fifo(
+    t: &mut Target,
+    f: &FdImage,
+    inode: u64,
+    fifos: &[PipeImage],
+    holders: &mut Vec<(u64, u64)>,
+    base: u64,
+) -> Result<()> {
+    if !holders.iter().any(|h| h.0 == inode) {
+        let p = t.put_path(&f.path)?;
+        let fd = t.sys(
+            &format!("open of the FIFO {} for fd {}", f.path, f.fd),
+            libc::SYS_openat,
+            [
+                libc::AT_FDCWD as u64,
+                p,
+                (libc::O_RDWR | libc::O_NONBLOCK | libc::O_CLOEXEC) as u64,
+                0,
+                0,
+                0,
+            ],
+        )?;
+        let fd = move_high(t, fd, base)?;
+        holders.push((inode, fd));
+        if let Some(saved) = fifos.iter().find(|p| p.inode == inode) {
+            t.sys(
+                &format!("fcntl(F_SETPIPE_SZ) of the FIFO {}", f.path),
+                libc::SYS_fcntl,
+                [fd, libc::F_SETPIPE_SZ as u64, saved.capacity, 0, 0, 0],
+            )?;
+            let data = crate::hexcodec::unhex(&saved.data, "FIFO data")?;
+            if !data.is_empty() {
+                use std::io::Write;
+                use std::os::unix::fs::OpenOptionsExt;
+                std::fs::OpenOptions::new()
+                    .write(true)
+                    .custom_flags(libc::O_NONBLOCK)
+                    .open(format!("/proc/{}/fd/{fd}", t.pid))
+                    .and_then(|mut w| w.write_all(&data))
+                    .map_err(|e| {
+                        EngineError::Failed(format!(
+                            "refilling the FIFO {} of fd {} with {} bytes: {e}",
+                            f.path,
+                            f.fd,
+                            data.len()
+                        ))
+                    })?;
+            }
+        }
+    }
+    let p = t.put_path(&f.path)?;
+    let flags = f.flags & !((libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) as u32);
+    let fd = t.sys(
+        &format!("open of the FIFO {} for fd {}", f.path, f.fd),
+        libc::SYS_openat,
+        [libc::AT_FDCWD as u64, p, flags as u64, 0, 0, 0],
+    )?;
+    move_to(t, fd, f)
+}
+
 /// Reopen every fd. `ghosts`: inode -> fd of the recreated unlinked files (closed here once
 /// dup'ed where they belong).
 pub fn restore(
     t: &mut Target,
     fds: &[FdImage],
     pipes: &[PipeImage],
+    fifos: &[PipeImage],
     ghosts: &std::collections::HashMap<u64, u64>,
     built: &crate::sockets::Built,
 ) -> Result<()> {
@@ -274,6 +371,7 @@ pub fn restore(
     // A pidfd on Ferry, for the target to take the objects built here (pidfd_getfd).
     let mut ferry_pidfd: Option<u64> = None;
     let mut made: Vec<(u64, u64, u64)> = Vec::new(); // (inode, read end, write end), high fds
+    let mut fifo_holders: Vec<(u64, u64)> = Vec::new(); // (inode, read-write fd), high fds
     for f in fds {
         let target = f.fd as u64;
         if let Some(src) = f.same_as {
@@ -373,6 +471,10 @@ pub fn restore(
             set_status_flags(t, f)?;
             continue;
         }
+        if let Some(inode) = f.fifo {
+            restore_fifo(t, f, inode, fifos, &mut fifo_holders, base)?;
+            continue;
+        }
         if let (Some(_), Some((hp, hfd))) = (f.pipe, f.pipe_holder) {
             // The pipe lives in a process restored before: open its other end through /proc.
             let path = format!("/proc/{hp}/fd/{hfd}");
@@ -452,7 +554,11 @@ pub fn restore(
             crate::evfds::fill_epoll(t, f.fd, items)?;
         }
     }
-    for &fd in ghosts.values().chain(ferry_pidfd.iter()) {
+    for &fd in ghosts
+        .values()
+        .chain(ferry_pidfd.iter())
+        .chain(fifo_holders.iter().map(|h| &h.1))
+    {
         t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
     }
     for (_, r, w) in made {

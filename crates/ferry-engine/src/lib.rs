@@ -17,6 +17,7 @@ pub mod memory;
 pub mod mm;
 pub mod namespaces;
 pub mod netblock;
+pub mod progress;
 pub mod regs;
 pub mod schema;
 pub mod signals;
@@ -26,6 +27,7 @@ pub mod dump;
 pub mod restore;
 
 pub use dump::{dump, DumpOptions, DumpReport};
+pub use progress::{Phase, Progress};
 pub use restore::{restore, RestoreOptions, RestoreReport};
 
 #[derive(Debug, thiserror::Error)]

@@ -11,7 +11,7 @@
 use crate::ctx::Target;
 use crate::schema::{MapKind, MappingImage};
 use crate::{EngineError, Result};
-use ferry_image::{ImageReader, ImageWriter, PAGE_SIZE};
+use ferry_image::{ImageWriter, PAGE_SIZE};
 use ferry_sys::mem::{pagemap, read_mem, read_mem_forced, PM_FILE, PM_PRESENT, PM_SWAPPED};
 use ferry_sys::procfs::{self, Mapping};
 
@@ -57,8 +57,15 @@ pub fn dump(
     maps: &[Mapping],
     w: &mut ImageWriter,
     ghosts: &mut Vec<crate::schema::GhostFile>,
+    on_chunk: &mut dyn FnMut(u64),
 ) -> Result<(Vec<MappingImage>, u64)> {
     let mut out = Vec::new();
+    let smaps = procfs::read_smaps(pid)?;
+    let hugetlb = |m: &Mapping| {
+        smaps
+            .iter()
+            .any(|s| s.start == m.start && s.vm_flags.iter().any(|f| f == "ht"))
+    };
     for m in maps {
         let kind = kind_of(m);
         let (path, deleted) = match &m.kind {
@@ -69,7 +76,8 @@ pub fn dump(
             _ => (None, false),
         };
         let mut ghost = None;
-        if kind == MapKind::File && deleted {
+        // hugetlbfs memory shows as an unlinked file; its pages travel like anonymous memory.
+        if kind == MapKind::File && deleted && !hugetlb(m) {
             let shown = format!("{} (deleted)", path.clone().unwrap_or_default());
             let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
             ghost = Some(crate::ghost::dump(pid, &link, &shown, ghosts)?);
@@ -96,8 +104,12 @@ pub fn dump(
             pages_saved: 0,
             shmem: (kind == MapKind::SharedAnon).then_some(m.inode),
             ghost,
+            advice: Vec::new(),
+            thp_kb: 0,
+            huge_page_kb: 0,
         });
     }
+    add_smaps(pid, &smaps, maps, &mut out)?;
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(3);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..4 {
@@ -120,6 +132,7 @@ pub fn dump(
             let n = write_nonzero(w, c.addr, &c.buf[..c.len], c.skip_zero)?;
             per[c.mapping] += n;
             total += n;
+            on_chunk(c.len as u64);
             let _ = free_tx.send(c.buf);
         }
         Ok(per)
@@ -130,9 +143,93 @@ pub fn dump(
     Ok((out, total))
 }
 
+/// madvise(2) advice that the kernel shows in smaps VmFlags: (code, name in the image, advice).
+const ADVICE: [(&str, &str, i32); 6] = [
+    ("dc", "dontfork", libc::MADV_DONTFORK),
+    ("wf", "wipeonfork", libc::MADV_WIPEONFORK),
+    ("hg", "hugepage", libc::MADV_HUGEPAGE),
+    ("nh", "nohugepage", libc::MADV_NOHUGEPAGE),
+    ("dd", "dontdump", libc::MADV_DONTDUMP),
+    ("mg", "mergeable", libc::MADV_MERGEABLE),
+];
+
+fn kernel_area(k: MapKind) -> bool {
+    matches!(
+        k,
+        MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall
+    )
+}
+
+/// Advice, transparent huge pages and hugetlbfs memory, from /proc/PID/smaps.
+fn add_smaps(
+    pid: i32,
+    smaps: &[procfs::SmapsEntry],
+    maps: &[Mapping],
+    out: &mut [MappingImage],
+) -> Result<()> {
+    for (m, img) in maps.iter().zip(out.iter_mut()) {
+        let Some(s) = smaps.iter().find(|s| s.start == m.start && s.end == m.end) else {
+            return Err(EngineError::Failed(format!(
+                "process {pid}: mapping {:#x}-{:#x} is not in its smaps",
+                m.start, m.end
+            )));
+        };
+        img.thp_kb = s.anon_huge_kb;
+        if s.vm_flags.iter().any(|f| f == "ht") {
+            let anon = matches!(&m.kind, ferry_sys::MapKind::File { path, deleted: true }
+                if path.as_os_str() == "/anon_hugepage");
+            if m.shared || !anon {
+                return Err(EngineError::Unsupported {
+                    pid,
+                    what: format!(
+                        "mapping {:#x}-{:#x} ({}) is {} hugetlbfs memory, which this version \
+                         cannot dump (only private MAP_HUGETLB memory)",
+                        m.start,
+                        m.end,
+                        m.name(),
+                        if m.shared { "shared" } else { "file-backed" }
+                    ),
+                });
+            }
+            img.kind = MapKind::Hugetlb;
+            img.path = None;
+            img.file_size = None;
+            img.file_mtime = None;
+            img.huge_page_kb = s.kernel_page_kb;
+        }
+        if kernel_area(img.kind) {
+            continue;
+        }
+        img.advice = ADVICE
+            .iter()
+            .filter(|(code, _, _)| s.vm_flags.iter().any(|f| f == code))
+            .map(|(_, name, _)| name.to_string())
+            .collect();
+    }
+    Ok(())
+}
+
+/// Re-apply the saved advice to a recreated mapping.
+fn advise(t: &mut Target, m: &MappingImage) -> Result<()> {
+    for a in &m.advice {
+        let Some(&(_, _, adv)) = ADVICE.iter().find(|(_, name, _)| name == a) else {
+            return Err(EngineError::Failed(format!(
+                "mapping {:#x}-{:#x}: unknown madvise advice {a:?} in the image",
+                m.start, m.end
+            )));
+        };
+        t.sys(
+            &format!("madvise({a}) of mapping {:#x}-{:#x}", m.start, m.end),
+            libc::SYS_madvise,
+            [m.start, m.end - m.start, adv as u64, 0, 0, 0],
+        )?;
+    }
+    Ok(())
+}
+
 fn saves_pages(img: &MappingImage) -> bool {
     match img.kind {
-        MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall => false,
+        k if kernel_area(k) => false,
         // Writes to a shared file mapping are in the file already.
         MapKind::File if img.shared => false,
         _ => true,
@@ -331,6 +428,27 @@ pub fn restore_layout(
         let fixed = libc::MAP_FIXED as u64;
         match m.kind {
             MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall => continue,
+            MapKind::Hugetlb => {
+                let size = m.huge_page_kb.max(4) * 1024;
+                if !size.is_power_of_two() {
+                    return Err(EngineError::Failed(format!(
+                        "mapping {:#x}-{:#x}: odd huge page size {} KiB",
+                        m.start, m.end, m.huge_page_kb
+                    )));
+                }
+                let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_HUGETLB) as u64
+                    | fixed
+                    | ((size.trailing_zeros() as u64) << libc::MAP_HUGE_SHIFT);
+                t.sys(
+                    &format!(
+                        "mmap of hugetlb memory {:#x}-{:#x} ({} KiB pages; are there enough \
+                         free huge pages, /proc/sys/vm/nr_hugepages?)",
+                        m.start, m.end, m.huge_page_kb
+                    ),
+                    libc::SYS_mmap,
+                    [m.start, len, prot(m), flags, u64::MAX, 0],
+                )?;
+            }
             MapKind::Anon | MapKind::Heap | MapKind::Stack => {
                 let mut flags = libc::MAP_PRIVATE as u64 | libc::MAP_ANONYMOUS as u64 | fixed;
                 if m.kind == MapKind::Stack {
@@ -433,67 +551,113 @@ pub fn restore_layout(
                 r?;
             }
         }
+        // Before the pages are written: with `hugepage` they fault in as huge pages.
+        advise(t, m)?;
     }
     Ok(())
 }
 
-/// Write every saved page back. Pages go through /proc/PID/mem, which writes read-only and
-/// PROT_NONE mappings too.
-pub fn restore_pages(pid: i32, r: &mut ImageReader, budget: u64) -> Result<u64> {
+/// The page blocks of an image, verified, and the file they are in.
+pub struct Pages {
+    pub file: std::fs::File,
+    pub index: Vec<ferry_image::BlockIndex>,
+    /// The next block to restore: blocks are in process order.
+    pub next: usize,
+}
+
+/// Write the `budget` next saved pages back into process `pid`. Two writers take blocks
+/// straight from pages.fimg, check each against the CRC verified before any process existed
+/// (so a file changed since fails the restore), and write them through /proc/PID/mem, which
+/// writes read-only and PROT_NONE mappings too. First touch of the new pages dominates, so both
+/// cores populate them, each with its own recycled buffer. `on_progress` is told the bytes
+/// written so far, now and then.
+pub fn restore_pages(
+    pid: i32,
+    pages: &mut Pages,
+    budget: u64,
+    on_progress: &mut dyn FnMut(u64),
+) -> Result<u64> {
     use std::os::unix::fs::FileExt;
-    use std::sync::{mpsc, Arc, Mutex};
+    use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+    let first = pages.next;
+    let mut n = 0u64;
+    while n < budget {
+        let Some(b) = pages.index.get(pages.next) else {
+            return Err(EngineError::Failed(format!(
+                "pages.fimg ended after {n} of the {budget} pages of process {pid}"
+            )));
+        };
+        n += b.data_len / PAGE_SIZE as u64;
+        pages.next += 1;
+    }
+    let blocks = &pages.index[first..pages.next];
     let path = format!("/proc/{pid}/mem");
-    let f = std::fs::OpenOptions::new()
+    let mem = std::fs::OpenOptions::new()
         .write(true)
         .open(&path)
         .map_err(|e| EngineError::Failed(format!("opening {path}: {e}")))?;
-    // First touch of the new pages dominates: two writers populate them on both cores while
-    // this thread reads and checks the next blocks.
-    let (tx, rx) = mpsc::sync_channel::<ferry_image::PageBlock>(4);
-    let rx = Arc::new(Mutex::new(rx));
-    let f = &f;
+    let (mem, file) = (&mem, &pages.file);
+    let next = AtomicUsize::new(0);
+    let done = AtomicU64::new(0);
+    let failed = AtomicBool::new(false);
+    let (next, done, failed) = (&next, &done, &failed);
     std::thread::scope(|s| {
         let writers: Vec<_> = (0..2)
             .map(|_| {
-                let rx = Arc::clone(&rx);
                 s.spawn(move || -> Result<()> {
-                    loop {
-                        let next = rx
-                            .lock()
-                            .map_err(|_| EngineError::Failed("page writer".into()))?
-                            .recv();
-                        let Ok(b) = next else { return Ok(()) };
-                        f.write_all_at(&b.data, b.vaddr).map_err(|e| {
-                            EngineError::Failed(format!(
-                                "writing {} bytes at {:#x} of the restored process {pid}: {e}",
-                                b.data.len(),
-                                b.vaddr
-                            ))
-                        })?;
+                    let mut buf = Vec::new();
+                    while !failed.load(Ordering::Relaxed) {
+                        let Some(b) = blocks.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            return Ok(());
+                        };
+                        buf.resize(b.data_len as usize, 0);
+                        let r = file
+                            .read_exact_at(&mut buf, b.data_offset)
+                            .map_err(|e| {
+                                EngineError::Failed(format!(
+                                    "reading {} bytes at offset {} of pages.fimg: {e}",
+                                    b.data_len, b.data_offset
+                                ))
+                            })
+                            .and_then(|_| {
+                                if b.matches(&buf) {
+                                    Ok(())
+                                } else {
+                                    Err(EngineError::Failed(format!(
+                                        "pages.fimg changed since it was verified: the block at \
+                                         offset {} (pages at {:#x}) no longer matches its CRC",
+                                        b.data_offset, b.vaddr
+                                    )))
+                                }
+                            })
+                            .and_then(|_| {
+                                mem.write_all_at(&buf, b.vaddr).map_err(|e| {
+                                    EngineError::Failed(format!(
+                                        "writing {} bytes at {:#x} of the restored process {pid}: {e}",
+                                        buf.len(),
+                                        b.vaddr
+                                    ))
+                                })
+                            });
+                        if r.is_err() {
+                            failed.store(true, Ordering::Relaxed);
+                            return r;
+                        }
+                        done.fetch_add(b.data_len, Ordering::Relaxed);
                     }
+                    Ok(())
                 })
             })
             .collect();
-        let mut pages = 0;
-        let read = (|| -> Result<()> {
-            while pages < budget {
-                let Some(b) = r.next_pages()? else {
-                    return Err(EngineError::Failed(format!(
-                        "pages.fimg ended after {pages} of the {budget} pages of process {pid}"
-                    )));
-                };
-                pages += (b.data.len() / PAGE_SIZE) as u64;
-                if tx.send(b).is_err() {
-                    break;
-                }
-            }
-            Ok(())
-        })();
-        drop(tx);
+        while writers.iter().any(|w| !w.is_finished()) {
+            on_progress(done.load(Ordering::Relaxed));
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        on_progress(done.load(Ordering::Relaxed));
         for w in writers {
             w.join()
                 .map_err(|_| EngineError::Failed("page writer panicked".into()))??;
         }
-        read.map(|_| pages)
+        Ok(n)
     })
 }

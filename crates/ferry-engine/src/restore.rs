@@ -19,6 +19,8 @@ pub struct RestoreOptions {
     pub allow_changed_files: bool,
     /// Restore into this network namespace (a /proc/PID/ns/net or /run/netns/NAME file).
     pub netns: Option<String>,
+    /// Told how many page bytes have been written (`Phase::Pages`).
+    pub progress: crate::Progress,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -26,7 +28,20 @@ pub struct RestoreReport {
     pub pid: i32,
     pub processes: usize,
     pub pages: u64,
+    pub bytes: u64,
+    /// From the start until the tree runs.
     pub restore_ms: f64,
+    /// Reading and checking the whole image (metadata, every page block, the files it
+    /// needs), before any process exists.
+    pub verify_ms: f64,
+    /// Recreating the mappings (and unlinked files) of every process.
+    pub layout_ms: f64,
+    /// Reading the page blocks and writing them into the processes.
+    pub pages_ms: f64,
+    /// Everything else: stubs, threads, registers, files, signals, attributes, resuming.
+    pub rest_ms: f64,
+    /// Page bytes over pages_ms.
+    pub gb_per_s: f64,
     /// Exit status of the restored process when not detached.
     pub exit_status: Option<i32>,
 }
@@ -66,11 +81,21 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let t0 = Instant::now();
     // Everything is checked before any process exists.
     let imgs = load(dir)?;
-    ImageReader::open(dir)?.verify_pages()?;
+    let (summary, index) = ImageReader::open(dir)?.verify_pages_indexed()?;
     for img in &imgs {
         memory::check_files(&img.mappings)?;
         files::check(&img.fds, opts.allow_changed_files)?;
+        if let Some(r) = &img.root {
+            if !Path::new(r).is_dir() {
+                return Err(EngineError::Failed(format!(
+                    "process {}: its root directory {r} is not a directory here",
+                    img.pid
+                )));
+            }
+        }
     }
+    let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let mut times = Timings::default();
     let root = imgs[0].pid;
     if let Some(ns) = &opts.netns {
         // This thread, the stubs it forks and the sockets it makes all live there.
@@ -133,11 +158,32 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
                 .ok_or_else(|| EngineError::Failed(format!("no parent for zombie {}", z.pid)))?;
             make_zombie(parent, z)?;
         }
-        let mut r = ImageReader::open(dir)?;
+        let path = dir.join("pages.fimg");
+        let mut pages_src = memory::Pages {
+            file: std::fs::File::open(&path)
+                .map_err(|e| EngineError::Failed(format!("opening {}: {e}", path.display())))?,
+            index,
+            next: 0,
+        };
         let mut shmem = HashMap::new();
         let mut pages = 0;
+        let total = summary.page_bytes;
+        let mut before = 0u64;
         for (t, img) in targets.iter_mut().zip(&imgs) {
-            pages += build(t, img, &mut r, &mut shmem, img.pid == root, &built)?;
+            let mut on_progress =
+                |n: u64| opts.progress.report(crate::Phase::Pages, before + n, total);
+            let n = build(
+                t,
+                img,
+                &mut pages_src,
+                &mut shmem,
+                img.pid == root,
+                &built,
+                &mut times,
+                &mut on_progress,
+            )?;
+            before += n * ferry_image::PAGE_SIZE as u64;
+            pages += n;
         }
         // Connections go live and their traffic flows again just before the tree resumes.
         built.go_live()?;
@@ -163,6 +209,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         t.frozen.resume();
     }
     let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let bytes = pages * ferry_image::PAGE_SIZE as u64;
     let exit_status = if opts.detach {
         None
     } else {
@@ -172,7 +219,13 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         pid: stub,
         processes: imgs.len(),
         pages,
+        bytes,
         restore_ms,
+        verify_ms,
+        layout_ms: times.layout_ms,
+        pages_ms: times.pages_ms,
+        rest_ms: restore_ms - verify_ms - times.layout_ms - times.pages_ms,
+        gb_per_s: bytes as f64 / (times.pages_ms / 1e3).max(1e-9) / 1e9,
         exit_status,
     })
 }
@@ -351,13 +404,23 @@ fn prepare(t: &mut Target, all: &[MappingImage]) -> Result<()> {
     Ok(())
 }
 
+/// Time spent in the memory phases of `build`, over all processes.
+#[derive(Debug, Default)]
+struct Timings {
+    layout_ms: f64,
+    pages_ms: f64,
+}
+
+#[allow(clippy::too_many_arguments)]
 fn build(
     t: &mut Target,
     img: &ProcessImage,
-    r: &mut ImageReader,
+    page_src: &mut memory::Pages,
     shmem: &mut HashMap<u64, (i32, u64, u64)>,
     is_root: bool,
     built: &crate::sockets::Built,
+    times: &mut Timings,
+    on_progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     let tid = t.pid;
     let base = img
@@ -367,18 +430,32 @@ fn build(
         .max()
         .unwrap_or(0)
         .max(3);
+    let tl = Instant::now();
     let ghosts = crate::ghost::restore(t, &img.ghosts, base)?;
     memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
+    let tp = Instant::now();
     let budget = img.mappings.iter().map(|m| m.pages_saved).sum();
-    let pages = memory::restore_pages(t.pid, r, budget)?;
+    let pages = memory::restore_pages(t.pid, page_src, budget, on_progress)?;
+    times.layout_ms += (tp - tl).as_secs_f64() * 1e3;
+    times.pages_ms += tp.elapsed().as_secs_f64() * 1e3;
     mm::restore(t, &img.mm, &img.exe)?;
-    files::restore(t, &img.fds, &img.pipes, &ghosts, built)?;
+    files::restore(t, &img.fds, &img.pipes, &img.fifos, &ghosts, built)?;
     let cwd = t.put_path(&img.cwd)?;
     t.sys(
         &format!("chdir to {}", img.cwd),
         libc::SYS_chdir,
         [cwd, 0, 0, 0, 0, 0],
     )?;
+    // Every path above is as the dumper saw it, from our root: the process enters its own
+    // root only now (and before its credentials may drop the right to).
+    if let Some(root) = &img.root {
+        let p = t.put_path(root)?;
+        t.sys(
+            &format!("chroot to {root}"),
+            libc::SYS_chroot,
+            [p, 0, 0, 0, 0, 0],
+        )?;
+    }
     t.sys("umask", libc::SYS_umask, [img.umask as u64, 0, 0, 0, 0, 0])?;
     let comm = t.put_path(&img.comm)?;
     t.sys(

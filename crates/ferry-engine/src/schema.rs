@@ -28,9 +28,16 @@ pub struct ProcessImage {
     pub fds: Vec<FdImage>,
     pub sigactions: Vec<SigactionImage>,
     pub cwd: String,
+    /// The root directory (chroot) as the dumper saw it, when it is not the dumper's `/`.
+    #[serde(default)]
+    pub root: Option<String>,
     pub umask: u32,
     #[serde(default)]
     pub pipes: Vec<PipeImage>,
+    /// FIFOs (named pipes) first held by this process in the tree, with their buffered bytes;
+    /// `inode` is the FIFO's inode on its file system.
+    #[serde(default)]
+    pub fifos: Vec<PipeImage>,
     /// Signals pending for the whole process: raw siginfo, hex, in queue order.
     #[serde(default)]
     pub shared_pending: Vec<String>,
@@ -131,6 +138,8 @@ pub enum MapKind {
     Vvar,
     VvarVclock,
     Vsyscall,
+    /// Private anonymous hugetlbfs memory (MAP_HUGETLB): recreated with the same page size.
+    Hugetlb,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -155,6 +164,16 @@ pub struct MappingImage {
     /// For a mapping of an unlinked file or memfd: its inode in `ProcessImage::ghosts`.
     #[serde(default)]
     pub ghost: Option<u64>,
+    /// madvise(2) advice in effect (from the smaps VmFlags), re-applied at restore:
+    /// `dontfork`, `wipeonfork`, `hugepage`, `nohugepage`, `dontdump`, `mergeable`.
+    #[serde(default)]
+    pub advice: Vec<String>,
+    /// Transparent huge pages in the mapping when dumped (smaps AnonHugePages), KiB.
+    #[serde(default)]
+    pub thp_kb: u64,
+    /// For `Hugetlb`: the size of its huge pages, KiB.
+    #[serde(default)]
+    pub huge_page_kb: u64,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -191,6 +210,10 @@ pub struct FdImage {
     /// For an unlinked file or memfd: its inode in `ProcessImage::ghosts`.
     #[serde(default)]
     pub ghost: Option<u64>,
+    /// For a FIFO opened by its path: its inode (data in `ProcessImage::fifos` of the first
+    /// process of the tree holding it).
+    #[serde(default)]
+    pub fifo: Option<u64>,
     /// For an eventfd: (counter, semaphore mode).
     #[serde(default)]
     pub eventfd: Option<(u64, bool)>,

@@ -116,6 +116,33 @@ impl MetaRecord {
     }
 }
 
+/// Where the data of one verified page block lies in `pages.fimg`
+/// ([`ImageReader::verify_pages_indexed`]): a reader of the file can then take any block
+/// straight from it, in any order and on several threads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct BlockIndex {
+    pub vaddr: u64,
+    /// Offset of the first data byte from the start of pages.fimg.
+    pub data_offset: u64,
+    pub data_len: u64,
+    /// The block's payload CRC as verified.
+    pub payload_crc: u32,
+}
+
+impl BlockIndex {
+    /// Do `data` (read again from the file) still match the block that was verified?
+    pub fn matches(&self, data: &[u8]) -> bool {
+        if data.len() as u64 != self.data_len {
+            return false;
+        }
+        let count = (self.data_len / PAGE_SIZE as u64) as u32;
+        let mut h = crc32fast::Hasher::new();
+        h.update(&format::encode_block_prefix(self.vaddr, count));
+        h.update(data);
+        h.finalize() == self.payload_crc
+    }
+}
+
 /// A run of consecutive pages starting at `vaddr` (page-aligned); `data.len()` is a non-zero
 /// multiple of [`PAGE_SIZE`] and at most [`MAX_BLOCK_PAGES`] pages.
 #[derive(Debug, Clone, PartialEq, Eq)]

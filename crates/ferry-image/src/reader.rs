@@ -422,6 +422,8 @@ pub struct ImageReader {
     pages_crc: crc32fast::Hasher,
     scratch: Vec<u8>,
     state: State,
+    /// Filled by `verify_pages_indexed`.
+    index: Option<Vec<crate::BlockIndex>>,
 }
 
 impl ImageReader {
@@ -461,6 +463,7 @@ impl ImageReader {
             pages_crc: crc32fast::Hasher::new(),
             scratch: Vec::new(),
             state: State::Reading,
+            index: None,
         })
     }
 
@@ -525,6 +528,18 @@ impl ImageReader {
     pub fn verify_pages(&mut self) -> Result<Summary, ImageError> {
         while self.step(None)?.is_some() {}
         Ok(self.pages_progress())
+    }
+
+    /// Like [`verify_pages`](Self::verify_pages), and also returns where the data of every
+    /// block lies in pages.fimg (offsets from its start, in stream order). Only meaningful for
+    /// a reader whose page stream is the file from its beginning (`open`).
+    pub fn verify_pages_indexed(
+        &mut self,
+    ) -> Result<(Summary, Vec<crate::BlockIndex>), ImageError> {
+        self.index = Some(Vec::new());
+        let s = self.verify_pages();
+        let index = self.index.take().unwrap_or_default();
+        s.map(|s| (s, index))
     }
 
     fn step(&mut self, keep: Option<&mut Vec<u8>>) -> Result<Option<u64>, ImageError> {
@@ -601,6 +616,7 @@ impl ImageReader {
             return Err(p.truncated_payload(&rec, n as u64));
         }
         h.update(&prefix);
+        let data_offset = p.offset;
         let data_len = rec.len - prefix_len;
         match keep {
             Some(out) => p.payload_keep(&rec, prefix_len, data_len, &mut h, out)?,
@@ -653,6 +669,14 @@ impl ImageReader {
         self.progress.pages += count;
         self.progress.page_bytes += data_len;
         self.pages_crc.update(&payload_crc.to_le_bytes());
+        if let Some(ix) = &mut self.index {
+            ix.push(crate::BlockIndex {
+                vaddr,
+                data_offset,
+                data_len,
+                payload_crc,
+            });
+        }
         Ok(Some(vaddr))
     }
 

@@ -459,3 +459,39 @@ fn golden_image_bytes() {
     assert_eq!(metas[0].tag, "process");
     assert_eq!(blocks[0].vaddr, 0x7f00_0000_1000);
 }
+
+#[test]
+fn the_block_index_points_at_each_blocks_data_in_pages_fimg() {
+    let a = pattern(3, 1);
+    let b = pattern(2, 2);
+    let img = write_image(|w| {
+        w.meta("m", "x").unwrap();
+        w.pages(0x40_0000, &a).unwrap();
+        w.pages(0x7f00_0000_0000, &b).unwrap();
+    });
+    let (summary, index) = open(&img.meta, &img.pages)
+        .unwrap()
+        .verify_pages_indexed()
+        .unwrap();
+    assert_eq!(summary, img.summary);
+    assert_eq!(index.len(), 2);
+    for (ix, data) in index.iter().zip([&a, &b]) {
+        let at = ix.data_offset as usize;
+        let got = &img.pages[at..at + ix.data_len as usize];
+        assert_eq!(got, &data[..]);
+        assert!(ix.matches(got));
+        let mut bad = got.to_vec();
+        bad[4096] ^= 1;
+        assert!(!ix.matches(&bad), "a changed byte is noticed");
+    }
+    assert_eq!(index[0].vaddr, 0x40_0000);
+    assert_eq!(index[1].vaddr, 0x7f00_0000_0000);
+    // A bad image gives an error, not an index.
+    let mut pages = img.pages.clone();
+    let n = pages.len();
+    pages[n - 5] ^= 0x10;
+    assert!(open(&img.meta, &pages)
+        .unwrap()
+        .verify_pages_indexed()
+        .is_err());
+}

@@ -155,6 +155,63 @@ pub fn read_maps(pid: i32) -> Result<Vec<Mapping>> {
     parse_maps(&read_proc(pid, "maps")?)
 }
 
+/// What `/proc/PID/smaps` adds to a mapping: its VmFlags (two-letter codes such as `dc`, `wf`,
+/// `hg`, `ht`), its kernel page size and its transparent huge pages.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SmapsEntry {
+    pub start: u64,
+    pub end: u64,
+    pub vm_flags: Vec<String>,
+    pub kernel_page_kb: u64,
+    pub anon_huge_kb: u64,
+}
+
+/// Parse the text of `/proc/PID/smaps`.
+pub fn parse_smaps(text: &str) -> Result<Vec<SmapsEntry>> {
+    let mut out: Vec<SmapsEntry> = Vec::new();
+    for line in text.lines() {
+        let Some((k, v)) = line.split_once(':') else {
+            continue;
+        };
+        // A mapping's header starts with its range; field lines with a capitalised name.
+        if k.starts_with(|c: char| c.is_ascii_hexdigit() && !c.is_ascii_uppercase())
+            && k.contains('-')
+        {
+            let m = parse_map_line(line)?;
+            out.push(SmapsEntry {
+                start: m.start,
+                end: m.end,
+                kernel_page_kb: 4,
+                ..Default::default()
+            });
+            continue;
+        }
+        let Some(cur) = out.last_mut() else {
+            return Err(Error::Parse(format!(
+                "smaps field before any mapping: {line:?}"
+            )));
+        };
+        let kb = || {
+            v.trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse::<u64>()
+                .map_err(|_| Error::Parse(format!("malformed smaps line: {line:?}")))
+        };
+        match k {
+            "VmFlags" => cur.vm_flags = v.split_whitespace().map(str::to_string).collect(),
+            "KernelPageSize" => cur.kernel_page_kb = kb()?,
+            "AnonHugePages" => cur.anon_huge_kb = kb()?,
+            _ => {}
+        }
+    }
+    Ok(out)
+}
+
+pub fn read_smaps(pid: i32) -> Result<Vec<SmapsEntry>> {
+    parse_smaps(&read_proc(pid, "smaps")?)
+}
+
 /// The fields of `/proc/PID/status` that Ferry acts on.
 #[derive(Debug, Clone)]
 pub struct Status {
@@ -264,6 +321,29 @@ mod tests {
         assert_eq!(m[2].name(), "memfd:jit (deleted)");
         assert_eq!(m[3].kind, MapKind::Anonymous);
         assert!(!m[3].read);
+    }
+
+    #[test]
+    fn parses_smaps() {
+        let text =
+            "7f7e27400000-7f7e27800000 rw-p 00000000 00:11 135451     /anon_hugepage (deleted)\n\
+                    Size:               4096 kB\n\
+                    KernelPageSize:     2048 kB\n\
+                    AnonHugePages:         0 kB\n\
+                    VmFlags: rd wr mr mw me de ht \n\
+                    7f7e27800000-7f7e27c00000 rw-p 00000000 00:00 0 \n\
+                    KernelPageSize:        4 kB\n\
+                    AnonHugePages:      4096 kB\n\
+                    VmFlags: rd wr mr mw me ac hg\n";
+        let s = parse_smaps(text).unwrap();
+        assert_eq!(s.len(), 2);
+        assert_eq!(s[0].kernel_page_kb, 2048);
+        assert!(s[0].vm_flags.iter().any(|f| f == "ht"));
+        assert_eq!((s[1].start, s[1].anon_huge_kb), (0x7f7e27800000, 4096));
+        assert_eq!(s[1].vm_flags.last().map(String::as_str), Some("hg"));
+        let me = read_smaps(std::process::id() as i32).unwrap();
+        assert!(me.iter().any(|e| e.vm_flags.iter().any(|f| f == "rd")));
+        assert!(parse_smaps("VmFlags: rd\n").is_err());
     }
 
     #[test]

@@ -3,7 +3,8 @@
 use anyhow::Result;
 use clap::Args;
 use ferry_engine::dump::Leave;
-use ferry_engine::{DumpOptions, RestoreOptions};
+use ferry_engine::{DumpOptions, Phase, Progress, RestoreOptions};
+use std::io::IsTerminal;
 use std::path::PathBuf;
 
 #[derive(Args)]
@@ -22,6 +23,9 @@ pub struct DumpArgs {
     leave_stopped: bool,
     #[arg(long)]
     json: bool,
+    /// No progress on stderr (a bar is drawn only when stderr is a terminal anyway).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -41,6 +45,9 @@ pub struct RestoreArgs {
     netns: Option<String>,
     #[arg(long)]
     json: bool,
+    /// No progress on stderr (a bar is drawn only when stderr is a terminal anyway).
+    #[arg(long, short)]
+    quiet: bool,
 }
 
 #[derive(Args)]
@@ -54,6 +61,34 @@ pub struct ImageShowArgs {
     json: bool,
 }
 
+/// A progress bar on stderr when it is a terminal and not `quiet`; it clears itself when the
+/// phase completes, so nothing of it remains beside the process's own output.
+fn progress_bar(quiet: bool) -> (Option<indicatif::ProgressBar>, Progress) {
+    if quiet || !std::io::stderr().is_terminal() {
+        return (None, Progress::default());
+    }
+    let bar =
+        indicatif::ProgressBar::with_draw_target(None, indicatif::ProgressDrawTarget::stderr());
+    if let Ok(style) = indicatif::ProgressStyle::with_template(
+        "{msg:>6} [{wide_bar}] {bytes}/{total_bytes} {binary_bytes_per_sec}",
+    ) {
+        bar.set_style(style.progress_chars("=> "));
+    }
+    let b = bar.clone();
+    let progress = Progress::new(move |phase, done, total| {
+        b.set_message(match phase {
+            Phase::Memory => "memory",
+            Phase::Pages => "pages",
+        });
+        b.set_length(total);
+        b.set_position(done);
+        if done >= total && phase == Phase::Pages {
+            b.finish_and_clear();
+        }
+    });
+    (Some(bar), progress)
+}
+
 pub fn dump(a: DumpArgs) -> Result<u8> {
     let leave = if a.leave_running {
         Leave::Running
@@ -62,12 +97,19 @@ pub fn dump(a: DumpArgs) -> Result<u8> {
     } else {
         Leave::Killed
     };
-    eprintln!(
-        "ferry: dumping process {} into {}",
-        a.pid,
-        a.images.display()
-    );
-    let r = ferry_engine::dump(a.pid, &a.images, &DumpOptions { leave })?;
+    if !a.quiet {
+        eprintln!(
+            "ferry: dumping process {} into {}",
+            a.pid,
+            a.images.display()
+        );
+    }
+    let (bar, progress) = progress_bar(a.quiet);
+    let r = ferry_engine::dump(a.pid, &a.images, &DumpOptions { leave, progress });
+    if let Some(b) = bar {
+        b.finish_and_clear();
+    }
+    let r = r?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {
@@ -95,23 +137,34 @@ pub fn restore(a: RestoreArgs) -> Result<u8> {
             detach: a.detach,
             allow_changed_files: a.allow_changed_files,
             netns: a.netns.clone(),
+            progress: progress_bar(a.quiet).1,
         },
     )?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else if a.detach {
-        println!(
-            "restored process {} ({} pages) in {:.1} ms",
-            r.pid, r.pages, r.restore_ms
-        );
-    } else {
-        eprintln!(
-            "ferry: restored process {} ({} pages) in {:.1} ms",
-            r.pid, r.pages, r.restore_ms
-        );
+        println!("{}", restored_line(&r));
+    } else if !a.quiet {
+        eprintln!("ferry: {}", restored_line(&r));
     }
     // Without --detach, pass on the restored process's exit status.
     Ok(r.exit_status.map(|s| s.clamp(0, 255) as u8).unwrap_or(0))
+}
+
+fn restored_line(r: &ferry_engine::RestoreReport) -> String {
+    format!(
+        "restored process {} ({} pages, {:.1} MiB) in {:.1} ms: verify {:.1} ms, layout {:.1} ms, \
+         pages {:.1} ms ({:.2} GB/s), rest {:.1} ms",
+        r.pid,
+        r.pages,
+        r.bytes as f64 / 1048576.0,
+        r.restore_ms,
+        r.verify_ms,
+        r.layout_ms,
+        r.pages_ms,
+        r.gb_per_s,
+        r.rest_ms
+    )
 }
 
 pub fn image_show(a: ImageShowArgs) -> Result<u8> {
@@ -157,8 +210,16 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
     );
     for p in &procs {
         println!(
-            "process {} ({}) ppid {} exe {} cwd {}",
-            p.pid, p.comm, p.ppid, p.exe, p.cwd
+            "process {} ({}) ppid {} exe {} cwd {}{}",
+            p.pid,
+            p.comm,
+            p.ppid,
+            p.exe,
+            p.cwd,
+            p.root
+                .as_ref()
+                .map(|r| format!(" root {r}"))
+                .unwrap_or_default()
         );
         for t in &p.threads {
             println!(
@@ -169,7 +230,7 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
         println!("  mappings:");
         for m in &p.mappings {
             println!(
-                "    {:#014x}-{:#014x} {}{}{}{} {:<11} {:>7} pages saved  {}",
+                "    {:#014x}-{:#014x} {}{}{}{} {:<11} {:>7} pages saved  {}{}",
                 m.start,
                 m.end,
                 if m.read { 'r' } else { '-' },
@@ -178,7 +239,12 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
                 if m.shared { 's' } else { 'p' },
                 format!("{:?}", m.kind).to_lowercase(),
                 m.pages_saved,
-                m.path.as_deref().unwrap_or("")
+                m.path.as_deref().unwrap_or(""),
+                if m.advice.is_empty() {
+                    String::new()
+                } else {
+                    format!(" [{}]", m.advice.join(","))
+                }
             );
         }
         println!("  fds:");

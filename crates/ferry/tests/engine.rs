@@ -163,6 +163,20 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
     );
     let rep: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
     assert_eq!(rep["left"], "killed");
+    for k in [
+        "freeze_ms",
+        "collect_ms",
+        "memory_ms",
+        "verify_ms",
+        "frozen_ms",
+        "gb_per_s",
+    ] {
+        assert!(rep[k].as_f64().is_some_and(|v| v > 0.0), "{k}: {rep}");
+    }
+    assert_eq!(
+        rep["bytes"].as_u64().unwrap(),
+        rep["pages"].as_u64().unwrap() * 4096
+    );
     assert!(rep["pages"].as_u64().unwrap() >= 1100, "{rep}");
     child.wait().unwrap(); // reap: the PID must be free for the restore
     let show = ferry(&["image", "show", img.to_str().unwrap(), "--verify"]);
@@ -188,6 +202,16 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
     );
     let rr: serde_json::Value = serde_json::from_slice(&r.stdout).unwrap();
     assert_eq!(rr["pid"].as_u64().unwrap(), pid as u64, "same PID");
+    // Phases with timings: they add up to the whole.
+    let ms = |k: &str| {
+        rr[k]
+            .as_f64()
+            .unwrap_or_else(|| panic!("no {k} in the restore report: {rr}"))
+    };
+    let parts = ms("verify_ms") + ms("layout_ms") + ms("pages_ms") + ms("rest_ms");
+    assert!((parts - ms("restore_ms")).abs() < 1.0, "{rr}");
+    assert!(ms("pages_ms") > 0.0 && ms("gb_per_s") > 0.0, "{rr}");
+    assert_eq!(rr["bytes"], rep["bytes"], "{rr} {rep}");
     assert!(alive(pid));
     std::thread::sleep(Duration::from_millis(100));
 
@@ -579,4 +603,252 @@ fn avx512_registers_survive_in_a_busy_loop() {
 #[test]
 fn eventfds_survive() {
     fixture_survives("evfd");
+}
+
+/// Regular files: an O_APPEND fd whose offset was moved back (appends still go to the end), a
+/// read-write fd with its offset and a dup sharing it, a read-only close-on-exec fd.
+#[test]
+fn file_offsets_and_appends_survive() {
+    fixture_survives("files");
+}
+
+/// Children with a parent-death signal, one of them with dropped credentials (which clear the
+/// setting when they change): both still have it, under the same parent.
+#[test]
+fn parent_death_signals_of_children_survive() {
+    fixture_survives("pdeath");
+}
+
+/// madvise advice (DONTFORK, WIPEONFORK, HUGEPAGE, NOHUGEPAGE, DONTDUMP, MERGEABLE) is back in
+/// the VmFlags and acts on fork; the HUGEPAGE region's transparent huge pages are reported.
+#[test]
+fn madvise_advice_survives() {
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("madv", "madv");
+    let pid = child.id();
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    let show: serde_json::Value =
+        serde_json::from_slice(&ferry(&["image", "show", img.to_str().unwrap(), "--json"]).stdout)
+            .unwrap();
+    let advice: Vec<String> = show["processes"][0]["mappings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|m| m["advice"].as_array().cloned().unwrap_or_default())
+        .map(|a| a.as_str().unwrap().to_string())
+        .collect();
+    for a in [
+        "dontfork",
+        "wipeonfork",
+        "hugepage",
+        "nohugepage",
+        "dontdump",
+    ] {
+        assert!(
+            advice.iter().any(|x| x == a),
+            "{a} not recorded: {advice:?}"
+        );
+    }
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    eprintln!("{}", s.lines().find(|l| l.starts_with("thp")).unwrap_or(""));
+}
+
+/// Sets a sysctl for the time of a test and puts the old value back, even on failure.
+struct Sysctl {
+    path: &'static str,
+    old: String,
+}
+
+impl Sysctl {
+    fn set(path: &'static str, value: &str) -> std::io::Result<Sysctl> {
+        let old = std::fs::read_to_string(path)?;
+        std::fs::write(path, value)?;
+        Ok(Sysctl { path, old })
+    }
+}
+
+impl Drop for Sysctl {
+    fn drop(&mut self) {
+        let _ = std::fs::write(self.path, self.old.trim());
+    }
+}
+
+/// Private MAP_HUGETLB memory comes back as hugetlb memory with its data; shared hugetlb
+/// memory is refused at dump with an error naming the process and the mapping, and the
+/// process runs on.
+#[test]
+fn hugetlb_memory_survives_and_shared_hugetlb_is_refused() {
+    let _pages = match Sysctl::set("/proc/sys/vm/nr_hugepages", "64") {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("cannot reserve huge pages ({e}): the test checks nothing here");
+            return;
+        }
+    };
+    let free = std::fs::read_to_string("/proc/meminfo")
+        .unwrap()
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("HugePages_Free:")
+                .map(|v| v.trim().parse::<u64>())
+        })
+        .and_then(|v| v.ok())
+        .unwrap_or(0);
+    if free < 4 {
+        eprintln!("only {free} free huge pages: the test checks nothing here");
+        return;
+    }
+    fixture_survives("hugetlb");
+
+    let dir = tmpdir("hugetlb-shared");
+    let bin = dir.join("hugetlb-shared");
+    let st = Command::new("musl-gcc")
+        .args(["-static", "-O2", "-DSHARED", "-o"])
+        .arg(&bin)
+        .arg(format!("{FIXTURES}/hugetlb.c"))
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let out = dir.join("out.txt");
+    let mut child = start(&bin, &out);
+    let text = wait_for(&out, "ready");
+    let addr = text.trim().trim_start_matches("ready 0x").to_string();
+    let img = dir.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &child.id().to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(d.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(
+        err.contains(&format!("process {}", child.id()))
+            && err.contains(&addr)
+            && err.contains("shared hugetlbfs"),
+        "{err}"
+    );
+    assert!(!img.exists(), "no image left behind");
+    assert!(alive(child.id()), "the process runs on");
+    kill(child.id(), "USR1");
+    assert!(child.wait().unwrap().success());
+    assert!(wait_for(&out, "PASS").contains("PASS"));
+}
+
+/// FIFOs opened by their path: one shared by a parent (reading) and its child (writing) with
+/// bytes in flight, one with both ends in one process; reopened at their paths with their
+/// bytes and flags.
+#[test]
+fn fifos_with_bytes_in_flight_survive() {
+    fixture_survives("fifo");
+}
+
+/// A process in a chroot jail, with its cwd and an open file inside: still jailed after the
+/// restore, the file reopened through the host path the dump saw.
+#[test]
+fn a_chrooted_process_stays_in_its_jail() {
+    fixture_survives("chroot");
+}
+
+/// Run `cmd` under a pseudo-terminal (util-linux `script`); returns what the terminal showed.
+fn on_terminal(cmd: &str, typescript: &Path) -> std::process::ExitStatus {
+    Command::new("script")
+        .args(["-qec", cmd])
+        .arg(typescript)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .status()
+        .expect("script (util-linux)")
+}
+
+/// Progress bars on stderr when it is a terminal (memory of a dump, pages of a restore), and
+/// nothing extra when it is not; `--quiet` silences stderr altogether.
+#[test]
+fn progress_is_shown_on_a_terminal_only() {
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("progress", "memstate");
+    let pid = child.id();
+    let ferry_bin = env!("CARGO_BIN_EXE_ferry");
+    let img = dir.join("img1");
+    let ts = dir.join("dump.typescript");
+    let st = on_terminal(
+        &format!(
+            "{ferry_bin} dump --pid {pid} --images {} --leave-running",
+            img.display()
+        ),
+        &ts,
+    );
+    assert!(st.success());
+    let shown = String::from_utf8_lossy(&std::fs::read(&ts).unwrap()).into_owned();
+    assert!(
+        shown.contains("memory [") && shown.contains("dumped process"),
+        "{shown}"
+    );
+    assert!(alive(pid));
+    // Not a terminal: no bar.
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        dir.join("img2").to_str().unwrap(),
+        "--leave-running",
+    ]);
+    assert!(d.status.success());
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(
+        !err.contains("memory [") && err.lines().count() == 1,
+        "{err}"
+    );
+    let img = dir.join("img3");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+        "--quiet",
+    ]);
+    assert!(d.status.success());
+    assert!(
+        d.stderr.is_empty(),
+        "{}",
+        String::from_utf8_lossy(&d.stderr)
+    );
+    child.wait().unwrap();
+    // The restore waits for the process (so that the terminal outlives it).
+    let ts = dir.join("restore.typescript");
+    let cmd = format!("{ferry_bin} restore --images {}", img.display());
+    let waiter = std::thread::spawn(move || on_terminal(&cmd, &ts).success().then_some(ts));
+    let end = Instant::now() + Duration::from_secs(10);
+    while !alive(pid) {
+        assert!(Instant::now() < end, "restored process never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let ts = waiter.join().unwrap().expect("restore under a terminal");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    let shown = String::from_utf8_lossy(&std::fs::read(&ts).unwrap()).into_owned();
+    assert!(
+        shown.contains("pages [") && shown.contains("restored process"),
+        "{shown}"
+    );
 }
