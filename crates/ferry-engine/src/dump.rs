@@ -207,7 +207,79 @@ fn freeze_tree(pid: i32, zombies: &mut Vec<ZombieImage>) -> Result<Vec<Frozen>> 
     Ok(tree)
 }
 
-pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
+/// What `dump_into` measured.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DumpStats {
+    pub processes: usize,
+    pub threads: usize,
+    pub mappings: usize,
+    pub freeze_ms: f64,
+    pub collect_ms: f64,
+    pub memory_ms: f64,
+}
+
+/// For pre-copy: per process, the memory the receiver already holds (tracked ranges) and the
+/// parts of it written since (dirty ranges), decided once the tree is frozen.
+pub type DeltaFn<'a> = dyn FnMut(i32) -> Result<Option<memory::Delta>> + 'a;
+
+/// A frozen tree whose image has been written. `kill` ends it (it lives on elsewhere);
+/// dropping it, or `resume`, lets it run on as before.
+pub struct Held {
+    // Dropped first: sockets leave repair mode and traffic flows before the tree resumes.
+    net: NetGuard,
+    tree: Vec<Frozen>,
+    ppids: Vec<i32>,
+    zombies: Vec<ZombieImage>,
+    since: Instant,
+}
+
+impl Held {
+    pub fn pids(&self) -> Vec<i32> {
+        self.tree.iter().map(|f| f.pid()).collect()
+    }
+
+    /// Time since the tree was frozen.
+    pub fn frozen_ms(&self) -> f64 {
+        self.since.elapsed().as_secs_f64() * 1e3
+    }
+
+    /// Kill the tree, children first; their connections stay blocked for the restore.
+    pub fn kill(mut self) {
+        kill_tree(std::mem::take(&mut self.tree), &self.ppids, &self.zombies);
+        // Closed still in repair mode: the peers hear nothing.
+        self.net.keep_blocked();
+    }
+
+    /// Let the tree run on.
+    pub fn resume(mut self) {
+        self.net.release();
+        for f in std::mem::take(&mut self.tree) {
+            f.resume();
+        }
+    }
+
+    /// Leave the tree stopped by SIGSTOP.
+    pub fn stop(mut self) {
+        self.net.release();
+        for f in std::mem::take(&mut self.tree) {
+            // SAFETY: kill(2) has no memory effects; SIGSTOP takes effect at the detach.
+            unsafe {
+                libc::kill(f.pid(), libc::SIGSTOP);
+            }
+            f.resume();
+        }
+    }
+}
+
+/// Freeze the tree of `pid` and write its image into `w` (not finished: the caller commits
+/// it). With `delta`, tracked memory contributes only its dirty pages. On error the tree runs
+/// on untouched.
+pub fn dump_into(
+    pid: i32,
+    w: &mut ImageWriter,
+    progress: &crate::Progress,
+    mut delta: Option<&mut DeltaFn>,
+) -> Result<(Held, DumpStats)> {
     let t0 = Instant::now();
     procfs::check_inspectable(pid)?;
     // Any error from here on drops the Frozen processes, which resumes them untouched.
@@ -237,48 +309,74 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let nmaps: usize = collected.iter().map(|c| c.1.len()).sum();
     // What the memory phase will read, roughly: the tree's resident anonymous and shared memory.
     let expected: u64 = pids.iter().map(|&p| resident_kb(p) * 1024).sum();
-    let mut w = ImageWriter::create(dir)?;
     let tm = Instant::now();
     let collect_ms = (tm - tf).as_secs_f64() * 1e3;
     let mut read_so_far = 0u64;
     let mut on_chunk = |n: u64| {
         read_so_far += n;
-        opts.progress
-            .report(crate::Phase::Memory, read_so_far, expected.max(read_so_far));
+        progress.report(crate::Phase::Memory, read_so_far, expected.max(read_so_far));
     };
     // Pages are written process by process: a restore reads them back in the same order.
-    let written = collected
-        .into_iter()
-        .try_for_each(|(mut img, maps)| {
-            let (mappings, _) =
-                memory::dump(img.pid, &maps, &mut w, &mut img.ghosts, &mut on_chunk)?;
-            img.mappings = mappings;
-            w.meta(TAG_PROCESS, &img)?;
-            Ok::<(), EngineError>(())
-        })
-        .and_then(|_| {
-            for z in &zombies {
-                w.meta(TAG_ZOMBIE, z)?;
-            }
-            Ok(())
-        });
-    if let Err(e) = written {
-        // Leave no half-written image behind; the tree resumes on drop.
-        drop(w);
-        let _ = std::fs::remove_dir_all(dir);
-        return Err(e);
+    for (mut img, maps) in collected {
+        let d = match delta.as_mut() {
+            Some(f) => f(img.pid)?,
+            None => None,
+        };
+        let (mappings, _) = memory::dump(
+            img.pid,
+            &maps,
+            w,
+            &mut img.ghosts,
+            &mut on_chunk,
+            d.as_ref(),
+        )?;
+        img.mappings = mappings;
+        w.meta(TAG_PROCESS, &img)?;
+    }
+    for z in &zombies {
+        w.meta(TAG_ZOMBIE, z)?;
     }
     let memory_ms = tm.elapsed().as_secs_f64() * 1e3;
+    Ok((
+        Held {
+            net,
+            tree,
+            ppids,
+            zombies,
+            since: tf,
+        },
+        DumpStats {
+            processes: pids.len(),
+            threads,
+            mappings: nmaps,
+            freeze_ms,
+            collect_ms,
+            memory_ms,
+        },
+    ))
+}
+
+pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
+    let t0 = Instant::now();
+    procfs::check_inspectable(pid)?;
+    let mut w = ImageWriter::create(dir)?;
+    let (held, st) = match dump_into(pid, &mut w, &opts.progress, None) {
+        Ok(x) => x,
+        Err(e) => {
+            // Leave no half-written image behind; the tree has resumed.
+            drop(w);
+            let _ = std::fs::remove_dir_all(dir);
+            return Err(e);
+        }
+    };
     // A process that keeps running needs nothing more from us: let it go before the image is
     // synced and verified.
-    let mut tree = Some(tree);
+    let mut held = Some(held);
     let mut frozen_ms = 0.0;
     if opts.leave == Leave::Running {
-        net.release();
-        for f in tree.take().unwrap_or_default() {
-            f.resume();
-        }
-        frozen_ms = tf.elapsed().as_secs_f64() * 1e3;
+        let h = held.take().unwrap();
+        frozen_ms = h.frozen_ms();
+        h.resume();
     }
     // The process is killed only after the image is synced and reads back whole.
     let tv = Instant::now();
@@ -296,45 +394,35 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
         }
     };
     let verify_ms = tv.elapsed().as_secs_f64() * 1e3;
-    let left = match (opts.leave, tree.take()) {
-        (Leave::Killed, Some(t)) => {
-            kill_tree(t, &ppids, &zombies);
-            // Closed still in repair mode: the peers hear nothing, and stay blocked until
-            // the restore.
-            net.keep_blocked();
+    if let Some(h) = &held {
+        frozen_ms = h.frozen_ms();
+    }
+    let left = match (opts.leave, held) {
+        (Leave::Killed, Some(h)) => {
+            h.kill();
             "killed"
         }
-        (Leave::Stopped, Some(t)) => {
-            net.release();
-            for f in t {
-                // SAFETY: kill(2) has no memory effects; SIGSTOP takes effect at the detach.
-                unsafe {
-                    libc::kill(f.pid(), libc::SIGSTOP);
-                }
-                f.resume();
-            }
+        (Leave::Stopped, Some(h)) => {
+            h.stop();
             "stopped"
         }
         _ => "running",
     };
-    if frozen_ms == 0.0 {
-        frozen_ms = tf.elapsed().as_secs_f64() * 1e3;
-    }
     let total = t0.elapsed().as_secs_f64();
     Ok(DumpReport {
         pid,
-        processes: pids.len(),
-        threads,
-        mappings: nmaps,
+        processes: st.processes,
+        threads: st.threads,
+        mappings: st.mappings,
         pages: summary.pages,
         bytes: summary.page_bytes,
         frozen_ms,
-        freeze_ms,
-        collect_ms,
-        memory_ms,
+        freeze_ms: st.freeze_ms,
+        collect_ms: st.collect_ms,
+        memory_ms: st.memory_ms,
         verify_ms,
         total_ms: total * 1e3,
-        gb_per_s: summary.page_bytes as f64 / (memory_ms / 1e3).max(1e-9) / 1e9,
+        gb_per_s: summary.page_bytes as f64 / (st.memory_ms / 1e3).max(1e-9) / 1e9,
         left: left.into(),
     })
 }

@@ -17,6 +17,7 @@ pub mod memory;
 pub mod mm;
 pub mod namespaces;
 pub mod netblock;
+pub mod precopy;
 pub mod progress;
 pub mod regs;
 pub mod schema;
@@ -26,9 +27,9 @@ pub mod sockets;
 pub mod dump;
 pub mod restore;
 
-pub use dump::{dump, DumpOptions, DumpReport};
+pub use dump::{dump, dump_into, DumpOptions, DumpReport, DumpStats, Held};
 pub use progress::{Phase, Progress};
-pub use restore::{restore, RestoreOptions, RestoreReport};
+pub use restore::{restore, restore_held, BasePages, RestoreOptions, RestoreReport, Restored};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -38,6 +38,30 @@ fn kind_of(m: &Mapping) -> MapKind {
     }
 }
 
+/// Pre-copy: memory the receiver of the image holds already (`tracked`, whole mappings) and
+/// the pages of it written since it was sent (`dirty`). A tracked mapping contributes only
+/// its dirty pages, zero or not (a zero page may replace older contents).
+#[derive(Debug, Clone, Default)]
+pub struct Delta {
+    pub tracked: Vec<(u64, u64)>,
+    pub dirty: Vec<(u64, u64)>,
+}
+
+impl Delta {
+    fn covers(&self, start: u64, end: u64) -> bool {
+        self.tracked.iter().any(|&(s, e)| s <= start && end <= e)
+    }
+
+    /// Dirty page runs inside [start, end).
+    fn dirty_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
+        self.dirty
+            .iter()
+            .filter(|&&(s, e)| s < end && e > start)
+            .map(|&(s, e)| (s.max(start), e.min(end)))
+            .collect()
+    }
+}
+
 /// A run of pages read from the process, on its way to the image.
 struct Chunk {
     addr: u64,
@@ -58,6 +82,7 @@ pub fn dump(
     w: &mut ImageWriter,
     ghosts: &mut Vec<crate::schema::GhostFile>,
     on_chunk: &mut dyn FnMut(u64),
+    delta: Option<&Delta>,
 ) -> Result<(Vec<MappingImage>, u64)> {
     let mut out = Vec::new();
     let smaps = procfs::read_smaps(pid)?;
@@ -121,7 +146,7 @@ pub fn dump(
         let free_tx = free_tx;
         let out_ref = &out;
         s.spawn(move || {
-            let r = read_all(pid, maps, out_ref, &full_tx, &free_rx);
+            let r = read_all(pid, maps, out_ref, &full_tx, &free_rx, delta);
             if let Err(e) = r {
                 let _ = full_tx.send(Err(e));
             }
@@ -243,10 +268,38 @@ fn read_all(
     imgs: &[MappingImage],
     tx: &std::sync::mpsc::SyncSender<Result<Chunk>>,
     free: &std::sync::mpsc::Receiver<Vec<u8>>,
+    delta: Option<&Delta>,
 ) -> Result<()> {
     let per = CHUNK / PAGE_SIZE;
     for (mi, (m, img)) in maps.iter().zip(imgs).enumerate() {
         if !saves_pages(img) {
+            continue;
+        }
+        if let Some(d) = delta.filter(|d| d.covers(m.start, m.end)) {
+            for (s, e) in d.dirty_in(m.start, m.end) {
+                let mut a = s;
+                while a < e {
+                    let len = ((e - a) as usize).min(CHUNK);
+                    let Ok(mut buf) = free.recv() else {
+                        return Ok(());
+                    };
+                    let chunk = &mut buf[..len];
+                    if !m.read || read_mem(pid, a, chunk)? != len {
+                        read_mem_forced(pid, a, chunk)?;
+                    }
+                    let c = Chunk {
+                        addr: a,
+                        len,
+                        skip_zero: false,
+                        mapping: mi,
+                        buf,
+                    };
+                    if tx.send(Ok(c)).is_err() {
+                        return Ok(());
+                    }
+                    a += len as u64;
+                }
+            }
             continue;
         }
         let kind = img.kind;

@@ -21,9 +21,76 @@ pub struct RestoreOptions {
     pub netns: Option<String>,
     /// Told how many page bytes have been written (`Phase::Pages`).
     pub progress: crate::Progress,
+    /// Pages held apart from the image (pre-copy rounds), written into each process before
+    /// the image's own pages.
+    pub base: Option<std::sync::Arc<dyn BasePages>>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+/// Pages of the restored processes that are not in the image: what pre-copy rounds sent.
+pub trait BasePages: Send + Sync {
+    /// Hand every page held for process `pid` to `write(address, bytes)`; returns the count.
+    fn write_into(&self, pid: i32, write: &mut dyn FnMut(u64, &[u8]) -> Result<()>)
+        -> Result<u64>;
+}
+
+impl std::fmt::Debug for dyn BasePages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("BasePages")
+    }
+}
+
+/// A rebuilt tree, complete but not running yet. `resume` lets it run; dropping it kills
+/// every process of it.
+pub struct Restored {
+    targets: Vec<Target>,
+    stub: i32,
+    built: crate::sockets::Built,
+    root: i32,
+    pub report: RestoreReport,
+    t0: Instant,
+}
+
+impl Restored {
+    /// Connections go live, their traffic flows again, and the tree runs.
+    pub fn resume(mut self) -> Result<RestoreReport> {
+        let r = self
+            .built
+            .go_live()
+            .and_then(|_| crate::netblock::lift_here(&crate::netblock::table_name(self.root)));
+        if let Err(e) = r {
+            return Err(EngineError::Failed(format!(
+                "restore of process {}: making its connections live: {e}",
+                self.root
+            )));
+        }
+        // Children first, so that nothing of the tree runs before all of it exists.
+        for t in std::mem::take(&mut self.targets).into_iter().rev() {
+            t.frozen.resume();
+        }
+        self.report.restore_ms = self.t0.elapsed().as_secs_f64() * 1e3;
+        self.report.rest_ms = self.report.restore_ms
+            - self.report.verify_ms
+            - self.report.layout_ms
+            - self.report.pages_ms;
+        Ok(self.report.clone())
+    }
+}
+
+impl Drop for Restored {
+    fn drop(&mut self) {
+        if self.targets.is_empty() {
+            return;
+        }
+        for t in std::mem::take(&mut self.targets).into_iter().rev() {
+            let pid = t.pid;
+            t.frozen.kill();
+            kill_reap(pid);
+        }
+        kill_reap(self.stub);
+    }
+}
+
+#[derive(Debug, Clone, Default, Serialize)]
 pub struct RestoreReport {
     pub pid: i32,
     pub processes: usize,
@@ -77,7 +144,9 @@ pub fn load(dir: &Path) -> Result<Vec<ProcessImage>> {
     Ok(procs)
 }
 
-pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
+/// Rebuild the tree of the image in `dir`, complete but stopped: the caller resumes it (or
+/// drops it, which kills it).
+pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
     // Everything is checked before any process exists.
     let imgs = load(dir)?;
@@ -181,13 +250,11 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
                 &built,
                 &mut times,
                 &mut on_progress,
+                opts.base.as_deref(),
             )?;
             before += n * ferry_image::PAGE_SIZE as u64;
             pages += n;
         }
-        // Connections go live and their traffic flows again just before the tree resumes.
-        built.go_live()?;
-        crate::netblock::lift_here(&crate::netblock::table_name(root))?;
         Ok(pages)
     })();
     let pages = match result {
@@ -204,30 +271,39 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
             )));
         }
     };
-    // Children first, so that nothing of the tree runs before all of it exists.
-    for t in targets.into_iter().rev() {
-        t.frozen.resume();
-    }
-    let restore_ms = t0.elapsed().as_secs_f64() * 1e3;
     let bytes = pages * ferry_image::PAGE_SIZE as u64;
-    let exit_status = if opts.detach {
-        None
-    } else {
-        Some(wait_exit(stub))
-    };
-    Ok(RestoreReport {
-        pid: stub,
-        processes: imgs.len(),
-        pages,
-        bytes,
-        restore_ms,
-        verify_ms,
-        layout_ms: times.layout_ms,
-        pages_ms: times.pages_ms,
-        rest_ms: restore_ms - verify_ms - times.layout_ms - times.pages_ms,
-        gb_per_s: bytes as f64 / (times.pages_ms / 1e3).max(1e-9) / 1e9,
-        exit_status,
+    Ok(Restored {
+        targets,
+        stub,
+        built,
+        root,
+        report: RestoreReport {
+            pid: stub,
+            processes: imgs.len(),
+            pages,
+            bytes,
+            restore_ms: 0.0,
+            verify_ms,
+            layout_ms: times.layout_ms,
+            pages_ms: times.pages_ms,
+            rest_ms: 0.0,
+            gb_per_s: bytes as f64 / (times.pages_ms / 1e3).max(1e-9) / 1e9,
+            exit_status: None,
+        },
+        t0,
     })
+}
+
+/// Rebuild the tree of the image in `dir` and let it run (waiting for its root to exit,
+/// unless `detach`).
+pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
+    let held = restore_held(dir, opts)?;
+    let stub = held.stub;
+    let mut report = held.resume()?;
+    if !opts.detach {
+        report.exit_status = Some(wait_exit(stub));
+    }
+    Ok(report)
 }
 
 /// Recreate a zombie: fork it from its parent and make it end the way it ended.
@@ -421,6 +497,7 @@ fn build(
     built: &crate::sockets::Built,
     times: &mut Timings,
     on_progress: &mut dyn FnMut(u64),
+    base_pages: Option<&dyn BasePages>,
 ) -> Result<u64> {
     let tid = t.pid;
     let base = img
@@ -434,6 +511,11 @@ fn build(
     let ghosts = crate::ghost::restore(t, &img.ghosts, base)?;
     memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
     let tp = Instant::now();
+    if let Some(b) = base_pages {
+        // Older copies first: the image's pages are newer.
+        let pid = t.pid;
+        b.write_into(pid, &mut |a, d| Ok(ferry_sys::mem::write_mem(pid, a, d)?))?;
+    }
     let budget = img.mappings.iter().map(|m| m.pages_saved).sum();
     let pages = memory::restore_pages(t.pid, page_src, budget, on_progress)?;
     times.layout_ms += (tp - tl).as_secs_f64() * 1e3;

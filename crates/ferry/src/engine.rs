@@ -137,6 +137,7 @@ pub fn restore(a: RestoreArgs) -> Result<u8> {
             detach: a.detach,
             allow_changed_files: a.allow_changed_files,
             netns: a.netns.clone(),
+            base: None,
             progress: progress_bar(a.quiet).1,
         },
     )?;

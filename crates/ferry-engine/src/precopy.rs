@@ -1,0 +1,146 @@
+//! Pre-copy: track the writes of a running tree and copy its memory in rounds while it runs,
+//! so that the final, frozen dump carries only what changed since the last round.
+//!
+//! Every private writable mapping present when tracking starts is registered for
+//! asynchronous write-protection (userfaultfd WP_ASYNC); each round's PAGEMAP_SCAN returns the
+//! pages written since the previous one and re-arms them. Mappings created later, moved
+//! (mremap drops the registration) or that could not be registered count as untracked: the
+//! final dump carries them whole. A page discarded with MADV_DONTNEED shows as written, and the
+//! final dump sends it as zeros, so a stale copy never survives.
+
+use crate::memory::Delta;
+use crate::{EngineError, Result};
+use ferry_sys::uffd::WriteTracker;
+use ferry_sys::{procfs, Frozen};
+use std::collections::HashMap;
+
+/// Largest run read and handed over at once.
+const RUN: u64 = 4 << 20;
+
+pub struct Tracking {
+    trackers: HashMap<i32, WriteTracker>,
+    buf: Vec<u8>,
+}
+
+/// The tree of `pid` as it is now (no freezing): the root and its descendants.
+pub fn tree_of(pid: i32) -> Vec<i32> {
+    let mut v = vec![pid];
+    let mut i = 0;
+    while i < v.len() {
+        for tid in procfs::list_threads(v[i]).unwrap_or_default() {
+            let s = std::fs::read_to_string(format!("/proc/{}/task/{tid}/children", v[i]))
+                .unwrap_or_default();
+            for c in s.split_whitespace().filter_map(|x| x.parse::<i32>().ok()) {
+                if !v.contains(&c) {
+                    v.push(c);
+                }
+            }
+        }
+        i += 1;
+    }
+    v
+}
+
+fn trackable(m: &procfs::Mapping) -> bool {
+    use ferry_sys::MapKind as K;
+    m.write && !m.shared && matches!(m.kind, K::Anonymous | K::Heap | K::Stack | K::File { .. })
+}
+
+impl Tracking {
+    /// Start tracking every process of the tree of `pid`. Each is frozen for the time it
+    /// takes to create its userfaultfd and register its mappings (well under a millisecond
+    /// per process), then runs on.
+    pub fn start(pid: i32) -> Result<Tracking> {
+        let mut trackers = HashMap::new();
+        for p in tree_of(pid) {
+            let mut f = match Frozen::freeze(p) {
+                Ok(f) => f,
+                Err(ferry_sys::Error::NoSuchProcess(_)) | Err(ferry_sys::Error::Zombie(_)) => {
+                    continue
+                }
+                Err(e) => return Err(e.into()),
+            };
+            let mut t = WriteTracker::new(&mut f)?;
+            for m in procfs::read_maps(p)?.iter().filter(|m| trackable(m)) {
+                // A mapping the kernel will not track is simply sent whole at the end.
+                let _ = t.register(m.start, m.end);
+            }
+            trackers.insert(p, t);
+        }
+        if trackers.is_empty() {
+            return Err(EngineError::Failed(format!(
+                "process {pid}: nothing to track (it exited?)"
+            )));
+        }
+        Ok(Tracking {
+            trackers,
+            buf: vec![0u8; RUN as usize],
+        })
+    }
+
+    /// One round: read the pages written since the last round (the first round: every page
+    /// present) from the running processes and hand them to `send(pid, address, bytes)`.
+    /// Returns the bytes sent.
+    pub fn round(&mut self, send: &mut dyn FnMut(i32, u64, &[u8]) -> Result<()>) -> Result<u64> {
+        let mut total = 0;
+        let pids: Vec<i32> = self.trackers.keys().copied().collect();
+        for pid in pids {
+            let runs = match self.trackers.get_mut(&pid).unwrap().written_all() {
+                Ok(r) => r,
+                // A process that exited during pre-copy is no longer part of the tree.
+                Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {
+                    self.trackers.remove(&pid);
+                    continue;
+                }
+                Err(e) => return Err(e.into()),
+            };
+            for (s, e) in runs {
+                let mut a = s;
+                while a < e {
+                    let len = (e - a).min(RUN) as usize;
+                    let chunk = &mut self.buf[..len];
+                    let got = ferry_sys::mem::read_mem(pid, a, chunk)?;
+                    if got < len {
+                        // Unmapped meanwhile: the final dump sees the new layout.
+                        chunk[got..].fill(0);
+                    }
+                    send(pid, a, chunk)?;
+                    total += len as u64;
+                    a += len as u64;
+                }
+            }
+        }
+        Ok(total)
+    }
+
+    /// Bytes written since the last round, without consuming them (an estimate for the
+    /// convergence decision is the previous round's size; this is exact but costs a scan).
+    pub fn pids(&self) -> Vec<i32> {
+        self.trackers.keys().copied().collect()
+    }
+
+    /// For the final dump, with the tree frozen: what process `pid` had tracked (mappings
+    /// still registered) and what was written there since the last round.
+    pub fn delta(&mut self, pid: i32) -> Result<Option<Delta>> {
+        let Some(t) = self.trackers.get_mut(&pid) else {
+            return Ok(None);
+        };
+        let dirty = t.written_all()?;
+        let regs = t.ranges().to_vec();
+        // Still registered: the kernel shows "uw" in VmFlags.
+        let tracked = procfs::read_smaps(pid)?
+            .into_iter()
+            .filter(|s| s.vm_flags.iter().any(|f| f == "uw"))
+            .filter(|s| regs.iter().any(|&(a, b)| a <= s.start && s.end <= b))
+            .map(|s| (s.start, s.end))
+            .collect();
+        Ok(Some(Delta { tracked, dirty }))
+    }
+
+    /// Stop tracking (the processes' memory behaves as before).
+    pub fn stop(self) {
+        for (_, t) in self.trackers {
+            t.stop();
+        }
+    }
+}
