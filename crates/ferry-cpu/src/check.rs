@@ -120,8 +120,23 @@ pub fn check_ferry(
     }
     let mut unknown: Vec<Example> = unknown.to_vec();
     unknown.retain(|e| !e.address.is_empty());
+    // A destination offering everything the source offers runs whatever runs on the source,
+    // undecodable bytes included.
+    let superset = source.is_some_and(|s| {
+        s.usable_features.is_subset(&target.usable_features)
+            && s.xsave.xcr0 & !target.xsave.xcr0 == 0
+    });
     let verdict = if !missing.is_empty() || !xsave.ok {
         Outcome::Incompatible
+    } else if !unknown.is_empty() && superset {
+        reasons.push(format!(
+            "{} undecodable instruction(s) in reachable code, but {} offers every feature and \
+             state component of the source {}",
+            unknown.len(),
+            target.name,
+            source.map(|s| s.name.as_str()).unwrap_or("")
+        ));
+        Outcome::Compatible
     } else if !unknown.is_empty() {
         reasons.push(format!(
             "{} undecodable instruction(s) in reachable code: their features cannot be known",

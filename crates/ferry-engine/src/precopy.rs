@@ -17,6 +17,9 @@ use std::collections::HashMap;
 /// Largest run read and handed over at once.
 const RUN: u64 = 4 << 20;
 
+/// Receives each run of pages: (pid, address, bytes).
+pub type SendFn<'a> = dyn FnMut(i32, u64, &[u8]) -> Result<()> + 'a;
+
 pub struct Tracking {
     trackers: HashMap<i32, WriteTracker>,
     buf: Vec<u8>,
@@ -81,7 +84,7 @@ impl Tracking {
     /// One round: read the pages written since the last round (the first round: every page
     /// present) from the running processes and hand them to `send(pid, address, bytes)`.
     /// Returns the bytes sent.
-    pub fn round(&mut self, send: &mut dyn FnMut(i32, u64, &[u8]) -> Result<()>) -> Result<u64> {
+    pub fn round(&mut self, send: &mut SendFn) -> Result<u64> {
         let mut total = 0;
         let pids: Vec<i32> = self.trackers.keys().copied().collect();
         for pid in pids {

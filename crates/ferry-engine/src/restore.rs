@@ -29,8 +29,7 @@ pub struct RestoreOptions {
 /// Pages of the restored processes that are not in the image: what pre-copy rounds sent.
 pub trait BasePages: Send + Sync {
     /// Hand every page held for process `pid` to `write(address, bytes)`; returns the count.
-    fn write_into(&self, pid: i32, write: &mut dyn FnMut(u64, &[u8]) -> Result<()>)
-        -> Result<u64>;
+    fn write_into(&self, pid: i32, write: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64>;
 }
 
 impl std::fmt::Debug for dyn BasePages {

@@ -3,6 +3,7 @@
 
 mod cpu;
 mod engine;
+mod migrate;
 
 use clap::{Parser, Subcommand};
 use std::process::ExitCode;
@@ -32,6 +33,10 @@ enum Cmd {
     Dump(engine::DumpArgs),
     /// Rebuild a process from an image, with its saved PID.
     Restore(engine::RestoreArgs),
+    /// Run the per-host agent that receives migrations (HTTP/JSON API + page stream).
+    Agent(migrate::AgentArgs),
+    /// Move a running process (and its descendants) to another host's agent.
+    Migrate(migrate::MigrateArgs),
     /// Inspect images.
     Image {
         #[command(subcommand)]
@@ -51,6 +56,8 @@ fn main() -> ExitCode {
         Cmd::Cpu(a) => cpu::run(a),
         Cmd::Dump(a) => engine::dump(a),
         Cmd::Restore(a) => engine::restore(a),
+        Cmd::Agent(a) => migrate::agent(a),
+        Cmd::Migrate(a) => migrate::migrate(a),
         Cmd::Image {
             cmd: ImageCmd::Show(a),
         } => engine::image_show(a),

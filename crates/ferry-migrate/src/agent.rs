@@ -1,0 +1,426 @@
+//! `ferry agent`: the per-host daemon. An HTTP/JSON control API (axum) and a page-stream
+//! listener. Each incoming migration is received and rebuilt on its own OS thread (ptrace
+//! belongs to the thread that attached); the rebuilt tree is held stopped until the source
+//! says its copy is gone, and killed if that word never comes.
+
+use crate::api::*;
+use crate::store::PageStore;
+use crate::wire::{self, Kind};
+use crate::{io, MigrateError, Result};
+use axum::extract::{Path as AxPath, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::{Json, Router};
+use std::collections::HashMap;
+use std::io::Write;
+use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+pub struct AgentConfig {
+    pub listen: SocketAddr,
+    /// The page stream's port (on the API's address); 0 picks the API port + 1.
+    pub data_port: u16,
+    pub token: Option<String>,
+    pub state_dir: PathBuf,
+    /// The CPU profile to publish; None: this host's.
+    pub profile: Option<ferry_cpu::profile::CpuProfile>,
+    /// Restore incoming trees into this network namespace.
+    pub netns: Option<String>,
+}
+
+struct Shared {
+    cfg: AgentConfig,
+    host: HostInfo,
+    migrations: Mutex<HashMap<String, MigrationInfo>>,
+    next_id: AtomicU64,
+    bytes_received: AtomicU64,
+    started: Instant,
+}
+
+impl Shared {
+    fn update(&self, id: &str, f: impl FnOnce(&mut MigrationInfo)) {
+        if let Some(m) = self.migrations.lock().unwrap().get_mut(id) {
+            f(m);
+        }
+    }
+
+    fn state(&self, id: &str) -> Option<String> {
+        self.migrations
+            .lock()
+            .unwrap()
+            .get(id)
+            .map(|m| m.state.clone())
+    }
+}
+
+fn now_unix() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+/// Constant-time comparison, so that a token cannot be guessed byte by byte from timings.
+fn same(a: &str, b: &str) -> bool {
+    a.len() == b.len()
+        && a.bytes()
+            .zip(b.bytes())
+            .fold(0u8, |acc, (x, y)| acc | (x ^ y))
+            == 0
+}
+
+fn authorized(s: &Shared, h: &HeaderMap) -> bool {
+    let Some(tok) = &s.cfg.token else {
+        return true;
+    };
+    h.get("authorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|v| same(v, tok))
+        .unwrap_or(false)
+}
+
+fn err(code: StatusCode, msg: &str) -> Response {
+    (code, Json(serde_json::json!({ "error": msg }))).into_response()
+}
+
+type St = State<Arc<Shared>>;
+
+async fn host(State(s): St, h: HeaderMap) -> Response {
+    if !authorized(&s, &h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong token");
+    }
+    Json(s.host.clone()).into_response()
+}
+
+async fn list(State(s): St, h: HeaderMap) -> Response {
+    if !authorized(&s, &h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong token");
+    }
+    let mut v: Vec<MigrationInfo> = s.migrations.lock().unwrap().values().cloned().collect();
+    v.sort_by(|a, b| a.id.cmp(&b.id));
+    Json(v).into_response()
+}
+
+async fn create(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Response {
+    if !authorized(&s, &h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong token");
+    }
+    let req: NewMigration = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return err(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
+    };
+    let id = format!(
+        "m{}-{}",
+        now_unix(),
+        s.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    let info = MigrationInfo {
+        id: id.clone(),
+        state: "waiting".into(),
+        pid: req.pid,
+        mode: req.mode,
+        source: req.source,
+        created_unix: now_unix(),
+        ..Default::default()
+    };
+    s.migrations.lock().unwrap().insert(id.clone(), info);
+    (
+        StatusCode::CREATED,
+        Json(Created {
+            id,
+            data_port: s.host.data_port,
+        }),
+    )
+        .into_response()
+}
+
+async fn one(State(s): St, h: HeaderMap, AxPath(id): AxPath<String>) -> Response {
+    if !authorized(&s, &h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong token");
+    }
+    match s.migrations.lock().unwrap().get(&id) {
+        Some(m) => Json(m.clone()).into_response(),
+        None => err(StatusCode::NOT_FOUND, &format!("no migration {id}")),
+    }
+}
+
+async fn cancel(State(s): St, h: HeaderMap, AxPath(id): AxPath<String>) -> Response {
+    if !authorized(&s, &h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong token");
+    }
+    let mut g = s.migrations.lock().unwrap();
+    match g.get_mut(&id) {
+        None => err(StatusCode::NOT_FOUND, &format!("no migration {id}")),
+        Some(m) if ["running", "exited", "failed", "cancelled"].contains(&m.state.as_str()) => err(
+            StatusCode::CONFLICT,
+            &format!("migration {id} is {} already", m.state),
+        ),
+        Some(m) => {
+            // The receiving thread sees it between frames and gives up.
+            m.state = "cancelled".into();
+            Json(m.clone()).into_response()
+        }
+    }
+}
+
+async fn metrics(State(s): St, h: HeaderMap) -> Response {
+    if !authorized(&s, &h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong token");
+    }
+    let g = s.migrations.lock().unwrap();
+    let mut by_state: HashMap<&str, u64> = HashMap::new();
+    for m in g.values() {
+        *by_state.entry(m.state.as_str()).or_default() += 1;
+    }
+    let mut out = String::new();
+    out += "# HELP ferry_migrations Incoming migrations by state.\n# TYPE ferry_migrations gauge\n";
+    let mut states: Vec<_> = by_state.into_iter().collect();
+    states.sort();
+    for (st, n) in states {
+        out += &format!("ferry_migrations{{state=\"{st}\"}} {n}\n");
+    }
+    out += "# HELP ferry_received_bytes_total Page-stream bytes received.\n# TYPE ferry_received_bytes_total counter\n";
+    out += &format!(
+        "ferry_received_bytes_total {}\n",
+        s.bytes_received.load(Ordering::Relaxed)
+    );
+    out += "# HELP ferry_uptime_seconds Time since the agent started.\n# TYPE ferry_uptime_seconds gauge\n";
+    out += &format!(
+        "ferry_uptime_seconds {:.0}\n",
+        s.started.elapsed().as_secs_f64()
+    );
+    ([("content-type", "text/plain; version=0.0.4")], out).into_response()
+}
+
+/// Run the agent until the process is killed.
+pub fn run(cfg: AgentConfig) -> Result<()> {
+    let profile = match &cfg.profile {
+        Some(p) => p.clone(),
+        None => ferry_cpu::profile::CpuProfile::host()
+            .map_err(|e| MigrateError::Failed(format!("reading this host's CPU profile: {e}")))?,
+    };
+    std::fs::create_dir_all(&cfg.state_dir)
+        .map_err(io(format!("creating {}", cfg.state_dir.display())))?;
+    let data_port = if cfg.data_port == 0 {
+        cfg.listen.port() + 1
+    } else {
+        cfg.data_port
+    };
+    let data = TcpListener::bind((cfg.listen.ip(), data_port))
+        .map_err(io(format!("binding the page stream to port {data_port}")))?;
+    let api = TcpListener::bind(cfg.listen).map_err(io(format!("binding {}", cfg.listen)))?;
+    api.set_nonblocking(true).map_err(io("set_nonblocking"))?;
+    let hostname = std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default();
+    let shared = Arc::new(Shared {
+        host: HostInfo {
+            version: env!("CARGO_PKG_VERSION").into(),
+            hostname,
+            data_port,
+            profile,
+        },
+        cfg,
+        migrations: Mutex::new(HashMap::new()),
+        next_id: AtomicU64::new(1),
+        bytes_received: AtomicU64::new(0),
+        started: Instant::now(),
+    });
+    if let Some(ns) = &shared.cfg.netns {
+        // Incoming trees are rebuilt by threads spawned from here: they inherit it.
+        ferry_sys::net::enter_netns(ns).map_err(ferry_engine::EngineError::from)?;
+    }
+    {
+        let s = shared.clone();
+        std::thread::spawn(move || {
+            for conn in data.incoming().flatten() {
+                let s = s.clone();
+                std::thread::spawn(move || receive(&s, conn));
+            }
+        });
+    }
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+        .map_err(io("starting the async runtime"))?;
+    rt.block_on(async move {
+        let app = Router::new()
+            .route("/v1/host", get(host))
+            .route("/v1/migrations", get(list).post(create))
+            .route("/v1/migrations/{id}", get(one).delete(cancel))
+            .route("/metrics", get(metrics))
+            .with_state(shared);
+        let l = tokio::net::TcpListener::from_std(api).map_err(io("API listener"))?;
+        eprintln!(
+            "ferry agent: listening on {}",
+            l.local_addr().map_err(io("API listener"))?
+        );
+        axum::serve(l, app).await.map_err(io("serving the API"))
+    })
+}
+
+/// One incoming page stream, from the greeting to the rebuilt tree running (or nothing left).
+fn receive(s: &Shared, conn: TcpStream) {
+    let mut id = String::new();
+    let r = receive_inner(s, conn, &mut id);
+    if let Err(e) = r {
+        eprintln!("ferry agent: migration {id}: {e}");
+        s.update(&id, |m| {
+            if m.state != "cancelled" {
+                m.state = "failed".into();
+            }
+            m.error = Some(e.to_string());
+        });
+    }
+    if !id.is_empty() {
+        let _ = std::fs::remove_dir_all(s.cfg.state_dir.join(&id));
+    }
+}
+
+fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(60)))
+        .map_err(io("socket timeout"))?;
+    let _ = conn.set_nodelay(true);
+    let mut greet = [0u8; 8];
+    std::io::Read::read_exact(&mut conn, &mut greet).map_err(io("reading the greeting"))?;
+    if &greet != wire::GREETING {
+        return Err(MigrateError::Protocol("not a Ferry page stream".into()));
+    }
+    let mut rd = std::io::BufReader::with_capacity(1 << 20, conn.try_clone().map_err(io("dup"))?);
+    let mut buf = Vec::new();
+    if wire::read_frame(&mut rd, &mut buf)? != Kind::Hello {
+        return Err(MigrateError::Protocol(
+            "the stream did not start with Hello".into(),
+        ));
+    }
+    let hello: Hello = wire::parse(Kind::Hello, &buf)?;
+    if let Some(t) = &s.cfg.token {
+        if !same(&hello.token, t) {
+            return Err(MigrateError::Protocol(
+                "wrong token on the page stream".into(),
+            ));
+        }
+    }
+    if s.state(&hello.id).as_deref() != Some("waiting") {
+        return Err(MigrateError::Protocol(format!(
+            "no migration {} waiting for its stream",
+            hello.id
+        )));
+    }
+    let id = hello.id.clone();
+    *id_out = id.clone();
+    s.update(&id, |m| m.state = "receiving".into());
+    let dir = s.cfg.state_dir.join(&id);
+    let img = dir.join("image");
+    std::fs::create_dir_all(&img).map_err(io(format!("creating {}", img.display())))?;
+    let mut meta = std::io::BufWriter::new(
+        std::fs::File::create(img.join("meta.fimg")).map_err(io("creating meta.fimg"))?,
+    );
+    let mut pages = std::io::BufWriter::with_capacity(
+        1 << 20,
+        std::fs::File::create(img.join("pages.fimg")).map_err(io("creating pages.fimg"))?,
+    );
+    let mut store = PageStore::create(&dir.join("precopy.pages"))?;
+    let fail = |conn: &mut TcpStream, e: MigrateError| -> MigrateError {
+        let _ = wire::write_json(
+            conn,
+            Kind::Failed,
+            &serde_json::json!({ "error": e.to_string() }),
+        );
+        e
+    };
+    loop {
+        if s.state(&id).as_deref() == Some("cancelled") {
+            return Err(fail(
+                &mut conn,
+                MigrateError::Failed("cancelled on the destination".into()),
+            ));
+        }
+        let kind = wire::read_frame(&mut rd, &mut buf)?;
+        s.bytes_received
+            .fetch_add(buf.len() as u64 + 12, Ordering::Relaxed);
+        s.update(&id, |m| m.bytes_received += buf.len() as u64 + 12);
+        let r = match kind {
+            Kind::Pages => {
+                if buf.len() < 16 || (buf.len() - 16) % 4096 != 0 {
+                    return Err(fail(
+                        &mut conn,
+                        MigrateError::Protocol("bad Pages frame".into()),
+                    ));
+                }
+                let pid = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as i32;
+                let addr = u64::from_le_bytes(buf[8..16].try_into().unwrap());
+                store.put(pid, addr, &buf[16..])
+            }
+            Kind::Round => {
+                s.update(&id, |m| m.rounds += 1);
+                Ok(())
+            }
+            Kind::ImageMeta => meta.write_all(&buf).map_err(io("writing meta.fimg")),
+            Kind::ImagePages => pages.write_all(&buf).map_err(io("writing pages.fimg")),
+            Kind::Abort => {
+                let why: serde_json::Value = wire::parse(kind, &buf).unwrap_or_default();
+                return Err(MigrateError::Failed(format!(
+                    "aborted by the source: {why}"
+                )));
+            }
+            Kind::Commit => break,
+            k => Err(MigrateError::Protocol(format!("unexpected {k:?} frame"))),
+        };
+        // A full state directory, a bad frame: say so, and the source resumes.
+        r.map_err(|e| fail(&mut conn, e))?;
+    }
+    meta.flush().map_err(io("writing meta.fimg"))?;
+    pages.flush().map_err(io("writing pages.fimg"))?;
+    drop((meta, pages));
+    s.update(&id, |m| m.state = "restoring".into());
+    let restored = (|| -> Result<ferry_engine::Restored> {
+        let recs: Vec<PrecopyRecord> = ferry_image::ImageReader::open(&img)?.find(TAG_PRECOPY)?;
+        store.set_tracked(recs.into_iter().map(|r| (r.pid, r.tracked)).collect());
+        let opts = ferry_engine::RestoreOptions {
+            detach: true,
+            base: Some(Arc::new(store)),
+            ..Default::default()
+        };
+        Ok(ferry_engine::restore_held(&img, &opts)?)
+    })();
+    let restored = restored.map_err(|e| fail(&mut conn, e))?;
+    let (pid, ms) = (restored.report.pid, restored.report.restore_ms);
+    s.update(&id, |m| {
+        m.state = "ready".into();
+        m.restored_pid = Some(pid);
+    });
+    wire::write_json(&mut conn, Kind::Ready, &serde_json::json!({ "pid": pid }))?;
+    // The source kills its copy, then says Go. Without it, ours is killed (on drop).
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .map_err(io("socket timeout"))?;
+    match wire::read_frame(&mut rd, &mut buf)? {
+        Kind::Go => {}
+        k => {
+            return Err(MigrateError::Protocol(format!(
+                "expected Go, got {k:?}: the rebuilt tree is dropped"
+            )))
+        }
+    }
+    let report = restored.resume()?;
+    s.update(&id, |m| {
+        m.state = "running".into();
+        m.restore_ms = Some(report.restore_ms.max(ms));
+    });
+    let _ = wire::write_json(&mut conn, Kind::Done, &serde_json::json!({ "pid": pid }));
+    let _ = std::fs::remove_dir_all(&dir);
+    // Reap the root when it ends, so that it leaves no zombie behind.
+    let mut st = 0;
+    // SAFETY: waitpid writes only `st`; the root is our child (its stub was forked here).
+    unsafe {
+        libc::waitpid(pid, &mut st, 0);
+    }
+    s.update(&id, |m| m.state = "exited".into());
+    Ok(())
+}

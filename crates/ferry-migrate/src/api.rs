@@ -1,0 +1,66 @@
+//! Types of the agent's HTTP/JSON API (docs/api.md).
+
+use serde::{Deserialize, Serialize};
+
+/// `GET /v1/host`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HostInfo {
+    pub version: String,
+    pub hostname: String,
+    /// Port of the page stream, on the same address as the API.
+    pub data_port: u16,
+    /// The host's CPU profile (`ferry cpu profile` format).
+    pub profile: ferry_cpu::profile::CpuProfile,
+}
+
+/// `POST /v1/migrations`: a source announces an incoming migration.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct NewMigration {
+    pub pid: i32,
+    pub mode: String,
+    #[serde(default)]
+    pub source: String,
+}
+
+/// A migration as the agent sees it.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct MigrationInfo {
+    pub id: String,
+    /// waiting, receiving, restoring, ready, running, exited, failed, cancelled.
+    pub state: String,
+    /// The process's PID on the source.
+    pub pid: i32,
+    pub mode: String,
+    pub source: String,
+    /// The root PID here, once rebuilt.
+    pub restored_pid: Option<i32>,
+    pub rounds: u32,
+    pub bytes_received: u64,
+    pub restore_ms: Option<f64>,
+    pub error: Option<String>,
+    pub created_unix: u64,
+}
+
+/// Reply to `POST /v1/migrations`.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Created {
+    pub id: String,
+    pub data_port: u16,
+}
+
+/// The first frame on the page stream.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Hello {
+    pub id: String,
+    pub token: String,
+}
+
+/// Image record (tag "precopy"): memory of process `pid` the agent holds from pre-copy
+/// rounds and that is still valid at the freeze.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct PrecopyRecord {
+    pub pid: i32,
+    pub tracked: Vec<(u64, u64)>,
+}
+
+pub const TAG_PRECOPY: &str = "precopy";

@@ -1,0 +1,365 @@
+//! `ferry migrate`: the source side. Compatibility gate against the destination's CPU
+//! profile, then (pre-copy) rounds of memory while the process runs, then the frozen final
+//! dump streamed to the agent, then the handshake: the agent rebuilds the tree and holds it
+//! stopped (Ready); only then is the source copy killed and the agent told to let it run
+//! (Go). Any failure before that point resumes the source copy, untouched.
+
+use crate::api::*;
+use crate::wire::{self, FramedSink, Kind};
+use crate::{io, MigrateError, Result};
+use serde::Serialize;
+use std::io::{BufWriter, Write};
+use std::net::TcpStream;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Mode {
+    /// Freeze, copy everything, restore.
+    Stop,
+    /// Copy memory in rounds while the process runs, then freeze and copy the rest.
+    Precopy,
+}
+
+#[derive(Debug, Clone)]
+pub struct MigrateOptions {
+    pub pid: i32,
+    /// The destination agent: `http://HOST:PORT`.
+    pub to: String,
+    pub token: Option<String>,
+    pub mode: Mode,
+    pub max_downtime_ms: f64,
+    /// Migrate even when the destination's CPU looks unable to run the process.
+    pub force: bool,
+    pub max_rounds: u32,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct RoundReport {
+    pub round: u32,
+    pub bytes: u64,
+    pub ms: f64,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrateReport {
+    pub pid: i32,
+    pub destination: String,
+    pub migration: String,
+    pub mode: Mode,
+    pub verdict: String,
+    pub rounds: Vec<RoundReport>,
+    /// Bytes of the final, frozen phase (metadata and the pages still to send).
+    pub final_bytes: u64,
+    pub bytes_sent: u64,
+    /// From the freeze on the source to the process running on the destination.
+    pub downtime_ms: f64,
+    pub total_ms: f64,
+    pub restored_pid: i32,
+    pub notes: Vec<String>,
+}
+
+/// What progress to show while migrating: (phase, bytes so far, round).
+pub type ProgressFn<'a> = dyn Fn(&str, u64, u32) + 'a;
+
+struct Http {
+    base: String,
+    token: Option<String>,
+}
+
+impl Http {
+    fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
+        let mut req = ureq::get(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = req
+            .call()
+            .map_err(|e| MigrateError::Failed(format!("GET {}{path}: {e}", self.base)))?;
+        resp.body_mut()
+            .read_json()
+            .map_err(|e| MigrateError::Failed(format!("GET {}{path}: {e}", self.base)))
+    }
+
+    fn post<T: serde::de::DeserializeOwned, B: Serialize>(
+        &self,
+        path: &str,
+        body: &B,
+    ) -> Result<T> {
+        let mut req = ureq::post(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let mut resp = req
+            .send_json(body)
+            .map_err(|e| MigrateError::Failed(format!("POST {}{path}: {e}", self.base)))?;
+        resp.body_mut()
+            .read_json()
+            .map_err(|e| MigrateError::Failed(format!("POST {}{path}: {e}", self.base)))
+    }
+}
+
+/// Refuse a destination whose CPU cannot run the process (unless forced); returns the
+/// verdict's name.
+fn gate(pid: i32, target: &ferry_cpu::profile::CpuProfile, force: bool) -> Result<String> {
+    let scan = ferry_cpu::process::scan_process(pid, ferry_cpu::scan::Mode::Paths)
+        .map_err(|e| MigrateError::Failed(format!("scanning process {pid}: {e}")))?;
+    let source = ferry_cpu::profile::CpuProfile::host().ok();
+    let v = ferry_cpu::check::check_ferry(
+        &scan.result.features,
+        &scan.result.unknown,
+        Some(scan.xstate_in_use),
+        target,
+        source.as_ref(),
+    );
+    let name = format!("{:?}", v.verdict).to_lowercase();
+    if v.verdict != ferry_cpu::check::Outcome::Compatible && !force {
+        let mut why: Vec<String> = v
+            .missing
+            .iter()
+            .map(|m| serde_json::to_string(m).unwrap_or_default())
+            .collect();
+        why.extend(v.reasons.iter().cloned());
+        if !v.xsave.ok {
+            why.push(v.xsave.detail.clone());
+        }
+        return Err(MigrateError::Incompatible(format!(
+            "process {pid} is {name} with the destination CPU ({}): {}; nothing was frozen \
+             (use --force to migrate anyway)",
+            target.name,
+            why.join("; ")
+        )));
+    }
+    Ok(name)
+}
+
+fn data_addr(to: &str, port: u16) -> Result<String> {
+    let host = to
+        .trim_start_matches("http://")
+        .split('/')
+        .next()
+        .and_then(|hp| hp.rsplit_once(':').map(|(h, _)| h.to_string()))
+        .ok_or_else(|| {
+            MigrateError::Failed(format!("bad agent address {to:?} (want http://HOST:PORT)"))
+        })?;
+    Ok(format!("{host}:{port}"))
+}
+
+pub fn migrate(o: &MigrateOptions, progress: &ProgressFn) -> Result<MigrateReport> {
+    let t0 = Instant::now();
+    ferry_sys::procfs::check_inspectable(o.pid).map_err(ferry_engine::EngineError::from)?;
+    let http = Http {
+        base: o.to.trim_end_matches('/').to_string(),
+        token: o.token.clone(),
+    };
+    let host: HostInfo = http.get("/v1/host")?;
+    let verdict = gate(o.pid, &host.profile, o.force)?;
+    let created: Created = http.post(
+        "/v1/migrations",
+        &NewMigration {
+            pid: o.pid,
+            mode: format!("{:?}", o.mode).to_lowercase(),
+            source: std::fs::read_to_string("/proc/sys/kernel/hostname")
+                .unwrap_or_default()
+                .trim()
+                .to_string(),
+        },
+    )?;
+    let addr = data_addr(&o.to, created.data_port)?;
+    let conn = TcpStream::connect(&addr).map_err(io(format!("connecting to {addr}")))?;
+    let _ = conn.set_nodelay(true);
+    let mut rd = std::io::BufReader::new(conn.try_clone().map_err(io("dup"))?);
+    let w = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 20, conn)));
+    {
+        let mut g = w.lock().unwrap();
+        g.write_all(wire::GREETING).map_err(io("greeting"))?;
+        wire::write_json(
+            &mut *g,
+            Kind::Hello,
+            &Hello {
+                id: created.id.clone(),
+                token: o.token.clone().unwrap_or_default(),
+            },
+        )?;
+    }
+    let mut rounds = Vec::new();
+    let mut notes = Vec::new();
+    let mut sent = 0u64;
+    let mut tracking = None;
+    if o.mode == Mode::Precopy {
+        let mut tr = ferry_engine::precopy::Tracking::start(o.pid)?;
+        let mut bw = 0.0f64; // bytes per ms, measured on the first round
+        let mut prev = u64::MAX;
+        let mut growing = 0;
+        for round in 0..o.max_rounds {
+            let tr0 = Instant::now();
+            let bytes = {
+                let mut g = w.lock().unwrap();
+                tr.round(&mut |pid, addr, data| {
+                    let mut head = [0u8; 16];
+                    head[0..4].copy_from_slice(&(pid as u32).to_le_bytes());
+                    head[8..16].copy_from_slice(&addr.to_le_bytes());
+                    wire::write_frame(&mut *g, Kind::Pages, &[&head, data]).map_err(|e| {
+                        ferry_engine::EngineError::Failed(format!("sending pages: {e}"))
+                    })?;
+                    sent += data.len() as u64 + 28;
+                    progress("pre-copy", sent, round);
+                    Ok(())
+                })?
+            };
+            {
+                let mut g = w.lock().unwrap();
+                wire::write_json(
+                    &mut *g,
+                    Kind::Round,
+                    &serde_json::json!({ "round": round, "bytes": bytes }),
+                )?;
+                g.flush().map_err(io("sending pages"))?;
+            }
+            let ms = tr0.elapsed().as_secs_f64() * 1e3;
+            if round == 0 {
+                bw = bytes as f64 / ms.max(0.001);
+            }
+            rounds.push(RoundReport { round, bytes, ms });
+            // Stop when what is left fits the downtime at the measured rate, or stops shrinking.
+            if bw > 0.0 && bytes as f64 / bw <= o.max_downtime_ms && round > 0 {
+                break;
+            }
+            if bytes >= prev {
+                growing += 1;
+                if growing >= 3 {
+                    notes.push(format!(
+                        "the dirty rate kept up with the link after {} rounds: the final copy \
+                         carries {} bytes",
+                        round + 1,
+                        bytes
+                    ));
+                    break;
+                }
+            }
+            prev = bytes;
+        }
+        tracking = Some(tr);
+    }
+
+    // The final phase: frozen from here until the agent says Done.
+    let sink = |k| Box::new(FramedSink::new(w.clone(), k)) as Box<dyn Write + Send>;
+    let mut iw = ferry_image::ImageWriter::new(sink(Kind::ImageMeta), sink(Kind::ImagePages))?;
+    let tracked: Arc<Mutex<Vec<PrecopyRecord>>> = Arc::default();
+    let mut delta_fn = |pid: i32| -> ferry_engine::Result<Option<ferry_engine::memory::Delta>> {
+        let Some(tr) = tracking.as_mut() else {
+            return Ok(None);
+        };
+        let d = tr.delta(pid)?;
+        if let Some(d) = &d {
+            tracked.lock().unwrap().push(PrecopyRecord {
+                pid,
+                tracked: d.tracked.clone(),
+            });
+        }
+        Ok(d)
+    };
+    let progress_final = ferry_engine::Progress::default();
+    let (held, _stats) = ferry_engine::dump_into(
+        o.pid,
+        &mut iw,
+        &progress_final,
+        if o.mode == Mode::Precopy {
+            Some(&mut delta_fn)
+        } else {
+            None
+        },
+    )?;
+    // From here any error drops `held`, which resumes the source copy.
+    let fin = (|| -> Result<i32> {
+        for r in tracked.lock().unwrap().iter() {
+            iw.meta(TAG_PRECOPY, r)?;
+        }
+        let summary = iw.finish()?;
+        {
+            let mut g = w.lock().unwrap();
+            wire::write_frame(&mut *g, Kind::Commit, &[])?;
+            g.flush().map_err(io("sending the image"))?;
+        }
+        sent += summary.page_bytes;
+        progress("final", sent, rounds.len() as u32);
+        let mut buf = Vec::new();
+        rd.get_ref()
+            .set_read_timeout(Some(Duration::from_secs(120)))
+            .map_err(io("socket timeout"))?;
+        match wire::read_frame(&mut rd, &mut buf)? {
+            Kind::Ready => {
+                let v: serde_json::Value = wire::parse(Kind::Ready, &buf)?;
+                Ok(v["pid"].as_i64().unwrap_or(0) as i32)
+            }
+            Kind::Failed => {
+                let v: serde_json::Value = wire::parse(Kind::Failed, &buf)?;
+                Err(MigrateError::Failed(format!(
+                    "the destination could not rebuild the process: {}",
+                    v["error"].as_str().unwrap_or("?")
+                )))
+            }
+            k => Err(MigrateError::Protocol(format!(
+                "unexpected {k:?} from the agent"
+            ))),
+        }
+    })();
+    let restored_pid = match fin {
+        Ok(p) => p,
+        Err(e) => {
+            held.resume();
+            return Err(MigrateError::Failed(format!(
+                "migration of process {} failed, it runs on here: {e}",
+                o.pid
+            )));
+        }
+    };
+    // The rebuilt tree waits, stopped, on the destination: ours goes, then it runs there.
+    let final_bytes = sent - rounds.iter().map(|r| r.bytes).sum::<u64>();
+    let frozen_at = Instant::now() - Duration::from_secs_f64(held.frozen_ms() / 1e3);
+    held.kill();
+    if let Some(t) = tracking.take() {
+        t.stop();
+    }
+    let done = (|| -> Result<()> {
+        let mut g = w.lock().unwrap();
+        wire::write_frame(&mut *g, Kind::Go, &[])?;
+        g.flush().map_err(io("sending Go"))?;
+        drop(g);
+        let mut buf = Vec::new();
+        match wire::read_frame(&mut rd, &mut buf)? {
+            Kind::Done => Ok(()),
+            k => Err(MigrateError::Protocol(format!("expected Done, got {k:?}"))),
+        }
+    })();
+    let downtime_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
+    if let Err(e) = done {
+        // Ask the agent what became of it.
+        let st: Result<MigrationInfo> = http.get(&format!("/v1/migrations/{}", created.id));
+        match st {
+            Ok(m) if m.state == "running" || m.state == "exited" => {}
+            _ => {
+                return Err(MigrateError::Failed(format!(
+                    "the source copy of process {} is gone and the destination did not confirm \
+                     it runs there ({e}); check migration {} on {}",
+                    o.pid, created.id, o.to
+                )))
+            }
+        }
+    }
+    Ok(MigrateReport {
+        pid: o.pid,
+        destination: o.to.clone(),
+        migration: created.id,
+        mode: o.mode,
+        verdict,
+        rounds,
+        final_bytes,
+        bytes_sent: sent,
+        downtime_ms,
+        total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        restored_pid,
+        notes,
+    })
+}

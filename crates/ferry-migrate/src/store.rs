@@ -1,0 +1,132 @@
+//! The agent's copy of a migrating tree's memory during pre-copy: pages in a file of the
+//! state directory, indexed by (pid, address); a page sent again replaces the older copy. At
+//! restore it hands the pages of each process's still-tracked memory to the engine, which
+//! writes them before the final image's newer ones.
+
+use crate::{io, Result};
+use ferry_engine::BasePages;
+use std::collections::HashMap;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+
+const PAGE: u64 = 4096;
+
+pub struct PageStore {
+    file: std::fs::File,
+    path: PathBuf,
+    index: HashMap<(i32, u64), u64>,
+    next: u64,
+    /// Per process, the memory whose stored pages are still valid (from the final image).
+    tracked: HashMap<i32, Vec<(u64, u64)>>,
+}
+
+impl PageStore {
+    pub fn create(path: &Path) -> Result<PageStore> {
+        let file = std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create_new(true)
+            .open(path)
+            .map_err(io(format!("creating {}", path.display())))?;
+        Ok(PageStore {
+            file,
+            path: path.to_path_buf(),
+            index: HashMap::new(),
+            next: 0,
+            tracked: HashMap::new(),
+        })
+    }
+
+    /// Bytes of distinct pages held.
+    pub fn bytes(&self) -> u64 {
+        self.index.len() as u64 * PAGE
+    }
+
+    /// Store a run of pages of process `pid` starting at `addr`.
+    pub fn put(&mut self, pid: i32, addr: u64, data: &[u8]) -> Result<()> {
+        let n = data.len() as u64 / PAGE;
+        let fresh = (0..n).all(|i| !self.index.contains_key(&(pid, addr + i * PAGE)));
+        if fresh {
+            // The common case: one write at the end of the file.
+            let slot = self.next;
+            self.file
+                .write_all_at(&data[..(n * PAGE) as usize], slot * PAGE)
+                .map_err(io(format!("writing pages to {}", self.path.display())))?;
+            for i in 0..n {
+                self.index.insert((pid, addr + i * PAGE), slot + i);
+            }
+            self.next += n;
+            return Ok(());
+        }
+        for i in 0..n {
+            let key = (pid, addr + i * PAGE);
+            let slot = match self.index.get(&key) {
+                Some(&s) => s,
+                None => {
+                    self.next += 1;
+                    self.index.insert(key, self.next - 1);
+                    self.next - 1
+                }
+            };
+            let p = &data[(i * PAGE) as usize..((i + 1) * PAGE) as usize];
+            self.file
+                .write_all_at(p, slot * PAGE)
+                .map_err(io(format!("writing pages to {}", self.path.display())))?;
+        }
+        Ok(())
+    }
+
+    pub fn set_tracked(&mut self, tracked: HashMap<i32, Vec<(u64, u64)>>) {
+        self.tracked = tracked;
+    }
+}
+
+impl Drop for PageStore {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+impl BasePages for PageStore {
+    fn write_into(
+        &self,
+        pid: i32,
+        write: &mut dyn FnMut(u64, &[u8]) -> ferry_engine::Result<()>,
+    ) -> ferry_engine::Result<u64> {
+        let Some(ranges) = self.tracked.get(&pid) else {
+            return Ok(0);
+        };
+        let mut pages: Vec<(u64, u64)> = self
+            .index
+            .iter()
+            .filter(|((p, a), _)| *p == pid && ranges.iter().any(|&(s, e)| s <= *a && *a < e))
+            .map(|((_, a), s)| (*a, *s))
+            .collect();
+        pages.sort_unstable();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut i = 0;
+        while i < pages.len() {
+            // A run of consecutive addresses stored in consecutive slots: one read.
+            let mut j = i + 1;
+            while j < pages.len()
+                && j - i < buf.len() / PAGE as usize
+                && pages[j].0 == pages[j - 1].0 + PAGE
+                && pages[j].1 == pages[j - 1].1 + 1
+            {
+                j += 1;
+            }
+            let len = (j - i) * PAGE as usize;
+            self.file
+                .read_exact_at(&mut buf[..len], pages[i].1 * PAGE)
+                .map_err(|e| {
+                    ferry_engine::EngineError::Failed(format!(
+                        "reading the pre-copied pages from {}: {e}",
+                        self.path.display()
+                    ))
+                })?;
+            write(pages[i].0, &buf[..len])?;
+            i = j;
+        }
+        Ok(pages.len() as u64)
+    }
+}

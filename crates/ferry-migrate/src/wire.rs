@@ -1,0 +1,190 @@
+//! The page stream between a source and an agent: after an 8-byte greeting, frames of
+//! `kind (u8) | 3 zero bytes | length (u32 LE) | payload | CRC32 of all before (u32 LE)`.
+//! A frame whose checksum or length is wrong ends the migration (the source resumes).
+
+use crate::{io, MigrateError, Result};
+use std::io::{Read, Write};
+
+pub const GREETING: &[u8; 8] = b"FERRYMG1";
+/// Largest payload: a run of pages with its 16-byte header.
+pub const MAX_PAYLOAD: usize = (4 << 20) + 16;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Kind {
+    /// Source: {"id", "token"} (JSON).
+    Hello = 1,
+    /// Source: a run of pages of a running process: pid u32, 4 zero bytes, address u64, bytes.
+    Pages = 2,
+    /// Source: end of a pre-copy round, {"round", "bytes"}.
+    Round = 3,
+    /// Source: bytes of the final image's metadata stream (meta.fimg).
+    ImageMeta = 4,
+    /// Source: bytes of the final image's page stream (pages.fimg).
+    ImagePages = 5,
+    /// Source: the image is complete; rebuild it.
+    Commit = 6,
+    /// Source: the source copy is gone for good; let the rebuilt tree run.
+    Go = 7,
+    /// Either side: give up, {"reason"}.
+    Abort = 8,
+    /// Agent: rebuilt and held stopped, {"pid", "restore_ms"}.
+    Ready = 9,
+    /// Agent: the rebuild failed (nothing of it is left), {"error"}.
+    Failed = 10,
+    /// Agent: the tree runs here now.
+    Done = 11,
+}
+
+impl Kind {
+    fn from_u8(v: u8) -> Option<Kind> {
+        use Kind::*;
+        Some(match v {
+            1 => Hello,
+            2 => Pages,
+            3 => Round,
+            4 => ImageMeta,
+            5 => ImagePages,
+            6 => Commit,
+            7 => Go,
+            8 => Abort,
+            9 => Ready,
+            10 => Failed,
+            11 => Done,
+            _ => return None,
+        })
+    }
+}
+
+/// Write one frame from payload parts.
+pub fn write_frame(w: &mut impl Write, kind: Kind, parts: &[&[u8]]) -> Result<()> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    if len > MAX_PAYLOAD {
+        return Err(MigrateError::Protocol(format!(
+            "frame of {len} bytes is too large"
+        )));
+    }
+    let mut head = [0u8; 8];
+    head[0] = kind as u8;
+    head[4..8].copy_from_slice(&(len as u32).to_le_bytes());
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    w.write_all(&head).map_err(io("sending a frame"))?;
+    for p in parts {
+        crc.update(p);
+        w.write_all(p).map_err(io("sending a frame"))?;
+    }
+    w.write_all(&crc.finalize().to_le_bytes())
+        .map_err(io("sending a frame"))?;
+    Ok(())
+}
+
+pub fn write_json<T: serde::Serialize>(w: &mut impl Write, kind: Kind, v: &T) -> Result<()> {
+    let b = serde_json::to_vec(v).map_err(|e| MigrateError::Protocol(e.to_string()))?;
+    write_frame(w, kind, &[&b])
+}
+
+/// Read one frame into `buf` (reused); returns its kind.
+pub fn read_frame(r: &mut impl Read, buf: &mut Vec<u8>) -> Result<Kind> {
+    let mut head = [0u8; 8];
+    r.read_exact(&mut head).map_err(io("reading a frame"))?;
+    let kind = Kind::from_u8(head[0])
+        .filter(|_| head[1..4] == [0, 0, 0])
+        .ok_or_else(|| MigrateError::Protocol(format!("bad frame header {head:02x?}")))?;
+    let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(MigrateError::Protocol(format!(
+            "frame of {len} bytes announced (at most {MAX_PAYLOAD})"
+        )));
+    }
+    buf.resize(len, 0);
+    r.read_exact(buf).map_err(io("reading a frame"))?;
+    let mut c = [0u8; 4];
+    r.read_exact(&mut c).map_err(io("reading a frame"))?;
+    let mut crc = crc32fast::Hasher::new();
+    crc.update(&head);
+    crc.update(buf);
+    if crc.finalize() != u32::from_le_bytes(c) {
+        return Err(MigrateError::Protocol(format!(
+            "corrupted {kind:?} frame of {len} bytes (checksum mismatch)"
+        )));
+    }
+    Ok(kind)
+}
+
+pub fn parse<T: serde::de::DeserializeOwned>(kind: Kind, buf: &[u8]) -> Result<T> {
+    serde_json::from_slice(buf)
+        .map_err(|e| MigrateError::Protocol(format!("bad {kind:?} frame: {e}")))
+}
+
+/// A `Write` that frames everything written to it as `kind` frames on a shared connection:
+/// the image writer's two streams travel multiplexed on the page stream.
+pub struct FramedSink<W: Write> {
+    pub conn: std::sync::Arc<std::sync::Mutex<W>>,
+    pub kind: Kind,
+    buf: Vec<u8>,
+}
+
+impl<W: Write> FramedSink<W> {
+    pub fn new(conn: std::sync::Arc<std::sync::Mutex<W>>, kind: Kind) -> Self {
+        FramedSink {
+            conn,
+            kind,
+            buf: Vec::with_capacity(1 << 20),
+        }
+    }
+
+    fn ship(&mut self) -> std::io::Result<()> {
+        if self.buf.is_empty() {
+            return Ok(());
+        }
+        let mut c = self.conn.lock().unwrap();
+        write_frame(&mut *c, self.kind, &[&self.buf])
+            .map_err(|e| std::io::Error::other(e.to_string()))?;
+        self.buf.clear();
+        Ok(())
+    }
+}
+
+impl<W: Write> Write for FramedSink<W> {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        let room = (1 << 20) - self.buf.len();
+        let n = data.len().min(room);
+        self.buf.extend_from_slice(&data[..n]);
+        if self.buf.len() >= 1 << 20 {
+            self.ship()?;
+        }
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.ship()?;
+        self.conn.lock().unwrap().flush()
+    }
+}
+
+impl<W: Write> Drop for FramedSink<W> {
+    fn drop(&mut self) {
+        let _ = self.ship();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_round_trip_and_corruption_is_caught() {
+        let mut v = Vec::new();
+        write_frame(&mut v, Kind::Pages, &[b"abc", b"defg"]).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(read_frame(&mut &v[..], &mut buf).unwrap(), Kind::Pages);
+        assert_eq!(buf, b"abcdefg");
+        for i in 0..v.len() {
+            let mut bad = v.clone();
+            bad[i] ^= 0x40;
+            assert!(read_frame(&mut &bad[..], &mut buf).is_err(), "byte {i}");
+        }
+        assert!(read_frame(&mut &v[..v.len() - 1], &mut buf).is_err());
+    }
+}

@@ -1,0 +1,160 @@
+//! `ferry agent` and `ferry migrate`.
+
+use anyhow::{Context, Result};
+use clap::{Args, ValueEnum};
+use ferry_migrate::source::{migrate as run_migrate, MigrateOptions, Mode};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+#[derive(Args)]
+pub struct AgentArgs {
+    /// Address of the HTTP API, e.g. 0.0.0.0:7070. The page stream listens on the next port.
+    #[arg(long)]
+    listen: SocketAddr,
+    /// File holding the shared token that requests must carry (Authorization: Bearer).
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    /// Where incoming images are kept while they arrive.
+    #[arg(long, default_value = "/var/lib/ferry")]
+    state_dir: PathBuf,
+    /// Port of the page stream (default: the API's port + 1).
+    #[arg(long, default_value_t = 0)]
+    data_port: u16,
+    /// Publish this CPU profile instead of the host's (a `ferry cpu profile` JSON file): to
+    /// stand for a smaller destination in tests.
+    #[arg(long)]
+    profile: Option<PathBuf>,
+    /// Rebuild incoming processes in this network namespace (a /run/netns/NAME file).
+    #[arg(long)]
+    netns: Option<String>,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum ModeArg {
+    Precopy,
+    Stop,
+}
+
+#[derive(Args)]
+pub struct MigrateArgs {
+    /// The process (and its descendants) to move.
+    #[arg(long)]
+    pid: i32,
+    /// The destination agent, http://HOST:PORT.
+    #[arg(long)]
+    to: String,
+    #[arg(long, value_enum, default_value = "precopy")]
+    mode: ModeArg,
+    /// Downtime to aim for (pre-copy stops its rounds when the rest fits).
+    #[arg(long, default_value_t = 10.0)]
+    max_downtime: f64,
+    /// Most pre-copy rounds before the final copy.
+    #[arg(long, default_value_t = 30)]
+    max_rounds: u32,
+    /// Migrate even if the destination's CPU looks unable to run the process.
+    #[arg(long)]
+    force: bool,
+    /// File holding the agent's token.
+    #[arg(long)]
+    token_file: Option<PathBuf>,
+    #[arg(long)]
+    json: bool,
+}
+
+fn token(f: &Option<PathBuf>) -> Result<Option<String>> {
+    f.as_ref()
+        .map(|p| {
+            std::fs::read_to_string(p)
+                .map(|s| s.trim().to_string())
+                .with_context(|| format!("reading the token file {}", p.display()))
+        })
+        .transpose()
+}
+
+pub fn agent(a: AgentArgs) -> Result<u8> {
+    let profile = match &a.profile {
+        Some(p) => Some(ferry_cpu::profile::CpuProfile::load(p)?),
+        None => None,
+    };
+    ferry_migrate::agent::run(ferry_migrate::agent::AgentConfig {
+        listen: a.listen,
+        data_port: a.data_port,
+        token: token(&a.token_file)?,
+        state_dir: a.state_dir,
+        profile,
+        netns: a.netns,
+    })?;
+    Ok(0)
+}
+
+pub fn migrate(a: MigrateArgs) -> Result<u8> {
+    let o = MigrateOptions {
+        pid: a.pid,
+        to: a.to.clone(),
+        token: token(&a.token_file)?,
+        mode: match a.mode {
+            ModeArg::Precopy => Mode::Precopy,
+            ModeArg::Stop => Mode::Stop,
+        },
+        max_downtime_ms: a.max_downtime,
+        force: a.force,
+        max_rounds: a.max_rounds.max(1),
+    };
+    let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
+    let bar = indicatif::ProgressBar::new_spinner();
+    if !tty || a.json {
+        bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
+    }
+    let progress = |phase: &str, bytes: u64, round: u32| {
+        bar.set_message(format!(
+            "{phase}: round {round}, {:.1} MiB sent",
+            bytes as f64 / 1048576.0
+        ));
+        bar.tick();
+    };
+    let r = match run_migrate(&o, &progress) {
+        Ok(r) => r,
+        Err(ferry_migrate::MigrateError::Incompatible(why)) => {
+            bar.finish_and_clear();
+            if a.json {
+                println!(
+                    "{}",
+                    serde_json::json!({ "pid": a.pid, "refused": true, "reason": why })
+                );
+            } else {
+                eprintln!("ferry: migration refused: {why}");
+            }
+            return Ok(1);
+        }
+        Err(e) => return Err(e.into()),
+    };
+    bar.finish_and_clear();
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else {
+        println!(
+            "migrated process {} to {} (now PID {} there): downtime {:.1} ms, total {:.0} ms, \
+             {:.1} MiB sent in {} pre-copy round(s) + {:.1} MiB frozen",
+            r.pid,
+            r.destination,
+            r.restored_pid,
+            r.downtime_ms,
+            r.total_ms,
+            r.bytes_sent as f64 / 1048576.0,
+            r.rounds.len(),
+            r.final_bytes as f64 / 1048576.0
+        );
+        for rd in &r.rounds {
+            println!(
+                "  round {}: {:.1} MiB in {:.1} ms",
+                rd.round,
+                rd.bytes as f64 / 1048576.0,
+                rd.ms
+            );
+        }
+        for n in &r.notes {
+            println!("  note: {n}");
+        }
+    }
+    Ok(0)
+}
