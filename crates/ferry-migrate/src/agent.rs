@@ -24,6 +24,9 @@ pub struct AgentConfig {
     pub listen: SocketAddr,
     /// The page stream's port (on the API's address); 0 picks the API port + 1.
     pub data_port: u16,
+    /// The page-stream port sources are told to use, when something (NAT, a proxy) forwards
+    /// another port to ours; 0: our own.
+    pub advertise_data_port: u16,
     pub token: Option<String>,
     pub state_dir: PathBuf,
     /// The CPU profile to publish; None: this host's.
@@ -222,7 +225,11 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         host: HostInfo {
             version: env!("CARGO_PKG_VERSION").into(),
             hostname,
-            data_port,
+            data_port: if cfg.advertise_data_port != 0 {
+                cfg.advertise_data_port
+            } else {
+                data_port
+            },
             profile,
         },
         cfg,
@@ -347,17 +354,10 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
             .fetch_add(buf.len() as u64 + 12, Ordering::Relaxed);
         s.update(&id, |m| m.bytes_received += buf.len() as u64 + 12);
         let r = match kind {
-            Kind::Pages => {
-                if buf.len() < 16 || (buf.len() - 16) % 4096 != 0 {
-                    return Err(fail(
-                        &mut conn,
-                        MigrateError::Protocol("bad Pages frame".into()),
-                    ));
-                }
-                let pid = u32::from_le_bytes(buf[0..4].try_into().unwrap()) as i32;
-                let addr = u64::from_le_bytes(buf[8..16].try_into().unwrap());
-                store.put(pid, addr, &buf[16..])
-            }
+            Kind::Pages => wire::page_runs(&buf).and_then(|runs| {
+                runs.into_iter()
+                    .try_for_each(|(pid, addr, data)| store.put(pid, addr, data))
+            }),
             Kind::Round => {
                 s.update(&id, |m| m.rounds += 1);
                 Ok(())

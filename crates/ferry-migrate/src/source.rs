@@ -147,6 +147,42 @@ fn data_addr(to: &str, port: u16) -> Result<String> {
 }
 
 pub fn migrate(o: &MigrateOptions, progress: &ProgressFn) -> Result<MigrateReport> {
+    let mut id = None;
+    match migrate_inner(o, progress, &mut id) {
+        Ok(r) => Ok(r),
+        Err(e @ MigrateError::Incompatible(_)) => Err(e),
+        Err(e) => {
+            // What the agent recorded, if it can still say.
+            let http = Http {
+                base: o.to.trim_end_matches('/').to_string(),
+                token: o.token.clone(),
+            };
+            let theirs = id
+                .and_then(|id: String| {
+                    http.get::<MigrationInfo>(&format!("/v1/migrations/{id}"))
+                        .ok()
+                })
+                .and_then(|m| m.error)
+                .map(|d| format!(" (the destination says: {d})"))
+                .unwrap_or_default();
+            let here = if std::path::Path::new(&format!("/proc/{}", o.pid)).exists() {
+                ", it runs on here"
+            } else {
+                ""
+            };
+            Err(MigrateError::Failed(format!(
+                "migration of process {} failed{here}: {e}{theirs}",
+                o.pid
+            )))
+        }
+    }
+}
+
+fn migrate_inner(
+    o: &MigrateOptions,
+    progress: &ProgressFn,
+    id_out: &mut Option<String>,
+) -> Result<MigrateReport> {
     let t0 = Instant::now();
     ferry_sys::procfs::check_inspectable(o.pid).map_err(ferry_engine::EngineError::from)?;
     let http = Http {
@@ -166,6 +202,7 @@ pub fn migrate(o: &MigrateOptions, progress: &ProgressFn) -> Result<MigrateRepor
                 .to_string(),
         },
     )?;
+    *id_out = Some(created.id.clone());
     let addr = data_addr(&o.to, created.data_port)?;
     let conn = TcpStream::connect(&addr).map_err(io(format!("connecting to {addr}")))?;
     let _ = conn.set_nodelay(true);
@@ -196,17 +233,17 @@ pub fn migrate(o: &MigrateOptions, progress: &ProgressFn) -> Result<MigrateRepor
             let tr0 = Instant::now();
             let bytes = {
                 let mut g = w.lock().unwrap();
-                tr.round(&mut |pid, addr, data| {
-                    let mut head = [0u8; 16];
-                    head[0..4].copy_from_slice(&(pid as u32).to_le_bytes());
-                    head[8..16].copy_from_slice(&addr.to_le_bytes());
-                    wire::write_frame(&mut *g, Kind::Pages, &[&head, data]).map_err(|e| {
+                let mut batch = wire::PageBatch::default();
+                let n = tr.round(&mut |pid, addr, data| {
+                    batch.add(&mut *g, pid, addr, data).map_err(|e| {
                         ferry_engine::EngineError::Failed(format!("sending pages: {e}"))
                     })?;
-                    sent += data.len() as u64 + 28;
+                    sent += data.len() as u64 + 16;
                     progress("pre-copy", sent, round);
                     Ok(())
-                })?
+                })?;
+                batch.flush(&mut *g)?;
+                n
             };
             {
                 let mut g = w.lock().unwrap();
@@ -309,10 +346,7 @@ pub fn migrate(o: &MigrateOptions, progress: &ProgressFn) -> Result<MigrateRepor
         Ok(p) => p,
         Err(e) => {
             held.resume();
-            return Err(MigrateError::Failed(format!(
-                "migration of process {} failed, it runs on here: {e}",
-                o.pid
-            )));
+            return Err(e);
         }
     };
     // The rebuilt tree waits, stopped, on the destination: ours goes, then it runs there.

@@ -58,20 +58,28 @@ impl PageStore {
             self.next += n;
             return Ok(());
         }
-        for i in 0..n {
-            let key = (pid, addr + i * PAGE);
-            let slot = match self.index.get(&key) {
-                Some(&s) => s,
-                None => {
-                    self.next += 1;
-                    self.index.insert(key, self.next - 1);
-                    self.next - 1
-                }
-            };
-            let p = &data[(i * PAGE) as usize..((i + 1) * PAGE) as usize];
+        let mut next = self.next;
+        let slots: Vec<u64> = (0..n)
+            .map(|i| {
+                *self.index.entry((pid, addr + i * PAGE)).or_insert_with(|| {
+                    next += 1;
+                    next - 1
+                })
+            })
+            .collect();
+        self.next = next;
+        // Pages sent again usually sit in consecutive slots: one write per such run.
+        let mut i = 0;
+        while i < slots.len() {
+            let mut j = i + 1;
+            while j < slots.len() && slots[j] == slots[j - 1] + 1 {
+                j += 1;
+            }
+            let p = &data[i * PAGE as usize..j * PAGE as usize];
             self.file
-                .write_all_at(p, slot * PAGE)
+                .write_all_at(p, slots[i] * PAGE)
                 .map_err(io(format!("writing pages to {}", self.path.display())))?;
+            i = j;
         }
         Ok(())
     }

@@ -6,15 +6,89 @@ use crate::{io, MigrateError, Result};
 use std::io::{Read, Write};
 
 pub const GREETING: &[u8; 8] = b"FERRYMG1";
-/// Largest payload: a run of pages with its 16-byte header.
-pub const MAX_PAYLOAD: usize = (4 << 20) + 16;
+/// Largest payload.
+pub const MAX_PAYLOAD: usize = 8 << 20;
+
+/// The runs of a Pages frame: (pid, address, bytes).
+pub fn page_runs(buf: &[u8]) -> Result<Vec<(i32, u64, &[u8])>> {
+    let mut out = Vec::new();
+    let mut at = 0;
+    while at < buf.len() {
+        if buf.len() - at < 16 {
+            return Err(MigrateError::Protocol(
+                "truncated run in a Pages frame".into(),
+            ));
+        }
+        let pid = u32::from_le_bytes(buf[at..at + 4].try_into().unwrap()) as i32;
+        let n = u32::from_le_bytes(buf[at + 4..at + 8].try_into().unwrap()) as usize;
+        let addr = u64::from_le_bytes(buf[at + 8..at + 16].try_into().unwrap());
+        let len = n
+            .checked_mul(4096)
+            .filter(|&l| l <= buf.len() - at - 16)
+            .ok_or_else(|| MigrateError::Protocol("a run overflows its Pages frame".into()))?;
+        if addr % 4096 != 0 {
+            return Err(MigrateError::Protocol(format!(
+                "unaligned page address {addr:#x}"
+            )));
+        }
+        out.push((pid, addr, &buf[at + 16..at + 16 + len]));
+        at += 16 + len;
+    }
+    Ok(out)
+}
+
+/// Collects page runs into Pages frames of up to 4 MiB.
+pub struct PageBatch {
+    buf: Vec<u8>,
+}
+
+impl Default for PageBatch {
+    fn default() -> Self {
+        PageBatch {
+            buf: Vec::with_capacity((4 << 20) + 4096),
+        }
+    }
+}
+
+impl PageBatch {
+    pub fn add(&mut self, w: &mut impl Write, pid: i32, addr: u64, data: &[u8]) -> Result<()> {
+        let mut off = 0;
+        while off < data.len() {
+            let room = ((4 << 20) - self.buf.len().min(4 << 20)) / 4096 * 4096;
+            if room < 4096 + 16 {
+                self.flush(w)?;
+                continue;
+            }
+            let take = (data.len() - off).min(room - 4096);
+            let take = take - take % 4096;
+            let take = if take == 0 { 4096 } else { take };
+            self.buf.extend_from_slice(&(pid as u32).to_le_bytes());
+            self.buf
+                .extend_from_slice(&((take / 4096) as u32).to_le_bytes());
+            self.buf
+                .extend_from_slice(&(addr + off as u64).to_le_bytes());
+            self.buf.extend_from_slice(&data[off..off + take]);
+            off += take;
+        }
+        Ok(())
+    }
+
+    pub fn flush(&mut self, w: &mut impl Write) -> Result<()> {
+        if !self.buf.is_empty() {
+            write_frame(w, Kind::Pages, &[&self.buf])?;
+            self.buf.clear();
+        }
+        Ok(())
+    }
+}
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[repr(u8)]
 pub enum Kind {
     /// Source: {"id", "token"} (JSON).
     Hello = 1,
-    /// Source: a run of pages of a running process: pid u32, 4 zero bytes, address u64, bytes.
+    /// Source: runs of pages of the running processes, each `pid u32 | pages u32 |
+    /// address u64 | bytes`.
     Pages = 2,
     /// Source: end of a pre-copy round, {"round", "bytes"}.
     Round = 3,

@@ -20,6 +20,9 @@ pub struct AgentArgs {
     /// Port of the page stream (default: the API's port + 1).
     #[arg(long, default_value_t = 0)]
     data_port: u16,
+    /// Tell sources to use this page-stream port instead (when a proxy or NAT forwards it).
+    #[arg(long, default_value_t = 0)]
+    advertise_data_port: u16,
     /// Publish this CPU profile instead of the host's (a `ferry cpu profile` JSON file): to
     /// stand for a smaller destination in tests.
     #[arg(long)]
@@ -79,6 +82,7 @@ pub fn agent(a: AgentArgs) -> Result<u8> {
     ferry_migrate::agent::run(ferry_migrate::agent::AgentConfig {
         listen: a.listen,
         data_port: a.data_port,
+        advertise_data_port: a.advertise_data_port,
         token: token(&a.token_file)?,
         state_dir: a.state_dir,
         profile,

@@ -1,0 +1,392 @@
+//! Live migration between agents. Each agent runs in a PID namespace of its own (as on
+//! another host, PIDs there are its own), so a process keeps its PID when it lands there while
+//! its source copy still exists. A fixture keeps rewriting its memory during the move and
+//! checks all of it afterwards.
+
+mod common;
+use common::*;
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "test-token-0123456789";
+
+struct Agent {
+    unshare: Child,
+    port: u16,
+    url: String,
+    tok: PathBuf,
+}
+
+fn port_base() -> u16 {
+    41000 + (std::process::id() % 500) as u16 * 20
+}
+
+impl Agent {
+    fn start(dir: &Path, n: u16, extra: &[&str]) -> Agent {
+        let port = port_base() + n * 4;
+        let tok = dir.join("token");
+        std::fs::write(&tok, TOKEN).unwrap();
+        let state = dir.join(format!("state{n}"));
+        let mut c = Command::new("unshare");
+        c.args(["--pid", "--fork", "--mount-proc"])
+            .arg(env!("CARGO_BIN_EXE_ferry"))
+            .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--token-file")
+            .arg(&tok)
+            .args(extra);
+        if !extra.contains(&"--state-dir") {
+            c.arg("--state-dir").arg(&state);
+        }
+        let unshare = start_cmd(c, &dir.join(format!("agent{n}.log")));
+        let a = Agent {
+            unshare,
+            port,
+            url: format!("http://127.0.0.1:{port}"),
+            tok,
+        };
+        let end = Instant::now() + Duration::from_secs(20);
+        while a.try_get("/v1/host").is_none() {
+            assert!(Instant::now() < end, "agent {n} did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        a
+    }
+
+    fn try_get(&self, path: &str) -> Option<serde_json::Value> {
+        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        write!(
+            s,
+            "GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
+        .ok()?;
+        let mut body = String::new();
+        s.read_to_string(&mut body).ok()?;
+        let (_, json) = body.split_once("\r\n\r\n")?;
+        serde_json::from_str(json).ok()
+    }
+
+    fn get(&self, path: &str) -> serde_json::Value {
+        self.try_get(path).expect("agent API")
+    }
+
+    /// The agent process (PID 1 of its namespace), seen from here.
+    fn init_pid(&self) -> u32 {
+        let s = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.unshare.id()))
+            .unwrap_or_default();
+        s.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// Our PID of the process that is `inner` in the agent's PID namespace.
+    fn outer_pid(&self, inner: i64) -> u32 {
+        let ns = std::fs::read_link(format!("/proc/{}/ns/pid", self.init_pid())).unwrap();
+        for e in std::fs::read_dir("/proc").unwrap().flatten() {
+            let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
+                continue;
+            };
+            if std::fs::read_link(format!("/proc/{p}/ns/pid")).ok() != Some(ns.clone()) {
+                continue;
+            }
+            let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+            let nspid = st.lines().find(|l| l.starts_with("NSpid:")).unwrap_or("");
+            if nspid.split_whitespace().last() == Some(&inner.to_string()) {
+                return p;
+            }
+        }
+        panic!("no process {inner} in the agent's namespace");
+    }
+
+    fn kill(&mut self) {
+        let init = self.init_pid();
+        kill(init, "KILL");
+        let _ = self.unshare.wait();
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        if self.unshare.try_wait().ok().flatten().is_none() {
+            self.kill();
+        }
+    }
+}
+
+fn migrate(pid: u32, a: &Agent, extra: &[&str]) -> Output {
+    let mut args = vec![
+        "migrate".to_string(),
+        "--pid".into(),
+        pid.to_string(),
+        "--to".into(),
+        a.url.clone(),
+        "--token-file".into(),
+        a.tok.display().to_string(),
+        "--json".into(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
+    ferry(&a)
+}
+
+fn json(o: &Output) -> serde_json::Value {
+    serde_json::from_slice(&o.stdout).unwrap_or_else(|_| {
+        panic!(
+            "no JSON: {} / {}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        )
+    })
+}
+
+/// Ask the fixture (our PID `pid`) to check its memory; wait for its `n`th verdict.
+fn check_pass(pid: u32, out: &Path, n: usize) {
+    kill(pid, "USR1");
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let s = std::fs::read_to_string(out).unwrap_or_default();
+        assert!(!s.contains("FAIL"), "{s}");
+        if s.matches("PASS").count() >= n {
+            return;
+        }
+        assert!(Instant::now() < end, "no verdict {n}: {s}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
+}
+
+fn running(pid: u32) -> bool {
+    let s = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let state = s.lines().find(|l| l.starts_with("State:")).unwrap_or("");
+    let tracer = s
+        .lines()
+        .find(|l| l.starts_with("TracerPid:"))
+        .unwrap_or("");
+    (state.contains('S') || state.contains('R')) && tracer.ends_with("\t0")
+}
+
+fn start_dirtier(dir: &Path, mib: &str, pause_us: &str) -> (Child, PathBuf) {
+    let bin = build(dir, "dirtier");
+    let out = dir.join("dirtier.out");
+    let mut c = Command::new(bin);
+    c.args([mib, pause_us]);
+    let child = start_cmd(c, &out);
+    wait_for(&out, "ready");
+    (child, out)
+}
+
+/// Pre-copy to one agent while the fixture keeps writing, then stop-and-copy from there to
+/// another: the memory is intact each time, and the process keeps its PID.
+#[test]
+fn precopy_then_stop_and_copy_keep_memory_intact() {
+    let dir = tmpdir("migrate");
+    let a1 = Agent::start(&dir, 1, &[]);
+    let a2 = Agent::start(&dir, 2, &[]);
+    let (mut child, out) = start_dirtier(&dir, "64", "1000");
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(200));
+    let o = migrate(pid, &a1, &["--mode", "precopy"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    eprintln!(
+        "pre-copy: downtime {} ms, total {} ms, rounds {}",
+        r["downtime_ms"],
+        r["total_ms"],
+        r["rounds"].as_array().unwrap().len()
+    );
+    assert_eq!(r["restored_pid"].as_i64(), Some(pid as i64));
+    assert!(!r["rounds"].as_array().unwrap().is_empty());
+    // The source copy is gone; the process runs in the first agent's namespace.
+    child.wait().unwrap();
+    let m = a1.get("/v1/migrations");
+    assert_eq!(m[0]["state"], "running", "{m}");
+    let p1 = a1.outer_pid(pid as i64);
+    check_pass(p1, &out, 1);
+
+    // From there to the second agent, stop-and-copy, run from inside the first namespace.
+    let o = Command::new("nsenter")
+        .args(["-t", &a1.init_pid().to_string(), "--pid", "--mount"])
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .args([
+            "migrate",
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &a2.url,
+            "--mode",
+            "stop",
+        ])
+        .arg("--token-file")
+        .arg(&a2.tok)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    assert!(r["rounds"].as_array().unwrap().is_empty());
+    let p2 = a2.outer_pid(pid as i64);
+    assert!(!alive(p1), "the first copy still runs");
+    check_pass(p2, &out, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A destination whose CPU lacks a feature the process uses is refused before anything is
+/// frozen: exit 1, the evidence, the process untouched, nothing announced to the agent.
+#[test]
+fn an_incompatible_destination_is_refused_before_the_freeze() {
+    let dir = tmpdir("migrate-gate");
+    let prof = ferry(&[
+        "cpu",
+        "profile",
+        "--from-cpuid-dump",
+        concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../ferry-eval/data/qemu72_user_cpu_models_cpuid_dump.txt"
+        ),
+        "--model",
+        "Haswell-v1",
+        "--json",
+    ]);
+    assert!(prof.status.success());
+    let pf = dir.join("haswell.json");
+    std::fs::write(&pf, &prof.stdout).unwrap();
+    let a = Agent::start(&dir, 3, &["--profile", pf.to_str().unwrap()]);
+    let bin = build(&dir, "avx512");
+    let out = dir.join("avx.out");
+    let mut child = start_cmd(Command::new(bin), &out);
+    wait_for(&out, "ready");
+    let o = migrate(child.id(), &a, &[]);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let v = json(&o);
+    assert_eq!(v["refused"], true);
+    let why = v["reason"].as_str().unwrap();
+    assert!(why.contains("AVX512"), "{why}");
+    assert!(running(child.id()));
+    assert_eq!(a.get("/v1/migrations"), serde_json::json!([]));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A byte flipped on the way: forwards the page stream, corrupting one byte after `at`.
+fn corrupting_proxy(listen: u16, to: u16, at: usize) {
+    let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+    std::thread::spawn(move || {
+        let Ok((mut a, _)) = l.accept() else { return };
+        let mut b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+        });
+        let mut buf = vec![0u8; 64 << 10];
+        let mut seen = 0usize;
+        loop {
+            let n = match a.read(&mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => n,
+            };
+            if seen <= at && at < seen + n {
+                buf[at - seen] ^= 0x20;
+            }
+            seen += n;
+            if b.write_all(&buf[..n]).is_err() {
+                break;
+            }
+        }
+    });
+}
+
+/// Each failure leaves the process running on exactly one host, intact: a full state
+/// directory on the destination, a corrupted stream, the destination agent killed during
+/// pre-copy.
+#[test]
+fn failures_leave_the_process_running_at_the_source() {
+    let dir = tmpdir("migrate-fail");
+    let (mut child, out) = start_dirtier(&dir, "128", "1000");
+    let pid = child.id();
+    let mut verdicts = 0;
+
+    // A state directory with no room: the agent fails while receiving.
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=16m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    {
+        let a = Agent::start(&dir, 4, &["--state-dir", small.to_str().unwrap()]);
+        let o = migrate(pid, &a, &[]);
+        assert_eq!(o.status.code(), Some(2));
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("runs on here") || e.contains("space"), "{e}");
+        assert!(running(pid), "after a full state directory");
+        verdicts += 1;
+        check_pass(pid, &out, verdicts);
+        let m = a.get("/v1/migrations");
+        assert_eq!(m[0]["state"], "failed", "{m}");
+    }
+    let _ = Command::new("umount").arg(&small).status();
+
+    // A corrupted byte in the stream.
+    {
+        let proxy = port_base() + 19;
+        let a = Agent::start(&dir, 5, &["--advertise-data-port", &proxy.to_string()]);
+        corrupting_proxy(proxy, a.port + 1, 3 << 20);
+        let o = migrate(pid, &a, &[]);
+        assert_eq!(o.status.code(), Some(2));
+        assert!(running(pid), "after a corrupted stream");
+        verdicts += 1;
+        check_pass(pid, &out, verdicts);
+        let m = a.get("/v1/migrations");
+        assert_eq!(m[0]["state"], "failed", "{m}");
+        let err = m[0]["error"].as_str().unwrap_or("");
+        assert!(err.contains("checksum") || err.contains("frame"), "{err}");
+    }
+
+    // The destination agent killed during pre-copy.
+    {
+        let mut a = Agent::start(&dir, 6, &[]);
+        let url = a.url.clone();
+        let tok = a.tok.clone();
+        let h = std::thread::spawn(move || {
+            ferry(&[
+                "migrate",
+                "--pid",
+                &pid.to_string(),
+                "--to",
+                &url,
+                "--token-file",
+                tok.to_str().unwrap(),
+            ])
+        });
+        let end = Instant::now() + Duration::from_secs(20);
+        loop {
+            let m = a.try_get("/v1/migrations").unwrap_or_default();
+            if m[0]["state"] == "receiving" && m[0]["bytes_received"].as_u64().unwrap_or(0) > 0 {
+                break;
+            }
+            assert!(Instant::now() < end, "migration never started: {m}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        a.kill();
+        let o = h.join().unwrap();
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{}",
+            String::from_utf8_lossy(&o.stdout)
+        );
+        assert!(running(pid), "after the agent died");
+        verdicts += 1;
+        check_pass(pid, &out, verdicts);
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
