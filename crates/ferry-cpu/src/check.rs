@@ -120,23 +120,26 @@ pub fn check_ferry(
     }
     let mut unknown: Vec<Example> = unknown.to_vec();
     unknown.retain(|e| !e.address.is_empty());
-    // A destination offering everything the source offers runs whatever runs on the source,
-    // undecodable bytes included.
+    // A destination offering everything the source offers runs whatever runs on the source:
+    // undecodable bytes, and statically reachable code for features neither CPU has (the
+    // process cannot have run it here, and CPUID will not send it there either).
     let superset = source.is_some_and(|s| {
         s.usable_features.is_subset(&target.usable_features)
             && s.xsave.xcr0 & !target.xsave.xcr0 == 0
     });
-    let verdict = if !missing.is_empty() || !xsave.ok {
-        Outcome::Incompatible
-    } else if !unknown.is_empty() && superset {
+    let verdict = if superset && xsave.ok && (!missing.is_empty() || !unknown.is_empty()) {
         reasons.push(format!(
-            "{} undecodable instruction(s) in reachable code, but {} offers every feature and \
-             state component of the source {}",
-            unknown.len(),
+            "{} offers every feature and state component of the source {}: whatever runs there \
+             runs here ({} feature(s) neither has are reachable only through CPU dispatch, {} \
+             undecodable instruction(s))",
             target.name,
-            source.map(|s| s.name.as_str()).unwrap_or("")
+            source.map(|s| s.name.as_str()).unwrap_or(""),
+            missing.len(),
+            unknown.len()
         ));
         Outcome::Compatible
+    } else if !missing.is_empty() || !xsave.ok {
+        Outcome::Incompatible
     } else if !unknown.is_empty() {
         reasons.push(format!(
             "{} undecodable instruction(s) in reachable code: their features cannot be known",

@@ -334,6 +334,7 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
         std::fs::File::create(img.join("pages.fimg")).map_err(io("creating pages.fimg"))?,
     );
     let mut store = PageStore::create(&dir.join("precopy.pages"))?;
+    let commit: serde_json::Value;
     let fail = |conn: &mut TcpStream, e: MigrateError| -> MigrateError {
         let _ = wire::write_json(
             conn,
@@ -370,7 +371,10 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
                     "aborted by the source: {why}"
                 )));
             }
-            Kind::Commit => break,
+            Kind::Commit => {
+                commit = wire::parse(kind, &buf).unwrap_or_default();
+                break;
+            }
             k => Err(MigrateError::Protocol(format!("unexpected {k:?} frame"))),
         };
         // A full state directory, a bad frame: say so, and the source resumes.
@@ -380,6 +384,12 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
     pages.flush().map_err(io("writing pages.fimg"))?;
     drop((meta, pages));
     s.update(&id, |m| m.state = "restoring".into());
+    // Addresses that move with the process: ours before its sockets are rebuilt.
+    let mut claimed = Vec::new();
+    for a in commit["addresses"].as_array().into_iter().flatten() {
+        let c = crate::netmove::claim(a.as_str().unwrap_or("")).map_err(|e| fail(&mut conn, e))?;
+        claimed.push(c);
+    }
     let restored = (|| -> Result<ferry_engine::Restored> {
         let recs: Vec<PrecopyRecord> = ferry_image::ImageReader::open(&img)?.find(TAG_PRECOPY)?;
         store.set_tracked(recs.into_iter().map(|r| (r.pid, r.tracked)).collect());
@@ -409,6 +419,9 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
         }
     }
     let report = restored.resume()?;
+    for c in claimed {
+        c.keep();
+    }
     s.update(&id, |m| {
         m.state = "running".into();
         m.restore_ms = Some(report.restore_ms.max(ms));

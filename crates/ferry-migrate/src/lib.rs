@@ -6,6 +6,7 @@
 
 pub mod agent;
 pub mod api;
+pub mod netmove;
 pub mod source;
 pub mod store;
 pub mod wire;

@@ -33,6 +33,9 @@ pub struct MigrateOptions {
     /// Migrate even when the destination's CPU looks unable to run the process.
     pub force: bool,
     pub max_rounds: u32,
+    /// IPv4 addresses (CIDR) that move with the process: taken off its network namespace at
+    /// the freeze, put on the destination's interface in the same subnet.
+    pub move_addresses: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -309,14 +312,23 @@ fn migrate_inner(
         },
     )?;
     // From here any error drops `held`, which resumes the source copy.
+    let mut released = Vec::new();
     let fin = (|| -> Result<i32> {
         for r in tracked.lock().unwrap().iter() {
             iw.meta(TAG_PRECOPY, r)?;
         }
         let summary = iw.finish()?;
+        let ns = format!("/proc/{}/ns/net", o.pid);
+        for a in &o.move_addresses {
+            released.push(crate::netmove::release(&ns, a)?);
+        }
         {
             let mut g = w.lock().unwrap();
-            wire::write_frame(&mut *g, Kind::Commit, &[])?;
+            wire::write_json(
+                &mut *g,
+                Kind::Commit,
+                &serde_json::json!({ "addresses": o.move_addresses }),
+            )?;
             g.flush().map_err(io("sending the image"))?;
         }
         sent += summary.page_bytes;
@@ -345,6 +357,9 @@ fn migrate_inner(
     let restored_pid = match fin {
         Ok(p) => p,
         Err(e) => {
+            for r in released {
+                r.restore();
+            }
             held.resume();
             return Err(e);
         }

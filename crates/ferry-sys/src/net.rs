@@ -582,3 +582,65 @@ pub fn unix_diag() -> Result<Vec<UnixDiag>> {
         }
     }
 }
+
+/// Announce that `ip` is now at this host's `ifname` (a gratuitous ARP request, sent three
+/// times), so that neighbours on the link update their caches at once. In the calling
+/// thread's network namespace.
+pub fn send_garp(ifname: &str, ip: std::net::Ipv4Addr) -> Result<()> {
+    let name = std::ffi::CString::new(ifname)
+        .map_err(|_| Error::Parse(format!("odd interface name {ifname}")))?;
+    // SAFETY: if_nametoindex reads a C string.
+    let index = unsafe { libc::if_nametoindex(name.as_ptr()) };
+    if index == 0 {
+        return Err(last(format!("interface {ifname}")));
+    }
+    let s = socket(
+        libc::AF_PACKET,
+        libc::SOCK_RAW,
+        (libc::ETH_P_ARP as u16).to_be() as i32,
+    )?;
+    // SAFETY: ifreq is plain data; all-zero is valid before we fill the name.
+    let mut ifr: libc::ifreq = unsafe { std::mem::zeroed() };
+    for (d, c) in ifr.ifr_name.iter_mut().zip(name.as_bytes()) {
+        *d = *c as libc::c_char;
+    }
+    // SAFETY: SIOCGIFHWADDR fills the ifreq we pass.
+    let rc = unsafe { libc::ioctl(s.as_raw_fd(), libc::SIOCGIFHWADDR, &mut ifr) };
+    check(rc as libc::c_long, || {
+        format!("hardware address of {ifname}")
+    })?;
+    // SAFETY: after SIOCGIFHWADDR the union holds a sockaddr with the MAC in sa_data.
+    let hw = unsafe { ifr.ifr_ifru.ifru_hwaddr.sa_data };
+    let mac: Vec<u8> = hw[..6].iter().map(|&b| b as u8).collect();
+    let mut f = Vec::with_capacity(42);
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x08, 0x06]); // ARP
+    f.extend_from_slice(&[0, 1, 0x08, 0, 6, 4, 0, 1]); // Ethernet/IPv4, request
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&ip.octets());
+    f.extend_from_slice(&[0; 6]);
+    f.extend_from_slice(&ip.octets());
+    // SAFETY: sockaddr_ll is plain data; all-zero is valid before we fill it.
+    let mut to: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+    to.sll_family = libc::AF_PACKET as u16;
+    to.sll_protocol = (libc::ETH_P_ARP as u16).to_be();
+    to.sll_ifindex = index as i32;
+    to.sll_halen = 6;
+    to.sll_addr[..6].copy_from_slice(&[0xff; 6]);
+    for _ in 0..3 {
+        // SAFETY: f and `to` are valid for the call.
+        let rc = unsafe {
+            libc::sendto(
+                s.as_raw_fd(),
+                f.as_ptr() as *const libc::c_void,
+                f.len(),
+                0,
+                &to as *const libc::sockaddr_ll as *const libc::sockaddr,
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        check(rc as libc::c_long, || format!("gratuitous ARP on {ifname}"))?;
+    }
+    Ok(())
+}

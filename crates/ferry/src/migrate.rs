@@ -60,6 +60,10 @@ pub struct MigrateArgs {
     /// File holding the agent's token.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// An IPv4 address (CIDR) that moves with the process: clients' connections to it follow.
+    /// Repeatable.
+    #[arg(long = "move-address", value_name = "CIDR")]
+    move_addresses: Vec<String>,
     #[arg(long)]
     json: bool,
 }
@@ -103,6 +107,7 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
         max_downtime_ms: a.max_downtime,
         force: a.force,
         max_rounds: a.max_rounds.max(1),
+        move_addresses: a.move_addresses.clone(),
     };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = indicatif::ProgressBar::new_spinner();

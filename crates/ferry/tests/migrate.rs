@@ -5,7 +5,7 @@
 
 mod common;
 use common::*;
-use std::io::{Read, Write};
+use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output};
@@ -15,6 +15,7 @@ const TOKEN: &str = "test-token-0123456789";
 
 struct Agent {
     unshare: Child,
+    host: String,
     port: u16,
     url: String,
     tok: PathBuf,
@@ -26,14 +27,26 @@ fn port_base() -> u16 {
 
 impl Agent {
     fn start(dir: &Path, n: u16, extra: &[&str]) -> Agent {
+        Self::start_in(dir, n, extra, None, "127.0.0.1")
+    }
+
+    /// An agent in network namespace `netns` (a /run/netns file), listening on `host`.
+    fn start_in(dir: &Path, n: u16, extra: &[&str], netns: Option<&str>, host: &str) -> Agent {
         let port = port_base() + n * 4;
         let tok = dir.join("token");
         std::fs::write(&tok, TOKEN).unwrap();
         let state = dir.join(format!("state{n}"));
-        let mut c = Command::new("unshare");
+        let mut c = Command::new(if netns.is_some() {
+            "nsenter"
+        } else {
+            "unshare"
+        });
+        if let Some(ns) = netns {
+            c.arg(format!("--net={ns}")).arg("unshare");
+        }
         c.args(["--pid", "--fork", "--mount-proc"])
             .arg(env!("CARGO_BIN_EXE_ferry"))
-            .args(["agent", "--listen", &format!("127.0.0.1:{port}")])
+            .args(["agent", "--listen", &format!("{host}:{port}")])
             .arg("--token-file")
             .arg(&tok)
             .args(extra);
@@ -43,8 +56,9 @@ impl Agent {
         let unshare = start_cmd(c, &dir.join(format!("agent{n}.log")));
         let a = Agent {
             unshare,
+            host: host.to_string(),
             port,
-            url: format!("http://127.0.0.1:{port}"),
+            url: format!("http://{host}:{port}"),
             tok,
         };
         let end = Instant::now() + Duration::from_secs(20);
@@ -56,7 +70,7 @@ impl Agent {
     }
 
     fn try_get(&self, path: &str) -> Option<serde_json::Value> {
-        let mut s = TcpStream::connect(("127.0.0.1", self.port)).ok()?;
+        let mut s = TcpStream::connect((self.host.as_str(), self.port)).ok()?;
         write!(
             s,
             "GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
@@ -72,11 +86,20 @@ impl Agent {
         self.try_get(path).expect("agent API")
     }
 
-    /// The agent process (PID 1 of its namespace), seen from here.
+    /// The agent process (PID 1 of its namespace), seen from here: the child of `unshare`
+    /// (which nsenter may have become).
     fn init_pid(&self) -> u32 {
-        let s = std::fs::read_to_string(format!("/proc/{0}/task/{0}/children", self.unshare.id()))
-            .unwrap_or_default();
-        s.split_whitespace().next().unwrap().parse().unwrap()
+        let kid = |p: u32| -> u32 {
+            let s =
+                std::fs::read_to_string(format!("/proc/{p}/task/{p}/children")).unwrap_or_default();
+            s.split_whitespace().next().unwrap().parse().unwrap()
+        };
+        let first = kid(self.unshare.id());
+        let comm = std::fs::read_to_string(format!("/proc/{first}/comm")).unwrap_or_default();
+        if comm.trim() == "unshare" {
+            return kid(first);
+        }
+        first
     }
 
     /// Our PID of the process that is `inner` in the agent's PID namespace.
@@ -388,5 +411,124 @@ fn failures_leave_the_process_running_at_the_source() {
     }
     child.kill().unwrap();
     child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Redis moves to another host with its service address while a client on a third host
+/// writes over one TCP connection: the connection carries on, no acknowledged write is lost.
+#[test]
+fn redis_moves_with_its_address_and_its_client_connection() {
+    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+    use std::sync::Arc;
+    let dir = tmpdir("migrate-redis");
+    let lan = Lan::new("m", 3);
+    let (a_ns, b_ns, c_ns) = (&lan.hosts[0], &lan.hosts[1], &lan.hosts[2]);
+    let vip = format!("{}.100", lan.net);
+    lan.add_address(0, &format!("{vip}/24"));
+    let mut rc = NetPair::cmd(a_ns, "redis-server");
+    rc.args([
+        "--bind",
+        &vip,
+        "--port",
+        "6379",
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .args(["--protected-mode", "no", "--daemonize", "no", "--dir"])
+    .arg(&dir)
+    .current_dir(&dir);
+    let mut redis = start_cmd(rc, &dir.join("redis.log"));
+    wait_for(&dir.join("redis.log"), "Ready to accept connections");
+    let pid = redis.id();
+    let agent = Agent::start_in(
+        &dir,
+        7,
+        &[],
+        Some(&NetPair::path(b_ns)),
+        &format!("{}.2", lan.net),
+    );
+    let addr = format!("{vip}:6379");
+    let loader = NetPair::connect(c_ns, &addr);
+    let mut lr = BufReader::new(loader.try_clone().unwrap());
+    let mut lw = loader;
+    const KEYS: usize = 50_000;
+    let mut buf = Vec::new();
+    for i in 0..KEYS {
+        buf.extend(cmd(&["SET", &format!("key:{i}"), &format!("value-{i}")]));
+    }
+    lw.write_all(&buf).unwrap();
+    for _ in 0..KEYS {
+        assert_eq!(reply(&mut lr).unwrap(), Reply::Status("OK".into()));
+    }
+    let acked = Arc::new(AtomicI64::new(-1));
+    let stop = Arc::new(AtomicBool::new(false));
+    let conn = NetPair::connect(c_ns, &addr);
+    conn.set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let writer = {
+        let (acked, stop) = (acked.clone(), stop.clone());
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        std::thread::spawn(move || -> Result<(), String> {
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                w.write_all(&cmd(&["SET", &format!("w:{n}"), &n.to_string()]))
+                    .map_err(|e| format!("write {n}: {e}"))?;
+                match reply(&mut r).map_err(|e| format!("reply to write {n}: {e}"))? {
+                    Reply::Status(s) if s == "OK" => acked.store(n, Ordering::SeqCst),
+                    other => return Err(format!("write {n}: {other:?}")),
+                }
+                n += 1;
+            }
+            Ok(())
+        })
+    };
+    let wait_acked = |at_least: i64| {
+        let end = Instant::now() + Duration::from_secs(60);
+        while acked.load(Ordering::SeqCst) < at_least {
+            assert!(Instant::now() < end, "writes stalled at {acked:?}");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    };
+    wait_acked(200);
+    let o = migrate(pid, &agent, &["--move-address", &format!("{vip}/24")]);
+    assert!(
+        o.status.success(),
+        "{:?}: {} {}",
+        o.status,
+        String::from_utf8_lossy(&o.stderr),
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let r = json(&o);
+    eprintln!(
+        "redis migration: downtime {} ms, total {} ms, rounds {}",
+        r["downtime_ms"],
+        r["total_ms"],
+        r["rounds"].as_array().unwrap().len()
+    );
+    redis.wait().unwrap();
+    let after = acked.load(Ordering::SeqCst);
+    wait_acked(after + 1000);
+    stop.store(true, Ordering::Relaxed);
+    writer.join().unwrap().expect("the client's connection");
+    let last = acked.load(Ordering::SeqCst);
+    let mut r = BufReader::new(conn.try_clone().unwrap());
+    let mut w = conn;
+    let n = check_keys(
+        &mut r,
+        &mut w,
+        (0..KEYS).map(|i| (format!("key:{i}"), format!("value-{i}"))),
+    );
+    let m = check_keys(
+        &mut r,
+        &mut w,
+        (0..=last).map(|i| (format!("w:{i}"), i.to_string())),
+    );
+    w.write_all(&cmd(&["DBSIZE"])).unwrap();
+    assert_eq!(reply(&mut r).unwrap(), Reply::Int((n + m) as i64));
+    // It runs on the second host now.
+    assert_eq!(agent.get("/v1/migrations")[0]["state"], "running");
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -11,56 +11,6 @@ use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-fn cmd(args: &[&str]) -> Vec<u8> {
-    let mut v = format!("*{}\r\n", args.len()).into_bytes();
-    for a in args {
-        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
-    }
-    v
-}
-
-#[derive(Debug, PartialEq)]
-enum Reply {
-    Status(String),
-    Error(String),
-    Int(i64),
-    Bulk(Option<String>),
-    Array(Vec<Reply>),
-}
-
-fn reply(r: &mut BufReader<TcpStream>) -> std::io::Result<Reply> {
-    let mut line = String::new();
-    if r.read_line(&mut line)? == 0 {
-        return Err(std::io::Error::other("connection closed"));
-    }
-    let (kind, rest) = line.trim_end().split_at(1);
-    Ok(match kind {
-        "+" => Reply::Status(rest.into()),
-        "-" => Reply::Error(rest.into()),
-        ":" => Reply::Int(rest.parse().unwrap()),
-        "$" => {
-            let n: i64 = rest.parse().unwrap();
-            if n < 0 {
-                Reply::Bulk(None)
-            } else {
-                let mut b = vec![0u8; n as usize + 2];
-                r.read_exact(&mut b)?;
-                b.truncate(n as usize);
-                Reply::Bulk(Some(String::from_utf8(b).unwrap()))
-            }
-        }
-        "*" => {
-            let n: usize = rest.parse().unwrap();
-            let mut v = Vec::with_capacity(n);
-            for _ in 0..n {
-                v.push(reply(r)?);
-            }
-            Reply::Array(v)
-        }
-        k => panic!("unexpected reply kind {k:?}"),
-    })
-}
-
 struct Redis {
     pid: u32,
     child: std::process::Child,
@@ -89,27 +39,6 @@ fn start_redis(net: &NetPair, dir: &std::path::Path) -> Redis {
     let pid = child.id();
     wait_for(&dir.join("redis.log"), "Ready to accept connections");
     Redis { pid, child }
-}
-
-/// MGET `keys` in batches; each must hold the value `want(key index)`.
-fn check_keys(
-    r: &mut BufReader<TcpStream>,
-    w: &mut TcpStream,
-    keys: impl Iterator<Item = (String, String)>,
-) -> usize {
-    let all: Vec<(String, String)> = keys.collect();
-    for chunk in all.chunks(5000) {
-        let mut args = vec!["MGET"];
-        args.extend(chunk.iter().map(|(k, _)| k.as_str()));
-        w.write_all(&cmd(&args)).unwrap();
-        let Reply::Array(vals) = reply(r).unwrap() else {
-            panic!("MGET reply")
-        };
-        for ((k, want), got) in chunk.iter().zip(vals) {
-            assert_eq!(got, Reply::Bulk(Some(want.clone())), "key {k}");
-        }
-    }
-    all.len()
 }
 
 #[test]

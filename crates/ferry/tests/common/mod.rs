@@ -3,6 +3,8 @@
 #![allow(dead_code)]
 
 use std::fs::OpenOptions;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
@@ -227,5 +229,158 @@ impl Drop for NetPair {
         for ns in [&self.server, &self.client] {
             let _ = Command::new("ip").args(["netns", "del", ns]).status();
         }
+    }
+}
+
+// A small Redis (RESP) client for the server tests.
+
+pub fn cmd(args: &[&str]) -> Vec<u8> {
+    let mut v = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    v
+}
+
+#[derive(Debug, PartialEq)]
+pub enum Reply {
+    Status(String),
+    Error(String),
+    Int(i64),
+    Bulk(Option<String>),
+    Array(Vec<Reply>),
+}
+
+pub fn reply(r: &mut BufReader<TcpStream>) -> std::io::Result<Reply> {
+    let mut line = String::new();
+    if r.read_line(&mut line)? == 0 {
+        return Err(std::io::Error::other("connection closed"));
+    }
+    let (kind, rest) = line.trim_end().split_at(1);
+    Ok(match kind {
+        "+" => Reply::Status(rest.into()),
+        "-" => Reply::Error(rest.into()),
+        ":" => Reply::Int(rest.parse().unwrap()),
+        "$" => {
+            let n: i64 = rest.parse().unwrap();
+            if n < 0 {
+                Reply::Bulk(None)
+            } else {
+                let mut b = vec![0u8; n as usize + 2];
+                r.read_exact(&mut b)?;
+                b.truncate(n as usize);
+                Reply::Bulk(Some(String::from_utf8(b).unwrap()))
+            }
+        }
+        "*" => {
+            let n: usize = rest.parse().unwrap();
+            let mut v = Vec::with_capacity(n);
+            for _ in 0..n {
+                v.push(reply(r)?);
+            }
+            Reply::Array(v)
+        }
+        k => panic!("unexpected reply kind {k:?}"),
+    })
+}
+
+/// MGET `keys` in batches; each must hold the value `want(key index)`.
+pub fn check_keys(
+    r: &mut BufReader<TcpStream>,
+    w: &mut TcpStream,
+    keys: impl Iterator<Item = (String, String)>,
+) -> usize {
+    let all: Vec<(String, String)> = keys.collect();
+    for chunk in all.chunks(5000) {
+        let mut args = vec!["MGET"];
+        args.extend(chunk.iter().map(|(k, _)| k.as_str()));
+        w.write_all(&cmd(&args)).unwrap();
+        let Reply::Array(vals) = reply(r).unwrap() else {
+            panic!("MGET reply")
+        };
+        for ((k, want), got) in chunk.iter().zip(vals) {
+            assert_eq!(got, Reply::Bulk(Some(want.clone())), "key {k}");
+        }
+    }
+    all.len()
+}
+
+/// Hosts on one link: network namespaces joined by veth pairs to a bridge (which holds
+/// 10.X.Y.254, so that this namespace reaches them). Host `i` has 10.X.Y.(i+1). Removed on
+/// drop.
+pub struct Lan {
+    tag: String,
+    pub bridge: String,
+    pub hosts: Vec<String>,
+    pub net: String,
+}
+
+impl Lan {
+    pub fn new(tag: &str, n: usize) -> Lan {
+        let id = std::process::id();
+        let (x, y) = ((id >> 8) % 200 + 20, id % 250 + 1);
+        let net = format!("10.{x}.{y}");
+        let bridge = format!("fb{tag}{}", id % 100000);
+        let _ = Command::new("ip")
+            .args(["link", "del", &bridge])
+            .stderr(Stdio::null())
+            .status();
+        ip(&["link", "add", &bridge, "type", "bridge"]);
+        ip(&["addr", "add", &format!("{net}.254/24"), "dev", &bridge]);
+        ip(&["link", "set", &bridge, "up"]);
+        let mut hosts = Vec::new();
+        for i in 0..n {
+            let ns = format!("fl{tag}{i}{id}");
+            let (outer, inner) = (
+                format!("v{tag}{i}{}", id % 10000),
+                format!("e{tag}{i}{}", id % 10000),
+            );
+            let _ = Command::new("ip")
+                .args(["netns", "del", &ns])
+                .stderr(Stdio::null())
+                .status();
+            ip(&["netns", "add", &ns]);
+            ip(&[
+                "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+            ]);
+            ip(&["link", "set", &outer, "master", &bridge]);
+            ip(&["link", "set", &outer, "up"]);
+            ip(&["link", "set", &inner, "netns", &ns]);
+            ip(&[
+                "-n",
+                &ns,
+                "addr",
+                "add",
+                &format!("{net}.{}/24", i + 1),
+                "dev",
+                &inner,
+            ]);
+            ip(&["-n", &ns, "link", "set", &inner, "up"]);
+            ip(&["-n", &ns, "link", "set", "lo", "up"]);
+            hosts.push(ns);
+        }
+        Lan {
+            tag: tag.to_string(),
+            bridge,
+            hosts,
+            net,
+        }
+    }
+
+    /// Add an address to host `i`'s link.
+    pub fn add_address(&self, i: usize, cidr: &str) {
+        let dev = format!("e{}{i}{}", self.tag, std::process::id() % 10000);
+        ip(&["-n", &self.hosts[i], "addr", "add", cidr, "dev", &dev]);
+    }
+}
+
+impl Drop for Lan {
+    fn drop(&mut self) {
+        for ns in &self.hosts {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        let _ = Command::new("ip")
+            .args(["link", "del", &self.bridge])
+            .status();
     }
 }
