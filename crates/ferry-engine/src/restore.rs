@@ -149,7 +149,19 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
     // Everything is checked before any process exists.
     let imgs = load(dir)?;
-    let (summary, index) = ImageReader::open(dir)?.verify_pages_indexed()?;
+    // pages.fimg is mapped: checked in place, then written from there into the processes.
+    let map = std::sync::Arc::new(ferry_sys::mem::MappedFile::open(&dir.join("pages.fimg"))?);
+    let meta_path = dir.join("meta.fimg");
+    let meta = std::fs::File::open(&meta_path)
+        .map_err(|e| EngineError::Failed(format!("opening {}: {e}", meta_path.display())))?;
+    let (summary, index) = ImageReader::from_buffered(
+        Box::new(std::io::BufReader::new(meta)),
+        Box::new(ferry_sys::mem::MappedReader {
+            map: map.clone(),
+            pos: 0,
+        }),
+    )?
+    .verify_pages_indexed()?;
     for img in &imgs {
         memory::check_files(&img.mappings)?;
         files::check(&img.fds, opts.allow_changed_files)?;
@@ -187,7 +199,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let stub = spawn_stub(Some(root))?;
     let mut targets: Vec<Target> = Vec::new();
     let result = (|| -> Result<u64> {
-        let frozen = Frozen::freeze(stub)?;
+        let frozen = Frozen::freeze_owned(stub)?;
         targets.push(Target {
             pid: stub,
             frozen,
@@ -208,7 +220,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 .ok_or_else(|| EngineError::Failed(format!("no parent for process {}", img.pid)))?;
             let child = fork_child(parent, img.pid)?;
             let page = parent.page;
-            let mut frozen = Frozen::freeze(child)?;
+            let mut frozen = Frozen::freeze_owned(child)?;
             frozen.set_syscall_insn(page);
             let mut ct = Target {
                 pid: child,
@@ -226,10 +238,8 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 .ok_or_else(|| EngineError::Failed(format!("no parent for zombie {}", z.pid)))?;
             make_zombie(parent, z)?;
         }
-        let path = dir.join("pages.fimg");
         let mut pages_src = memory::Pages {
-            file: std::fs::File::open(&path)
-                .map_err(|e| EngineError::Failed(format!("opening {}: {e}", path.display())))?,
+            map,
             index,
             next: 0,
         };
@@ -309,7 +319,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
 fn make_zombie(parent: &mut Target, z: &ZombieImage) -> Result<()> {
     let pid = fork_child(parent, z.pid)?;
     let page = parent.page;
-    let mut f = Frozen::freeze(pid)?;
+    let mut f = Frozen::freeze_owned(pid)?;
     f.set_syscall_insn(page);
     if libc::WIFSIGNALED(z.status) {
         let sig = libc::WTERMSIG(z.status);
