@@ -112,6 +112,25 @@ pub struct RestoreReport {
     pub exit_status: Option<i32>,
 }
 
+/// An image whose pages.fimg is mapped read-only: its page blocks are checked in place, with
+/// no copy of ours.
+pub fn open_mapped(
+    dir: &Path,
+) -> Result<(ImageReader, std::sync::Arc<ferry_sys::mem::MappedFile>)> {
+    let map = std::sync::Arc::new(ferry_sys::mem::MappedFile::open(&dir.join("pages.fimg"))?);
+    let meta_path = dir.join("meta.fimg");
+    let meta = std::fs::File::open(&meta_path)
+        .map_err(|e| EngineError::Failed(format!("opening {}: {e}", meta_path.display())))?;
+    let r = ImageReader::from_buffered(
+        Box::new(std::io::BufReader::new(meta)),
+        Box::new(ferry_sys::mem::MappedReader {
+            map: map.clone(),
+            pos: 0,
+        }),
+    )?;
+    Ok((r, map))
+}
+
 /// Every process of the image, parents before children.
 pub fn load(dir: &Path) -> Result<Vec<ProcessImage>> {
     let r = ImageReader::open(dir)?;
@@ -150,18 +169,8 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     // Everything is checked before any process exists.
     let imgs = load(dir)?;
     // pages.fimg is mapped: checked in place, then written from there into the processes.
-    let map = std::sync::Arc::new(ferry_sys::mem::MappedFile::open(&dir.join("pages.fimg"))?);
-    let meta_path = dir.join("meta.fimg");
-    let meta = std::fs::File::open(&meta_path)
-        .map_err(|e| EngineError::Failed(format!("opening {}: {e}", meta_path.display())))?;
-    let (summary, index) = ImageReader::from_buffered(
-        Box::new(std::io::BufReader::new(meta)),
-        Box::new(ferry_sys::mem::MappedReader {
-            map: map.clone(),
-            pos: 0,
-        }),
-    )?
-    .verify_pages_indexed()?;
+    let (mut reader, map) = open_mapped(dir)?;
+    let (summary, index) = reader.verify_pages_indexed()?;
     for img in &imgs {
         memory::check_files(&img.mappings)?;
         files::check(&img.fds, opts.allow_changed_files)?;
