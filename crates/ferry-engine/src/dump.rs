@@ -381,13 +381,12 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     // The process is killed only after the image is synced and reads back whole.
     let tv = Instant::now();
     let finished = w.finish().map_err(crate::EngineError::from).and_then(|s| {
-        // Read back through a mapping (checked in place, without a copy) where the file
-        // system allows it.
-        let mut reader = match crate::restore::open_mapped(dir) {
-            Ok((r, _)) => r,
-            Err(_) => ImageReader::open(dir)?,
-        };
-        reader.verify_pages().map(|_| s).map_err(Into::into)
+        // Read back with plain reads through a bounded buffer, not a mapping: a mapped image
+        // would count in our resident memory, which must not grow with the dump.
+        ImageReader::open(dir)?
+            .verify_pages()
+            .map(|_| s)
+            .map_err(Into::into)
     });
     let summary = match finished {
         Ok(s) => s,
