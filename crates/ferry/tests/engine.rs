@@ -415,7 +415,8 @@ fn dump_restore_matches_reference(
     ]);
     assert!(
         d.status.success(),
-        "dump of {prog}: {}",
+        "dump of {prog} ({}): {}",
+        d.status,
         String::from_utf8_lossy(&d.stderr)
     );
     child.wait().unwrap();
@@ -423,7 +424,8 @@ fn dump_restore_matches_reference(
     assert_eq!(
         r.status.code(),
         Some(0),
-        "restore of {prog}: {}",
+        "restore of {prog} ({}): {}",
+        r.status,
         String::from_utf8_lossy(&r.stderr)
     );
     let a = std::fs::read(&reference).unwrap();
