@@ -161,7 +161,10 @@ fn main() {
         "dump HWM",
         "rest HWM"
     );
-    println!("(HWM: peak resident memory of the dumping / restoring process, MiB)");
+    println!(
+        "(HWM: peak resident memory of the dumping / restoring process, MiB; the restorer's \
+         includes the image's pages.fimg, which it maps read-only from the page cache)"
+    );
     for mib in sizes {
         let mut c = Command::new(&bin)
             .arg(mib.to_string())

@@ -381,6 +381,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     // The process is killed only after the image is synced and reads back whole.
     let tv = Instant::now();
     let finished = w.finish().map_err(crate::EngineError::from).and_then(|s| {
+        // Read back with plain reads through a bounded buffer, not a mapping: a mapped image
+        // would count in our resident memory, which must not grow with the dump.
         ImageReader::open(dir)?
             .verify_pages()
             .map(|_| s)

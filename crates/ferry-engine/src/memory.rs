@@ -610,19 +610,19 @@ pub fn restore_layout(
     Ok(())
 }
 
-/// The page blocks of an image, verified, and the file they are in.
+/// The page blocks of an image, verified, and the mapped file they are in.
 pub struct Pages {
-    pub file: std::fs::File,
+    pub map: std::sync::Arc<ferry_sys::mem::MappedFile>,
     pub index: Vec<ferry_image::BlockIndex>,
     /// The next block to restore: blocks are in process order.
     pub next: usize,
 }
 
 /// Write the `budget` next saved pages back into process `pid`. Two writers take blocks
-/// straight from pages.fimg, check each against the CRC verified before any process existed
+/// straight from the mapped pages.fimg (no copy of ours), check each against the CRC verified before any process existed
 /// (so a file changed since fails the restore), and write them through /proc/PID/mem, which
 /// writes read-only and PROT_NONE mappings too. First touch of the new pages dominates, so both
-/// cores populate them, each with its own recycled buffer. `on_progress` is told the bytes
+/// cores populate them. `on_progress` is told the bytes
 /// written so far, now and then.
 pub fn restore_pages(
     pid: i32,
@@ -633,6 +633,7 @@ pub fn restore_pages(
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     let first = pages.next;
+    let file = pages.map.bytes();
     let mut n = 0u64;
     while n < budget {
         let Some(b) = pages.index.get(pages.next) else {
@@ -649,7 +650,7 @@ pub fn restore_pages(
         .write(true)
         .open(&path)
         .map_err(|e| EngineError::Failed(format!("opening {path}: {e}")))?;
-    let (mem, file) = (&mem, &pages.file);
+    let mem = &mem;
     let next = AtomicUsize::new(0);
     let done = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
@@ -658,23 +659,23 @@ pub fn restore_pages(
         let writers: Vec<_> = (0..2)
             .map(|_| {
                 s.spawn(move || -> Result<()> {
-                    let mut buf = Vec::new();
                     while !failed.load(Ordering::Relaxed) {
                         let Some(b) = blocks.get(next.fetch_add(1, Ordering::Relaxed)) else {
                             return Ok(());
                         };
-                        buf.resize(b.data_len as usize, 0);
+                        let at = b.data_offset as usize;
                         let r = file
-                            .read_exact_at(&mut buf, b.data_offset)
-                            .map_err(|e| {
+                            .get(at..at + b.data_len as usize)
+                            .ok_or_else(|| {
                                 EngineError::Failed(format!(
-                                    "reading {} bytes at offset {} of pages.fimg: {e}",
-                                    b.data_len, b.data_offset
+                                    "pages.fimg is shorter than it was verified: {} bytes at \
+                                     offset {at} are missing",
+                                    b.data_len
                                 ))
                             })
-                            .and_then(|_| {
-                                if b.matches(&buf) {
-                                    Ok(())
+                            .and_then(|buf| {
+                                if b.matches(buf) {
+                                    Ok(buf)
                                 } else {
                                     Err(EngineError::Failed(format!(
                                         "pages.fimg changed since it was verified: the block at \
@@ -683,8 +684,8 @@ pub fn restore_pages(
                                     )))
                                 }
                             })
-                            .and_then(|_| {
-                                mem.write_all_at(&buf, b.vaddr).map_err(|e| {
+                            .and_then(|buf| {
+                                mem.write_all_at(buf, b.vaddr).map_err(|e| {
                                     EngineError::Failed(format!(
                                         "writing {} bytes at {:#x} of the restored process {pid}: {e}",
                                         buf.len(),

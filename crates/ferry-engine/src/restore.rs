@@ -112,6 +112,25 @@ pub struct RestoreReport {
     pub exit_status: Option<i32>,
 }
 
+/// An image whose pages.fimg is mapped read-only: its page blocks are checked in place, with
+/// no copy of ours.
+pub fn open_mapped(
+    dir: &Path,
+) -> Result<(ImageReader, std::sync::Arc<ferry_sys::mem::MappedFile>)> {
+    let map = std::sync::Arc::new(ferry_sys::mem::MappedFile::open(&dir.join("pages.fimg"))?);
+    let meta_path = dir.join("meta.fimg");
+    let meta = std::fs::File::open(&meta_path)
+        .map_err(|e| EngineError::Failed(format!("opening {}: {e}", meta_path.display())))?;
+    let r = ImageReader::from_buffered(
+        Box::new(std::io::BufReader::new(meta)),
+        Box::new(ferry_sys::mem::MappedReader {
+            map: map.clone(),
+            pos: 0,
+        }),
+    )?;
+    Ok((r, map))
+}
+
 /// Every process of the image, parents before children.
 pub fn load(dir: &Path) -> Result<Vec<ProcessImage>> {
     let r = ImageReader::open(dir)?;
@@ -149,7 +168,9 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
     // Everything is checked before any process exists.
     let imgs = load(dir)?;
-    let (summary, index) = ImageReader::open(dir)?.verify_pages_indexed()?;
+    // pages.fimg is mapped: checked in place, then written from there into the processes.
+    let (mut reader, map) = open_mapped(dir)?;
+    let (summary, index) = reader.verify_pages_indexed()?;
     for img in &imgs {
         memory::check_files(&img.mappings)?;
         files::check(&img.fds, opts.allow_changed_files)?;
@@ -187,7 +208,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let stub = spawn_stub(Some(root))?;
     let mut targets: Vec<Target> = Vec::new();
     let result = (|| -> Result<u64> {
-        let frozen = Frozen::freeze(stub)?;
+        let frozen = Frozen::freeze_owned(stub)?;
         targets.push(Target {
             pid: stub,
             frozen,
@@ -208,7 +229,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 .ok_or_else(|| EngineError::Failed(format!("no parent for process {}", img.pid)))?;
             let child = fork_child(parent, img.pid)?;
             let page = parent.page;
-            let mut frozen = Frozen::freeze(child)?;
+            let mut frozen = Frozen::freeze_owned(child)?;
             frozen.set_syscall_insn(page);
             let mut ct = Target {
                 pid: child,
@@ -226,10 +247,8 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 .ok_or_else(|| EngineError::Failed(format!("no parent for zombie {}", z.pid)))?;
             make_zombie(parent, z)?;
         }
-        let path = dir.join("pages.fimg");
         let mut pages_src = memory::Pages {
-            file: std::fs::File::open(&path)
-                .map_err(|e| EngineError::Failed(format!("opening {}: {e}", path.display())))?,
+            map,
             index,
             next: 0,
         };
@@ -309,7 +328,7 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
 fn make_zombie(parent: &mut Target, z: &ZombieImage) -> Result<()> {
     let pid = fork_child(parent, z.pid)?;
     let page = parent.page;
-    let mut f = Frozen::freeze(pid)?;
+    let mut f = Frozen::freeze_owned(pid)?;
     f.set_syscall_insn(page);
     if libc::WIFSIGNALED(z.status) {
         let sig = libc::WTERMSIG(z.status);

@@ -4,7 +4,7 @@
 //! are read in 1 MiB pieces, so a hostile length costs at most what the stream really holds.
 
 use std::fs::File;
-use std::io::{self, BufReader, Read};
+use std::io::{self, BufRead, BufReader, Read};
 use std::path::Path;
 
 use serde::de::{DeserializeOwned, IgnoredAny};
@@ -30,18 +30,14 @@ struct Rec {
 
 /// One input stream and its position.
 struct In {
-    r: BufReader<Box<dyn Read + Send>>,
+    r: Box<dyn BufRead + Send>,
     offset: u64,
     file: ImageFile,
 }
 
 impl In {
-    fn new(r: Box<dyn Read + Send>, file: ImageFile) -> Self {
-        In {
-            r: BufReader::with_capacity(IO_BUFFER, r),
-            offset: 0,
-            file,
-        }
+    fn buffered(r: Box<dyn BufRead + Send>, file: ImageFile) -> Self {
+        In { r, offset: 0, file }
     }
 
     /// Read until `buf` is full or the stream ends; returns the number of bytes read.
@@ -211,24 +207,37 @@ impl In {
         Ok(())
     }
 
-    /// Read `len` payload bytes through `scratch`, feeding `h` only.
+    /// Pass over `len` payload bytes, feeding `h` only, straight from the stream's buffer (for
+    /// a stream that is memory already, such as a mapped file, nothing is copied).
     fn payload_skip(
         &mut self,
         rec: &Rec,
         done: u64,
         len: u64,
         h: &mut crc32fast::Hasher,
-        scratch: &mut [u8],
     ) -> Result<(), ImageError> {
         let mut got = 0u64;
         while got < len {
-            let want = (len - got).min(scratch.len() as u64) as usize;
-            let n = self.fill(&mut scratch[..want], "reading a payload")?;
-            h.update(&scratch[..n]);
-            got += n as u64;
-            if n < want {
+            let avail = match self.r.fill_buf() {
+                Ok(b) => b,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(source) => {
+                    return Err(ImageError::Io {
+                        file: self.file,
+                        offset: self.offset,
+                        what: "reading a payload",
+                        source,
+                    })
+                }
+            };
+            if avail.is_empty() {
                 return Err(self.truncated_payload(rec, done + got));
             }
+            let n = avail.len().min((len - got) as usize);
+            h.update(&avail[..n]);
+            self.r.consume(n);
+            self.offset += n as u64;
+            got += n as u64;
         }
         Ok(())
     }
@@ -420,7 +429,6 @@ pub struct ImageReader {
     pages: In,
     progress: Summary,
     pages_crc: crc32fast::Hasher,
-    scratch: Vec<u8>,
     state: State,
     /// Filled by `verify_pages_indexed`.
     index: Option<Vec<crate::BlockIndex>>,
@@ -448,9 +456,22 @@ impl ImageReader {
         meta: Box<dyn Read + Send>,
         pages: Box<dyn Read + Send>,
     ) -> Result<Self, ImageError> {
-        let mut m = In::new(meta, ImageFile::Meta);
+        Self::from_buffered(
+            Box::new(BufReader::with_capacity(IO_BUFFER, meta)),
+            Box::new(BufReader::with_capacity(IO_BUFFER, pages)),
+        )
+    }
+
+    /// Like [`from_streams`](Self::from_streams), for streams that buffer themselves: a page
+    /// stream that is in memory already (a mapped pages.fimg, a byte slice) is then checked by
+    /// `verify_pages` without being copied.
+    pub fn from_buffered(
+        meta: Box<dyn BufRead + Send>,
+        pages: Box<dyn BufRead + Send>,
+    ) -> Result<Self, ImageError> {
+        let mut m = In::buffered(meta, ImageFile::Meta);
         let (records, summary) = read_meta(&mut m)?;
-        let mut p = In::new(pages, ImageFile::Pages);
+        let mut p = In::buffered(pages, ImageFile::Pages);
         p.read_file_header(&PAGES_MAGIC)?;
         Ok(ImageReader {
             records,
@@ -461,7 +482,6 @@ impl ImageReader {
             summary,
             pages: p,
             pages_crc: crc32fast::Hasher::new(),
-            scratch: Vec::new(),
             state: State::Reading,
             index: None,
         })
@@ -620,12 +640,7 @@ impl ImageReader {
         let data_len = rec.len - prefix_len;
         match keep {
             Some(out) => p.payload_keep(&rec, prefix_len, data_len, &mut h, out)?,
-            None => {
-                if self.scratch.is_empty() {
-                    self.scratch = vec![0u8; READ_CHUNK];
-                }
-                p.payload_skip(&rec, prefix_len, data_len, &mut h, &mut self.scratch)?
-            }
+            None => p.payload_skip(&rec, prefix_len, data_len, &mut h)?,
         }
         let payload_crc = h.finalize();
         p.check_crc(&rec, payload_crc)?;

@@ -495,3 +495,45 @@ fn the_block_index_points_at_each_blocks_data_in_pages_fimg() {
         .verify_pages_indexed()
         .is_err());
 }
+
+#[test]
+fn buffered_streams_verify_like_plain_ones() {
+    let img = write_image(|w| {
+        w.meta("m", "x").unwrap();
+        w.pages(0x40_0000, &pattern(300, 3)).unwrap();
+        w.pages(0x80_0000, &pattern(2, 4)).unwrap();
+    });
+    let buffered = |meta: &[u8], pages: &[u8]| {
+        ImageReader::from_buffered(
+            Box::new(std::io::Cursor::new(meta.to_vec())),
+            Box::new(std::io::Cursor::new(pages.to_vec())),
+        )
+        .unwrap()
+        .verify_pages_indexed()
+    };
+    let plain = open(&img.meta, &img.pages)
+        .unwrap()
+        .verify_pages_indexed()
+        .unwrap();
+    assert_eq!(buffered(&img.meta, &img.pages).unwrap(), plain);
+    // The same errors, at the same offsets: a flipped byte, a truncated payload.
+    let mut bad = img.pages.clone();
+    bad[100_000] ^= 1;
+    let e1 = buffered(&img.meta, &bad).unwrap_err().to_string();
+    let e2 = open(&img.meta, &bad)
+        .unwrap()
+        .verify_pages()
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e1, e2);
+    assert!(e1.contains("checksum mismatch"), "{e1}");
+    let cut = &img.pages[..img.pages.len() - 5000];
+    let e1 = buffered(&img.meta, cut).unwrap_err().to_string();
+    let e2 = open(&img.meta, cut)
+        .unwrap()
+        .verify_pages()
+        .unwrap_err()
+        .to_string();
+    assert_eq!(e1, e2);
+    assert!(e1.contains("truncated") || e1.contains("Truncated"), "{e1}");
+}

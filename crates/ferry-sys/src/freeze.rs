@@ -34,6 +34,8 @@ pub struct Frozen {
     /// Signals that arrived while we held a thread; handed back on detach.
     pending: Vec<(i32, Signal)>,
     syscall_insn: Option<u64>,
+    /// PTRACE_O_EXITKILL: the process dies if we do (a process being built by a restore).
+    exit_kill: bool,
 }
 
 fn pt_err(what: &'static str, tid: i32) -> impl FnOnce(Errno) -> Error {
@@ -43,12 +45,24 @@ fn pt_err(what: &'static str, tid: i32) -> impl FnOnce(Errno) -> Error {
 impl Frozen {
     /// Seize and stop every thread of `pid`, rescanning until no new thread appears.
     pub fn freeze(pid: i32) -> Result<Frozen> {
+        Self::freeze_with(pid, false)
+    }
+
+    /// Like `freeze`, for a process that must not outlive us while we hold it: if Ferry dies
+    /// (killed, or a crash), the kernel kills it (PTRACE_O_EXITKILL), so that a restore cut
+    /// short leaves nothing half-built running. Threads adopted later get the same option.
+    pub fn freeze_owned(pid: i32) -> Result<Frozen> {
+        Self::freeze_with(pid, true)
+    }
+
+    fn freeze_with(pid: i32, exit_kill: bool) -> Result<Frozen> {
         check_inspectable(pid)?;
         let mut f = Frozen {
             pid,
             threads: Vec::new(),
             pending: Vec::new(),
             syscall_insn: None,
+            exit_kill,
         };
         loop {
             let tids = list_threads(pid)?;
@@ -75,7 +89,12 @@ impl Frozen {
     /// Returns None when the thread vanished before it could be stopped.
     fn seize_one(&mut self, tid: i32) -> Result<Option<FrozenThread>> {
         let p = Pid::from_raw(tid);
-        match ptrace::seize(p, ptrace::Options::empty()) {
+        let opts = if self.exit_kill {
+            ptrace::Options::PTRACE_O_EXITKILL
+        } else {
+            ptrace::Options::empty()
+        };
+        match ptrace::seize(p, opts) {
             Ok(()) => {}
             Err(Errno::ESRCH) => return Ok(None),
             Err(Errno::EPERM) => {

@@ -96,6 +96,93 @@ pub fn pagemap(pid: i32, addr: u64, count: usize) -> Result<Vec<u64>> {
         .collect())
 }
 
+/// A file mapped read-only into this process (the pages of an image), read without copying.
+/// The file must not shrink while it is mapped: the kernel answers a read past its new end
+/// with SIGBUS.
+pub struct MappedFile {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is read-only and owned by this value alone; sharing `&[u8]` views of it
+// between threads is as safe as sharing any immutable slice.
+unsafe impl Send for MappedFile {}
+// SAFETY: as above, nothing writes through the mapping.
+unsafe impl Sync for MappedFile {}
+
+impl MappedFile {
+    pub fn open(path: &std::path::Path) -> Result<MappedFile> {
+        use std::os::fd::AsRawFd;
+        let what = |s: &str| format!("{s} {}", path.display());
+        let f = std::fs::File::open(path).map_err(|e| Error::io(what("opening"), e))?;
+        let len = f
+            .metadata()
+            .map_err(|e| Error::io(what("reading the size of"), e))?
+            .len() as usize;
+        if len == 0 {
+            return Err(Error::io(
+                what("mapping"),
+                std::io::Error::other("the file is empty"),
+            ));
+        }
+        // SAFETY: a new read-only private mapping of an open file, at an address the kernel
+        // chooses; it touches no existing memory. The fd may be closed afterwards.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ,
+                libc::MAP_PRIVATE | libc::MAP_POPULATE,
+                f.as_raw_fd(),
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::io(what("mapping"), std::io::Error::last_os_error()));
+        }
+        Ok(MappedFile { ptr, len })
+    }
+
+    pub fn bytes(&self) -> &[u8] {
+        // SAFETY: `ptr` is a readable mapping of `len` bytes that lives as long as `self`.
+        unsafe { std::slice::from_raw_parts(self.ptr as *const u8, self.len) }
+    }
+}
+
+impl Drop for MappedFile {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly the mapping this value owns; no slice of it outlives `self`.
+        unsafe {
+            libc::munmap(self.ptr, self.len);
+        }
+    }
+}
+
+/// A `BufRead` over a shared mapped file, from its start: its buffer is the mapping itself.
+pub struct MappedReader {
+    pub map: std::sync::Arc<MappedFile>,
+    pub pos: usize,
+}
+
+impl std::io::Read for MappedReader {
+    fn read(&mut self, buf: &mut [u8]) -> std::io::Result<usize> {
+        let src = &self.map.bytes()[self.pos..];
+        let n = src.len().min(buf.len());
+        buf[..n].copy_from_slice(&src[..n]);
+        self.pos += n;
+        Ok(n)
+    }
+}
+
+impl std::io::BufRead for MappedReader {
+    fn fill_buf(&mut self) -> std::io::Result<&[u8]> {
+        Ok(&self.map.bytes()[self.pos..])
+    }
+    fn consume(&mut self, n: usize) {
+        self.pos = (self.pos + n).min(self.map.len);
+    }
+}
+
 pub const PM_PRESENT: u64 = 1 << 63;
 pub const PM_SWAPPED: u64 = 1 << 62;
 pub const PM_FILE: u64 = 1 << 61;
@@ -103,6 +190,26 @@ pub const PM_FILE: u64 = 1 << 61;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn maps_a_file() {
+        use std::io::{BufRead, Read};
+        let dir = std::env::temp_dir().join(format!("ferry-map-{}", std::process::id()));
+        let data: Vec<u8> = (0..10000u32).map(|i| (i * 3) as u8).collect();
+        std::fs::write(&dir, &data).unwrap();
+        let m = std::sync::Arc::new(MappedFile::open(&dir).unwrap());
+        assert_eq!(m.bytes(), &data[..]);
+        let mut r = MappedReader { map: m, pos: 0 };
+        let mut head = [0u8; 10];
+        r.read_exact(&mut head).unwrap();
+        assert_eq!(head, data[..10]);
+        assert_eq!(r.fill_buf().unwrap(), &data[10..]);
+        r.consume(20000);
+        assert!(r.fill_buf().unwrap().is_empty());
+        std::fs::write(&dir, b"").unwrap();
+        assert!(MappedFile::open(&dir).is_err());
+        let _ = std::fs::remove_file(&dir);
+    }
 
     #[test]
     fn reads_own_memory() {

@@ -415,7 +415,8 @@ fn dump_restore_matches_reference(
     ]);
     assert!(
         d.status.success(),
-        "dump of {prog}: {}",
+        "dump of {prog} ({}): {}",
+        d.status,
         String::from_utf8_lossy(&d.stderr)
     );
     child.wait().unwrap();
@@ -423,7 +424,8 @@ fn dump_restore_matches_reference(
     assert_eq!(
         r.status.code(),
         Some(0),
-        "restore of {prog}: {}",
+        "restore of {prog} ({}): {}",
+        r.status,
         String::from_utf8_lossy(&r.stderr)
     );
     let a = std::fs::read(&reference).unwrap();
@@ -851,4 +853,70 @@ fn progress_is_shown_on_a_terminal_only() {
         shown.contains("pages [") && shown.contains("restored process"),
         "{shown}"
     );
+}
+
+/// Ferry killed in the middle of a restore (while the parent's 256 MiB are written and its
+/// child waits in our pause loop): nothing of the tree is left, since every process being built
+/// dies with its restorer. A full restore afterwards still works.
+#[test]
+fn a_restore_cut_short_leaves_nothing_running() {
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("cutshort", "bulk");
+    let pid = child.id();
+    let kid: u32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    for p in [pid, kid] {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{p}")).exists() {
+            assert!(Instant::now() < end, "PID {p} still taken");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let mut restorer = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["restore", "--images", img.to_str().unwrap(), "--detach"])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    // The child's stub is forked and held (traced) before the parent's memory is filled.
+    let traced = |p: u32| {
+        std::fs::read_to_string(format!("/proc/{p}/status"))
+            .unwrap_or_default()
+            .lines()
+            .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+    };
+    let end = Instant::now() + Duration::from_secs(10);
+    while !traced(kid) {
+        assert!(Instant::now() < end, "the restore never forked the child");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    restorer.kill().unwrap();
+    restorer.wait().unwrap();
+    for p in [pid, kid] {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{p}")).exists() {
+            assert!(
+                Instant::now() < end,
+                "process {p} of a restore cut short is still there: {}",
+                std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default()
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
 }
