@@ -250,6 +250,14 @@ impl Held {
         self.net.keep_blocked();
     }
 
+    /// Kill the tree, which runs on elsewhere now with its addresses: its connections need
+    /// no block here any more.
+    pub fn kill_moved(mut self) {
+        kill_tree(std::mem::take(&mut self.tree), &self.ppids, &self.zombies);
+        self.net.st.repaired.clear();
+        crate::netblock::lift(&mut self.net.st.blocks, &self.net.table);
+    }
+
     /// Let the tree run on.
     pub fn resume(mut self) {
         self.net.release();

@@ -266,7 +266,9 @@ fn migrate_inner(
             if bw > 0.0 && bytes as f64 / bw <= o.max_downtime_ms && round > 0 {
                 break;
             }
-            if bytes >= prev {
+            if bytes < prev {
+                growing = 0;
+            } else {
                 growing += 1;
                 if growing >= 3 {
                     notes.push(format!(
@@ -367,7 +369,7 @@ fn migrate_inner(
     // The rebuilt tree waits, stopped, on the destination: ours goes, then it runs there.
     let final_bytes = sent - rounds.iter().map(|r| r.bytes).sum::<u64>();
     let frozen_at = Instant::now() - Duration::from_secs_f64(held.frozen_ms() / 1e3);
-    held.kill();
+    held.kill_moved();
     if let Some(t) = tracking.take() {
         t.stop();
     }
