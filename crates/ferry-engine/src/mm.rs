@@ -76,7 +76,16 @@ pub fn restore(t: &mut Target, mm: &MmImage, exe: &str) -> Result<()> {
         map.extend_from_slice(&v.to_le_bytes());
     }
     map.extend_from_slice(&(auxv.len() as u32).to_le_bytes());
-    map.extend_from_slice(&(exe_fd as u32).to_le_bytes());
+    // The stub runs Ferry's own executable. When the process ran the same file, the link is
+    // right already, and changing it would fail (EBUSY: the old file is mapped again).
+    let same = {
+        use std::os::unix::fs::MetadataExt;
+        let a = std::fs::metadata(format!("/proc/{}/exe", t.pid));
+        let b = std::fs::metadata(exe);
+        matches!((a, b), (Ok(a), Ok(b)) if a.dev() == b.dev() && a.ino() == b.ino())
+    };
+    let fd_field = if same { u32::MAX } else { exe_fd as u32 };
+    map.extend_from_slice(&fd_field.to_le_bytes());
     let map_at = t.put(0, &map)?;
     const PR_SET_MM: u64 = 35;
     const PR_SET_MM_MAP: u64 = 14;

@@ -2,6 +2,7 @@
 //! exit 0 (ok / compatible), 1 (a "no" verdict) or 2 (error).
 
 mod cpu;
+mod demo;
 mod engine;
 mod migrate;
 
@@ -37,6 +38,12 @@ enum Cmd {
     Agent(migrate::AgentArgs),
     /// Move a running process (and its descendants) to another host's agent.
     Migrate(migrate::MigrateArgs),
+    /// Ferry's main job on one machine: two hosts and a client made of network namespaces,
+    /// a service moved there and back with its address while the client keeps writing.
+    Demo(demo::DemoArgs),
+    /// The demo's built-in key-value service.
+    #[command(hide = true)]
+    DemoService(demo::ServiceArgs),
     /// Inspect images.
     Image {
         #[command(subcommand)]
@@ -58,6 +65,8 @@ fn main() -> ExitCode {
         Cmd::Restore(a) => engine::restore(a),
         Cmd::Agent(a) => migrate::agent(a),
         Cmd::Migrate(a) => migrate::migrate(a),
+        Cmd::Demo(a) => demo::demo(a),
+        Cmd::DemoService(a) => demo::service(a),
         Cmd::Image {
             cmd: ImageCmd::Show(a),
         } => engine::image_show(a),

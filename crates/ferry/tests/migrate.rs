@@ -532,3 +532,24 @@ fn redis_moves_with_its_address_and_its_client_connection() {
     assert_eq!(agent.get("/v1/migrations")[0]["state"], "running");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ferry demo`, the README's main job: a service moved to another host and back with its
+/// address while a client writes over one connection; nothing lost, nothing left behind.
+#[test]
+fn the_demo_moves_a_service_there_and_back_and_cleans_up() {
+    for extra in [&["--builtin"][..], &[][..]] {
+        let mut args = vec!["demo", "--pause", "0.3", "--json"];
+        args.extend_from_slice(extra);
+        let o = ferry(&args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let v = json(&o);
+        assert_eq!(v["writes_lost"], 0, "{v}");
+        assert!(v["writes_acknowledged"].as_i64().unwrap() > 100, "{v}");
+        assert_eq!(v["migrations"].as_array().unwrap().len(), 2);
+        let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
+        assert!(
+            !String::from_utf8_lossy(&ns.stdout).contains("ferry-demo"),
+            "the demo left namespaces behind"
+        );
+    }
+}

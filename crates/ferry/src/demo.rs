@@ -1,0 +1,486 @@
+//! `ferry demo`: Ferry's main job on one machine. Two hosts and a client made of network
+//! namespaces on a bridge, an agent on each host (each in a PID namespace of its own, as on
+//! real hosts), a stateful service (redis-server when installed, otherwise a small built-in
+//! one) written to continuously by the client over one TCP connection, moved there and back
+//! with its address. Everything made is removed at the end, also on failure or Ctrl-C.
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+#[derive(Args)]
+pub struct DemoArgs {
+    /// Seconds of client traffic before, between and after the two migrations.
+    #[arg(long, default_value_t = 1.0)]
+    pause: f64,
+    /// Use the built-in service even if redis-server is installed.
+    #[arg(long)]
+    builtin: bool,
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args)]
+pub struct ServiceArgs {
+    /// Address to listen on.
+    #[arg(long)]
+    listen: String,
+}
+
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_signal(_: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+}
+
+fn interrupted() -> Result<()> {
+    if STOP.load(Ordering::SeqCst) {
+        bail!("interrupted");
+    }
+    Ok(())
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let out = cmd.output().with_context(|| format!("running {cmd:?}"))?;
+    if !out.status.success() {
+        bail!(
+            "{cmd:?} failed: {}",
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    Ok(())
+}
+
+fn ip(args: &[&str]) -> Result<()> {
+    run(Command::new("ip").args(args))
+}
+
+/// Everything the demo made, undone on drop.
+#[derive(Default)]
+struct Made {
+    bridge: Option<String>,
+    netns: Vec<String>,
+    children: Vec<Child>,
+    /// PIDs to SIGKILL (agents are PID 1 of their namespaces: only SIGKILL reaches them).
+    kill: Vec<u32>,
+    dir: Option<std::path::PathBuf>,
+}
+
+impl Drop for Made {
+    fn drop(&mut self) {
+        for &p in &self.kill {
+            // SAFETY: kill(2) has no memory effects.
+            unsafe {
+                libc::kill(p as i32, libc::SIGKILL);
+            }
+        }
+        for c in &mut self.children {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        for ns in &self.netns {
+            let _ = Command::new("ip").args(["netns", "del", ns]).status();
+        }
+        if let Some(b) = &self.bridge {
+            let _ = Command::new("ip").args(["link", "del", b]).status();
+        }
+        if let Some(d) = &self.dir {
+            let _ = std::fs::remove_dir_all(d);
+        }
+    }
+}
+
+fn first_child(pid: u32) -> Option<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn resp(args: &[&str]) -> Vec<u8> {
+    let mut v = format!("*{}\r\n", args.len()).into_bytes();
+    for a in args {
+        v.extend_from_slice(format!("${}\r\n{a}\r\n", a.len()).as_bytes());
+    }
+    v
+}
+
+/// One reply line (and a bulk string's body).
+fn reply(r: &mut BufReader<TcpStream>) -> std::io::Result<String> {
+    let mut l = String::new();
+    if r.read_line(&mut l)? == 0 {
+        return Err(std::io::Error::other("connection closed"));
+    }
+    let l = l.trim_end().to_string();
+    if let Some(n) = l.strip_prefix('$').and_then(|n| n.parse::<i64>().ok()) {
+        if n < 0 {
+            return Ok(String::new());
+        }
+        let mut b = vec![0u8; n as usize + 2];
+        r.read_exact(&mut b)?;
+        b.truncate(n as usize);
+        return Ok(String::from_utf8_lossy(&b).to_string());
+    }
+    Ok(l)
+}
+
+fn connect_in(netns: &str, addr: &str) -> Result<TcpStream> {
+    let (ns, addr) = (format!("/run/netns/{netns}"), addr.to_string());
+    std::thread::spawn(move || -> Result<TcpStream> {
+        ferry_sys::net::enter_netns(&ns)?;
+        let end = Instant::now() + Duration::from_secs(10);
+        loop {
+            match TcpStream::connect(&addr) {
+                Ok(s) => return Ok(s),
+                Err(e) if Instant::now() > end => return Err(e.into()),
+                Err(_) => std::thread::sleep(Duration::from_millis(50)),
+            }
+        }
+    })
+    .join()
+    .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+}
+
+fn wait_http(addr: &str, token: &str) -> Result<()> {
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        interrupted()?;
+        if let Ok(mut s) = TcpStream::connect(addr) {
+            let _ = write!(
+                s,
+                "GET /v1/host HTTP/1.0\r\nAuthorization: Bearer {token}\r\n\r\n"
+            );
+            let mut b = String::new();
+            if s.read_to_string(&mut b).is_ok()
+                && b.split("\r\n").next().unwrap_or("").contains(" 200 ")
+            {
+                return Ok(());
+            }
+        }
+        if Instant::now() > end {
+            bail!("the agent at {addr} did not come up");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+pub fn demo(a: DemoArgs) -> Result<u8> {
+    // SAFETY: the handler only stores to an atomic.
+    unsafe {
+        libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
+        libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
+    }
+    for tool in ["ip", "nsenter", "unshare", "nft"] {
+        if Command::new("sh")
+            .args(["-c", &format!("command -v {tool}")])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| !s.success())
+            .unwrap_or(true)
+        {
+            bail!("`{tool}` is missing: install iproute2, util-linux and nftables");
+        }
+    }
+    let me = std::env::current_exe()?;
+    let id = std::process::id();
+    let net = format!("10.{}.{}", 200 + id % 50, id % 250 + 1);
+    let vip = format!("{net}.100");
+    let mut made = Made::default();
+    let dir = std::env::temp_dir().join(format!("ferry-demo-{id}"));
+    std::fs::create_dir_all(&dir)?;
+    made.dir = Some(dir.clone());
+    let token = format!(
+        "demo-{id}-{:x}",
+        Instant::now().elapsed().as_nanos() ^ 0x9e37_79b9
+    );
+    std::fs::write(dir.join("token"), &token)?;
+
+    // The link: a bridge, hosts a (.1), b (.2) and a client (.3).
+    let bridge = format!("fdemo{}", id % 100000);
+    ip(&["link", "add", &bridge, "type", "bridge"])?;
+    made.bridge = Some(bridge.clone());
+    ip(&["addr", "add", &format!("{net}.254/24"), "dev", &bridge])?;
+    ip(&["link", "set", &bridge, "up"])?;
+    let names = ["a", "b", "c"];
+    for (i, n) in names.iter().enumerate() {
+        let ns = format!("ferry-demo-{n}-{id}");
+        ip(&["netns", "add", &ns])?;
+        made.netns.push(ns.clone());
+        let (outer, inner) = (format!("fd{n}{}", id % 100000), format!("eth-{n}"));
+        ip(&[
+            "link", "add", &outer, "type", "veth", "peer", "name", &inner,
+        ])?;
+        ip(&["link", "set", &outer, "master", &bridge])?;
+        ip(&["link", "set", &outer, "up"])?;
+        ip(&["link", "set", &inner, "netns", &ns])?;
+        ip(&[
+            "-n",
+            &ns,
+            "addr",
+            "add",
+            &format!("{net}.{}/24", i + 1),
+            "dev",
+            &inner,
+        ])?;
+        ip(&["-n", &ns, "link", "set", &inner, "up"])?;
+        ip(&["-n", &ns, "link", "set", "lo", "up"])?;
+    }
+    let (ns_a, ns_b, ns_c) = (
+        made.netns[0].clone(),
+        made.netns[1].clone(),
+        made.netns[2].clone(),
+    );
+    ip(&[
+        "-n",
+        &ns_a,
+        "addr",
+        "add",
+        &format!("{vip}/24"),
+        "dev",
+        "eth-a",
+    ])?;
+    eprintln!("ferry demo: hosts a ({net}.1), b ({net}.2) and a client ({net}.3) on bridge {bridge}; service address {vip}");
+
+    // An agent on each host, in a PID namespace of its own.
+    let mut agents = Vec::new();
+    for (i, ns) in [&ns_a, &ns_b].iter().enumerate() {
+        let listen = format!("{net}.{}:7070", i + 1);
+        let log = std::fs::File::create(dir.join(format!("agent-{}.log", names[i])))?;
+        let child = Command::new("nsenter")
+            .arg(format!("--net=/run/netns/{ns}"))
+            .args(["unshare", "--pid", "--fork", "--mount-proc"])
+            .arg(&me)
+            .args(["agent", "--listen", &listen, "--token-file"])
+            .arg(dir.join("token"))
+            .arg("--state-dir")
+            .arg(dir.join(format!("state-{}", names[i])))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()?;
+        let unshare = child.id();
+        made.children.push(child);
+        wait_http(&listen, &token)?;
+        let init = first_child(unshare).context("the agent's process")?;
+        made.kill.push(init);
+        agents.push((listen, init));
+    }
+
+    // The service, on host a.
+    let redis = !a.builtin
+        && Command::new("sh")
+            .args(["-c", "command -v redis-server"])
+            .stdout(Stdio::null())
+            .status()
+            .map(|s| s.success())
+            .unwrap_or(false);
+    let mut svc = Command::new("nsenter");
+    svc.arg(format!("--net=/run/netns/{ns_a}"));
+    if redis {
+        svc.args([
+            "redis-server",
+            "--bind",
+            &vip,
+            "--port",
+            "6379",
+            "--save",
+            "",
+        ])
+        .args(["--appendonly", "no", "--protected-mode", "no", "--dir"])
+        .arg(&dir);
+    } else {
+        svc.arg(&me)
+            .args(["demo-service", "--listen", &format!("{vip}:6379")]);
+    }
+    let log = std::fs::File::create(dir.join("service.log"))?;
+    let service = svc
+        .stdin(Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log)
+        .spawn()?;
+    let spid = service.id();
+    made.children.push(service);
+    eprintln!(
+        "ferry demo: {} runs on host a as PID {spid}",
+        if redis {
+            "redis-server"
+        } else {
+            "the built-in service"
+        }
+    );
+
+    // The client, on its own host: one connection, writing and counting acknowledgements.
+    let conn = connect_in(&ns_c, &format!("{vip}:6379"))?;
+    conn.set_read_timeout(Some(Duration::from_secs(30)))?;
+    let acked = Arc::new(AtomicI64::new(-1));
+    let worst_us = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = {
+        let (acked, worst_us, stop) = (acked.clone(), worst_us.clone(), stop.clone());
+        let mut w = conn.try_clone()?;
+        let mut r = BufReader::new(conn.try_clone()?);
+        std::thread::spawn(move || -> Result<()> {
+            let mut n = 0i64;
+            while !stop.load(Ordering::Relaxed) {
+                let t = Instant::now();
+                w.write_all(&resp(&["SET", &format!("w:{n}"), &n.to_string()]))?;
+                let got = reply(&mut r)?;
+                if got != "+OK" {
+                    bail!("write {n}: {got}");
+                }
+                worst_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                acked.store(n, Ordering::SeqCst);
+                n += 1;
+            }
+            Ok(())
+        })
+    };
+    let pause = || -> Result<()> {
+        let end = Instant::now() + Duration::from_secs_f64(a.pause);
+        while Instant::now() < end {
+            interrupted()?;
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Ok(())
+    };
+    pause()?;
+
+    // There and back.
+    let mut reports = Vec::new();
+    for (hop, (to, from_ns_init)) in [(&agents[1].0, None), (&agents[0].0, Some(agents[1].1))]
+        .into_iter()
+        .enumerate()
+    {
+        interrupted()?;
+        let before = acked.load(Ordering::SeqCst);
+        worst_us.store(0, Ordering::Relaxed);
+        let mut m = match from_ns_init {
+            // From host b, `ferry migrate` runs in b's PID namespace, where the process is.
+            Some(init) => {
+                let mut c = Command::new("nsenter");
+                c.args(["-t", &init.to_string(), "--pid", "--mount"])
+                    .arg(&me);
+                c
+            }
+            None => Command::new(&me),
+        };
+        let out = m
+            .args([
+                "migrate",
+                "--pid",
+                &spid.to_string(),
+                "--to",
+                &format!("http://{to}"),
+            ])
+            .arg("--token-file")
+            .arg(dir.join("token"))
+            .args(["--move-address", &format!("{vip}/24"), "--json"])
+            .output()?;
+        if !out.status.success() {
+            bail!(
+                "migration {} failed: {}",
+                hop + 1,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        pause()?;
+        let stall = worst_us.load(Ordering::Relaxed) as f64 / 1e3;
+        eprintln!(
+            "ferry demo: moved to {to}: downtime {:.1} ms, total {:.0} ms, {} round(s), {:.1} MiB; the client's slowest write took {stall:.1} ms, {} writes acknowledged since",
+            r["downtime_ms"].as_f64().unwrap_or(0.0),
+            r["total_ms"].as_f64().unwrap_or(0.0),
+            r["rounds"].as_array().map(|v| v.len()).unwrap_or(0),
+            r["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
+            acked.load(Ordering::SeqCst) - before
+        );
+        reports.push(serde_json::json!({ "to": to, "report": r, "client_worst_write_ms": stall }));
+    }
+    stop.store(true, Ordering::Relaxed);
+    writer
+        .join()
+        .map_err(|_| anyhow::anyhow!("client thread panicked"))?
+        .context("the client's connection")?;
+
+    // Every acknowledged write is there, read over the same connection.
+    let last = acked.load(Ordering::SeqCst);
+    let mut r = BufReader::new(conn.try_clone()?);
+    let mut w = conn;
+    let mut lost = 0;
+    for n in 0..=last {
+        w.write_all(&resp(&["GET", &format!("w:{n}")]))?;
+        if reply(&mut r)? != n.to_string() {
+            lost += 1;
+        }
+    }
+    let summary = serde_json::json!({
+        "service": if redis { "redis-server" } else { "built-in" },
+        "migrations": reports,
+        "writes_acknowledged": last + 1,
+        "writes_lost": lost,
+        "client_reconnects": 0,
+    });
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    } else {
+        println!(
+            "ferry demo: the service moved to host b and back over one client connection: {} writes acknowledged, {lost} lost, no reconnect",
+            last + 1
+        );
+    }
+    Ok(if lost == 0 { 0 } else { 1 })
+}
+
+/// The built-in service: a small in-memory key-value store speaking the part of Redis's
+/// protocol the demo uses (SET, GET, PING, DBSIZE).
+pub fn service(a: ServiceArgs) -> Result<u8> {
+    let l = TcpListener::bind(&a.listen).with_context(|| format!("binding {}", a.listen))?;
+    let store = Arc::new(std::sync::Mutex::new(std::collections::HashMap::<
+        String,
+        String,
+    >::new()));
+    for c in l.incoming() {
+        let c = c?;
+        let store = store.clone();
+        std::thread::spawn(move || -> Result<()> {
+            let mut r = BufReader::new(c.try_clone()?);
+            let mut w = c;
+            loop {
+                let mut line = String::new();
+                if r.read_line(&mut line)? == 0 {
+                    return Ok(());
+                }
+                let n: usize = line.trim_end().trim_start_matches('*').parse().unwrap_or(0);
+                let mut args = Vec::new();
+                for _ in 0..n {
+                    args.push(reply(&mut r)?);
+                }
+                let out = match args.first().map(|s| s.to_ascii_uppercase()).as_deref() {
+                    Some("SET") if args.len() == 3 => {
+                        store
+                            .lock()
+                            .unwrap()
+                            .insert(args[1].clone(), args[2].clone());
+                        "+OK\r\n".to_string()
+                    }
+                    Some("GET") if args.len() == 2 => match store.lock().unwrap().get(&args[1]) {
+                        Some(v) => format!("${}\r\n{v}\r\n", v.len()),
+                        None => "$-1\r\n".into(),
+                    },
+                    Some("PING") => "+PONG\r\n".into(),
+                    Some("DBSIZE") => format!(":{}\r\n", store.lock().unwrap().len()),
+                    _ => "-ERR unknown command\r\n".into(),
+                };
+                w.write_all(out.as_bytes())?;
+            }
+        });
+    }
+    Ok(0)
+}
