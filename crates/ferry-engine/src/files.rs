@@ -81,9 +81,13 @@ pub fn dump(
             size: 0,
             mode: 0,
         };
-        // Shares a description with an earlier fd: only the link is needed.
+        // Shares a description with an earlier fd: only the link is needed. Only fds naming
+        // the same object can (kcmp for each pair would be quadratic in the fd count).
         let mut shared = None;
-        for prev in out.iter().filter(|p| p.same_as.is_none()) {
+        for prev in out
+            .iter()
+            .filter(|p| p.same_as.is_none() && p.path == path)
+        {
             if ferry_sys::files::same_file(pid, prev.fd, fd)? {
                 shared = Some(prev.fd);
                 break;
