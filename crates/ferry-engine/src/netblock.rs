@@ -20,6 +20,10 @@ pub struct Block {
     ns_ino: u64,
     input: Vec<String>,
     output: Vec<String>,
+    /// Established connections as (local address, peer address, local port, peer port),
+    /// IPv4 (v4-mapped included) and IPv6: matched through one set per family and direction.
+    conns4: Vec<(String, String, u16, u16)>,
+    conns6: Vec<(String, String, u16, u16)>,
     pub applied: bool,
 }
 
@@ -59,6 +63,8 @@ fn block_of(st: &mut DumpState, pid: i32) -> Result<&mut Block> {
         ns_ino: ino,
         input: Vec::new(),
         output: Vec::new(),
+        conns4: Vec::new(),
+        conns6: Vec::new(),
         applied: false,
     });
     Ok(st.blocks.last_mut().unwrap())
@@ -68,21 +74,18 @@ fn block_of(st: &mut DumpState, pid: i32) -> Result<&mut Block> {
 pub fn add_conn(st: &mut DumpState, pid: i32, local: &str, peer: &str) -> Result<()> {
     let (l, p) = (parse(local)?, parse(peer)?);
     let b = block_of(st, pid)?;
-    let rule = |dir_in: bool| {
-        let (src, dst) = if dir_in { (p, l) } else { (l, p) };
-        let mut r: Vec<String> = Vec::new();
-        r.extend(match_ip("saddr", src.ip()));
-        r.extend(match_ip("daddr", dst.ip()));
-        r.push(format!(
-            "tcp sport {} tcp dport {} drop",
-            src.port(),
-            dst.port()
-        ));
-        r.join(" ")
+    let v4 = |ip: IpAddr| match ip {
+        IpAddr::V4(v) => Some(v),
+        IpAddr::V6(v) => v.to_ipv4_mapped(),
     };
-    let (i, o) = (rule(true), rule(false));
-    b.input.push(i);
-    b.output.push(o);
+    match (v4(l.ip()), v4(p.ip())) {
+        (Some(a), Some(c)) => b
+            .conns4
+            .push((a.to_string(), c.to_string(), l.port(), p.port())),
+        _ => b
+            .conns6
+            .push((l.ip().to_string(), p.ip().to_string(), l.port(), p.port())),
+    }
     Ok(())
 }
 
@@ -131,18 +134,44 @@ fn nft(ns: &std::fs::File, script: &str) -> Result<()> {
 
 /// Install every block (one nft transaction per namespace).
 pub fn apply(blocks: &mut [Block], table: &str) -> Result<()> {
-    for b in blocks
-        .iter_mut()
-        .filter(|b| !b.input.is_empty() || !b.output.is_empty())
-    {
+    for b in blocks.iter_mut().filter(|b| {
+        !b.input.is_empty() || !b.output.is_empty() || !b.conns4.is_empty() || !b.conns6.is_empty()
+    }) {
+        // One rule per family and direction, matching a set of connections: nft handles
+        // thousands of them in one transaction.
+        let mut input = b.input.clone();
+        let mut output = b.output.clone();
+        for (fam, conns) in [("ip", &b.conns4), ("ip6", &b.conns6)] {
+            if conns.is_empty() {
+                continue;
+            }
+            let rule = |incoming: bool| {
+                let elems: Vec<String> = conns
+                    .iter()
+                    .map(|(l, p, lp, pp)| {
+                        if incoming {
+                            format!("{p} . {l} . {pp} . {lp}")
+                        } else {
+                            format!("{l} . {p} . {lp} . {pp}")
+                        }
+                    })
+                    .collect();
+                format!(
+                    "{fam} saddr . {fam} daddr . tcp sport . tcp dport {{ {} }} drop",
+                    elems.join(", ")
+                )
+            };
+            input.push(rule(true));
+            output.push(rule(false));
+        }
         let mut s = format!(
             "table inet {table} {{\n chain input {{ type filter hook input priority -400; policy accept;\n"
         );
-        for r in &b.input {
+        for r in &input {
             s += &format!("  {r}\n");
         }
         s += " }\n chain output { type filter hook output priority -400; policy accept;\n";
-        for r in &b.output {
+        for r in &output {
             s += &format!("  {r}\n");
         }
         s += " }\n}\n";
