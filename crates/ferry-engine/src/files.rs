@@ -84,10 +84,7 @@ pub fn dump(
         // Shares a description with an earlier fd: only the link is needed. Only fds naming
         // the same object can (kcmp for each pair would be quadratic in the fd count).
         let mut shared = None;
-        for prev in out
-            .iter()
-            .filter(|p| p.same_as.is_none() && p.path == path)
-        {
+        for prev in out.iter().filter(|p| p.same_as.is_none() && p.path == path) {
             if ferry_sys::files::same_file(pid, prev.fd, fd)? {
                 shared = Some(prev.fd);
                 break;

@@ -266,11 +266,15 @@ fn migrate_inner(
             if bw > 0.0 && bytes as f64 / bw <= o.max_downtime_ms && round > 0 {
                 break;
             }
-            if bytes < prev {
+            // Not shrinking by a tenth any more, twice in a row, or three times the memory
+            // sent already: more rounds would not help.
+            let first = rounds.first().map(|r| r.bytes).unwrap_or(bytes);
+            let spent: u64 = rounds.iter().map(|r| r.bytes).sum();
+            if (bytes as f64) < 0.9 * prev as f64 && spent < 3 * first.max(1) {
                 growing = 0;
             } else {
                 growing += 1;
-                if growing >= 3 {
+                if growing >= 2 || spent >= 3 * first.max(1) {
                     notes.push(format!(
                         "the dirty rate kept up with the link after {} rounds: the final copy \
                          carries {} bytes",

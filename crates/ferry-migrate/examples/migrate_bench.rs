@@ -1,0 +1,189 @@
+//! Live-migration benchmark: a process rewriting its memory at a set rate is moved to an
+//! agent on this machine (in a PID namespace of its own), by stop-and-copy and by pre-copy,
+//! for several sizes and dirty rates. Prints downtime, total time, rounds and bytes beside
+//! the loopback TCP bandwidth measured in the same run.
+//!
+//! `cargo build --release && cargo run --release -p ferry-migrate --example migrate_bench
+//! [-- SIZE_MIB ...]` (default 256 1024). Needs musl-gcc (the workload is the tests'
+//! `dirtier` fixture) and the `ferry` binary in target/release.
+
+use ferry_migrate::source::{migrate, MigrateOptions, Mode};
+use std::io::{Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TOKEN: &str = "bench-token";
+
+fn loopback_gbps() -> f64 {
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let total = 2usize << 30;
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0;
+        while n < total {
+            n += s.read(&mut buf).unwrap();
+        }
+    });
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let buf = vec![1u8; 1 << 20];
+    let t = Instant::now();
+    for _ in 0..total >> 20 {
+        c.write_all(&buf).unwrap();
+    }
+    h.join().unwrap();
+    total as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+struct Agent {
+    unshare: Child,
+    port: u16,
+}
+
+impl Agent {
+    fn start(ferry: &Path, dir: &Path, port: u16) -> Agent {
+        std::fs::write(dir.join("token"), TOKEN).unwrap();
+        let unshare = Command::new("unshare")
+            .args(["--pid", "--fork", "--mount-proc"])
+            .arg(ferry)
+            .args([
+                "agent",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--token-file",
+            ])
+            .arg(dir.join("token"))
+            .arg("--state-dir")
+            .arg(dir.join("state"))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let end = Instant::now() + Duration::from_secs(20);
+        while TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(Instant::now() < end, "agent did not come up");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        Agent { unshare, port }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let p = self.unshare.id();
+        if let Some(init) = std::fs::read_to_string(format!("/proc/{p}/task/{p}/children"))
+            .ok()
+            .and_then(|s| {
+                s.split_whitespace()
+                    .next()
+                    .and_then(|x| x.parse::<i32>().ok())
+            })
+        {
+            // SAFETY: kill(2) has no memory effects. The agent is PID 1 of its namespace.
+            unsafe {
+                libc::kill(init, libc::SIGKILL);
+            }
+        }
+        let _ = self.unshare.wait();
+    }
+}
+
+fn main() {
+    let sizes: Vec<u64> = {
+        let v: Vec<u64> = std::env::args()
+            .skip(1)
+            .filter_map(|a| a.parse().ok())
+            .collect();
+        if v.is_empty() {
+            vec![256, 1024]
+        } else {
+            v
+        }
+    };
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
+    let ferry = root.join("target/release/ferry");
+    assert!(ferry.exists(), "build ferry first: cargo build --release");
+    let dir = std::env::temp_dir().join(format!("ferry-migrate-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let bin = dir.join("dirtier");
+    let st = Command::new("musl-gcc")
+        .args(["-static", "-O2", "-o"])
+        .arg(&bin)
+        .arg(root.join("crates/ferry/tests/fixtures/dirtier.c"))
+        .status()
+        .expect("musl-gcc");
+    assert!(st.success());
+    let bw = loopback_gbps();
+    println!("loopback TCP, one stream: {bw:.2} GB/s (measured now)");
+    println!(
+        "{:>6} {:>8} {:>9} {:>7} {:>12} {:>9} {:>9} {:>9} {:>10}",
+        "MiB",
+        "dirty",
+        "mode",
+        "rounds",
+        "downtime ms",
+        "total ms",
+        "sent MiB",
+        "final MiB",
+        "total/bound"
+    );
+    let mut port = 46000 + (std::process::id() % 1000) as u16 * 4;
+    // Pause between groups of 16 page writes, in microseconds: 0 is as fast as it can.
+    for &mib in &sizes {
+        for (rate, pause) in [
+            ("idle", "10000000"),
+            ("~65MB/s", "1000"),
+            ("~200MB/s", "300"),
+            ("max", "0"),
+        ] {
+            for mode in [Mode::Stop, Mode::Precopy] {
+                port += 4;
+                let agent = Agent::start(&ferry, &dir, port);
+                let mut w = Command::new(&bin)
+                    .args([&mib.to_string(), pause])
+                    .stdout(Stdio::piped())
+                    .stdin(Stdio::null())
+                    .spawn()
+                    .unwrap();
+                let mut line = [0u8; 6];
+                w.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
+                std::thread::sleep(Duration::from_millis(300));
+                let o = MigrateOptions {
+                    pid: w.id() as i32,
+                    to: format!("http://127.0.0.1:{}", agent.port),
+                    token: Some(TOKEN.into()),
+                    mode,
+                    max_downtime_ms: 10.0,
+                    force: false,
+                    max_rounds: 30,
+                    move_addresses: vec![],
+                };
+                match migrate(&o, &|_, _, _| {}) {
+                    Ok(r) => {
+                        let bound_ms = (mib << 20) as f64 / (bw * 1e9) * 1e3;
+                        println!(
+                            "{:>6} {:>8} {:>9} {:>7} {:>12.1} {:>9.0} {:>9.1} {:>9.1} {:>10.2}",
+                            mib,
+                            rate,
+                            format!("{mode:?}").to_lowercase(),
+                            r.rounds.len(),
+                            r.downtime_ms,
+                            r.total_ms,
+                            r.bytes_sent as f64 / 1048576.0,
+                            r.final_bytes as f64 / 1048576.0,
+                            r.total_ms / bound_ms
+                        );
+                    }
+                    Err(e) => println!("{mib:>6} {rate:>8} {mode:?}: failed: {e}"),
+                }
+                let _ = w.kill();
+                let _ = w.wait();
+                drop(agent);
+            }
+        }
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
