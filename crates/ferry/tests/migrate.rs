@@ -553,3 +553,58 @@ fn the_demo_moves_a_service_there_and_back_and_cleans_up() {
         );
     }
 }
+
+/// Hostile input never crashes an agent: junk on the page stream, a frame announcing a huge
+/// length, a wrong token, bad JSON, unknown migrations. It keeps serving afterwards.
+#[test]
+fn hostile_input_never_crashes_the_agent() {
+    let dir = tmpdir("migrate-hostile");
+    let a = Agent::start(&dir, 8, &[]);
+    let data = a.port + 1;
+    let send = |bytes: &[u8]| {
+        if let Ok(mut s) = TcpStream::connect(("127.0.0.1", data)) {
+            let _ = s.write_all(bytes);
+            let _ = s.shutdown(std::net::Shutdown::Write);
+            let mut sink = Vec::new();
+            let _ = s.read_to_end(&mut sink);
+        }
+    };
+    send(b"GET / HTTP/1.0\r\n\r\n");
+    send(&[0xff; 4096]);
+    let mut huge = b"FERRYMG1".to_vec();
+    huge.extend_from_slice(&[1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]);
+    send(&huge);
+    let mut hello = b"FERRYMG1".to_vec();
+    let body = br#"{"id":"nope","token":"wrong"}"#;
+    hello.extend_from_slice(&[1, 0, 0, 0]);
+    hello.extend_from_slice(&(body.len() as u32).to_le_bytes());
+    hello.extend_from_slice(body);
+    hello.extend_from_slice(&[0, 0, 0, 0]);
+    send(&hello);
+    let http = |req: &str| -> String {
+        let mut s = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+        s.write_all(req.as_bytes()).unwrap();
+        let mut out = String::new();
+        let _ = s.read_to_string(&mut out);
+        out
+    };
+    let status = |r: &str| r.split_whitespace().nth(1).unwrap_or("").to_string();
+    assert_eq!(status(&http("GET /v1/host HTTP/1.0\r\n\r\n")), "401");
+    assert_eq!(
+        status(&http(
+            "GET /v1/host HTTP/1.0\r\nAuthorization: Bearer wrong-token-0123456789\r\n\r\n"
+        )),
+        "401"
+    );
+    let bad = format!(
+        "POST /v1/migrations HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: 5\r\n\r\n{{bad}}"
+    );
+    assert_eq!(status(&http(&bad)), "400");
+    let unknown =
+        format!("GET /v1/migrations/zzz HTTP/1.0\r\nAuthorization: Bearer {TOKEN}\r\n\r\n");
+    assert_eq!(status(&http(&unknown)), "404");
+    // Still alive and serving.
+    assert_eq!(a.get("/v1/host")["version"], env!("CARGO_PKG_VERSION"));
+    assert!(a.get("/v1/migrations").as_array().unwrap().is_empty());
+    let _ = std::fs::remove_dir_all(&dir);
+}
