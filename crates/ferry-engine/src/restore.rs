@@ -93,7 +93,7 @@ impl Drop for Restored {
     }
 }
 
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, serde::Deserialize)]
 pub struct RestoreReport {
     pub pid: i32,
     pub processes: usize,

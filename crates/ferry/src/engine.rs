@@ -1,6 +1,6 @@
 //! `ferry dump`, `ferry restore` and `ferry image show`.
 
-use anyhow::Result;
+use anyhow::{Context, Result};
 use clap::Args;
 use ferry_engine::dump::Leave;
 use ferry_engine::{DumpOptions, Phase, Progress, RestoreOptions};
@@ -43,6 +43,11 @@ pub struct RestoreArgs {
     /// /proc/PID/ns/net. The restored sockets take their saved addresses there.
     #[arg(long, value_name = "NSFILE")]
     netns: Option<String>,
+    /// Restore inside a new PID namespace (and a mount namespace with its own /proc), where
+    /// the saved PIDs are free even if they are taken here. Ferry stays as the namespace's
+    /// init, reaping orphans, until the restored root exits.
+    #[arg(long)]
+    pidns: bool,
     #[arg(long)]
     json: bool,
     /// No progress on stderr (a bar is drawn only when stderr is a terminal anyway).
@@ -130,7 +135,122 @@ pub fn dump(a: DumpArgs) -> Result<u8> {
     Ok(0)
 }
 
+/// Set in the environment of the `ferry restore` that runs as init of a new PID namespace.
+const PIDNS_INIT: &str = "FERRY_PIDNS_INIT";
+
+/// `restore --pidns`: run the restore again as PID 1 of a new PID namespace (unshare), which
+/// reports on one JSON line and then stays as the namespace's init.
+fn restore_in_pidns(a: &RestoreArgs) -> Result<u8> {
+    use std::io::BufRead;
+    let me = std::env::current_exe()?;
+    let mut c = std::process::Command::new("unshare");
+    c.args(["--pid", "--fork", "--mount-proc"])
+        .arg(me)
+        .args(["restore", "--quiet", "--images"])
+        .arg(&a.images)
+        .env(PIDNS_INIT, "1")
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        // Piped too: a detached init must not hold our caller's stderr open.
+        .stderr(std::process::Stdio::piped());
+    if a.allow_changed_files {
+        c.arg("--allow-changed-files");
+    }
+    if let Some(ns) = &a.netns {
+        c.args(["--netns", ns]);
+    }
+    if a.detach {
+        // It outlives us: its own session, away from our terminal's signals.
+        use std::os::unix::process::CommandExt;
+        // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+        unsafe {
+            c.pre_exec(|| {
+                libc::setsid();
+                Ok(())
+            });
+        }
+    }
+    let mut child = c.spawn().context("running unshare (util-linux)")?;
+    let mut line = String::new();
+    std::io::BufReader::new(child.stdout.take().unwrap()).read_line(&mut line)?;
+    let mut errors = child.stderr.take().unwrap();
+    let r: ferry_engine::RestoreReport = match serde_json::from_str(line.trim()) {
+        Ok(r) => r,
+        Err(_) => {
+            let mut text = String::new();
+            let _ = std::io::Read::read_to_string(&mut errors, &mut text);
+            let st = child.wait()?;
+            anyhow::bail!(
+                "in a new PID namespace: {} (exit status {})",
+                text.trim().trim_start_matches("ferry: error: "),
+                st.code().unwrap_or(2)
+            );
+        }
+    };
+    if !a.detach {
+        // Relay what it says from now on.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut errors, &mut std::io::stderr());
+        });
+    } else {
+        drop(errors);
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&r)?);
+    } else if a.detach {
+        println!("{} (in a new PID namespace)", restored_line(&r));
+    } else if !a.quiet {
+        eprintln!("ferry: {} (in a new PID namespace)", restored_line(&r));
+    }
+    if a.detach {
+        return Ok(0);
+    }
+    let st = child.wait()?;
+    Ok(st.code().unwrap_or(128 + 9).clamp(0, 255) as u8)
+}
+
+/// As init of the new namespace: reap everything; leave with the root's status.
+fn pidns_init(root: i32) -> ! {
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid writes only `st`.
+        let p = unsafe { libc::waitpid(-1, &mut st, 0) };
+        if p == root || p < 0 {
+            let code = if p < 0 {
+                0
+            } else if libc::WIFEXITED(st) {
+                libc::WEXITSTATUS(st)
+            } else {
+                128 + libc::WTERMSIG(st)
+            };
+            std::process::exit(code);
+        }
+    }
+}
+
 pub fn restore(a: RestoreArgs) -> Result<u8> {
+    let init = std::env::var_os(PIDNS_INIT).is_some();
+    if a.pidns && !init {
+        return restore_in_pidns(&a);
+    }
+    if init {
+        // We are PID 1 of a fresh namespace: restore detached, report on one line, then
+        // stay to reap.
+        let r = ferry_engine::restore(
+            &a.images,
+            &RestoreOptions {
+                detach: true,
+                allow_changed_files: a.allow_changed_files,
+                netns: a.netns.clone(),
+                base: None,
+                progress: Default::default(),
+            },
+        )?;
+        println!("{}", serde_json::to_string(&r)?);
+        use std::io::Write;
+        std::io::stdout().flush()?;
+        pidns_init(r.pid);
+    }
     let r = ferry_engine::restore(
         &a.images,
         &RestoreOptions {

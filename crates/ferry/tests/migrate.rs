@@ -608,3 +608,71 @@ fn hostile_input_never_crashes_the_agent() {
     assert!(a.get("/v1/migrations").as_array().unwrap().is_empty());
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// `ferry restore --pidns`: the image restores with its PID inside a new PID namespace while
+/// the original process still runs with that PID here.
+#[test]
+fn restore_into_a_new_pid_namespace_while_the_pid_is_taken() {
+    let dir = tmpdir("pidns");
+    let (mut child, out) = start_dirtier(&dir, "16", "1000");
+    let pid = child.id();
+    let img = dir.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+        "--leave-running",
+    ]);
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    // Without --pidns the PID is taken.
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert_eq!(r.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&r.stderr).contains("--pidns"));
+    let r = ferry(&[
+        "restore",
+        "--images",
+        img.to_str().unwrap(),
+        "--pidns",
+        "--detach",
+        "--json",
+    ]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let v = json(&r);
+    assert_eq!(v["pid"].as_u64(), Some(pid as u64));
+    // Find the copy: PID `pid` inside another namespace.
+    let mine = std::fs::read_link("/proc/self/ns/pid").unwrap();
+    let copy = std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .find(|p| {
+            let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
+            let nspid = st.lines().find(|l| l.starts_with("NSpid:")).unwrap_or("");
+            std::fs::read_link(format!("/proc/{p}/ns/pid"))
+                .ok()
+                .as_ref()
+                != Some(&mine)
+                && nspid.split_whitespace().last() == Some(&pid.to_string())
+                && st.contains("dirtier")
+        })
+        .expect("the restored copy");
+    check_pass(copy, &out, 1);
+    assert!(running(pid), "the original runs on");
+    // Its namespace's init is the restoring ferry: killing it ends the copy.
+    let ppid: u32 = std::fs::read_to_string(format!("/proc/{copy}/stat"))
+        .unwrap()
+        .rsplit_once(") ")
+        .unwrap()
+        .1
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    kill(ppid, "KILL");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
