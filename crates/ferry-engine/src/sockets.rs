@@ -51,6 +51,19 @@ pub struct SocketImage {
     /// stream socket has one).
     #[serde(default)]
     pub queue: Vec<String>,
+    /// Unix: files passed with each queued message (SCM_RIGHTS), in the same order as
+    /// `queue`; empty when none carries any.
+    #[serde(default)]
+    pub queue_fds: Vec<Vec<FlightFile>>,
+}
+
+/// A file in flight on a Unix socket: sent by one process, not received yet.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FlightFile {
+    pub path: String,
+    /// open(2) flags as fdinfo reports them.
+    pub flags: u32,
+    pub pos: u64,
 }
 
 /// An established TCP connection's repair state.
@@ -269,6 +282,7 @@ pub fn dump(
         tcp: None,
         unix_peer: None,
         queue: Vec::new(),
+        queue_fds: Vec::new(),
     };
     for (level, opt) in int_opts(family, ty) {
         if let Ok(v) = net::get_int(&s, level, opt) {
@@ -496,7 +510,7 @@ fn dump_unix(
     } else {
         img.state = "unbound".into();
     }
-    img.queue = peek_unix_queue(s, img.ty)?;
+    (img.queue, img.queue_fds) = peek_unix_queue(s, img.ty)?;
     Ok(())
 }
 
@@ -515,45 +529,82 @@ fn holds_socket(pid: i32, inode: u64) -> bool {
 
 /// The messages queued for reading on a Unix socket, without consuming them (SO_PEEK_OFF
 /// walks the queue). Fds in flight (SCM_RIGHTS) are refused.
-fn peek_unix_queue(s: &OwnedFd, ty: i32) -> Result<Vec<String>> {
+type Queue = (Vec<String>, Vec<Vec<FlightFile>>);
+
+fn peek_unix_queue(s: &OwnedFd, ty: i32) -> Result<Queue> {
     net::set_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)?;
     let mut out = Vec::new();
+    let mut out_fds: Vec<Vec<FlightFile>> = Vec::new();
     let mut buf = vec![0u8; 256 << 10];
     let r = (|| -> Result<()> {
         let mut stream = Vec::new();
         loop {
             let (n, fds) = peek_msg(s, &mut buf)?;
-            if fds {
-                return Err(EngineError::Failed(
-                    "a Unix socket with file descriptors in flight (SCM_RIGHTS), which this \
-                     version cannot carry"
-                        .into(),
-                ));
+            let Some(n) = n else { break };
+            if ty == libc::SOCK_STREAM && n == 0 {
+                break;
             }
-            match n {
-                None => break,
-                Some(n) if ty == libc::SOCK_STREAM => {
-                    if n == 0 {
-                        break;
-                    }
-                    stream.extend_from_slice(&buf[..n]);
-                }
-                Some(n) => out.push(hex(&buf[..n])),
+            // Stream bytes merge into one message, except around passed files, which
+            // travel with the bytes they were sent with.
+            if ty == libc::SOCK_STREAM && fds.is_empty() {
+                stream.extend_from_slice(&buf[..n]);
+                continue;
             }
+            if !stream.is_empty() {
+                out.push(hex(&std::mem::take(&mut stream)));
+                out_fds.push(Vec::new());
+            }
+            out.push(hex(&buf[..n]));
+            out_fds.push(fds);
         }
         if !stream.is_empty() {
             out.push(hex(&stream));
+            out_fds.push(Vec::new());
         }
         Ok(())
     })();
     let _ = net::set_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, -1);
     r?;
-    Ok(out)
+    if out_fds.iter().all(|f| f.is_empty()) {
+        out_fds.clear();
+    }
+    Ok((out, out_fds))
 }
 
-/// One MSG_PEEK recvmsg: (bytes, or None when the queue is empty; whether fds came along).
-fn peek_msg(s: &OwnedFd, buf: &mut [u8]) -> Result<(Option<usize>, bool)> {
-    let mut cbuf = [0u8; 256];
+/// Describe a file that arrived with a peek (now an fd of ours), then close it.
+fn flight_file(fd: i32) -> Result<FlightFile> {
+    // SAFETY: the fd was just installed in our process by recvmsg and nothing else owns it.
+    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
+    let link = std::fs::read_link(format!("/proc/self/fd/{}", owned.as_raw_fd()))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", owned.as_raw_fd()))
+        .unwrap_or_default();
+    let get = |k: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(k))
+            .map(|v| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    let regular = std::fs::metadata(format!("/proc/self/fd/{}", owned.as_raw_fd()))
+        .map(|m| m.is_file() || m.is_dir())
+        .unwrap_or(false);
+    if !regular || !link.starts_with('/') || link.ends_with(" (deleted)") {
+        return Err(EngineError::Failed(format!(
+            "a Unix socket with {link} in flight (SCM_RIGHTS); this version carries only \
+             regular files and directories in flight"
+        )));
+    }
+    Ok(FlightFile {
+        path: link,
+        flags: u32::from_str_radix(&get("flags:"), 8).unwrap_or(0) & !(libc::O_CLOEXEC as u32),
+        pos: get("pos:").parse().unwrap_or(0),
+    })
+}
+
+/// One MSG_PEEK recvmsg: (bytes, or None when the queue is empty; the files that came along).
+fn peek_msg(s: &OwnedFd, buf: &mut [u8]) -> Result<(Option<usize>, Vec<FlightFile>)> {
+    let mut cbuf = [0u8; 1024];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
         iov_len: buf.len(),
@@ -575,28 +626,98 @@ fn peek_msg(s: &OwnedFd, buf: &mut [u8]) -> Result<(Option<usize>, bool)> {
     if rc < 0 {
         let e = std::io::Error::last_os_error();
         if e.raw_os_error() == Some(libc::EAGAIN) {
-            return Ok((None, false));
+            return Ok((None, Vec::new()));
         }
         return Err(EngineError::Failed(format!("peeking a Unix socket: {e}")));
     }
-    // Fds that came with the peek are ours now: close them, and report that there were some.
-    let mut got_fds = m.msg_flags & libc::MSG_CTRUNC != 0;
+    // Fds that came with the peek are ours now: each is described, then closed.
+    let mut raw = Vec::new();
     // SAFETY: walking the control buffer the kernel filled, with the libc macros.
     unsafe {
         let mut c = libc::CMSG_FIRSTHDR(&m);
         while !c.is_null() {
             if (*c).cmsg_level == libc::SOL_SOCKET && (*c).cmsg_type == libc::SCM_RIGHTS {
-                got_fds = true;
                 let n = ((*c).cmsg_len as usize - libc::CMSG_LEN(0) as usize) / 4;
                 let p = libc::CMSG_DATA(c) as *const i32;
                 for i in 0..n {
-                    libc::close(*p.add(i));
+                    raw.push(*p.add(i));
                 }
             }
             c = libc::CMSG_NXTHDR(&m, c);
         }
     }
-    Ok((Some(rc as usize), got_fds))
+    let mut files = Vec::new();
+    let mut err = None;
+    for fd in raw {
+        match flight_file(fd) {
+            Ok(f) => files.push(f),
+            Err(e) => err = Some(e),
+        }
+    }
+    if let Some(e) = err {
+        return Err(e);
+    }
+    if m.msg_flags & libc::MSG_CTRUNC != 0 {
+        return Err(EngineError::Failed(
+            "a Unix socket message carries more files in flight than Ferry can read".into(),
+        ));
+    }
+    Ok((Some(rc as usize), files))
+}
+
+/// Send one queued message, with its files (opened here) when it carried some.
+fn send_queued(s: &OwnedFd, data: &[u8], files: &[FlightFile]) -> Result<()> {
+    if files.is_empty() {
+        return Ok(net::send_all(s, data, libc::MSG_DONTWAIT)?);
+    }
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut opened = Vec::new();
+    for f in files {
+        let flags = f.flags & !((libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) as u32);
+        let file = std::fs::OpenOptions::new()
+            .read(flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32)
+            .write(flags & libc::O_ACCMODE as u32 != libc::O_RDONLY as u32)
+            .custom_flags((flags & !(libc::O_ACCMODE as u32)) as i32)
+            .open(&f.path)
+            .map_err(|e| {
+                EngineError::Failed(format!("reopening {} (in flight on a socket): {e}", f.path))
+            })?;
+        use std::io::Seek;
+        let mut file = file;
+        let _ = file.seek(std::io::SeekFrom::Start(f.pos));
+        opened.push(file);
+    }
+    let fds: Vec<i32> = opened.iter().map(|f| f.as_raw_fd()).collect();
+    // SAFETY: CMSG_SPACE only computes a size.
+    let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
+    let mut cbuf = vec![0u8; space];
+    let mut iov = libc::iovec {
+        iov_base: data.as_ptr() as *mut libc::c_void,
+        iov_len: data.len(),
+    };
+    // SAFETY: msghdr is plain data; all-zero is valid before we fill it.
+    let mut m: libc::msghdr = unsafe { std::mem::zeroed() };
+    m.msg_iov = &mut iov;
+    m.msg_iovlen = 1;
+    m.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
+    m.msg_controllen = space;
+    // SAFETY: the control buffer has room for one SCM_RIGHTS header and the fds; the
+    // message's buffers live for the call.
+    let rc = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&m);
+        (*c).cmsg_level = libc::SOL_SOCKET;
+        (*c).cmsg_type = libc::SCM_RIGHTS;
+        (*c).cmsg_len = libc::CMSG_LEN((fds.len() * 4) as u32) as usize;
+        std::ptr::copy_nonoverlapping(fds.as_ptr(), libc::CMSG_DATA(c) as *mut i32, fds.len());
+        libc::sendmsg(s.as_raw_fd(), &m, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL)
+    };
+    if rc < 0 || rc as usize != data.len() {
+        return Err(EngineError::Failed(format!(
+            "re-queueing a message with files in flight: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    Ok(())
 }
 
 /// Sockets rebuilt in Ferry's process, by inode, until they are handed to their processes.
@@ -811,10 +932,10 @@ fn restore_tcp(
 
 fn build_unix(b: &mut Built, img: &SocketImage, all: &[&SocketImage]) -> Result<()> {
     let name = unhex(&img.local, "Unix socket name")?;
-    let fill = |s: &OwnedFd, q: &[String]| -> Result<()> {
-        for m in q {
+    let fill = |s: &OwnedFd, q: &[String], files: &[Vec<FlightFile>]| -> Result<()> {
+        for (i, m) in q.iter().enumerate() {
             let data = unhex(m, "Unix socket queue")?;
-            net::send_all(s, &data, libc::MSG_DONTWAIT)?;
+            send_queued(s, &data, files.get(i).map(|v| v.as_slice()).unwrap_or(&[]))?;
         }
         Ok(())
     };
@@ -829,8 +950,8 @@ fn build_unix(b: &mut Built, img: &SocketImage, all: &[&SocketImage]) -> Result<
             })?;
             let (a, p) = net::socketpair(img.ty)?;
             // Each side's queue is written from the other side.
-            fill(&p, &img.queue)?;
-            fill(&a, &peer.queue)?;
+            fill(&p, &img.queue, &img.queue_fds)?;
+            fill(&a, &peer.queue, &peer.queue_fds)?;
             for (s, i) in [(&a, img), (&p, *peer)] {
                 let _ = set_opts(s, i);
                 net::set_status_flags(s, i.status_flags as i32)?;

@@ -406,12 +406,15 @@ fn unsupported_sockets_and_unbindable_addresses_fail_clearly() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// UDP over IPv6 (bound, and connected), a seqpacket pair with messages queued, and the UTS
-/// and IPC namespaces the tree made (with its host name) survive.
+/// UDP over IPv6 (bound, and connected), a seqpacket pair with messages queued, a file in
+/// flight on a Unix socket (SCM_RIGHTS, with its offset), and the UTS and IPC namespaces the
+/// tree made (with its host name) survive.
 #[test]
 fn udp6_seqpacket_and_uts_namespace_survive() {
     let dir = tmpdir("udp6");
     let port = free_port(4);
+    let flight = dir.join("flight.txt");
+    let flight = flight.display();
     let code = format!(
         r#"import socket, signal, time
 P = {port}
@@ -419,8 +422,17 @@ u6 = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u6.bind(('::1', P))
 u6c = socket.socket(socket.AF_INET6, socket.SOCK_DGRAM); u6c.connect(('::1', P))
 a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
 a.send(b'one'); a.send(b'two-two')
+import os
+fa, fb = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+f = open('{flight}', 'w+'); f.write('inflight-data'); f.flush(); f.seek(3)
+socket.send_fds(fa, [b'with-fd'], [f.fileno()])
+f.close()
 def check(*_):
     try:
+        msg, fds, _, _ = socket.recv_fds(fb, 100, 2)
+        assert msg == b'with-fd' and len(fds) == 1, 'file in flight'
+        assert os.lseek(fds[0], 0, os.SEEK_CUR) == 3, 'offset of the file in flight'
+        assert os.pread(fds[0], 8, 0) == b'inflight', 'content of the file in flight'
         assert b.recv(100) == b'one', 'first message'
         assert b.recv(100) == b'two-two', 'second message'
         u6c.send(b'six')
