@@ -54,9 +54,14 @@ pub fn dump(pid: i32) -> Result<Namespaces> {
     Ok(ns)
 }
 
-/// In the root stub, before it forks anything: new UTS and IPC namespaces as saved.
+/// In the root stub, before it forks anything: new UTS and IPC namespaces as saved, and a
+/// mount namespace of its own (a copy of Ferry's: the mounts the tree made privately are not
+/// carried) when it had one.
 pub fn restore(t: &mut Target, ns: &Namespaces) -> Result<()> {
     let mut flags = 0;
+    if ns.mnt {
+        flags |= libc::CLONE_NEWNS;
+    }
     if ns.uts.is_some() {
         flags |= libc::CLONE_NEWUTS;
     }
@@ -67,7 +72,7 @@ pub fn restore(t: &mut Target, ns: &Namespaces) -> Result<()> {
         return Ok(());
     }
     t.sys(
-        "unshare of UTS/IPC namespaces",
+        "unshare of UTS/IPC/mount namespaces",
         libc::SYS_unshare,
         [flags as u64, 0, 0, 0, 0, 0],
     )?;

@@ -449,7 +449,7 @@ while True:
 "#
     );
     let mut c = Command::new("unshare");
-    c.args(["--uts", "--ipc", "--", "sh", "-c"])
+    c.args(["--uts", "--ipc", "--mount", "--", "sh", "-c"])
         .arg("hostname ferry-uts && exec python3 -c \"$0\"")
         .arg(&code);
     let out = dir.join("out.txt");
@@ -466,6 +466,12 @@ while True:
         uts(&pid.to_string()),
         uts("self"),
         "no UTS namespace of its own"
+    );
+    let mnt = |p: &str| std::fs::read_link(format!("/proc/{p}/ns/mnt")).unwrap();
+    assert_ne!(
+        mnt(&pid.to_string()),
+        mnt("self"),
+        "no mount namespace of its own"
     );
     kill(pid, "USR1");
     let s = wait_for(&out, "PASS");
