@@ -160,6 +160,7 @@ fn main() {
                     force: false,
                     max_rounds: 30,
                     move_addresses: vec![],
+                    io_timeout: Duration::from_secs(30),
                 };
                 match migrate(&o, &|_, _, _| {}) {
                     Ok(r) => {

@@ -36,6 +36,9 @@ pub struct MigrateOptions {
     /// IPv4 addresses (CIDR) that move with the process: taken off its network namespace at
     /// the freeze, put on the destination's interface in the same subnet.
     pub move_addresses: Vec<String>,
+    /// Longest wait for the destination on the page stream (a write that cannot proceed, a
+    /// reply that does not come): past it the migration fails and the process runs on here.
+    pub io_timeout: Duration,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -69,11 +72,23 @@ pub type ProgressFn<'a> = dyn Fn(&str, u64, u32) + 'a;
 struct Http {
     base: String,
     token: Option<String>,
+    agent: ureq::Agent,
 }
 
 impl Http {
+    fn new(o: &MigrateOptions) -> Http {
+        let cfg = ureq::Agent::config_builder()
+            .timeout_global(Some(o.io_timeout))
+            .build();
+        Http {
+            base: o.to.trim_end_matches('/').to_string(),
+            token: o.token.clone(),
+            agent: cfg.into(),
+        }
+    }
+
     fn get<T: serde::de::DeserializeOwned>(&self, path: &str) -> Result<T> {
-        let mut req = ureq::get(format!("{}{path}", self.base));
+        let mut req = self.agent.get(format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
@@ -90,7 +105,7 @@ impl Http {
         path: &str,
         body: &B,
     ) -> Result<T> {
-        let mut req = ureq::post(format!("{}{path}", self.base));
+        let mut req = self.agent.post(format!("{}{path}", self.base));
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
@@ -156,10 +171,7 @@ pub fn migrate(o: &MigrateOptions, progress: &ProgressFn) -> Result<MigrateRepor
         Err(e @ MigrateError::Incompatible(_)) => Err(e),
         Err(e) => {
             // What the agent recorded, if it can still say.
-            let http = Http {
-                base: o.to.trim_end_matches('/').to_string(),
-                token: o.token.clone(),
-            };
+            let http = Http::new(o);
             let theirs = id
                 .and_then(|id: String| {
                     http.get::<MigrationInfo>(&format!("/v1/migrations/{id}"))
@@ -188,10 +200,7 @@ fn migrate_inner(
 ) -> Result<MigrateReport> {
     let t0 = Instant::now();
     ferry_sys::procfs::check_inspectable(o.pid).map_err(ferry_engine::EngineError::from)?;
-    let http = Http {
-        base: o.to.trim_end_matches('/').to_string(),
-        token: o.token.clone(),
-    };
+    let http = Http::new(o);
     let host: HostInfo = http.get("/v1/host")?;
     let verdict = gate(o.pid, &host.profile, o.force)?;
     let created: Created = http.post(
@@ -207,8 +216,18 @@ fn migrate_inner(
     )?;
     *id_out = Some(created.id.clone());
     let addr = data_addr(&o.to, created.data_port)?;
-    let conn = TcpStream::connect(&addr).map_err(io(format!("connecting to {addr}")))?;
+    let sa: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&addr)
+        .map_err(io(format!("resolving {addr}")))?
+        .next()
+        .ok_or_else(|| MigrateError::Failed(format!("no address for {addr}")))?;
+    let conn = TcpStream::connect_timeout(&sa, o.io_timeout)
+        .map_err(io(format!("connecting to {addr}")))?;
     let _ = conn.set_nodelay(true);
+    // A dead link must not hold the process, frozen or not: every wait is bounded.
+    conn.set_write_timeout(Some(o.io_timeout))
+        .map_err(io("socket timeout"))?;
+    conn.set_read_timeout(Some(o.io_timeout))
+        .map_err(io("socket timeout"))?;
     let mut rd = std::io::BufReader::new(conn.try_clone().map_err(io("dup"))?);
     let w = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 20, conn)));
     {
@@ -341,7 +360,7 @@ fn migrate_inner(
         progress("final", sent, rounds.len() as u32);
         let mut buf = Vec::new();
         rd.get_ref()
-            .set_read_timeout(Some(Duration::from_secs(120)))
+            .set_read_timeout(Some(o.io_timeout.max(Duration::from_secs(120))))
             .map_err(io("socket timeout"))?;
         match wire::read_frame(&mut rd, &mut buf)? {
             Kind::Ready => {

@@ -64,6 +64,10 @@ pub struct MigrateArgs {
     /// Repeatable.
     #[arg(long = "move-address", value_name = "CIDR")]
     move_addresses: Vec<String>,
+    /// Seconds to wait for the destination on the page stream before giving up (the process
+    /// then runs on here).
+    #[arg(long, default_value_t = 30.0)]
+    timeout: f64,
     #[arg(long)]
     json: bool,
 }
@@ -108,6 +112,7 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
         force: a.force,
         max_rounds: a.max_rounds.max(1),
         move_addresses: a.move_addresses.clone(),
+        io_timeout: std::time::Duration::from_secs_f64(a.timeout.max(0.1)),
     };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = indicatif::ProgressBar::new_spinner();

@@ -676,3 +676,67 @@ fn restore_into_a_new_pid_namespace_while_the_pid_is_taken() {
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The link to the destination goes down during pre-copy: the migration gives up after its
+/// timeout and the process runs on at the source, intact.
+#[test]
+fn a_link_down_during_precopy_leaves_the_process_at_the_source() {
+    let dir = tmpdir("migrate-link");
+    let lan = Lan::new("k", 2);
+    let agent = Agent::start_in(
+        &dir,
+        9,
+        &[],
+        Some(&NetPair::path(&lan.hosts[1])),
+        &format!("{}.2", lan.net),
+    );
+    let (mut child, out) = start_dirtier(&dir, "256", "1000");
+    let pid = child.id();
+    let (url, tok) = (agent.url.clone(), agent.tok.clone());
+    let h = std::thread::spawn(move || {
+        ferry(&[
+            "migrate",
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &url,
+            "--token-file",
+            tok.to_str().unwrap(),
+            "--timeout",
+            "3",
+        ])
+    });
+    let end = Instant::now() + Duration::from_secs(20);
+    loop {
+        let m = agent.try_get("/v1/migrations").unwrap_or_default();
+        if m[0]["bytes_received"].as_u64().unwrap_or(0) > 0 {
+            break;
+        }
+        assert!(Instant::now() < end, "migration never started: {m}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    let dev = format!("ek1{}", std::process::id() % 10000);
+    let st = Command::new("ip")
+        .args(["-n", &lan.hosts[1], "link", "set", &dev, "down"])
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let t = Instant::now();
+    let o = h.join().unwrap();
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    assert!(
+        t.elapsed() < Duration::from_secs(20),
+        "gave up only after {:?}",
+        t.elapsed()
+    );
+    assert!(running(pid), "after the link went down");
+    check_pass(pid, &out, 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
