@@ -159,10 +159,15 @@ async fn cancel(State(s): St, h: HeaderMap, AxPath(id): AxPath<String>) -> Respo
     let mut g = s.migrations.lock().unwrap();
     match g.get_mut(&id) {
         None => err(StatusCode::NOT_FOUND, &format!("no migration {id}")),
-        Some(m) if ["running", "exited", "failed", "cancelled"].contains(&m.state.as_str()) => err(
-            StatusCode::CONFLICT,
-            &format!("migration {id} is {} already", m.state),
-        ),
+        Some(m)
+            if ["ready", "running", "exited", "failed", "cancelled"]
+                .contains(&m.state.as_str()) =>
+        {
+            err(
+                StatusCode::CONFLICT,
+                &format!("migration {id} is {} already", m.state),
+            )
+        }
         Some(m) => {
             // The receiving thread sees it between frames and gives up.
             m.state = "cancelled".into();
@@ -402,10 +407,24 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
     })();
     let restored = restored.map_err(|e| fail(&mut conn, e))?;
     let (pid, ms) = (restored.report.pid, restored.report.restore_ms);
+    // A cancel that came during the rebuild still wins: the rebuilt tree is dropped (killed)
+    // and the source resumes.
+    let mut cancelled = false;
     s.update(&id, |m| {
-        m.state = "ready".into();
-        m.restored_pid = Some(pid);
+        if m.state == "cancelled" {
+            cancelled = true;
+        } else {
+            m.state = "ready".into();
+            m.restored_pid = Some(pid);
+        }
     });
+    if cancelled {
+        drop(restored);
+        return Err(fail(
+            &mut conn,
+            MigrateError::Failed("cancelled on the destination".into()),
+        ));
+    }
     wire::write_json(&mut conn, Kind::Ready, &serde_json::json!({ "pid": pid }))?;
     // The source kills its copy, then says Go. Without it, ours is killed (on drop).
     conn.set_read_timeout(Some(Duration::from_secs(30)))
