@@ -113,3 +113,67 @@ pub fn check_tree(pids: &[i32]) -> Result<()> {
     }
     Ok(())
 }
+
+/// `--netns new:NAME`: a fresh, named network namespace (/run/netns/NAME) for a restore, with
+/// loopback up holding every address the tree's IP sockets are bound to (as host routes),
+/// so that they bind; the caller wires it to the world (veth, routes). Returns its
+/// path. Fails if the name is taken.
+pub fn fresh_netns(name: &str, imgs: &[crate::schema::ProcessImage]) -> Result<String> {
+    let ip = |args: &[&str]| -> Result<()> {
+        let out = std::process::Command::new("ip")
+            .args(args)
+            .output()
+            .map_err(|e| EngineError::Failed(format!("running ip (install iproute2): {e}")))?;
+        if !out.status.success() {
+            return Err(EngineError::Failed(format!(
+                "ip {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            )));
+        }
+        Ok(())
+    };
+    if name.is_empty() || name.contains('/') {
+        return Err(EngineError::Failed(format!("bad namespace name {name:?}")));
+    }
+    ip(&["netns", "add", name])?;
+    let r = (|| -> Result<()> {
+        ip(&["-n", name, "link", "set", "lo", "up"])?;
+        let mut addrs: Vec<std::net::IpAddr> = imgs
+            .iter()
+            .flat_map(|i| i.sockets.iter())
+            .filter(|s| s.family == libc::AF_INET || s.family == libc::AF_INET6)
+            .filter_map(|s| s.local.parse::<std::net::SocketAddr>().ok())
+            .map(|a| a.ip())
+            .map(|ip| match ip {
+                std::net::IpAddr::V6(v) => {
+                    v.to_ipv4_mapped().map(std::net::IpAddr::V4).unwrap_or(ip)
+                }
+                v => v,
+            })
+            .filter(|ip| !ip.is_unspecified() && !ip.is_loopback())
+            .collect();
+        addrs.sort();
+        addrs.dedup();
+        if addrs.is_empty() {
+            return Ok(());
+        }
+        for a in addrs {
+            let cidr = match a {
+                std::net::IpAddr::V4(v) => format!("{v}/32"),
+                std::net::IpAddr::V6(v) => format!("{v}/128"),
+            };
+            let mut args = vec!["-n", name, "addr", "add", cidr.as_str(), "dev", "lo"];
+            if a.is_ipv6() {
+                args.push("nodad");
+            }
+            ip(&args)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = r {
+        let _ = ip(&["netns", "del", name]);
+        return Err(e);
+    }
+    Ok(format!("/run/netns/{name}"))
+}

@@ -198,7 +198,17 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut times = Timings::default();
     let root = imgs[0].pid;
-    if let Some(ns) = &opts.netns {
+    // A fresh namespace, removed again if the restore fails.
+    let mut fresh = FreshNetns(None);
+    let netns = match opts.netns.as_deref().and_then(|n| n.strip_prefix("new:")) {
+        Some(name) => {
+            let p = crate::namespaces::fresh_netns(name, &imgs)?;
+            fresh.0 = Some(name.to_string());
+            Some(p)
+        }
+        None => opts.netns.clone(),
+    };
+    if let Some(ns) = &netns {
         // This thread, the stubs it forks and the sockets it makes all live there.
         ferry_sys::net::enter_netns(ns)?;
     }
@@ -304,6 +314,8 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
     };
     let bytes = pages * ferry_image::PAGE_SIZE as u64;
+    // Success: the namespace stays with the tree.
+    fresh.0 = None;
     Ok(Restored {
         targets,
         stub,
@@ -599,4 +611,17 @@ fn build(
     t.frozen
         .inject_syscall(tid, libc::SYS_munmap, [p, 4096, 0, 0, 0, 0])?;
     Ok(pages)
+}
+
+/// A network namespace made for this restore: deleted unless the restore succeeds.
+struct FreshNetns(Option<String>);
+
+impl Drop for FreshNetns {
+    fn drop(&mut self) {
+        if let Some(n) = self.0.take() {
+            let _ = std::process::Command::new("ip")
+                .args(["netns", "del", &n])
+                .status();
+        }
+    }
 }

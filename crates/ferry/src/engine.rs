@@ -40,7 +40,9 @@ pub struct RestoreArgs {
     #[arg(long)]
     allow_changed_files: bool,
     /// Restore into this network namespace: a file such as /run/netns/NAME or
-    /// /proc/PID/ns/net. The restored sockets take their saved addresses there.
+    /// /proc/PID/ns/net, or `new:NAME` for a fresh one made now (/run/netns/NAME, loopback up,
+    /// the tree's addresses on it). The restored sockets take their
+    /// saved addresses there.
     #[arg(long, value_name = "NSFILE")]
     netns: Option<String>,
     /// Restore inside a new PID namespace (and a mount namespace with its own /proc), where

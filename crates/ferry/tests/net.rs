@@ -403,6 +403,15 @@ fn unsupported_sockets_and_unbindable_addresses_fail_clearly() {
     restore_detached(&img, &["--netns", &NetPair::path(&net.server)]);
     assert!(running(pid));
     kill(pid, "KILL");
+    wait_gone(pid);
+    // And in a fresh one, made by the restore, which holds its address.
+    let fresh = format!("ffresh{}", std::process::id());
+    restore_detached(&img, &["--netns", &format!("new:{fresh}")]);
+    assert!(running(pid));
+    let c = NetPair::connect(&fresh, &format!("{}:{port}", net.server_ip));
+    drop(c);
+    kill(pid, "KILL");
+    let _ = Command::new("ip").args(["netns", "del", &fresh]).status();
     let _ = std::fs::remove_dir_all(&dir);
 }
 
