@@ -161,6 +161,7 @@ fn main() {
                     max_rounds: 30,
                     move_addresses: vec![],
                     io_timeout: Duration::from_secs(30),
+                    throttle: true,
                 };
                 match migrate(&o, &|_, _, _| {}) {
                     Ok(r) => {

@@ -9,6 +9,7 @@ pub mod api;
 pub mod netmove;
 pub mod source;
 pub mod store;
+pub mod throttle;
 pub mod wire;
 
 #[derive(Debug, thiserror::Error)]

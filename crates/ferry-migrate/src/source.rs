@@ -39,6 +39,8 @@ pub struct MigrateOptions {
     /// Longest wait for the destination on the page stream (a write that cannot proceed, a
     /// reply that does not come): past it the migration fails and the process runs on here.
     pub io_timeout: Duration,
+    /// When pre-copy stops converging, slow the tree down (a CPU cgroup quota) and go on.
+    pub throttle: bool,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -246,11 +248,14 @@ fn migrate_inner(
     let mut notes = Vec::new();
     let mut sent = 0u64;
     let mut tracking = None;
+    let mut _throttle_guard: Option<crate::throttle::Throttle> = None;
     if o.mode == Mode::Precopy {
         let mut tr = ferry_engine::precopy::Tracking::start(o.pid)?;
         let mut bw = 0.0f64; // bytes per ms, measured on the first round
         let mut prev = u64::MAX;
         let mut growing = 0;
+        let mut throttled: Option<crate::throttle::Throttle> = None;
+        let mut base_spent = 0u64;
         for round in 0..o.max_rounds {
             let tr0 = Instant::now();
             let bytes = {
@@ -288,11 +293,30 @@ fn migrate_inner(
             // Not shrinking by a tenth any more, twice in a row, or three times the memory
             // sent already: more rounds would not help.
             let first = rounds.first().map(|r| r.bytes).unwrap_or(bytes);
-            let spent: u64 = rounds.iter().map(|r| r.bytes).sum();
+            let spent: u64 = rounds.iter().map(|r| r.bytes).sum::<u64>() - base_spent;
             if (bytes as f64) < 0.9 * prev as f64 && spent < 3 * first.max(1) {
                 growing = 0;
             } else {
                 growing += 1;
+                if (growing >= 2 || spent >= 3 * first.max(1)) && throttled.is_none() && o.throttle
+                {
+                    // Slow the writer down and try again.
+                    match crate::throttle::Throttle::start(&tr.pids(), 10) {
+                        Ok(t) => {
+                            notes.push(format!(
+                                "the dirty rate outran the link after {} rounds: the process \
+                                 was throttled to 10% of a CPU until the end of the migration",
+                                round + 1
+                            ));
+                            throttled = Some(t);
+                            growing = 0;
+                            base_spent += spent;
+                            prev = u64::MAX;
+                            continue;
+                        }
+                        Err(e) => notes.push(format!("could not throttle the process: {e}")),
+                    }
+                }
                 if growing >= 2 || spent >= 3 * first.max(1) {
                     notes.push(format!(
                         "the dirty rate kept up with the link after {} rounds: the final copy \
@@ -306,6 +330,8 @@ fn migrate_inner(
             prev = bytes;
         }
         tracking = Some(tr);
+        // Kept until the migration ends; dropping it puts the threads back.
+        _throttle_guard = throttled;
     }
 
     // The final phase: frozen from here until the agent says Done.

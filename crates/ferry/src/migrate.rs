@@ -68,6 +68,10 @@ pub struct MigrateArgs {
     /// then runs on here).
     #[arg(long, default_value_t = 30.0)]
     timeout: f64,
+    /// Never slow the process down (by default a tree dirtying memory faster than the link
+    /// is throttled with a CPU cgroup quota so that pre-copy converges).
+    #[arg(long)]
+    no_throttle: bool,
     #[arg(long)]
     json: bool,
 }
@@ -113,6 +117,7 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
         max_rounds: a.max_rounds.max(1),
         move_addresses: a.move_addresses.clone(),
         io_timeout: std::time::Duration::from_secs_f64(a.timeout.max(0.1)),
+        throttle: !a.no_throttle,
     };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = indicatif::ProgressBar::new_spinner();

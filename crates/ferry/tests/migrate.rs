@@ -740,3 +740,31 @@ fn a_link_down_during_precopy_leaves_the_process_at_the_source() {
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A process rewriting memory faster than the link carries it is throttled (a CPU cgroup
+/// quota) so that pre-copy converges; afterwards it is intact where it landed.
+#[test]
+fn a_writer_faster_than_the_link_is_throttled_and_converges() {
+    let dir = tmpdir("migrate-throttle");
+    let a = Agent::start(&dir, 10, &[]);
+    let (mut child, out) = start_dirtier(&dir, "128", "0");
+    let pid = child.id();
+    let o = migrate(pid, &a, &["--max-downtime", "1"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("throttled"), "{r}");
+    eprintln!(
+        "throttled pre-copy: {} rounds, final {} bytes, downtime {} ms",
+        r["rounds"].as_array().unwrap().len(),
+        r["final_bytes"],
+        r["downtime_ms"]
+    );
+    assert!(
+        r["final_bytes"].as_u64().unwrap() < 64 << 20,
+        "the final copy still carries half the memory: {r}"
+    );
+    child.wait().unwrap();
+    check_pass(a.outer_pid(pid as i64), &out, 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
