@@ -1,86 +1,14 @@
 //! End-to-end tests of `ferry dump` / `ferry restore` / `ferry image show` on real processes.
 
-use std::fs::OpenOptions;
+mod common;
+use common::*;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures");
-
-fn ferry(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(args)
-        .output()
-        .expect("run ferry")
-}
-
-fn tmpdir(tag: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("ferry-engine-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-fn build(dir: &Path, name: &str) -> PathBuf {
-    let out = dir.join(name);
-    let st = Command::new("musl-gcc")
-        .args(["-static", "-O2", "-pthread", "-o"])
-        .arg(&out)
-        .arg(format!("{FIXTURES}/{name}.c"))
-        .status()
-        .expect("musl-gcc");
-    assert!(st.success());
-    out
-}
-
-fn wait_for(path: &Path, needle: &str) -> String {
-    let end = Instant::now() + Duration::from_secs(20);
-    loop {
-        let s = std::fs::read_to_string(path).unwrap_or_default();
-        if s.contains(needle) {
-            return s;
-        }
-        assert!(
-            Instant::now() < end,
-            "{needle:?} never appeared in {}: {s:?}",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-/// Fds inherited from whatever started the tests (shells leak some) must not reach fixtures.
-fn close_stray_fds() {
-    use nix::fcntl::{fcntl, FcntlArg, FdFlag};
-    for e in std::fs::read_dir("/proc/self/fd").unwrap().flatten() {
-        if let Ok(fd) = e.file_name().to_string_lossy().parse::<i32>() {
-            if fd > 2 {
-                let bfd = unsafe_borrow(fd);
-                let _ = fcntl(bfd, FcntlArg::F_SETFD(FdFlag::FD_CLOEXEC));
-            }
-        }
-    }
-}
-
-fn unsafe_borrow(fd: i32) -> std::os::fd::BorrowedFd<'static> {
-    // SAFETY: the fd is only used for one fcntl while it is open in this process.
-    unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) }
-}
 
 /// Start a fixture with stdout and stderr appended to `out`, stdin /dev/null.
 fn start(bin: &Path, out: &Path) -> Child {
-    close_stray_fds();
-    let f = OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(out)
-        .unwrap();
-    Command::new(bin)
-        .stdin(Stdio::null())
-        .stdout(f.try_clone().unwrap())
-        .stderr(f)
-        .spawn()
-        .unwrap()
+    start_cmd(Command::new(bin), out)
 }
 
 /// A fixture started and at its ready point.
@@ -103,36 +31,6 @@ fn ready_fixture(tag: &str, name: &str) -> Ready {
         out,
         child,
     }
-}
-
-/// Dump `pid` (killing it) into `img`; the dump must succeed.
-fn dump_ok(pid: u32, img: &Path) {
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-    ]);
-    assert!(
-        d.status.success(),
-        "dump of {pid}: {}",
-        String::from_utf8_lossy(&d.stderr)
-    );
-}
-
-fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .map(|s| !s.contains(") Z"))
-        .unwrap_or(false)
-}
-
-fn kill(pid: u32, sig: &str) {
-    Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .status()
-        .unwrap();
 }
 
 /// Dump (killing the process), restore with the same PID, dump the restored process again,

@@ -418,8 +418,6 @@ fn failures_leave_the_process_running_at_the_source() {
 /// writes over one TCP connection: the connection carries on, no acknowledged write is lost.
 #[test]
 fn redis_moves_with_its_address_and_its_client_connection() {
-    use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-    use std::sync::Arc;
     let dir = tmpdir("migrate-redis");
     let lan = Lan::new("m", 3);
     let (a_ns, b_ns, c_ns) = (&lan.hosts[0], &lan.hosts[1], &lan.hosts[2]);
@@ -462,37 +460,11 @@ fn redis_moves_with_its_address_and_its_client_connection() {
     for _ in 0..KEYS {
         assert_eq!(reply(&mut lr).unwrap(), Reply::Status("OK".into()));
     }
-    let acked = Arc::new(AtomicI64::new(-1));
-    let stop = Arc::new(AtomicBool::new(false));
     let conn = NetPair::connect(c_ns, &addr);
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let writer = {
-        let (acked, stop) = (acked.clone(), stop.clone());
-        let mut w = conn.try_clone().unwrap();
-        let mut r = BufReader::new(conn.try_clone().unwrap());
-        std::thread::spawn(move || -> Result<(), String> {
-            let mut n = 0i64;
-            while !stop.load(Ordering::Relaxed) {
-                w.write_all(&cmd(&["SET", &format!("w:{n}"), &n.to_string()]))
-                    .map_err(|e| format!("write {n}: {e}"))?;
-                match reply(&mut r).map_err(|e| format!("reply to write {n}: {e}"))? {
-                    Reply::Status(s) if s == "OK" => acked.store(n, Ordering::SeqCst),
-                    other => return Err(format!("write {n}: {other:?}")),
-                }
-                n += 1;
-            }
-            Ok(())
-        })
-    };
-    let wait_acked = |at_least: i64| {
-        let end = Instant::now() + Duration::from_secs(60);
-        while acked.load(Ordering::SeqCst) < at_least {
-            assert!(Instant::now() < end, "writes stalled at {acked:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    wait_acked(200);
+    let writer = Writer::start(&conn);
+    writer.wait_acked(200);
     let o = migrate(pid, &agent, &["--move-address", &format!("{vip}/24")]);
     assert!(
         o.status.success(),
@@ -509,11 +481,8 @@ fn redis_moves_with_its_address_and_its_client_connection() {
         r["rounds"].as_array().unwrap().len()
     );
     redis.wait().unwrap();
-    let after = acked.load(Ordering::SeqCst);
-    wait_acked(after + 1000);
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap().expect("the client's connection");
-    let last = acked.load(Ordering::SeqCst);
+    writer.wait_acked(writer.acked() + 1000);
+    let last = writer.finish();
     let mut r = BufReader::new(conn.try_clone().unwrap());
     let mut w = conn;
     let n = check_keys(

@@ -6,8 +6,6 @@
 mod common;
 use common::*;
 use std::io::{BufReader, Write};
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 struct Redis {
@@ -65,41 +63,15 @@ fn redis_in_its_namespace_keeps_keys_and_its_client_connection() {
 
     // A client writing continuously over one connection; `acked` is the last write
     // acknowledged.
-    let acked = Arc::new(AtomicI64::new(-1));
-    let stop = Arc::new(AtomicBool::new(false));
     let conn = NetPair::connect(&net.client, &addr);
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .unwrap();
-    let writer = {
-        let (acked, stop) = (acked.clone(), stop.clone());
-        let mut w = conn.try_clone().unwrap();
-        let mut r = BufReader::new(conn.try_clone().unwrap());
-        std::thread::spawn(move || -> Result<(), String> {
-            let mut n = 0i64;
-            while !stop.load(Ordering::Relaxed) {
-                w.write_all(&cmd(&["SET", &format!("w:{n}"), &n.to_string()]))
-                    .map_err(|e| format!("write {n}: {e}"))?;
-                match reply(&mut r).map_err(|e| format!("reply to write {n}: {e}"))? {
-                    Reply::Status(s) if s == "OK" => acked.store(n, Ordering::SeqCst),
-                    other => return Err(format!("write {n}: {other:?}")),
-                }
-                n += 1;
-            }
-            Ok(())
-        })
-    };
-    let wait_acked = |at_least: i64| {
-        let end = Instant::now() + Duration::from_secs(60);
-        while acked.load(Ordering::SeqCst) < at_least {
-            assert!(Instant::now() < end, "writes stalled at {acked:?}");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    };
-    wait_acked(200);
+    let writer = Writer::start(&conn);
+    writer.wait_acked(200);
 
     let img = dir.join("img");
     let d = dump_ok(redis.pid, &img);
-    let acked_at_freeze = acked.load(Ordering::SeqCst);
+    let acked_at_freeze = writer.acked();
     redis.child.wait().unwrap();
     wait_gone(redis.pid);
     eprintln!(
@@ -110,10 +82,8 @@ fn redis_in_its_namespace_keeps_keys_and_its_client_connection() {
     assert_eq!(r["pid"].as_u64().unwrap() as u32, redis.pid);
     eprintln!("redis restore: {} ms", r["restore_ms"]);
     // The same connection goes on.
-    wait_acked(acked_at_freeze + 1000);
-    stop.store(true, Ordering::Relaxed);
-    writer.join().unwrap().expect("the writer's connection");
-    let last = acked.load(Ordering::SeqCst);
+    writer.wait_acked(acked_at_freeze + 1000);
+    let last = writer.finish();
 
     // Every key loaded and every write acknowledged is there, over the writer's connection.
     let mut r = BufReader::new(conn.try_clone().unwrap());

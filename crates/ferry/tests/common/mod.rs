@@ -384,3 +384,65 @@ impl Drop for Lan {
             .status();
     }
 }
+
+/// A client writing `SET w:N N` continuously over one connection, counting acknowledgements.
+pub struct Writer {
+    acked: std::sync::Arc<std::sync::atomic::AtomicI64>,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    handle: std::thread::JoinHandle<Result<(), String>>,
+}
+
+impl Writer {
+    pub fn start(conn: &TcpStream) -> Writer {
+        use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+        let acked = std::sync::Arc::new(AtomicI64::new(-1));
+        let stop = std::sync::Arc::new(AtomicBool::new(false));
+        let (a, st) = (acked.clone(), stop.clone());
+        let mut w = conn.try_clone().unwrap();
+        let mut r = BufReader::new(conn.try_clone().unwrap());
+        let handle = std::thread::spawn(move || -> Result<(), String> {
+            let mut n = 0i64;
+            while !st.load(Ordering::Relaxed) {
+                w.write_all(&cmd(&["SET", &format!("w:{n}"), &n.to_string()]))
+                    .map_err(|e| format!("write {n}: {e}"))?;
+                match reply(&mut r).map_err(|e| format!("reply to write {n}: {e}"))? {
+                    Reply::Status(s) if s == "OK" => a.store(n, Ordering::SeqCst),
+                    other => return Err(format!("write {n}: {other:?}")),
+                }
+                n += 1;
+            }
+            Ok(())
+        });
+        Writer {
+            acked,
+            stop,
+            handle,
+        }
+    }
+
+    /// The last write acknowledged (-1: none yet).
+    pub fn acked(&self) -> i64 {
+        self.acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Wait until write `at_least` is acknowledged.
+    pub fn wait_acked(&self, at_least: i64) {
+        let end = Instant::now() + Duration::from_secs(60);
+        while self.acked() < at_least {
+            assert!(Instant::now() < end, "writes stalled at {}", self.acked());
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Stop; the connection must have carried every write without error. Returns the last
+    /// write acknowledged.
+    pub fn finish(self) -> i64 {
+        self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let acked = self.acked;
+        self.handle
+            .join()
+            .unwrap()
+            .expect("the writer's connection");
+        acked.load(std::sync::atomic::Ordering::SeqCst)
+    }
+}
