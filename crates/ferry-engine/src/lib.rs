@@ -13,6 +13,7 @@ pub mod evfds;
 pub mod files;
 pub mod ghost;
 pub mod hexcodec;
+pub mod lazy;
 pub mod memory;
 pub mod mm;
 pub mod namespaces;

@@ -45,6 +45,10 @@ fn kind_of(m: &Mapping) -> MapKind {
 pub struct Delta {
     pub tracked: Vec<(u64, u64)>,
     pub dirty: Vec<(u64, u64)>,
+    /// Post-copy: private anonymous memory is not read at all; the runs it would have
+    /// contributed are listed in `MappingImage::lazy` and fetched from the frozen process on
+    /// demand after the restored copy runs.
+    pub lazy: bool,
 }
 
 impl Delta {
@@ -67,6 +71,8 @@ struct Chunk {
     addr: u64,
     len: usize,
     skip_zero: bool,
+    /// Not read: a run listed for post-copy.
+    lazy: bool,
     mapping: usize,
     buf: Vec<u8>,
 }
@@ -127,6 +133,7 @@ pub fn dump(
                 x.mtime()
             }),
             pages_saved: 0,
+            lazy: Vec::new(),
             shmem: (kind == MapKind::SharedAnon).then_some(m.inode),
             ghost,
             advice: Vec::new(),
@@ -141,6 +148,7 @@ pub fn dump(
         let _ = free_tx.send(vec![0u8; CHUNK]);
     }
     let mut total = 0u64;
+    let mut lazy_runs: Vec<Vec<(u64, u64)>> = vec![Vec::new(); out.len()];
     let saved_per: Vec<u64> = std::thread::scope(|s| -> Result<Vec<u64>> {
         // Owned here so that an early error return wakes a reader waiting for a buffer.
         let free_tx = free_tx;
@@ -154,6 +162,14 @@ pub fn dump(
         let mut per = vec![0u64; out.len()];
         for c in full_rx {
             let c = c?;
+            if c.lazy {
+                let runs = &mut lazy_runs[c.mapping];
+                match runs.last_mut() {
+                    Some(l) if l.1 == c.addr => l.1 += c.len as u64,
+                    _ => runs.push((c.addr, c.addr + c.len as u64)),
+                }
+                continue;
+            }
             let n = write_nonzero(w, c.addr, &c.buf[..c.len], c.skip_zero)?;
             per[c.mapping] += n;
             total += n;
@@ -162,8 +178,9 @@ pub fn dump(
         }
         Ok(per)
     })?;
-    for (m, n) in out.iter_mut().zip(saved_per) {
+    for ((m, n), l) in out.iter_mut().zip(saved_per).zip(lazy_runs) {
         m.pages_saved = n;
+        m.lazy = l;
     }
     Ok((out, total))
 }
@@ -252,6 +269,12 @@ fn advise(t: &mut Target, m: &MappingImage) -> Result<()> {
     Ok(())
 }
 
+/// Memory that can be filled on demand after the process runs (userfaultfd missing mode):
+/// private anonymous memory.
+pub fn lazy_eligible(img: &MappingImage) -> bool {
+    matches!(img.kind, MapKind::Anon | MapKind::Heap | MapKind::Stack) && !img.shared
+}
+
 fn saves_pages(img: &MappingImage) -> bool {
     match img.kind {
         k if kernel_area(k) => false,
@@ -275,8 +298,26 @@ fn read_all(
         if !saves_pages(img) {
             continue;
         }
+        let lazy = delta.is_some_and(|d| d.lazy) && lazy_eligible(img);
+        let send_lazy = |addr: u64, len: usize| {
+            tx.send(Ok(Chunk {
+                addr,
+                len,
+                skip_zero: false,
+                lazy: true,
+                mapping: mi,
+                buf: Vec::new(),
+            }))
+            .is_ok()
+        };
         if let Some(d) = delta.filter(|d| d.covers(m.start, m.end)) {
             for (s, e) in d.dirty_in(m.start, m.end) {
+                if lazy {
+                    if !send_lazy(s, (e - s) as usize) {
+                        return Ok(());
+                    }
+                    continue;
+                }
                 let mut a = s;
                 while a < e {
                     let len = ((e - a) as usize).min(CHUNK);
@@ -291,6 +332,7 @@ fn read_all(
                         addr: a,
                         len,
                         skip_zero: false,
+                        lazy: false,
                         mapping: mi,
                         buf,
                     };
@@ -328,6 +370,13 @@ fn read_all(
                 }
                 let a = start + (j * PAGE_SIZE) as u64;
                 let len = (k - j) * PAGE_SIZE;
+                if lazy {
+                    if !send_lazy(a, len) {
+                        return Ok(());
+                    }
+                    j = k;
+                    continue;
+                }
                 let Ok(mut buf) = free.recv() else {
                     return Ok(());
                 };
@@ -339,6 +388,7 @@ fn read_all(
                     addr: a,
                     len,
                     skip_zero: kind != MapKind::File,
+                    lazy: false,
                     mapping: mi,
                     buf,
                 };
@@ -614,37 +664,29 @@ pub fn restore_layout(
 pub struct Pages {
     pub map: std::sync::Arc<ferry_sys::mem::MappedFile>,
     pub index: Vec<ferry_image::BlockIndex>,
-    /// The next block to restore: blocks are in process order.
-    pub next: usize,
 }
 
-/// Write the `budget` next saved pages back into process `pid`. Two writers take blocks
+/// Write the page blocks `range` (one process's) back into process `pid`, except those at
+/// addresses `skip` names (filled lazily). Two writers take blocks
 /// straight from the mapped pages.fimg (no copy of ours), check each against the CRC verified before any process existed
 /// (so a file changed since fails the restore), and write them through /proc/PID/mem, which
 /// writes read-only and PROT_NONE mappings too. First touch of the new pages dominates, so both
 /// cores populate them. `on_progress` is told the bytes
-/// written so far, now and then.
+/// written so far, now and then. Returns the pages written.
 pub fn restore_pages(
     pid: i32,
-    pages: &mut Pages,
-    budget: u64,
+    pages: &Pages,
+    range: std::ops::Range<usize>,
+    skip: &(dyn Fn(u64) -> bool + Sync),
     on_progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-    let first = pages.next;
     let file = pages.map.bytes();
-    let mut n = 0u64;
-    while n < budget {
-        let Some(b) = pages.index.get(pages.next) else {
-            return Err(EngineError::Failed(format!(
-                "pages.fimg ended after {n} of the {budget} pages of process {pid}"
-            )));
-        };
-        n += b.data_len / PAGE_SIZE as u64;
-        pages.next += 1;
-    }
-    let blocks = &pages.index[first..pages.next];
+    let blocks: Vec<&ferry_image::BlockIndex> =
+        pages.index[range].iter().filter(|b| !skip(b.vaddr)).collect();
+    let n: u64 = blocks.iter().map(|b| b.data_len / PAGE_SIZE as u64).sum();
+    let blocks = &blocks;
     let path = format!("/proc/{pid}/mem");
     let mem = std::fs::OpenOptions::new()
         .write(true)

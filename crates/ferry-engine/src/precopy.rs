@@ -137,7 +137,11 @@ impl Tracking {
             .filter(|s| regs.iter().any(|&(a, b)| a <= s.start && s.end <= b))
             .map(|s| (s.start, s.end))
             .collect();
-        Ok(Some(Delta { tracked, dirty }))
+        Ok(Some(Delta {
+            tracked,
+            dirty,
+            lazy: false,
+        }))
     }
 
     /// Stop tracking (the processes' memory behaves as before).

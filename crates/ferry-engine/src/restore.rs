@@ -24,12 +24,33 @@ pub struct RestoreOptions {
     /// Pages held apart from the image (pre-copy rounds), written into each process before
     /// the image's own pages.
     pub base: Option<std::sync::Arc<dyn BasePages>>,
+    /// Let the tree run before its private anonymous memory is filled: a filler thread
+    /// (`Restored::take_filler`) answers its page faults and fills the rest in the background.
+    pub lazy: bool,
+    /// Post-copy: where the pages the image lists as left behind (`MappingImage::lazy`) are
+    /// fetched from. Implies `lazy`.
+    pub remote: Option<std::sync::Arc<dyn crate::lazy::RemotePages>>,
 }
 
 /// Pages of the restored processes that are not in the image: what pre-copy rounds sent.
 pub trait BasePages: Send + Sync {
     /// Hand every page held for process `pid` to `write(address, bytes)`; returns the count.
     fn write_into(&self, pid: i32, write: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64>;
+    /// Runs [start, end) of the pages held for process `pid` (for lazy restore).
+    fn held(&self, _pid: i32) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+    /// Copy the pages held for `pid` inside [addr, addr + buf.len()) into `buf` (others are
+    /// left as they are).
+    fn read_into(&self, _pid: i32, _addr: u64, _buf: &mut [u8]) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl std::fmt::Debug for dyn crate::lazy::RemotePages {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RemotePages")
+    }
 }
 
 impl std::fmt::Debug for dyn BasePages {
@@ -47,9 +68,16 @@ pub struct Restored {
     root: i32,
     pub report: RestoreReport,
     t0: Instant,
+    filler: Option<crate::lazy::Filler>,
 }
 
 impl Restored {
+    /// The thread filling lazily restored memory (with `RestoreOptions::lazy`): keep it until
+    /// `wait` says every page is in place; dropping it earlier kills the tree.
+    pub fn take_filler(&mut self) -> Option<crate::lazy::Filler> {
+        self.filler.take()
+    }
+
     /// Connections go live, their traffic flows again, and the tree runs.
     pub fn resume(mut self) -> Result<RestoreReport> {
         let tg = Instant::now();
@@ -83,6 +111,9 @@ impl Drop for Restored {
     fn drop(&mut self) {
         if self.targets.is_empty() {
             return;
+        }
+        if let Some(f) = self.filler.take() {
+            f.abort();
         }
         for t in std::mem::take(&mut self.targets).into_iter().rev() {
             let pid = t.pid;
@@ -122,6 +153,12 @@ pub struct RestoreReport {
     pub gb_per_s: f64,
     /// Exit status of the restored process when not detached.
     pub exit_status: Option<i32>,
+    /// With lazy memory: bytes left to the filler when the tree was ready to run.
+    #[serde(default)]
+    pub lazy_bytes: u64,
+    /// With lazy memory, when `restore` waited for it: how the filling went.
+    #[serde(default)]
+    pub fill: Option<crate::lazy::FillReport>,
 }
 
 /// An image whose pages.fimg is mapped read-only: its page blocks are checked in place, with
@@ -229,8 +266,65 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         })?;
     }
     let sockets_ms = ts.elapsed().as_secs_f64() * 1e3;
+    let lazy = opts.lazy || opts.remote.is_some();
+    if !lazy && imgs.iter().any(|i| i.mappings.iter().any(|m| !m.lazy.is_empty())) {
+        return Err(EngineError::Failed(format!(
+            "{}: part of this image's memory was left in the source process (post-copy); \
+             only the migration that made it can restore it",
+            dir.display()
+        )));
+    }
+    // Each process's page blocks: they come in process order.
+    let mut per_proc = Vec::new();
+    {
+        let mut next = 0usize;
+        for img in &imgs {
+            let budget: u64 = img.mappings.iter().map(|m| m.pages_saved).sum();
+            let first = next;
+            let mut n = 0u64;
+            while n < budget {
+                let b = index.get(next).ok_or_else(|| {
+                    EngineError::Failed(format!(
+                        "pages.fimg ended after {n} of the {budget} pages of process {}",
+                        img.pid
+                    ))
+                })?;
+                n += b.data_len / ferry_image::PAGE_SIZE as u64;
+                next += 1;
+            }
+            per_proc.push(first..next);
+        }
+    }
+    let mut filler = None;
+    let mut missing: HashMap<i32, crate::lazy::RangeSet> = HashMap::new();
+    if lazy {
+        let mut src = crate::lazy::Sources::new(opts.base.clone(), map.clone(), opts.remote.clone());
+        for (img, r) in imgs.iter().zip(&per_proc) {
+            let lazy_maps: Vec<&MappingImage> =
+                img.mappings.iter().filter(|m| memory::lazy_eligible(m)).collect();
+            src.blocks.insert(
+                img.pid,
+                index[r.clone()]
+                    .iter()
+                    .filter(|b| lazy_maps.iter().any(|m| m.start <= b.vaddr && b.vaddr < m.end))
+                    .cloned()
+                    .collect(),
+            );
+            let mut runs = crate::lazy::RangeSet::default();
+            for m in &img.mappings {
+                for &(s, e) in &m.lazy {
+                    runs.insert(s, e);
+                }
+            }
+            src.remote_runs.insert(img.pid, runs);
+            let ranges: Vec<(u64, u64)> = lazy_maps.iter().map(|m| (m.start, m.end)).collect();
+            missing.insert(img.pid, src.missing(img.pid, &ranges));
+        }
+        filler = Some(crate::lazy::Filler::start(src));
+    }
     let stub = spawn_stub(Some(root))?;
     let mut targets: Vec<Target> = Vec::new();
+    let mut lazy_bytes = 0u64;
     let result = (|| -> Result<u64> {
         let frozen = Frozen::freeze_owned(stub)?;
         targets.push(Target {
@@ -271,22 +365,33 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 .ok_or_else(|| EngineError::Failed(format!("no parent for zombie {}", z.pid)))?;
             make_zombie(parent, z)?;
         }
-        let mut pages_src = memory::Pages {
-            map,
-            index,
-            next: 0,
-        };
+        let pages_src = memory::Pages { map, index };
         let mut shmem = HashMap::new();
         let mut pages = 0;
         let total = summary.page_bytes;
         let mut before = 0u64;
-        for (t, img) in targets.iter_mut().zip(&imgs) {
+        for ((t, img), blocks) in targets.iter_mut().zip(&imgs).zip(&per_proc) {
             let mut on_progress =
                 |n: u64| opts.progress.report(crate::Phase::Pages, before + n, total);
+            let lz = match &filler {
+                Some(f) => Some(Lazily {
+                    filler: f,
+                    missing: missing.remove(&img.pid).unwrap_or_default(),
+                    hot: opts
+                        .remote
+                        .as_ref()
+                        .map(|r| r.hot(img.pid))
+                        .unwrap_or_default(),
+                    left: &mut lazy_bytes,
+                }),
+                None => None,
+            };
             let n = build(
                 t,
                 img,
-                &mut pages_src,
+                &pages_src,
+                blocks.clone(),
+                lz,
                 &mut shmem,
                 img.pid == root,
                 &built,
@@ -302,6 +407,9 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let pages = match result {
         Ok(p) => p,
         Err(e) => {
+            if let Some(f) = filler.take() {
+                f.abort();
+            }
             for t in targets.into_iter().rev() {
                 let pid = t.pid;
                 t.frozen.kill();
@@ -336,17 +444,27 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
             unblock_ms: 0.0,
             gb_per_s: bytes as f64 / (times.pages_ms / 1e3).max(1e-9) / 1e9,
             exit_status: None,
+            lazy_bytes,
+            fill: None,
         },
         t0,
+        filler,
     })
 }
 
 /// Rebuild the tree of the image in `dir` and let it run (waiting for its root to exit,
 /// unless `detach`).
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
-    let held = restore_held(dir, opts)?;
+    let mut held = restore_held(dir, opts)?;
     let stub = held.stub;
+    let filler = held.take_filler();
     let mut report = held.resume()?;
+    if let Some(f) = filler {
+        // The memory must be whole before Ferry may go (its exit would end the filling).
+        report.fill = Some(f.wait().map_err(|e| {
+            EngineError::Failed(format!("filling the memory of the restored tree: {e}"))
+        })?);
+    }
     if !opts.detach {
         report.exit_status = Some(wait_exit(stub));
     }
@@ -538,7 +656,9 @@ struct Timings {
 fn build(
     t: &mut Target,
     img: &ProcessImage,
-    page_src: &mut memory::Pages,
+    page_src: &memory::Pages,
+    blocks: std::ops::Range<usize>,
+    lazily: Option<Lazily>,
     shmem: &mut HashMap<u64, (i32, u64, u64)>,
     is_root: bool,
     built: &crate::sockets::Built,
@@ -557,14 +677,30 @@ fn build(
     let tl = Instant::now();
     let ghosts = crate::ghost::restore(t, &img.ghosts, base)?;
     memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
+    // Lazily filled memory: registered before anything is written, never written here.
+    let mut lazy_maps: Vec<(u64, u64)> = Vec::new();
+    if let Some(lz) = lazily {
+        let uffd = ferry_sys::uffd::LazyUffd::new(&mut t.frozen)?;
+        for m in img.mappings.iter().filter(|m| memory::lazy_eligible(m)) {
+            uffd.register(m.start, m.end)?;
+            lazy_maps.push((m.start, m.end));
+        }
+        *lz.left += lz.missing.bytes();
+        lz.filler.add(img.pid, uffd, lz.missing, lz.hot);
+    }
+    let in_lazy = |a: u64| lazy_maps.iter().any(|&(s, e)| s <= a && a < e);
     let tp = Instant::now();
     if let Some(b) = base_pages {
         // Older copies first: the image's pages are newer.
         let pid = t.pid;
-        b.write_into(pid, &mut |a, d| Ok(ferry_sys::mem::write_mem(pid, a, d)?))?;
+        b.write_into(pid, &mut |a, d| {
+            if in_lazy(a) {
+                return Ok(());
+            }
+            Ok(ferry_sys::mem::write_mem(pid, a, d)?)
+        })?;
     }
-    let budget = img.mappings.iter().map(|m| m.pages_saved).sum();
-    let pages = memory::restore_pages(t.pid, page_src, budget, on_progress)?;
+    let pages = memory::restore_pages(t.pid, page_src, blocks, &in_lazy, on_progress)?;
     times.layout_ms += (tp - tl).as_secs_f64() * 1e3;
     times.pages_ms += tp.elapsed().as_secs_f64() * 1e3;
     mm::restore(t, &img.mm, &img.exe)?;
@@ -611,6 +747,16 @@ fn build(
     t.frozen
         .inject_syscall(tid, libc::SYS_munmap, [p, 4096, 0, 0, 0, 0])?;
     Ok(pages)
+}
+
+/// For a lazily restored process: the filler that takes its userfaultfd.
+struct Lazily<'a> {
+    filler: &'a crate::lazy::Filler,
+    /// What the process has to fill, and what first.
+    missing: crate::lazy::RangeSet,
+    hot: Vec<(u64, u64)>,
+    /// Bytes left to the filler, over all processes.
+    left: &'a mut u64,
 }
 
 /// A network namespace made for this restore: deleted unless the restore succeeds.

@@ -158,6 +158,10 @@ pub struct MappingImage {
     pub file_mtime: Option<i64>,
     /// Pages of this mapping stored in pages.fimg.
     pub pages_saved: u64,
+    /// Post-copy: runs [start, end) of pages left in the frozen source process, fetched on
+    /// demand after the restored copy runs (not in pages.fimg).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub lazy: Vec<(u64, u64)>,
     /// For shared anonymous memory: the shmem inode, the same in every process sharing it.
     #[serde(default)]
     pub shmem: Option<u64>,

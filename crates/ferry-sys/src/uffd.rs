@@ -199,3 +199,246 @@ impl WriteTracker {
         }
     }
 }
+
+// Missing-page mode (post-copy and lazy restore).
+const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_COPY: libc::c_ulong = 0xC028_AA03;
+const UFFDIO_ZEROPAGE: libc::c_ulong = 0xC020_AA04;
+const UFFD_FEATURE_EVENT_FORK: u64 = 1 << 1;
+const UFFD_FEATURE_EVENT_REMAP: u64 = 1 << 2;
+const UFFD_FEATURE_EVENT_REMOVE: u64 = 1 << 3;
+const UFFD_FEATURE_EVENT_UNMAP: u64 = 1 << 6;
+const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
+const UFFD_EVENT_FORK: u8 = 0x13;
+const UFFD_EVENT_REMAP: u8 = 0x14;
+const UFFD_EVENT_REMOVE: u8 = 0x15;
+const UFFD_EVENT_UNMAP: u8 = 0x16;
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    start: u64,
+    len: u64,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// What a missing-page userfaultfd reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UffdEvent {
+    /// A thread waits for the page at this address.
+    Fault(u64),
+    /// The process forked: the child's memory is reported on this new userfaultfd.
+    Fork(OwnedFdRaw),
+    /// mremap moved [from, from+len) to `to`.
+    Remap { from: u64, to: u64, len: u64 },
+    /// madvise(DONTNEED/REMOVE) or munmap dropped [start, end): it reads as zero (or is gone).
+    Remove { start: u64, end: u64 },
+}
+
+/// A raw fd number handed over by the kernel (a fork event); `LazyUffd::from_fork` owns it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OwnedFdRaw(pub i32);
+
+/// Outcome of filling pages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Fill {
+    /// All `len` bytes are in place.
+    Done,
+    /// Only this many bytes went in: the next page is present already.
+    Exists(u64),
+    /// The address space changes (an event waits to be read): read events, then retry.
+    Again,
+    /// The range is no longer registered (unmapped), or the process is gone.
+    Gone,
+}
+
+/// A userfaultfd of one process in missing mode: its registered memory is empty until Ferry
+/// fills it, page by page on demand or ahead of need.
+pub struct LazyUffd {
+    pid: i32,
+    uffd: OwnedFd,
+}
+
+impl LazyUffd {
+    /// Create the userfaultfd inside frozen process `f` (injected) and take it, with the events
+    /// that keep a filler right: fork, mremap, madvise-remove and munmap.
+    pub fn new(f: &mut Frozen) -> Result<LazyUffd> {
+        let pid = f.pid();
+        let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
+        let fd = f.inject_syscall(pid, libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
+        if fd < 0 {
+            return Err(Error::io(
+                format!("userfaultfd in process {pid}"),
+                std::io::Error::from_raw_os_error(-fd as i32),
+            ));
+        }
+        let taken = crate::net::take_fd(pid, fd as i32);
+        f.inject_syscall(pid, libc::SYS_close, [fd as u64, 0, 0, 0, 0, 0])?;
+        let uffd = taken?;
+        let mut api = UffdioApi {
+            api: UFFD_API,
+            features: UFFD_FEATURE_EVENT_FORK
+                | UFFD_FEATURE_EVENT_REMAP
+                | UFFD_FEATURE_EVENT_REMOVE
+                | UFFD_FEATURE_EVENT_UNMAP,
+            ioctls: 0,
+        };
+        ioctl(&uffd, UFFDIO_API, &mut api, "UFFDIO_API (missing mode)")?;
+        Ok(LazyUffd { pid, uffd })
+    }
+
+    /// The userfaultfd of a forked child (from a `Fork` event); its API is set already.
+    pub fn from_fork(fd: OwnedFdRaw, child_of: i32) -> LazyUffd {
+        use std::os::fd::FromRawFd;
+        // SAFETY: the kernel installed this fd in our table for us when the event was read;
+        // nothing else owns it.
+        let uffd = unsafe { OwnedFd::from_raw_fd(fd.0) };
+        // Non-blocking like its parent's, so a read never hangs the filler.
+        // SAFETY: fcntl on an fd we own.
+        unsafe {
+            let fl = libc::fcntl(fd.0, libc::F_GETFL);
+            libc::fcntl(fd.0, libc::F_SETFL, fl | libc::O_NONBLOCK);
+            libc::fcntl(fd.0, libc::F_SETFD, libc::FD_CLOEXEC);
+        }
+        LazyUffd {
+            pid: child_of,
+            uffd,
+        }
+    }
+
+    /// The process this userfaultfd was made for (for a fork child: its parent).
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    pub fn raw(&self) -> i32 {
+        self.uffd.as_raw_fd()
+    }
+
+    /// Report missing pages of [start, end) (page aligned, private anonymous memory).
+    pub fn register(&self, start: u64, end: u64) -> Result<()> {
+        let mut r = UffdioRegister {
+            start,
+            len: end - start,
+            mode: UFFDIO_REGISTER_MODE_MISSING,
+            ioctls: 0,
+        };
+        ioctl(
+            &self.uffd,
+            UFFDIO_REGISTER,
+            &mut r,
+            &format!(
+                "UFFDIO_REGISTER (missing) of {start:#x}-{end:#x} in process {}",
+                self.pid
+            ),
+        )?;
+        Ok(())
+    }
+
+    /// Events waiting now (none when there are none: the fd is non-blocking).
+    pub fn events(&self) -> Result<Vec<UffdEvent>> {
+        let mut buf = [0u8; 32 * 16];
+        // SAFETY: reading into a local buffer of the given length.
+        let n = unsafe {
+            libc::read(
+                self.uffd.as_raw_fd(),
+                buf.as_mut_ptr() as *mut libc::c_void,
+                buf.len(),
+            )
+        };
+        if n < 0 {
+            let e = std::io::Error::last_os_error();
+            if e.raw_os_error() == Some(libc::EAGAIN) {
+                return Ok(Vec::new());
+            }
+            return Err(Error::io(
+                format!("reading the userfaultfd of process {}", self.pid),
+                e,
+            ));
+        }
+        let u64_at = |m: &[u8], o: usize| u64::from_ne_bytes(m[o..o + 8].try_into().unwrap());
+        let mut out = Vec::new();
+        for m in buf[..n as usize].chunks_exact(32) {
+            // struct uffd_msg: event (u8), 7 reserved bytes, then the argument union.
+            match m[0] {
+                UFFD_EVENT_PAGEFAULT => out.push(UffdEvent::Fault(u64_at(m, 16))),
+                UFFD_EVENT_FORK => out.push(UffdEvent::Fork(OwnedFdRaw(i32::from_ne_bytes(
+                    m[8..12].try_into().unwrap(),
+                )))),
+                UFFD_EVENT_REMAP => out.push(UffdEvent::Remap {
+                    from: u64_at(m, 8),
+                    to: u64_at(m, 16),
+                    len: u64_at(m, 24),
+                }),
+                UFFD_EVENT_REMOVE | UFFD_EVENT_UNMAP => out.push(UffdEvent::Remove {
+                    start: u64_at(m, 8),
+                    end: u64_at(m, 16),
+                }),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Fill missing pages at `dst` with `data` (page multiple) and wake threads waiting there.
+    pub fn copy(&self, dst: u64, data: &[u8]) -> Result<Fill> {
+        let mut c = UffdioCopy {
+            dst,
+            src: data.as_ptr() as u64,
+            len: data.len() as u64,
+            mode: 0,
+            copy: 0,
+        };
+        // SAFETY: `c` is a valid uffdio_copy; the kernel reads `len` bytes at `src`, which
+        // `data` holds for the call.
+        let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_COPY, &mut c) };
+        self.outcome(rc, c.copy, dst, "UFFDIO_COPY")
+    }
+
+    /// Map the zero page at `dst` (one page) and wake threads waiting there.
+    pub fn zero(&self, dst: u64, len: u64) -> Result<Fill> {
+        let mut z = UffdioZeropage {
+            start: dst,
+            len,
+            mode: 0,
+            zeropage: 0,
+        };
+        // SAFETY: `z` is a valid uffdio_zeropage for the call.
+        let rc = unsafe { libc::ioctl(self.uffd.as_raw_fd(), UFFDIO_ZEROPAGE, &mut z) };
+        self.outcome(rc, z.zeropage, dst, "UFFDIO_ZEROPAGE")
+    }
+
+    fn outcome(&self, rc: i32, done: i64, dst: u64, what: &str) -> Result<Fill> {
+        if rc >= 0 {
+            return Ok(Fill::Done);
+        }
+        let err = std::io::Error::last_os_error();
+        let code = err.raw_os_error().unwrap_or(0);
+        match code {
+            libc::EEXIST => Ok(Fill::Exists(done.max(0) as u64)),
+            libc::EAGAIN => Ok(Fill::Again),
+            libc::ENOENT | libc::ESRCH | libc::EFAULT => Ok(Fill::Gone),
+            _ => Err(Error::io(
+                format!("{what} at {dst:#x} in process {}", self.pid),
+                err,
+            )),
+        }
+    }
+}
+
+impl AsRawFd for LazyUffd {
+    fn as_raw_fd(&self) -> i32 {
+        self.uffd.as_raw_fd()
+    }
+}

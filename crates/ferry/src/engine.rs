@@ -36,6 +36,10 @@ pub struct RestoreArgs {
     /// Return once the process runs, instead of waiting for it and passing on its exit status.
     #[arg(long)]
     detach: bool,
+    /// Let the tree run at once and fill its private memory on demand (userfaultfd), the
+    /// rest in the background; ferry stays until every page is in place.
+    #[arg(long)]
+    lazy: bool,
     /// Accept open regular files whose size or mode changed since the dump.
     #[arg(long)]
     allow_changed_files: bool,
@@ -246,6 +250,8 @@ pub fn restore(a: RestoreArgs) -> Result<u8> {
                 netns: a.netns.clone(),
                 base: None,
                 progress: Default::default(),
+                lazy: a.lazy,
+                remote: None,
             },
         )?;
         println!("{}", serde_json::to_string(&r)?);
@@ -261,6 +267,8 @@ pub fn restore(a: RestoreArgs) -> Result<u8> {
             netns: a.netns.clone(),
             base: None,
             progress: progress_bar(a.quiet).1,
+            lazy: a.lazy,
+            remote: None,
         },
     )?;
     if a.json {
@@ -275,9 +283,19 @@ pub fn restore(a: RestoreArgs) -> Result<u8> {
 }
 
 fn restored_line(r: &ferry_engine::RestoreReport) -> String {
+    let lazy = match &r.fill {
+        Some(f) => format!(
+            "; {:.1} MiB filled lazily in {:.1} ms after it ran ({} faults, longest wait {:.2} ms)",
+            f.bytes as f64 / 1048576.0,
+            f.fill_ms,
+            f.faults,
+            f.max_fault_ms
+        ),
+        None => String::new(),
+    };
     format!(
         "restored process {} ({} pages, {:.1} MiB) in {:.1} ms: verify {:.1} ms, layout {:.1} ms, \
-         pages {:.1} ms ({:.2} GB/s), rest {:.1} ms",
+         pages {:.1} ms ({:.2} GB/s), rest {:.1} ms{}",
         r.pid,
         r.pages,
         r.bytes as f64 / 1048576.0,
@@ -286,7 +304,8 @@ fn restored_line(r: &ferry_engine::RestoreReport) -> String {
         r.layout_ms,
         r.pages_ms,
         r.gb_per_s,
-        r.rest_ms
+        r.rest_ms,
+        lazy
     )
 }
 

@@ -818,3 +818,38 @@ fn a_restore_cut_short_leaves_nothing_running() {
     let s = wait_for(&out, "PASS");
     assert!(!s.contains("FAIL"), "{s}");
 }
+
+/// `restore --lazy`: the process runs before its memory is filled, forks, drops and moves
+/// memory at once, and still sees every byte it had (the filler follows fork, madvise and
+/// mremap); a fork child gets its own filling.
+#[test]
+fn lazy_restore_fills_memory_while_the_process_uses_it() {
+    let dir = tmpdir("lazy");
+    let bin = build(&dir, "lazymem");
+    let out = dir.join("out.txt");
+    let trigger = dir.join("go");
+    let mut cmd = Command::new(&bin);
+    cmd.args(["256", trigger.to_str().unwrap()]);
+    let mut child = start_cmd(cmd, &out);
+    wait_for(&out, "ready");
+    let pid = child.id();
+    let img = dir.join("img");
+    let d = dump_ok(pid, &img);
+    assert!(d["bytes"].as_u64().unwrap() > 256 << 20, "{d}");
+    child.wait().unwrap();
+    // The process checks its memory as soon as it runs again.
+    std::fs::write(&trigger, b"").unwrap();
+    let r = restore_detached(&img, &["--lazy", "--allow-changed-files"]);
+    assert_eq!(r["pid"].as_u64().unwrap(), pid as u64, "{r}");
+    // Nothing was written eagerly into private anonymous memory: the filler did it all.
+    let lazy = r["lazy_bytes"].as_u64().unwrap();
+    assert!(lazy > 256 << 20, "{r}");
+    let fill = &r["fill"];
+    assert!(fill["bytes"].as_u64().unwrap() > 200 << 20, "{r}");
+    assert!(fill["faults"].as_u64().unwrap() >= 1, "the process never waited: {r}");
+    assert!(fill["forks"].as_u64().unwrap() >= 1, "the fork was not followed: {r}");
+    eprintln!("lazy restore: {r}");
+    let text = wait_for(&out, "PASS");
+    assert!(!text.contains("FAIL"), "{text}");
+    wait_gone(pid);
+}

@@ -1,0 +1,564 @@
+//! Lazy memory: the restored tree runs before its private anonymous memory is filled. That
+//! memory is registered with a userfaultfd in missing mode (created inside each process by an
+//! injected syscall); one filler thread answers faults at once, in blocks of 64 KiB, and fills
+//! the rest ahead of need until nothing is missing. Pages come from the image, from pages held
+//! apart (pre-copy rounds) or from the frozen source process (post-copy, `RemotePages`).
+//!
+//! The events that change the address space keep the filler right: a forked child gets a
+//! userfaultfd of its own (its missing pages are its parent's), mremap moves what is missing,
+//! and madvise(DONTNEED) or munmap drop it, so stale contents never land on fresh memory. The
+//! filler reads events and fills pages on one thread, so an event is always seen before the
+//! next fill.
+
+use crate::restore::BasePages;
+use crate::{EngineError, Result};
+use ferry_image::{BlockIndex, PAGE_SIZE};
+use ferry_sys::uffd::{Fill, LazyUffd, UffdEvent};
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::mpsc::{Receiver, Sender, TryRecvError};
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+const PAGE: u64 = PAGE_SIZE as u64;
+/// A fault is answered with the missing pages of its aligned 64 KiB block.
+const FAULT_BLOCK: u64 = 64 << 10;
+/// Filling ahead of need goes in runs of up to 1 MiB, so a fault waits for at most one.
+const PUSH_RUN: u64 = 1 << 20;
+
+/// Pages left in the frozen source process (post-copy).
+pub trait RemotePages: Send + Sync {
+    /// The contents of process `pid` (its PID as dumped) at [addr, addr + buf.len()).
+    fn fetch(&self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<()>;
+    /// Runs of process `pid` to fill first: the memory it used last before the freeze.
+    fn hot(&self, _pid: i32) -> Vec<(u64, u64)> {
+        Vec::new()
+    }
+}
+
+/// Page ranges, [start, end) by start, never overlapping. Touching ranges are kept apart: they
+/// may lie in different mappings, and one UFFDIO_COPY cannot cross mappings.
+#[derive(Debug, Clone, Default)]
+pub struct RangeSet(BTreeMap<u64, u64>);
+
+impl RangeSet {
+    pub fn insert(&mut self, mut s: u64, mut e: u64) {
+        if s >= e {
+            return;
+        }
+        // Merge with everything that overlaps.
+        let touching: Vec<(u64, u64)> = self
+            .0
+            .range(..e)
+            .rev()
+            .take_while(|&(_, &end)| end > s)
+            .map(|(&a, &b)| (a, b))
+            .collect();
+        for (a, b) in touching {
+            self.0.remove(&a);
+            s = s.min(a);
+            e = e.max(b);
+        }
+        self.0.insert(s, e);
+    }
+
+    pub fn remove(&mut self, s: u64, e: u64) {
+        if s >= e {
+            return;
+        }
+        let hit: Vec<(u64, u64)> = self
+            .0
+            .range(..e)
+            .rev()
+            .take_while(|&(_, &end)| end > s)
+            .map(|(&a, &b)| (a, b))
+            .collect();
+        for (a, b) in hit {
+            self.0.remove(&a);
+            if a < s {
+                self.0.insert(a, s);
+            }
+            if b > e {
+                self.0.insert(e, b);
+            }
+        }
+    }
+
+    pub fn contains(&self, a: u64) -> bool {
+        self.0.range(..=a).next_back().is_some_and(|(_, &e)| e > a)
+    }
+
+    /// The parts of [s, e) in the set.
+    pub fn within(&self, s: u64, e: u64) -> Vec<(u64, u64)> {
+        let mut v: Vec<(u64, u64)> = self
+            .0
+            .range(..e)
+            .rev()
+            .take_while(|&(_, &end)| end > s)
+            .map(|(&a, &b)| (a.max(s), b.min(e)))
+            .collect();
+        v.reverse();
+        v
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+
+    pub fn bytes(&self) -> u64 {
+        self.0.iter().map(|(a, b)| b - a).sum()
+    }
+
+    pub fn runs(&self) -> impl Iterator<Item = (u64, u64)> + '_ {
+        self.0.iter().map(|(&a, &b)| (a, b))
+    }
+
+    fn first_run(&self, max: u64) -> Option<(u64, u64)> {
+        self.0.iter().next().map(|(&a, &b)| (a, b.min(a + max)))
+    }
+}
+
+/// Where the pages of lazily restored memory come from. Later sources override earlier ones:
+/// pre-copied pages, then the image's (newer), then the source process's (disjoint from the
+/// image).
+pub struct Sources {
+    pub base: Option<Arc<dyn BasePages>>,
+    pub map: Arc<ferry_sys::mem::MappedFile>,
+    /// Per process (PID as dumped): its page blocks in pages.fimg, by address.
+    pub blocks: HashMap<i32, Vec<BlockIndex>>,
+    pub remote: Option<Arc<dyn RemotePages>>,
+    pub remote_runs: HashMap<i32, RangeSet>,
+    checked: HashSet<(i32, u64)>,
+}
+
+impl Sources {
+    pub fn new(
+        base: Option<Arc<dyn BasePages>>,
+        map: Arc<ferry_sys::mem::MappedFile>,
+        remote: Option<Arc<dyn RemotePages>>,
+    ) -> Sources {
+        Sources {
+            base,
+            map,
+            blocks: HashMap::new(),
+            remote,
+            remote_runs: HashMap::new(),
+            checked: HashSet::new(),
+        }
+    }
+
+    fn read(&mut self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
+        buf.fill(0);
+        let end = addr + buf.len() as u64;
+        if let Some(b) = &self.base {
+            b.read_into(pid, addr, buf)?;
+        }
+        if let Some(blocks) = self.blocks.get(&pid) {
+            let from = blocks.partition_point(|b| b.vaddr + b.data_len <= addr);
+            for b in blocks[from..].iter().take_while(|b| b.vaddr < end) {
+                let at = b.data_offset as usize;
+                let data = self
+                    .map
+                    .bytes()
+                    .get(at..at + b.data_len as usize)
+                    .ok_or_else(|| {
+                        EngineError::Failed(format!(
+                            "pages.fimg is shorter than it was verified (block at {:#x})",
+                            b.vaddr
+                        ))
+                    })?;
+                if self.checked.insert((pid, b.vaddr)) && !b.matches(data) {
+                    return Err(EngineError::Failed(format!(
+                        "pages.fimg changed since it was verified: the block of pages at {:#x} \
+                         no longer matches its CRC",
+                        b.vaddr
+                    )));
+                }
+                let s = b.vaddr.max(addr);
+                let e = (b.vaddr + b.data_len).min(end);
+                buf[(s - addr) as usize..(e - addr) as usize]
+                    .copy_from_slice(&data[(s - b.vaddr) as usize..(e - b.vaddr) as usize]);
+            }
+        }
+        if let (Some(r), Some(runs)) = (&self.remote, self.remote_runs.get(&pid)) {
+            for (s, e) in runs.within(addr, end) {
+                r.fetch(pid, s, &mut buf[(s - addr) as usize..(e - addr) as usize])?;
+            }
+        }
+        Ok(())
+    }
+
+    /// What process `pid` has to fill inside `ranges` (its lazily restored mappings).
+    pub fn missing(&self, pid: i32, ranges: &[(u64, u64)]) -> RangeSet {
+        let mut set = RangeSet::default();
+        let mut add = |s: u64, e: u64| {
+            for &(a, b) in ranges {
+                set.insert(s.max(a), e.min(b));
+            }
+        };
+        if let Some(b) = &self.base {
+            for (s, e) in b.held(pid) {
+                add(s, e);
+            }
+        }
+        for b in self.blocks.get(&pid).into_iter().flatten() {
+            add(b.vaddr, b.vaddr + b.data_len);
+        }
+        for (s, e) in self.remote_runs.get(&pid).into_iter().flat_map(|r| r.runs()) {
+            add(s, e);
+        }
+        set
+    }
+}
+
+/// One userfaultfd and what is still missing behind it.
+struct Consumer {
+    /// Whose pages it gets (the PID as dumped; a fork child gets its parent's).
+    source_pid: i32,
+    uffd: LazyUffd,
+    missing: RangeSet,
+    /// Filled first (hot memory), in this order.
+    hot: Vec<(u64, u64)>,
+    /// Faults that could not be answered yet (the address space was changing).
+    retry: Vec<u64>,
+}
+
+/// What filling took.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct FillReport {
+    /// Bytes filled in (faults and ahead of need).
+    pub bytes: u64,
+    /// Faults answered with pages, and with the zero page.
+    pub faults: u64,
+    pub zero_faults: u64,
+    /// Forked children whose memory was filled too.
+    pub forks: u64,
+    /// From the start of the filler until nothing was missing.
+    pub fill_ms: f64,
+    /// Longest wait of a faulting thread on a fetch, in ms.
+    pub max_fault_ms: f64,
+}
+
+/// The filler thread. Dropping it (or `abort`) stops it; processes still missing pages are
+/// killed first, so none runs on with holes in its memory.
+pub struct Filler {
+    tx: Option<Sender<(i32, LazyUffd, RangeSet, Vec<(u64, u64)>)>>,
+    handle: Option<std::thread::JoinHandle<Result<FillReport>>>,
+    stop: Arc<AtomicBool>,
+    pids: Arc<Mutex<Vec<i32>>>,
+}
+
+impl Filler {
+    pub fn start(sources: Sources) -> Filler {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let stop = Arc::new(AtomicBool::new(false));
+        let pids: Arc<Mutex<Vec<i32>>> = Arc::default();
+        let (st, ps) = (stop.clone(), pids.clone());
+        let handle = std::thread::Builder::new()
+            .name("ferry-filler".into())
+            .spawn(move || {
+                let r = run(sources, rx, &st);
+                if r.is_err() || st.load(Ordering::Relaxed) {
+                    kill_all(&ps.lock().unwrap());
+                }
+                r
+            })
+            .expect("spawning the filler thread");
+        Filler {
+            tx: Some(tx),
+            handle: Some(handle),
+            stop,
+            pids,
+        }
+    }
+
+    /// Fill process `pid` (PID as dumped, also its PID now) through `uffd`.
+    pub fn add(&self, pid: i32, uffd: LazyUffd, missing: RangeSet, hot: Vec<(u64, u64)>) {
+        self.pids.lock().unwrap().push(pid);
+        if let Some(tx) = &self.tx {
+            let _ = tx.send((pid, uffd, missing, hot));
+        }
+    }
+
+    /// Every process is added: once nothing is missing the filler ends.
+    pub fn seal(&mut self) {
+        self.tx = None;
+    }
+
+    /// Wait until every page is in place (or filling failed, which killed the tree).
+    pub fn wait(mut self) -> Result<FillReport> {
+        self.seal();
+        let h = self.handle.take().expect("filler joined twice");
+        h.join()
+            .map_err(|_| EngineError::Failed("the page filler panicked".into()))?
+    }
+
+    /// Has it ended (all filled or failed)?
+    pub fn is_finished(&self) -> bool {
+        self.handle.as_ref().is_none_or(|h| h.is_finished())
+    }
+
+    /// Stop filling and kill the processes that may still miss pages.
+    pub fn abort(mut self) {
+        self.stop_now();
+    }
+
+    fn stop_now(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        self.tx = None;
+        if let Some(h) = self.handle.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+impl Drop for Filler {
+    fn drop(&mut self) {
+        if self.handle.is_some() {
+            self.stop_now();
+        }
+    }
+}
+
+fn kill_all(pids: &[i32]) {
+    for &p in pids {
+        // SAFETY: kill has no memory effects.
+        unsafe {
+            libc::kill(p, libc::SIGKILL);
+        }
+    }
+}
+
+type NewConsumer = (i32, LazyUffd, RangeSet, Vec<(u64, u64)>);
+
+fn run(mut src: Sources, rx: Receiver<NewConsumer>, stop: &AtomicBool) -> Result<FillReport> {
+    let t0 = Instant::now();
+    let mut rep = FillReport::default();
+    let mut cons: Vec<Consumer> = Vec::new();
+    let mut open = true;
+    let mut buf = vec![0u8; PUSH_RUN as usize];
+    let mut rr = 0usize;
+    loop {
+        if stop.load(Ordering::Relaxed) {
+            return Err(EngineError::Failed("page filling was stopped".into()));
+        }
+        while open {
+            match rx.try_recv() {
+                Ok((pid, uffd, missing, hot)) => cons.push(Consumer {
+                    source_pid: pid,
+                    uffd,
+                    missing,
+                    hot,
+                    retry: Vec::new(),
+                }),
+                Err(TryRecvError::Empty) => break,
+                Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        // Nothing missing: closing the userfaultfd hands the memory back to the kernel.
+        cons.retain(|c| !c.missing.is_empty() || !c.retry.is_empty());
+        if cons.is_empty() && !open {
+            rep.fill_ms = t0.elapsed().as_secs_f64() * 1e3;
+            return Ok(rep);
+        }
+        let mut fds: Vec<libc::pollfd> = cons
+            .iter()
+            .map(|c| libc::pollfd {
+                fd: c.uffd.raw(),
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        let busy = cons.iter().any(|c| !c.missing.is_empty());
+        let timeout = if busy { 0 } else { 5 };
+        // SAFETY: `fds` is a valid array of pollfd for the call.
+        let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
+        let mut handled = false;
+        if n > 0 {
+            let mut forks = Vec::new();
+            for (i, f) in fds.iter().enumerate() {
+                if f.revents & libc::POLLIN == 0 {
+                    continue;
+                }
+                let c = &mut cons[i];
+                for ev in c.uffd.events()? {
+                    handled = true;
+                    match ev {
+                        UffdEvent::Fault(a) => c.retry.push(a & !(PAGE - 1)),
+                        UffdEvent::Fork(fd) => {
+                            rep.forks += 1;
+                            forks.push(Consumer {
+                                source_pid: c.source_pid,
+                                uffd: LazyUffd::from_fork(fd, c.uffd.pid()),
+                                missing: c.missing.clone(),
+                                hot: c.hot.clone(),
+                                retry: Vec::new(),
+                            });
+                        }
+                        UffdEvent::Remap { from, to, len } => {
+                            let moved = c.missing.within(from, from + len);
+                            c.missing.remove(from, from + len);
+                            for (s, e) in moved {
+                                c.missing.insert(s - from + to, e - from + to);
+                            }
+                        }
+                        UffdEvent::Remove { start, end } => c.missing.remove(start, end),
+                    }
+                }
+            }
+            cons.extend(forks);
+        }
+        // Faults first: a thread waits on each.
+        for c in cons.iter_mut() {
+            let faults = std::mem::take(&mut c.retry);
+            for a in faults {
+                handled = true;
+                let tf = Instant::now();
+                match answer_fault(&mut src, c, a, &mut buf, &mut rep)? {
+                    true => {}
+                    false => c.retry.push(a),
+                }
+                rep.max_fault_ms = rep.max_fault_ms.max(tf.elapsed().as_secs_f64() * 1e3);
+            }
+        }
+        if handled || cons.is_empty() {
+            continue;
+        }
+        // Ahead of need: one run of one process, round robin.
+        rr = (rr + 1) % cons.len();
+        if let Some(i) = (0..cons.len())
+            .map(|k| (rr + k) % cons.len())
+            .find(|&i| !cons[i].missing.is_empty())
+        {
+            let c = &mut cons[i];
+            let run = next_run(c);
+            if let Some((s, e)) = run {
+                fill(&mut src, c, s, e, &mut buf, &mut rep)?;
+            }
+        }
+    }
+}
+
+/// The next run to fill ahead of need: hot memory first.
+fn next_run(c: &mut Consumer) -> Option<(u64, u64)> {
+    while let Some(&(s, e)) = c.hot.first() {
+        if let Some(&(a, b)) = c.missing.within(s, e).first() {
+            return Some((a, b.min(a + PUSH_RUN)));
+        }
+        c.hot.remove(0);
+    }
+    c.missing.first_run(PUSH_RUN)
+}
+
+/// Answer a fault at page `a`; false when it must be tried again after the events.
+fn answer_fault(
+    src: &mut Sources,
+    c: &mut Consumer,
+    a: u64,
+    buf: &mut [u8],
+    rep: &mut FillReport,
+) -> Result<bool> {
+    if !c.missing.contains(a) {
+        // Nothing saved there: it reads as zero (or was filled meanwhile).
+        return match c.uffd.zero(a, PAGE)? {
+            Fill::Again => Ok(false),
+            _ => {
+                rep.zero_faults += 1;
+                Ok(true)
+            }
+        };
+    }
+    rep.faults += 1;
+    let blk = a & !(FAULT_BLOCK - 1);
+    let runs = c.missing.within(blk, blk + FAULT_BLOCK);
+    // The faulting page's run first.
+    let mut order: Vec<(u64, u64)> = runs.iter().copied().filter(|r| r.0 <= a && a < r.1).collect();
+    order.extend(runs.iter().copied().filter(|r| !(r.0 <= a && a < r.1)));
+    for (s, e) in order {
+        if !fill(src, c, s, e, buf, rep)? && s <= a && a < e {
+            return Ok(false);
+        }
+    }
+    Ok(true)
+}
+
+/// Fill [s, e) of `c` (all missing when called); false when the address space is changing.
+fn fill(
+    src: &mut Sources,
+    c: &mut Consumer,
+    s: u64,
+    e: u64,
+    buf: &mut [u8],
+    rep: &mut FillReport,
+) -> Result<bool> {
+    let mut at = s;
+    while at < e {
+        let len = (e - at).min(buf.len() as u64);
+        let data = &mut buf[..len as usize];
+        src.read(c.source_pid, at, data)?;
+        let mut off = 0u64;
+        while off < len {
+            match c.uffd.copy(at + off, &data[off as usize..])? {
+                Fill::Done => {
+                    rep.bytes += len - off;
+                    off = len;
+                }
+                Fill::Exists(n) => {
+                    // Pages up to the present one went in; that one is there already.
+                    rep.bytes += n;
+                    off += n + PAGE;
+                }
+                Fill::Again => {
+                    c.missing.remove(at, at + off);
+                    return Ok(false);
+                }
+                Fill::Gone if len - off > PAGE => {
+                    // The run may cross into another mapping (one split since): page by page.
+                    for p in (off..len).step_by(PAGE as usize) {
+                        let page = &data[p as usize..(p + PAGE) as usize];
+                        match c.uffd.copy(at + p, page)? {
+                            Fill::Done => rep.bytes += PAGE,
+                            Fill::Again => {
+                                c.missing.remove(at, at + p);
+                                return Ok(false);
+                            }
+                            _ => {}
+                        }
+                    }
+                    off = len;
+                }
+                Fill::Gone => off = len,
+            }
+        }
+        c.missing.remove(at, at + len);
+        at += len;
+    }
+    Ok(true)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::RangeSet;
+
+    #[test]
+    fn range_set() {
+        let mut r = RangeSet::default();
+        r.insert(0x1000, 0x3000);
+        r.insert(0x5000, 0x6000);
+        r.insert(0x3000, 0x4000);
+        // Touching runs stay apart (they may be different mappings); overlapping ones merge.
+        assert_eq!(
+            r.runs().collect::<Vec<_>>(),
+            [(0x1000, 0x3000), (0x3000, 0x4000), (0x5000, 0x6000)]
+        );
+        r.insert(0x2000, 0x3800);
+        assert_eq!(r.runs().collect::<Vec<_>>(), [(0x1000, 0x4000), (0x5000, 0x6000)]);
+        r.remove(0x2000, 0x5800);
+        assert_eq!(r.runs().collect::<Vec<_>>(), [(0x1000, 0x2000), (0x5800, 0x6000)]);
+        assert!(r.contains(0x1fff) && !r.contains(0x2000) && r.contains(0x5800));
+        assert_eq!(r.within(0x1800, 0x5900), [(0x1800, 0x2000), (0x5800, 0x5900)]);
+        assert_eq!(r.bytes(), 0x1800);
+        r.insert(0, 0x10000);
+        assert_eq!(r.runs().collect::<Vec<_>>(), [(0, 0x10000)]);
+    }
+}
