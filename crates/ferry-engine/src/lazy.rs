@@ -204,7 +204,12 @@ impl Sources {
         for b in self.blocks.get(&pid).into_iter().flatten() {
             add(b.vaddr, b.vaddr + b.data_len);
         }
-        for (s, e) in self.remote_runs.get(&pid).into_iter().flat_map(|r| r.runs()) {
+        for (s, e) in self
+            .remote_runs
+            .get(&pid)
+            .into_iter()
+            .flat_map(|r| r.runs())
+        {
             add(s, e);
         }
         set
@@ -215,6 +220,8 @@ impl Sources {
 struct Consumer {
     /// Whose pages it gets (the PID as dumped; a fork child gets its parent's).
     source_pid: i32,
+    /// The process it fills now.
+    live_pid: i32,
     uffd: LazyUffd,
     missing: RangeSet,
     /// Filled first (hot memory), in this order.
@@ -242,42 +249,72 @@ pub struct FillReport {
 /// The filler thread. Dropping it (or `abort`) stops it; processes still missing pages are
 /// killed first, so none runs on with holes in its memory.
 pub struct Filler {
-    tx: Option<Sender<(i32, LazyUffd, RangeSet, Vec<(u64, u64)>)>>,
+    tx: Option<Sender<NewConsumer>>,
     handle: Option<std::thread::JoinHandle<Result<FillReport>>>,
     stop: Arc<AtomicBool>,
-    pids: Arc<Mutex<Vec<i32>>>,
+    watch: Arc<Watch>,
+}
+
+/// The processes being filled, and the guardian that kills them if Ferry dies meanwhile.
+struct Watch {
+    pids: Mutex<Vec<i32>>,
+    guardian: Mutex<Option<ferry_sys::guard::Guardian>>,
+}
+
+impl Watch {
+    fn add(&self, pid: i32, uffd: &LazyUffd) -> Result<()> {
+        self.pids.lock().unwrap().push(pid);
+        if let Some(g) = self.guardian.lock().unwrap().as_ref() {
+            g.watch(pid, Some(uffd.raw()))?;
+        }
+        Ok(())
+    }
 }
 
 impl Filler {
-    pub fn start(sources: Sources) -> Filler {
+    pub fn start(sources: Sources) -> Result<Filler> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));
-        let pids: Arc<Mutex<Vec<i32>>> = Arc::default();
-        let (st, ps) = (stop.clone(), pids.clone());
+        let watch = Arc::new(Watch {
+            pids: Mutex::new(Vec::new()),
+            guardian: Mutex::new(Some(ferry_sys::guard::Guardian::spawn()?)),
+        });
+        let (st, w) = (stop.clone(), watch.clone());
         let handle = std::thread::Builder::new()
             .name("ferry-filler".into())
             .spawn(move || {
-                let r = run(sources, rx, &st);
+                let r = run(sources, rx, &st, &w);
                 if r.is_err() || st.load(Ordering::Relaxed) {
-                    kill_all(&ps.lock().unwrap());
+                    kill_all(&w.pids.lock().unwrap());
+                    // Dropped without "done": it kills what it watches too.
+                    w.guardian.lock().unwrap().take();
+                } else if let Some(g) = w.guardian.lock().unwrap().take() {
+                    g.done();
                 }
                 r
             })
-            .expect("spawning the filler thread");
-        Filler {
+            .map_err(|e| EngineError::Failed(format!("starting the page filler: {e}")))?;
+        Ok(Filler {
             tx: Some(tx),
             handle: Some(handle),
             stop,
-            pids,
-        }
+            watch,
+        })
     }
 
     /// Fill process `pid` (PID as dumped, also its PID now) through `uffd`.
-    pub fn add(&self, pid: i32, uffd: LazyUffd, missing: RangeSet, hot: Vec<(u64, u64)>) {
-        self.pids.lock().unwrap().push(pid);
+    pub fn add(
+        &self,
+        pid: i32,
+        uffd: LazyUffd,
+        missing: RangeSet,
+        hot: Vec<(u64, u64)>,
+    ) -> Result<()> {
+        self.watch.add(pid, &uffd)?;
         if let Some(tx) = &self.tx {
             let _ = tx.send((pid, uffd, missing, hot));
         }
+        Ok(())
     }
 
     /// Every process is added: once nothing is missing the filler ends.
@@ -331,7 +368,12 @@ fn kill_all(pids: &[i32]) {
 
 type NewConsumer = (i32, LazyUffd, RangeSet, Vec<(u64, u64)>);
 
-fn run(mut src: Sources, rx: Receiver<NewConsumer>, stop: &AtomicBool) -> Result<FillReport> {
+fn run(
+    mut src: Sources,
+    rx: Receiver<NewConsumer>,
+    stop: &AtomicBool,
+    watch: &Watch,
+) -> Result<FillReport> {
     let t0 = Instant::now();
     let mut rep = FillReport::default();
     let mut cons: Vec<Consumer> = Vec::new();
@@ -346,6 +388,7 @@ fn run(mut src: Sources, rx: Receiver<NewConsumer>, stop: &AtomicBool) -> Result
             match rx.try_recv() {
                 Ok((pid, uffd, missing, hot)) => cons.push(Consumer {
                     source_pid: pid,
+                    live_pid: pid,
                     uffd,
                     missing,
                     hot,
@@ -387,9 +430,21 @@ fn run(mut src: Sources, rx: Receiver<NewConsumer>, stop: &AtomicBool) -> Result
                         UffdEvent::Fault(a) => c.retry.push(a & !(PAGE - 1)),
                         UffdEvent::Fork(fd) => {
                             rep.forks += 1;
+                            // The event does not name the child: it is the new one among
+                            // the forker's children.
+                            let known = watch.pids.lock().unwrap().clone();
+                            let child = ferry_sys::procfs::children(c.live_pid)
+                                .into_iter()
+                                .find(|p| !known.contains(p))
+                                .unwrap_or(0);
+                            let uffd = LazyUffd::from_fork(fd, child);
+                            if child > 0 {
+                                watch.add(child, &uffd)?;
+                            }
                             forks.push(Consumer {
                                 source_pid: c.source_pid,
-                                uffd: LazyUffd::from_fork(fd, c.uffd.pid()),
+                                live_pid: child,
+                                uffd,
                                 missing: c.missing.clone(),
                                 hot: c.hot.clone(),
                                 retry: Vec::new(),
@@ -472,7 +527,11 @@ fn answer_fault(
     let blk = a & !(FAULT_BLOCK - 1);
     let runs = c.missing.within(blk, blk + FAULT_BLOCK);
     // The faulting page's run first.
-    let mut order: Vec<(u64, u64)> = runs.iter().copied().filter(|r| r.0 <= a && a < r.1).collect();
+    let mut order: Vec<(u64, u64)> = runs
+        .iter()
+        .copied()
+        .filter(|r| r.0 <= a && a < r.1)
+        .collect();
     order.extend(runs.iter().copied().filter(|r| !(r.0 <= a && a < r.1)));
     for (s, e) in order {
         if !fill(src, c, s, e, buf, rep)? && s <= a && a < e {
@@ -552,11 +611,20 @@ mod tests {
             [(0x1000, 0x3000), (0x3000, 0x4000), (0x5000, 0x6000)]
         );
         r.insert(0x2000, 0x3800);
-        assert_eq!(r.runs().collect::<Vec<_>>(), [(0x1000, 0x4000), (0x5000, 0x6000)]);
+        assert_eq!(
+            r.runs().collect::<Vec<_>>(),
+            [(0x1000, 0x4000), (0x5000, 0x6000)]
+        );
         r.remove(0x2000, 0x5800);
-        assert_eq!(r.runs().collect::<Vec<_>>(), [(0x1000, 0x2000), (0x5800, 0x6000)]);
+        assert_eq!(
+            r.runs().collect::<Vec<_>>(),
+            [(0x1000, 0x2000), (0x5800, 0x6000)]
+        );
         assert!(r.contains(0x1fff) && !r.contains(0x2000) && r.contains(0x5800));
-        assert_eq!(r.within(0x1800, 0x5900), [(0x1800, 0x2000), (0x5800, 0x5900)]);
+        assert_eq!(
+            r.within(0x1800, 0x5900),
+            [(0x1800, 0x2000), (0x5800, 0x5900)]
+        );
         assert_eq!(r.bytes(), 0x1800);
         r.insert(0, 0x10000);
         assert_eq!(r.runs().collect::<Vec<_>>(), [(0, 0x10000)]);

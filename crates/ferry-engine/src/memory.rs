@@ -683,8 +683,10 @@ pub fn restore_pages(
     use std::os::unix::fs::FileExt;
     use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
     let file = pages.map.bytes();
-    let blocks: Vec<&ferry_image::BlockIndex> =
-        pages.index[range].iter().filter(|b| !skip(b.vaddr)).collect();
+    let blocks: Vec<&ferry_image::BlockIndex> = pages.index[range]
+        .iter()
+        .filter(|b| !skip(b.vaddr))
+        .collect();
     let n: u64 = blocks.iter().map(|b| b.data_len / PAGE_SIZE as u64).sum();
     let blocks = &blocks;
     let path = format!("/proc/{pid}/mem");

@@ -267,7 +267,11 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     }
     let sockets_ms = ts.elapsed().as_secs_f64() * 1e3;
     let lazy = opts.lazy || opts.remote.is_some();
-    if !lazy && imgs.iter().any(|i| i.mappings.iter().any(|m| !m.lazy.is_empty())) {
+    if !lazy
+        && imgs
+            .iter()
+            .any(|i| i.mappings.iter().any(|m| !m.lazy.is_empty()))
+    {
         return Err(EngineError::Failed(format!(
             "{}: part of this image's memory was left in the source process (post-copy); \
              only the migration that made it can restore it",
@@ -298,15 +302,23 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let mut filler = None;
     let mut missing: HashMap<i32, crate::lazy::RangeSet> = HashMap::new();
     if lazy {
-        let mut src = crate::lazy::Sources::new(opts.base.clone(), map.clone(), opts.remote.clone());
+        let mut src =
+            crate::lazy::Sources::new(opts.base.clone(), map.clone(), opts.remote.clone());
         for (img, r) in imgs.iter().zip(&per_proc) {
-            let lazy_maps: Vec<&MappingImage> =
-                img.mappings.iter().filter(|m| memory::lazy_eligible(m)).collect();
+            let lazy_maps: Vec<&MappingImage> = img
+                .mappings
+                .iter()
+                .filter(|m| memory::lazy_eligible(m))
+                .collect();
             src.blocks.insert(
                 img.pid,
                 index[r.clone()]
                     .iter()
-                    .filter(|b| lazy_maps.iter().any(|m| m.start <= b.vaddr && b.vaddr < m.end))
+                    .filter(|b| {
+                        lazy_maps
+                            .iter()
+                            .any(|m| m.start <= b.vaddr && b.vaddr < m.end)
+                    })
                     .cloned()
                     .collect(),
             );
@@ -320,7 +332,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
             let ranges: Vec<(u64, u64)> = lazy_maps.iter().map(|m| (m.start, m.end)).collect();
             missing.insert(img.pid, src.missing(img.pid, &ranges));
         }
-        filler = Some(crate::lazy::Filler::start(src));
+        filler = Some(crate::lazy::Filler::start(src)?);
     }
     let stub = spawn_stub(Some(root))?;
     let mut targets: Vec<Target> = Vec::new();
@@ -373,19 +385,16 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         for ((t, img), blocks) in targets.iter_mut().zip(&imgs).zip(&per_proc) {
             let mut on_progress =
                 |n: u64| opts.progress.report(crate::Phase::Pages, before + n, total);
-            let lz = match &filler {
-                Some(f) => Some(Lazily {
-                    filler: f,
-                    missing: missing.remove(&img.pid).unwrap_or_default(),
-                    hot: opts
-                        .remote
-                        .as_ref()
-                        .map(|r| r.hot(img.pid))
-                        .unwrap_or_default(),
-                    left: &mut lazy_bytes,
-                }),
-                None => None,
-            };
+            let lz = filler.as_ref().map(|f| Lazily {
+                filler: f,
+                missing: missing.remove(&img.pid).unwrap_or_default(),
+                hot: opts
+                    .remote
+                    .as_ref()
+                    .map(|r| r.hot(img.pid))
+                    .unwrap_or_default(),
+                left: &mut lazy_bytes,
+            });
             let n = build(
                 t,
                 img,
@@ -686,7 +695,7 @@ fn build(
             lazy_maps.push((m.start, m.end));
         }
         *lz.left += lz.missing.bytes();
-        lz.filler.add(img.pid, uffd, lz.missing, lz.hot);
+        lz.filler.add(img.pid, uffd, lz.missing, lz.hot)?;
     }
     let in_lazy = |a: u64| lazy_maps.iter().any(|&(s, e)| s <= a && a < e);
     let tp = Instant::now();

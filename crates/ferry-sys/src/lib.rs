@@ -5,6 +5,7 @@
 pub mod error;
 pub mod files;
 pub mod freeze;
+pub mod guard;
 pub mod mem;
 pub mod net;
 pub mod procfs;

@@ -301,6 +301,18 @@ pub fn check_inspectable(pid: i32) -> Result<Status> {
     Ok(st)
 }
 
+/// The children of every thread of process `pid` (from /proc/PID/task/*/children).
+pub fn children(pid: i32) -> Vec<i32> {
+    let mut out = Vec::new();
+    for tid in list_threads(pid).unwrap_or_default() {
+        let p = format!("/proc/{pid}/task/{tid}/children");
+        if let Ok(s) = std::fs::read_to_string(p) {
+            out.extend(s.split_whitespace().filter_map(|x| x.parse::<i32>().ok()));
+        }
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -846,10 +846,90 @@ fn lazy_restore_fills_memory_while_the_process_uses_it() {
     assert!(lazy > 256 << 20, "{r}");
     let fill = &r["fill"];
     assert!(fill["bytes"].as_u64().unwrap() > 200 << 20, "{r}");
-    assert!(fill["faults"].as_u64().unwrap() >= 1, "the process never waited: {r}");
-    assert!(fill["forks"].as_u64().unwrap() >= 1, "the fork was not followed: {r}");
+    assert!(
+        fill["faults"].as_u64().unwrap() >= 1,
+        "the process never waited: {r}"
+    );
+    assert!(
+        fill["forks"].as_u64().unwrap() >= 1,
+        "the fork was not followed: {r}"
+    );
     eprintln!("lazy restore: {r}");
     let text = wait_for(&out, "PASS");
     assert!(!text.contains("FAIL"), "{text}");
     wait_gone(pid);
+}
+
+/// Ferry killed while a lazily restored process still misses pages: the process must not run
+/// on with zeros where its data was. The guardian holds its userfaultfd and kills it. The
+/// restore runs under a subreaper (python3) that reaps the orphaned process and reports how
+/// it ended: SIGKILL, not an exit (which is what a process reading zeros ends with here).
+#[test]
+fn lazy_restore_killed_midway_leaves_nothing_running() {
+    let dir = tmpdir("lazykill");
+    let bin = build(&dir, "lazymem");
+    let out = dir.join("out.txt");
+    let trigger = dir.join("go");
+    let mut cmd = Command::new(&bin);
+    cmd.args(["512", trigger.to_str().unwrap()]);
+    let mut child = start_cmd(cmd, &out);
+    wait_for(&out, "ready");
+    let pid = child.id();
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    close_stray_fds();
+    let reaper = r#"
+import ctypes, os, subprocess, sys
+ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+p = subprocess.Popen(sys.argv[1:], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+print("ferry", p.pid, flush=True)
+while True:
+    try:
+        pid, st = os.wait()
+    except ChildProcessError:
+        break
+    print("reaped", pid, "signal" if os.WIFSIGNALED(st) else "exit",
+          os.WTERMSIG(st) if os.WIFSIGNALED(st) else os.WEXITSTATUS(st), flush=True)
+"#;
+    let log = dir.join("reaper.txt");
+    let mut sub = Command::new("python3");
+    sub.args([
+        "-c",
+        reaper,
+        env!("CARGO_BIN_EXE_ferry"),
+        "restore",
+        "--images",
+    ])
+    .arg(&img)
+    .args(["--detach", "--lazy", "--allow-changed-files", "--quiet"]);
+    let mut sub = start_cmd(sub, &log);
+    let ferry_pid: u32 = wait_for(&log, "ferry ")
+        .split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse()
+        .unwrap();
+    // Running (its name restored, no longer traced by Ferry), memory not filled yet.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+        if st.contains("Name:\tlazymem") && st.contains("TracerPid:\t0\n") {
+            break;
+        }
+        assert!(Instant::now() < end, "the restored process never ran");
+        std::thread::sleep(Duration::from_micros(200));
+    }
+    kill(ferry_pid, "KILL");
+    let text = wait_for(&log, &format!("reaped {pid} "));
+    assert!(
+        text.contains(&format!("reaped {pid} signal 9")),
+        "the restored process was not killed: {text}"
+    );
+    let _ = sub.wait();
+    let text = std::fs::read_to_string(&out).unwrap();
+    assert!(
+        !text.contains("PASS") && !text.contains("FAIL") && !text.contains("CRASH"),
+        "{text}"
+    );
 }
