@@ -42,6 +42,8 @@ struct Shared {
     next_id: AtomicU64,
     bytes_received: AtomicU64,
     started: Instant,
+    /// Post-copy page connections, waiting for their migration's restore.
+    page_conns: Mutex<HashMap<String, (TcpStream, std::io::BufReader<TcpStream>)>>,
 }
 
 impl Shared {
@@ -242,6 +244,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         next_id: AtomicU64::new(1),
         bytes_received: AtomicU64::new(0),
         started: Instant::now(),
+        page_conns: Mutex::new(HashMap::new()),
     });
     if let Some(ns) = &shared.cfg.netns {
         // Incoming trees are rebuilt by threads spawned from here: they inherit it.
@@ -319,6 +322,20 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
             ));
         }
     }
+    if hello.role.as_deref() == Some("pages") {
+        // Post-copy's second connection: kept for the restore of the main stream.
+        if !matches!(s.state(&hello.id).as_deref(), Some("waiting" | "receiving")) {
+            return Err(MigrateError::Protocol(format!(
+                "no migration {} receiving for this page connection",
+                hello.id
+            )));
+        }
+        s.page_conns
+            .lock()
+            .unwrap()
+            .insert(hello.id.clone(), (conn, rd));
+        return Ok(());
+    }
     if s.state(&hello.id).as_deref() != Some("waiting") {
         return Err(MigrateError::Protocol(format!(
             "no migration {} waiting for its stream",
@@ -395,17 +412,47 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
         let c = crate::netmove::claim(a.as_str().unwrap_or("")).map_err(|e| fail(&mut conn, e))?;
         claimed.push(c);
     }
+    let mode = s
+        .migrations
+        .lock()
+        .unwrap()
+        .get(&id)
+        .map(|m| m.mode.clone())
+        .unwrap_or_default();
     let restored = (|| -> Result<ferry_engine::Restored> {
         let recs: Vec<PrecopyRecord> = ferry_image::ImageReader::open(&img)?.find(TAG_PRECOPY)?;
         store.set_tracked(recs.into_iter().map(|r| (r.pid, r.tracked)).collect());
+        // Post-copy: pages left in the source come over the second connection.
+        let remote = if mode == "postcopy" || mode == "hybrid" {
+            let end = Instant::now() + Duration::from_secs(10);
+            let (c, r) = loop {
+                if let Some(x) = s.page_conns.lock().unwrap().remove(&id) {
+                    break x;
+                }
+                if Instant::now() > end {
+                    return Err(MigrateError::Protocol(
+                        "the source never opened its page connection".into(),
+                    ));
+                }
+                std::thread::sleep(Duration::from_millis(2));
+            };
+            Some(Arc::new(crate::postcopy::RemoteConn::new(c, r)?)
+                as Arc<dyn ferry_engine::lazy::RemotePages>)
+        } else {
+            None
+        };
         let opts = ferry_engine::RestoreOptions {
             detach: true,
             base: Some(Arc::new(store)),
+            // Everything but stop-and-copy runs before its memory is filled in.
+            lazy: mode != "stop",
+            remote,
             ..Default::default()
         };
         Ok(ferry_engine::restore_held(&img, &opts)?)
     })();
-    let restored = restored.map_err(|e| fail(&mut conn, e))?;
+    let mut restored = restored.map_err(|e| fail(&mut conn, e))?;
+    let filler = restored.take_filler();
     let (pid, ms) = (restored.report.pid, restored.report.restore_ms);
     // A cancel that came during the rebuild still wins: the rebuilt tree is dropped (killed)
     // and the source resumes.
@@ -446,6 +493,18 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
         m.restore_ms = Some(report.restore_ms.max(ms));
     });
     let _ = wire::write_json(&mut conn, Kind::Done, &serde_json::json!({ "pid": pid }));
+    if let Some(f) = filler {
+        match f.wait() {
+            Ok(rep) => {
+                let _ = wire::write_json(&mut conn, Kind::Filled, &rep);
+            }
+            Err(e) => {
+                // The filler killed the tree: nothing of it runs here.
+                let e = MigrateError::Failed(format!("filling the memory of the tree: {e}"));
+                return Err(fail(&mut conn, e));
+            }
+        }
+    }
     let _ = std::fs::remove_dir_all(&dir);
     // Reap the root when it ends, so that it leaves no zombie behind.
     let mut st = 0;

@@ -53,6 +53,10 @@ pub struct Created {
 pub struct Hello {
     pub id: String,
     pub token: String,
+    /// "pages": the second connection of a post-copy migration, on which the agent asks for
+    /// the pages left in the frozen source process. Absent: the main stream.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub role: Option<String>,
 }
 
 /// Image record (tag "precopy"): memory of process `pid` the agent holds from pre-copy

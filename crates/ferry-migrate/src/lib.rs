@@ -7,6 +7,7 @@
 pub mod agent;
 pub mod api;
 pub mod netmove;
+pub mod postcopy;
 pub mod source;
 pub mod store;
 pub mod throttle;

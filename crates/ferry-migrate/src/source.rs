@@ -20,6 +20,11 @@ pub enum Mode {
     Stop,
     /// Copy memory in rounds while the process runs, then freeze and copy the rest.
     Precopy,
+    /// Freeze, copy everything but private anonymous memory, run on the destination at once;
+    /// that memory follows on demand from the frozen source.
+    Postcopy,
+    /// Pre-copy rounds, then post-copy for what is still dirty.
+    Hybrid,
 }
 
 #[derive(Debug, Clone)]
@@ -65,6 +70,13 @@ pub struct MigrateReport {
     pub downtime_ms: f64,
     pub total_ms: f64,
     pub restored_pid: i32,
+    /// After the process ran on the destination: filling its memory there (post-copy pages
+    /// from here, or pre-copied pages held there), until nothing was missing.
+    pub fill_ms: Option<f64>,
+    /// Post-copy: bytes the destination fetched from the frozen source.
+    pub postcopy_bytes: u64,
+    /// Faults the destination answered while filling (threads that waited for a page).
+    pub faults: u64,
     pub notes: Vec<String>,
 }
 
@@ -154,6 +166,11 @@ fn gate(pid: i32, target: &ferry_cpu::profile::CpuProfile, force: bool) -> Resul
     Ok(name)
 }
 
+fn is_timeout(e: &MigrateError) -> bool {
+    matches!(e, MigrateError::Io { source, .. }
+        if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+}
+
 fn data_addr(to: &str, port: u16) -> Result<String> {
     let host = to
         .trim_start_matches("http://")
@@ -241,6 +258,7 @@ fn migrate_inner(
             &Hello {
                 id: created.id.clone(),
                 token: o.token.clone().unwrap_or_default(),
+                role: None,
             },
         )?;
     }
@@ -249,7 +267,8 @@ fn migrate_inner(
     let mut sent = 0u64;
     let mut tracking = None;
     let mut _throttle_guard: Option<crate::throttle::Throttle> = None;
-    if o.mode == Mode::Precopy {
+    let post = matches!(o.mode, Mode::Postcopy | Mode::Hybrid);
+    if matches!(o.mode, Mode::Precopy | Mode::Hybrid) {
         let mut tr = ferry_engine::precopy::Tracking::start(o.pid)?;
         let mut bw = 0.0f64; // bytes per ms, measured on the first round
         let mut prev = u64::MAX;
@@ -298,7 +317,11 @@ fn migrate_inner(
                 growing = 0;
             } else {
                 growing += 1;
-                if (growing >= 2 || spent >= 3 * first.max(1)) && throttled.is_none() && o.throttle
+                // Hybrid does not throttle: post-copy takes what does not converge.
+                if (growing >= 2 || spent >= 3 * first.max(1))
+                    && throttled.is_none()
+                    && o.throttle
+                    && o.mode == Mode::Precopy
                 {
                     // Slow the writer down and try again.
                     match crate::throttle::Throttle::start(&tr.pids(), 10) {
@@ -334,16 +357,38 @@ fn migrate_inner(
         _throttle_guard = throttled;
     }
 
+    // Post-copy: the agent will ask for pages on a connection of their own.
+    let mut pages_server = if post {
+        Some(crate::postcopy::PageServer::start(
+            sa,
+            Hello {
+                id: created.id.clone(),
+                token: o.token.clone().unwrap_or_default(),
+                role: Some("pages".into()),
+            },
+            o.io_timeout,
+        )?)
+    } else {
+        None
+    };
     // The final phase: frozen from here until the agent says Done.
     let sink = |k| Box::new(FramedSink::new(w.clone(), k)) as Box<dyn Write + Send>;
     let mut iw = ferry_image::ImageWriter::new(sink(Kind::ImageMeta), sink(Kind::ImagePages))?;
     let tracked: Arc<Mutex<Vec<PrecopyRecord>>> = Arc::default();
     let mut delta_fn = |pid: i32| -> ferry_engine::Result<Option<ferry_engine::memory::Delta>> {
-        let Some(tr) = tracking.as_mut() else {
-            return Ok(None);
+        let d = match tracking.as_mut() {
+            Some(tr) => tr.delta(pid)?,
+            None => None,
         };
-        let d = tr.delta(pid)?;
-        if let Some(d) = &d {
+        let d = match (d, post) {
+            (Some(d), true) => Some(ferry_engine::memory::Delta { lazy: true, ..d }),
+            (None, true) => Some(ferry_engine::memory::Delta {
+                lazy: true,
+                ..Default::default()
+            }),
+            (d, false) => d,
+        };
+        if let Some(d) = d.as_ref().filter(|d| !d.tracked.is_empty()) {
             tracked.lock().unwrap().push(PrecopyRecord {
                 pid,
                 tracked: d.tracked.clone(),
@@ -356,7 +401,7 @@ fn migrate_inner(
         o.pid,
         &mut iw,
         &progress_final,
-        if o.mode == Mode::Precopy {
+        if o.mode != Mode::Stop {
             Some(&mut delta_fn)
         } else {
             None
@@ -416,11 +461,17 @@ fn migrate_inner(
         }
     };
     // The rebuilt tree waits, stopped, on the destination: ours goes, then it runs there.
+    // Post-copy keeps ours, frozen, to serve the pages the destination still lacks.
     let final_bytes = sent - rounds.iter().map(|r| r.bytes).sum::<u64>();
     let frozen_at = Instant::now() - Duration::from_secs_f64(held.frozen_ms() / 1e3);
-    held.kill_moved();
-    if let Some(t) = tracking.take() {
-        t.stop();
+    let mut held = Some(held);
+    if !post {
+        if let Some(h) = held.take() {
+            h.kill_moved();
+        }
+        if let Some(t) = tracking.take() {
+            t.stop();
+        }
     }
     let done = (|| -> Result<()> {
         let mut g = w.lock().unwrap();
@@ -434,17 +485,85 @@ fn migrate_inner(
         }
     })();
     let downtime_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
-    if let Err(e) = done {
-        // Ask the agent what became of it.
-        let st: Result<MigrationInfo> = http.get(&format!("/v1/migrations/{}", created.id));
-        match st {
-            Ok(m) if m.state == "running" || m.state == "exited" => {}
-            _ => {
-                return Err(MigrateError::Failed(format!(
-                    "the source copy of process {} is gone and the destination did not confirm \
-                     it runs there ({e}); check migration {} on {}",
-                    o.pid, created.id, o.to
+    // What the destination says once its memory is whole (lazily filled modes).
+    let mut read_filled = || -> Result<ferry_engine::lazy::FillReport> {
+        // Filling takes as long as the memory takes to cross, at worst.
+        rd.get_ref()
+            .set_read_timeout(Some(o.io_timeout.max(Duration::from_secs(600))))
+            .map_err(io("socket timeout"))?;
+        let mut buf = Vec::new();
+        match wire::read_frame(&mut rd, &mut buf)? {
+            Kind::Filled => wire::parse(Kind::Filled, &buf),
+            Kind::Failed => {
+                let v: serde_json::Value = wire::parse(Kind::Failed, &buf)?;
+                Err(MigrateError::Failed(format!(
+                    "the destination failed: {}",
+                    v["error"].as_str().unwrap_or("?")
                 )))
+            }
+            k => Err(MigrateError::Protocol(format!(
+                "expected Filled, got {k:?}"
+            ))),
+        }
+    };
+    let mut fill = None;
+    let mut postcopy_bytes = 0;
+    if post {
+        match done.and_then(|_| read_filled()) {
+            Ok(rep) => {
+                fill = Some(rep);
+                if let Some(h) = held.take() {
+                    h.kill_moved();
+                }
+                if let Some(t) = tracking.take() {
+                    t.stop();
+                }
+                postcopy_bytes = pages_server.take().map(|p| p.stop()).unwrap_or(0);
+            }
+            Err(e) => {
+                // The destination's copy cannot run without our pages. If it went quiet
+                // (rather than closing the connection), wait until it has surely given up.
+                if is_timeout(&e) {
+                    std::thread::sleep(crate::postcopy::FETCH_TIMEOUT + Duration::from_secs(2));
+                }
+                if let Some(p) = pages_server.take() {
+                    p.stop();
+                }
+                for r in released {
+                    r.restore();
+                }
+                if let Some(t) = tracking.take() {
+                    t.stop();
+                }
+                if let Some(h) = held.take() {
+                    h.resume();
+                }
+                return Err(MigrateError::Failed(format!(
+                    "post-copy lost the destination ({e}): the process resumed here as it was \
+                     at the freeze; what it did on the destination since is lost"
+                )));
+            }
+        }
+    } else {
+        if let Err(e) = done {
+            // Ask the agent what became of it.
+            let st: Result<MigrationInfo> = http.get(&format!("/v1/migrations/{}", created.id));
+            match st {
+                Ok(m) if m.state == "running" || m.state == "exited" => {}
+                _ => {
+                    return Err(MigrateError::Failed(format!(
+                        "the source copy of process {} is gone and the destination did not \
+                         confirm it runs there ({e}); check migration {} on {}",
+                        o.pid, created.id, o.to
+                    )))
+                }
+            }
+        } else if o.mode == Mode::Precopy {
+            match read_filled() {
+                Ok(r) => fill = Some(r),
+                Err(e) => notes.push(format!(
+                    "the destination did not report its memory filled: {e}"
+                )),
             }
         }
     }
@@ -460,6 +579,9 @@ fn migrate_inner(
         downtime_ms,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
         restored_pid,
+        fill_ms: fill.as_ref().map(|f| f.fill_ms),
+        postcopy_bytes,
+        faults: fill.as_ref().map(|f| f.faults).unwrap_or(0),
         notes,
     })
 }

@@ -96,6 +96,63 @@ impl Drop for PageStore {
 }
 
 impl BasePages for PageStore {
+    fn held(&self, pid: i32) -> Vec<(u64, u64)> {
+        let Some(ranges) = self.tracked.get(&pid) else {
+            return Vec::new();
+        };
+        let mut pages: Vec<u64> = self
+            .index
+            .keys()
+            .filter(|(p, a)| *p == pid && ranges.iter().any(|&(s, e)| s <= *a && *a < e))
+            .map(|(_, a)| *a)
+            .collect();
+        pages.sort_unstable();
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for a in pages {
+            match runs.last_mut() {
+                Some(r) if r.1 == a => r.1 += PAGE,
+                _ => runs.push((a, a + PAGE)),
+            }
+        }
+        runs
+    }
+
+    fn read_into(&self, pid: i32, addr: u64, buf: &mut [u8]) -> ferry_engine::Result<()> {
+        let Some(ranges) = self.tracked.get(&pid) else {
+            return Ok(());
+        };
+        let n = buf.len() / PAGE as usize;
+        let slot = |i: usize| {
+            let a = addr + i as u64 * PAGE;
+            if !ranges.iter().any(|&(s, e)| s <= a && a < e) {
+                return None;
+            }
+            self.index.get(&(pid, a)).copied()
+        };
+        let mut i = 0;
+        while i < n {
+            let Some(first) = slot(i) else {
+                i += 1;
+                continue;
+            };
+            // Consecutive pages in consecutive slots: one read.
+            let mut j = i + 1;
+            while j < n && slot(j) == Some(first + (j - i) as u64) {
+                j += 1;
+            }
+            self.file
+                .read_exact_at(&mut buf[i * PAGE as usize..j * PAGE as usize], first * PAGE)
+                .map_err(|e| {
+                    ferry_engine::EngineError::Failed(format!(
+                        "reading the pre-copied pages from {}: {e}",
+                        self.path.display()
+                    ))
+                })?;
+            i = j;
+        }
+        Ok(())
+    }
+
     fn write_into(
         &self,
         pid: i32,

@@ -108,6 +108,14 @@ pub enum Kind {
     Failed = 10,
     /// Agent: the tree runs here now.
     Done = 11,
+    /// Agent, post-copy (on the page connection): send `len u32` bytes of process `pid u32`
+    /// at `address u64`.
+    PageRequest = 12,
+    /// Source, post-copy: the bytes asked for.
+    PageData = 13,
+    /// Agent: every page is in place (post-copy, or lazily filled pre-copy); the source copy
+    /// may go. {"bytes", "fill_ms", ...}
+    Filled = 14,
 }
 
 impl Kind {
@@ -125,6 +133,9 @@ impl Kind {
             9 => Ready,
             10 => Failed,
             11 => Done,
+            12 => PageRequest,
+            13 => PageData,
+            14 => Filled,
             _ => return None,
         })
     }

@@ -35,6 +35,8 @@ pub struct AgentArgs {
 #[derive(Clone, Copy, ValueEnum)]
 enum ModeArg {
     Precopy,
+    Postcopy,
+    Hybrid,
     Stop,
 }
 
@@ -110,6 +112,8 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
         token: token(&a.token_file)?,
         mode: match a.mode {
             ModeArg::Precopy => Mode::Precopy,
+            ModeArg::Postcopy => Mode::Postcopy,
+            ModeArg::Hybrid => Mode::Hybrid,
             ModeArg::Stop => Mode::Stop,
         },
         max_downtime_ms: a.max_downtime,
@@ -163,6 +167,15 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
             r.rounds.len(),
             r.final_bytes as f64 / 1048576.0
         );
+        if let Some(f) = r.fill_ms {
+            println!(
+                "  memory filled on the destination {:.0} ms after it ran ({} faults waited; \
+                 {:.1} MiB fetched from here on demand)",
+                f,
+                r.faults,
+                r.postcopy_bytes as f64 / 1048576.0
+            );
+        }
         for rd in &r.rounds {
             println!(
                 "  round {}: {:.1} MiB in {:.1} ms",

@@ -737,3 +737,48 @@ fn a_writer_faster_than_the_link_is_throttled_and_converges() {
     check_pass(a.outer_pid(pid as i64), &out, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Post-copy to one agent, then hybrid from there to another, while the fixture keeps
+/// writing: it runs on the destination before its memory is there, the rest follows from the
+/// frozen source on demand, and the memory is intact each time.
+#[test]
+fn postcopy_and_hybrid_keep_memory_intact() {
+    let dir = tmpdir("migrate-post");
+    let a1 = Agent::start(&dir, 21, &[]);
+    let a2 = Agent::start(&dir, 22, &[]);
+    let (mut child, out) = start_dirtier(&dir, "128", "1000");
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(200));
+    let o = migrate(pid, &a1, &["--mode", "postcopy"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    eprintln!("post-copy: {r}");
+    assert_eq!(r["restored_pid"].as_i64(), Some(pid as i64));
+    assert!(r["rounds"].as_array().unwrap().is_empty());
+    // The memory crossed after the process ran: the final copy carried little of it.
+    assert!(r["postcopy_bytes"].as_u64().unwrap() >= 128 << 20, "{r}");
+    assert!(r["final_bytes"].as_u64().unwrap() < 32 << 20, "{r}");
+    assert!(r["fill_ms"].as_f64().is_some(), "{r}");
+    child.wait().unwrap();
+    let p1 = a1.outer_pid(pid as i64);
+    check_pass(p1, &out, 1);
+
+    let o = Command::new("nsenter")
+        .args(["-t", &a1.init_pid().to_string(), "--pid", "--mount"])
+        .arg(env!("CARGO_BIN_EXE_ferry"))
+        .args(["migrate", "--pid", &pid.to_string(), "--to", &a2.url])
+        .args(["--mode", "hybrid", "--token-file"])
+        .arg(&a2.tok)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    eprintln!("hybrid: {r}");
+    assert!(!r["rounds"].as_array().unwrap().is_empty(), "{r}");
+    assert!(r["fill_ms"].as_f64().is_some(), "{r}");
+    let p2 = a2.outer_pid(pid as i64);
+    assert!(!alive(p1), "the first copy still runs");
+    check_pass(p2, &out, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}

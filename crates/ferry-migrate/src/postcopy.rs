@@ -1,0 +1,176 @@
+//! Post-copy's page connection: a second stream to the agent on which it asks for pages left
+//! in the frozen source process, and the source answers from that process's memory. Requests
+//! come from the agent's filler one at a time (faults first, then runs ahead of need), so the
+//! connection needs no multiplexing.
+
+use crate::api::Hello;
+use crate::wire::{self, Kind, MAX_PAYLOAD};
+use crate::{io, MigrateError, Result};
+use std::io::{BufReader, BufWriter, Write};
+use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+/// How long the agent waits for pages before it gives up (and kills the tree it built).
+pub const FETCH_TIMEOUT: Duration = Duration::from_secs(10);
+
+fn request(pid: i32, addr: u64, len: u32) -> [u8; 16] {
+    let mut b = [0u8; 16];
+    b[0..4].copy_from_slice(&(pid as u32).to_le_bytes());
+    b[4..8].copy_from_slice(&len.to_le_bytes());
+    b[8..16].copy_from_slice(&addr.to_le_bytes());
+    b
+}
+
+fn parse_request(b: &[u8]) -> Result<(i32, u64, usize)> {
+    if b.len() != 16 {
+        return Err(MigrateError::Protocol(format!(
+            "page request of {} bytes (want 16)",
+            b.len()
+        )));
+    }
+    let pid = u32::from_le_bytes(b[0..4].try_into().unwrap()) as i32;
+    let len = u32::from_le_bytes(b[4..8].try_into().unwrap()) as usize;
+    let addr = u64::from_le_bytes(b[8..16].try_into().unwrap());
+    if len == 0 || len > MAX_PAYLOAD || len % 4096 != 0 || addr % 4096 != 0 {
+        return Err(MigrateError::Protocol(format!(
+            "bad page request: {len} bytes at {addr:#x}"
+        )));
+    }
+    Ok((pid, addr, len))
+}
+
+/// The source's side: serves page requests from the frozen processes `pids`.
+pub struct PageServer {
+    conn: TcpStream,
+    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    pub served: Arc<AtomicU64>,
+}
+
+impl PageServer {
+    pub fn start(addr: SocketAddr, hello: Hello, timeout: Duration) -> Result<PageServer> {
+        let conn = TcpStream::connect_timeout(&addr, timeout)
+            .map_err(io(format!("connecting the page connection to {addr}")))?;
+        let _ = conn.set_nodelay(true);
+        conn.set_write_timeout(Some(timeout))
+            .map_err(io("socket timeout"))?;
+        let mut w = BufWriter::new(conn.try_clone().map_err(io("dup"))?);
+        w.write_all(wire::GREETING).map_err(io("greeting"))?;
+        wire::write_json(&mut w, Kind::Hello, &hello)?;
+        w.flush().map_err(io("greeting"))?;
+        let served = Arc::new(AtomicU64::new(0));
+        let mut rd = BufReader::new(conn.try_clone().map_err(io("dup"))?);
+        let n = served.clone();
+        let thread = std::thread::spawn(move || -> Result<()> {
+            let mut buf = Vec::new();
+            let mut data = Vec::new();
+            loop {
+                match wire::read_frame(&mut rd, &mut buf) {
+                    Ok(Kind::PageRequest) => {}
+                    Ok(k) => {
+                        return Err(MigrateError::Protocol(format!(
+                            "unexpected {k:?} on the page connection"
+                        )))
+                    }
+                    // The agent closed it (done, or gone): nothing more to serve.
+                    Err(_) => return Ok(()),
+                }
+                let (pid, addr, len) = parse_request(&buf)?;
+                data.resize(len, 0);
+                if ferry_sys::mem::read_mem(pid, addr, &mut data).unwrap_or(0) != len {
+                    // Unreadable (PROT_NONE) or partly unmapped: through /proc/PID/mem.
+                    ferry_sys::mem::read_mem_forced(pid, addr, &mut data).map_err(|e| {
+                        MigrateError::Failed(format!(
+                            "reading {len} bytes at {addr:#x} of process {pid}: {e}"
+                        ))
+                    })?;
+                }
+                wire::write_frame(&mut w, Kind::PageData, &[&data])?;
+                w.flush().map_err(io("sending pages"))?;
+                n.fetch_add(len as u64, Ordering::Relaxed);
+            }
+        });
+        Ok(PageServer {
+            conn,
+            thread: Some(thread),
+            served,
+        })
+    }
+
+    /// Stop serving (the source copy goes, or resumes).
+    pub fn stop(mut self) -> u64 {
+        let _ = self.conn.shutdown(Shutdown::Both);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        let _ = self.conn.shutdown(Shutdown::Both);
+    }
+}
+
+/// The agent's side: fetches pages for the filler.
+pub struct RemoteConn {
+    io: Mutex<(BufReader<TcpStream>, BufWriter<TcpStream>, Vec<u8>)>,
+    conn: TcpStream,
+    pub fetched: AtomicU64,
+}
+
+impl RemoteConn {
+    pub fn new(conn: TcpStream, rd: BufReader<TcpStream>) -> Result<RemoteConn> {
+        conn.set_read_timeout(Some(FETCH_TIMEOUT))
+            .map_err(io("socket timeout"))?;
+        conn.set_write_timeout(Some(FETCH_TIMEOUT))
+            .map_err(io("socket timeout"))?;
+        let w = BufWriter::new(conn.try_clone().map_err(io("dup"))?);
+        Ok(RemoteConn {
+            io: Mutex::new((rd, w, Vec::new())),
+            conn,
+            fetched: AtomicU64::new(0),
+        })
+    }
+}
+
+impl Drop for RemoteConn {
+    fn drop(&mut self) {
+        let _ = self.conn.shutdown(Shutdown::Both);
+    }
+}
+
+impl ferry_engine::lazy::RemotePages for RemoteConn {
+    fn fetch(&self, pid: i32, addr: u64, out: &mut [u8]) -> ferry_engine::Result<()> {
+        let fail = |e: MigrateError| {
+            ferry_engine::EngineError::Failed(format!(
+                "fetching {} bytes at {addr:#x} of process {pid} from the source: {e}",
+                out.len()
+            ))
+        };
+        let mut g = self.io.lock().unwrap();
+        let (rd, w, buf) = &mut *g;
+        wire::write_frame(
+            w,
+            Kind::PageRequest,
+            &[&request(pid, addr, out.len() as u32)],
+        )
+        .map_err(fail)?;
+        w.flush()
+            .map_err(|e| fail(io("sending a page request")(e)))?;
+        match wire::read_frame(rd, buf).map_err(fail)? {
+            Kind::PageData if buf.len() == out.len() => {}
+            k => {
+                return Err(fail(MigrateError::Protocol(format!(
+                    "{k:?} of {} bytes instead of the pages",
+                    buf.len()
+                ))))
+            }
+        }
+        out.copy_from_slice(buf);
+        self.fetched.fetch_add(out.len() as u64, Ordering::Relaxed);
+        Ok(())
+    }
+}
