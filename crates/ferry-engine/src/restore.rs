@@ -703,10 +703,21 @@ fn build(
         // Older copies first: the image's pages are newer.
         let pid = t.pid;
         b.write_into(pid, &mut |a, d| {
-            if in_lazy(a) {
-                return Ok(());
+            // A run may cross from eagerly written memory into lazily filled memory.
+            let page = ferry_image::PAGE_SIZE;
+            let mut i = 0;
+            while i < d.len() {
+                let lazy = in_lazy(a + i as u64);
+                let mut j = i + page;
+                while j < d.len() && in_lazy(a + j as u64) == lazy {
+                    j += page;
+                }
+                if !lazy {
+                    ferry_sys::mem::write_mem(pid, a + i as u64, &d[i..j])?;
+                }
+                i = j;
             }
-            Ok(ferry_sys::mem::write_mem(pid, a, d)?)
+            Ok(())
         })?;
     }
     let pages = memory::restore_pages(t.pid, page_src, blocks, &in_lazy, on_progress)?;
