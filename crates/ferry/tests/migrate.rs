@@ -418,8 +418,28 @@ fn failures_leave_the_process_running_at_the_source() {
 /// writes over one TCP connection: the connection carries on, no acknowledged write is lost.
 #[test]
 fn redis_moves_with_its_address_and_its_client_connection() {
-    let dir = tmpdir("migrate-redis");
-    let lan = Lan::new("m", 3);
+    redis_moves("precopy", "m", 7);
+}
+
+/// The same with post-copy: Redis answers on the destination before its memory is there.
+#[test]
+fn redis_moves_with_postcopy() {
+    redis_moves("postcopy", "p", 23);
+}
+
+#[test]
+fn redis_moves_with_hybrid() {
+    redis_moves("hybrid", "h", 24);
+}
+
+#[test]
+fn redis_moves_with_stop_and_copy() {
+    redis_moves("stop", "s", 25);
+}
+
+fn redis_moves(mode: &str, tag: &str, agent_n: u16) {
+    let dir = tmpdir(&format!("migrate-redis-{mode}"));
+    let lan = Lan::new(tag, 3);
     let (a_ns, b_ns, c_ns) = (&lan.hosts[0], &lan.hosts[1], &lan.hosts[2]);
     let vip = format!("{}.100", lan.net);
     lan.add_address(0, &format!("{vip}/24"));
@@ -442,7 +462,7 @@ fn redis_moves_with_its_address_and_its_client_connection() {
     let pid = redis.id();
     let agent = Agent::start_in(
         &dir,
-        7,
+        agent_n,
         &[],
         Some(&NetPair::path(b_ns)),
         &format!("{}.2", lan.net),
@@ -465,7 +485,11 @@ fn redis_moves_with_its_address_and_its_client_connection() {
         .unwrap();
     let writer = Writer::start(&conn);
     writer.wait_acked(200);
-    let o = migrate(pid, &agent, &["--move-address", &format!("{vip}/24")]);
+    let o = migrate(
+        pid,
+        &agent,
+        &["--move-address", &format!("{vip}/24"), "--mode", mode],
+    );
     assert!(
         o.status.success(),
         "{:?}: {} {}",
@@ -475,9 +499,10 @@ fn redis_moves_with_its_address_and_its_client_connection() {
     );
     let r = json(&o);
     eprintln!(
-        "redis migration: downtime {} ms, total {} ms, rounds {}",
+        "redis migration ({mode}): downtime {} ms, total {} ms, fill {} ms, rounds {}",
         r["downtime_ms"],
         r["total_ms"],
+        r["fill_ms"],
         r["rounds"].as_array().unwrap().len()
     );
     redis.wait().unwrap();
