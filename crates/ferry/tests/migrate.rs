@@ -807,3 +807,48 @@ fn postcopy_and_hybrid_keep_memory_intact() {
     check_pass(p2, &out, 2);
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// The destination agent killed during post-copy, after the process ran there: the source
+/// still holds the frozen copy, resumes it, and its memory is intact; the destination's copy
+/// dies with its agent (the guardian, or the agent's PID namespace).
+#[test]
+fn the_destination_killed_during_postcopy_leaves_the_process_at_the_source() {
+    let dir = tmpdir("migrate-postkill");
+    let mut a = Agent::start(&dir, 26, &[]);
+    let (mut child, out) = start_dirtier(&dir, "512", "1000");
+    let pid = child.id();
+    let (url, tok) = (a.url.clone(), a.tok.clone());
+    let h = std::thread::spawn(move || {
+        ferry(&[
+            "migrate",
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &url,
+            "--mode",
+            "postcopy",
+            "--token-file",
+            tok.to_str().unwrap(),
+        ])
+    });
+    // Running on the destination, its memory still crossing.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = a.try_get("/v1/migrations").unwrap_or_default();
+        if m[0]["state"] == "running" {
+            break;
+        }
+        assert!(Instant::now() < end, "never ran on the destination: {m}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+    a.kill();
+    let o = h.join().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("post-copy lost the destination"), "{e}");
+    assert!(running(pid), "the source copy did not resume");
+    check_pass(pid, &out, 1);
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
