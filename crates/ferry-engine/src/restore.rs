@@ -699,7 +699,15 @@ fn build(
     }
     let in_lazy = |a: u64| lazy_maps.iter().any(|&(s, e)| s <= a && a < e);
     let tp = Instant::now();
-    if let Some(b) = base_pages {
+    // Held pages all inside lazily filled memory (the usual case: pre-copy tracks private
+    // anonymous memory) are left to the filler, without reading them here.
+    let all_lazy = |b: &dyn BasePages| {
+        !lazy_maps.is_empty()
+            && b.held(t.pid)
+                .iter()
+                .all(|&(s, e)| lazy_maps.iter().any(|&(a, z)| a <= s && e <= z))
+    };
+    if let Some(b) = base_pages.filter(|b| !all_lazy(*b)) {
         // Older copies first: the image's pages are newer.
         let pid = t.pid;
         b.write_into(pid, &mut |a, d| {

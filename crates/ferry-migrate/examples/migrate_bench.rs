@@ -119,7 +119,7 @@ fn main() {
     let bw = loopback_gbps();
     println!("loopback TCP, one stream: {bw:.2} GB/s (measured now)");
     println!(
-        "{:>6} {:>8} {:>9} {:>7} {:>12} {:>9} {:>9} {:>9} {:>10}",
+        "{:>6} {:>8} {:>9} {:>7} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
         "MiB",
         "dirty",
         "mode",
@@ -128,6 +128,8 @@ fn main() {
         "total ms",
         "sent MiB",
         "final MiB",
+        "post MiB",
+        "fill ms",
         "total/bound"
     );
     let mut port = 46000 + (std::process::id() % 1000) as u16 * 4;
@@ -139,7 +141,7 @@ fn main() {
             ("~200MB/s", "300"),
             ("max", "0"),
         ] {
-            for mode in [Mode::Stop, Mode::Precopy] {
+            for mode in [Mode::Stop, Mode::Precopy, Mode::Postcopy, Mode::Hybrid] {
                 port += 4;
                 let agent = Agent::start(&ferry, &dir, port);
                 let mut w = Command::new(&bin)
@@ -167,15 +169,17 @@ fn main() {
                     Ok(r) => {
                         let bound_ms = (mib << 20) as f64 / (bw * 1e9) * 1e3;
                         println!(
-                            "{:>6} {:>8} {:>9} {:>7} {:>12.1} {:>9.0} {:>9.1} {:>9.1} {:>10.2}",
+                            "{:>6} {:>8} {:>9} {:>7} {:>12.1} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>10.2}",
                             mib,
                             rate,
                             format!("{mode:?}").to_lowercase(),
                             r.rounds.len(),
                             r.downtime_ms,
                             r.total_ms,
-                            r.bytes_sent as f64 / 1048576.0,
+                            (r.bytes_sent + r.postcopy_bytes) as f64 / 1048576.0,
                             r.final_bytes as f64 / 1048576.0,
+                            r.postcopy_bytes as f64 / 1048576.0,
+                            r.fill_ms.unwrap_or(0.0),
                             r.total_ms / bound_ms
                         );
                     }

@@ -33,7 +33,7 @@ fn parse_request(b: &[u8]) -> Result<(i32, u64, usize)> {
     let pid = u32::from_le_bytes(b[0..4].try_into().unwrap()) as i32;
     let len = u32::from_le_bytes(b[4..8].try_into().unwrap()) as usize;
     let addr = u64::from_le_bytes(b[8..16].try_into().unwrap());
-    if len == 0 || len > MAX_PAYLOAD || len % 4096 != 0 || addr % 4096 != 0 {
+    if len == 0 || len > MAX_PAYLOAD || !len.is_multiple_of(4096) || !addr.is_multiple_of(4096) {
         return Err(MigrateError::Protocol(format!(
             "bad page request: {len} bytes at {addr:#x}"
         )));
