@@ -688,6 +688,9 @@ pub fn restore_pages(
         .filter(|b| !skip(b.vaddr))
         .collect();
     let n: u64 = blocks.iter().map(|b| b.data_len / PAGE_SIZE as u64).sum();
+    if blocks.is_empty() {
+        return Ok(0);
+    }
     let blocks = &blocks;
     let path = format!("/proc/{pid}/mem");
     let mem = std::fs::OpenOptions::new()
@@ -747,9 +750,14 @@ pub fn restore_pages(
                 })
             })
             .collect();
+        // Short naps: a small process must not wait for a long one.
+        let mut naps = 0u32;
         while writers.iter().any(|w| !w.is_finished()) {
-            on_progress(done.load(Ordering::Relaxed));
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            naps += 1;
+            if naps % 20 == 0 {
+                on_progress(done.load(Ordering::Relaxed));
+            }
+            std::thread::sleep(std::time::Duration::from_millis(1));
         }
         on_progress(done.load(Ordering::Relaxed));
         for w in writers {

@@ -69,6 +69,8 @@ pub struct Restored {
     pub report: RestoreReport,
     t0: Instant,
     filler: Option<crate::lazy::Filler>,
+    /// The dump blocked TCP traffic (the tree had TCP sockets): lift the block on resume.
+    lift: bool,
 }
 
 impl Restored {
@@ -83,6 +85,9 @@ impl Restored {
         let tg = Instant::now();
         let r = self.built.go_live().and_then(|_| {
             self.report.sockets_ms += tg.elapsed().as_secs_f64() * 1e3;
+            if !self.lift {
+                return Ok(false);
+            }
             let tu = Instant::now();
             let r = crate::netblock::lift_here(&crate::netblock::table_name(self.root));
             self.report.unblock_ms = tu.elapsed().as_secs_f64() * 1e3;
@@ -458,6 +463,9 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         },
         t0,
         filler,
+        lift: all_socks.iter().any(|s| {
+            matches!(s.family, libc::AF_INET | libc::AF_INET6) && s.ty == libc::SOCK_STREAM
+        }),
     })
 }
 
@@ -699,34 +707,28 @@ fn build(
     }
     let in_lazy = |a: u64| lazy_maps.iter().any(|&(s, e)| s <= a && a < e);
     let tp = Instant::now();
-    // Held pages all inside lazily filled memory (the usual case: pre-copy tracks private
-    // anonymous memory) are left to the filler, without reading them here.
-    let all_lazy = |b: &dyn BasePages| {
-        !lazy_maps.is_empty()
-            && b.held(t.pid)
-                .iter()
-                .all(|&(s, e)| lazy_maps.iter().any(|&(a, z)| a <= s && e <= z))
-    };
-    if let Some(b) = base_pages.filter(|b| !all_lazy(*b)) {
+    if let Some(b) = base_pages {
         // Older copies first: the image's pages are newer.
         let pid = t.pid;
-        b.write_into(pid, &mut |a, d| {
-            // A run may cross from eagerly written memory into lazily filled memory.
-            let page = ferry_image::PAGE_SIZE;
-            let mut i = 0;
-            while i < d.len() {
-                let lazy = in_lazy(a + i as u64);
-                let mut j = i + page;
-                while j < d.len() && in_lazy(a + j as u64) == lazy {
-                    j += page;
-                }
-                if !lazy {
-                    ferry_sys::mem::write_mem(pid, a + i as u64, &d[i..j])?;
-                }
-                i = j;
+        if lazy_maps.is_empty() {
+            b.write_into(pid, &mut |a, d| Ok(ferry_sys::mem::write_mem(pid, a, d)?))?;
+        } else {
+            // Only held pages outside lazily filled memory (the filler does the rest): none
+            // usually, as pre-copy tracks private memory.
+            let mut outside = crate::lazy::RangeSet::default();
+            for (s, e) in b.held(pid) {
+                outside.insert(s, e);
             }
-            Ok(())
-        })?;
+            for &(s, e) in &lazy_maps {
+                outside.remove(s, e);
+            }
+            let mut buf = Vec::new();
+            for (s, e) in outside.runs() {
+                buf.resize((e - s) as usize, 0);
+                b.read_into(pid, s, &mut buf)?;
+                ferry_sys::mem::write_mem(pid, s, &buf)?;
+            }
+        }
     }
     let pages = memory::restore_pages(t.pid, page_src, blocks, &in_lazy, on_progress)?;
     times.layout_ms += (tp - tl).as_secs_f64() * 1e3;

@@ -472,7 +472,11 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
             MigrateError::Failed("cancelled on the destination".into()),
         ));
     }
-    wire::write_json(&mut conn, Kind::Ready, &serde_json::json!({ "pid": pid }))?;
+    wire::write_json(
+        &mut conn,
+        Kind::Ready,
+        &serde_json::json!({ "pid": pid, "restore": restored.report }),
+    )?;
     // The source kills its copy, then says Go. Without it, ours is killed (on drop).
     conn.set_read_timeout(Some(Duration::from_secs(30)))
         .map_err(io("socket timeout"))?;

@@ -77,7 +77,25 @@ pub struct MigrateReport {
     pub postcopy_bytes: u64,
     /// Faults the destination answered while filling (threads that waited for a page).
     pub faults: u64,
+    /// Where the downtime went.
+    pub phases: DowntimePhases,
+    /// The destination's restore report (its phases: verify, layout, pages, rest, sockets).
+    pub restore: serde_json::Value,
     pub notes: Vec<String>,
+}
+
+/// The downtime, phase by phase (ms).
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct DowntimePhases {
+    /// Freezing the tree.
+    pub freeze_ms: f64,
+    /// The frozen dump streamed to the agent (state, and the pages that travel frozen).
+    pub dump_ms: f64,
+    /// From the end of the dump until the agent's Ready: moving addresses, the agent
+    /// rebuilding the tree.
+    pub to_ready_ms: f64,
+    /// From Go until Done: killing nothing (post-copy) or the source copy, the tree resuming.
+    pub go_to_done_ms: f64,
 }
 
 /// What progress to show while migrating: (phase, bytes so far, round).
@@ -397,7 +415,8 @@ fn migrate_inner(
         Ok(d)
     };
     let progress_final = ferry_engine::Progress::default();
-    let (held, _stats) = ferry_engine::dump_into(
+    let td = Instant::now();
+    let (held, stats) = ferry_engine::dump_into(
         o.pid,
         &mut iw,
         &progress_final,
@@ -408,6 +427,13 @@ fn migrate_inner(
         },
     )?;
     // From here any error drops `held`, which resumes the source copy.
+    let mut phases = DowntimePhases {
+        freeze_ms: stats.freeze_ms,
+        dump_ms: td.elapsed().as_secs_f64() * 1e3 - stats.freeze_ms,
+        ..Default::default()
+    };
+    let tc = Instant::now();
+    let mut restore_report = serde_json::Value::Null;
     let mut released = Vec::new();
     let fin = (|| -> Result<i32> {
         for r in tracked.lock().unwrap().iter() {
@@ -436,6 +462,7 @@ fn migrate_inner(
         match wire::read_frame(&mut rd, &mut buf)? {
             Kind::Ready => {
                 let v: serde_json::Value = wire::parse(Kind::Ready, &buf)?;
+                restore_report = v["restore"].clone();
                 Ok(v["pid"].as_i64().unwrap_or(0) as i32)
             }
             Kind::Failed => {
@@ -473,6 +500,8 @@ fn migrate_inner(
             t.stop();
         }
     }
+    phases.to_ready_ms = tc.elapsed().as_secs_f64() * 1e3;
+    let tg = Instant::now();
     let done = (|| -> Result<()> {
         let mut g = w.lock().unwrap();
         wire::write_frame(&mut *g, Kind::Go, &[])?;
@@ -485,6 +514,7 @@ fn migrate_inner(
         }
     })();
     let downtime_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
+    phases.go_to_done_ms = tg.elapsed().as_secs_f64() * 1e3;
     // What the destination says once its memory is whole (lazily filled modes).
     let mut read_filled = || -> Result<ferry_engine::lazy::FillReport> {
         // Filling takes as long as the memory takes to cross, at worst.
@@ -582,6 +612,8 @@ fn migrate_inner(
         fill_ms: fill.as_ref().map(|f| f.fill_ms),
         postcopy_bytes,
         faults: fill.as_ref().map(|f| f.faults).unwrap_or(0),
+        phases,
+        restore: restore_report,
         notes,
     })
 }

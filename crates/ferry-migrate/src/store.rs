@@ -100,17 +100,30 @@ impl BasePages for PageStore {
         let Some(ranges) = self.tracked.get(&pid) else {
             return Vec::new();
         };
+        let mut ranges = ranges.clone();
+        ranges.sort_unstable();
         let mut pages: Vec<u64> = self
             .index
             .keys()
-            .filter(|(p, a)| *p == pid && ranges.iter().any(|&(s, e)| s <= *a && *a < e))
+            .filter(|(p, _)| *p == pid)
             .map(|(_, a)| *a)
             .collect();
         pages.sort_unstable();
+        // Both sorted: one walk keeps the pages inside the tracked ranges.
         let mut runs: Vec<(u64, u64)> = Vec::new();
+        let mut r = 0;
         for a in pages {
+            while r < ranges.len() && ranges[r].1 <= a {
+                r += 1;
+            }
+            if r == ranges.len() {
+                break;
+            }
+            if a < ranges[r].0 {
+                continue;
+            }
             match runs.last_mut() {
-                Some(r) if r.1 == a => r.1 += PAGE,
+                Some(l) if l.1 == a => l.1 += PAGE,
                 _ => runs.push((a, a + PAGE)),
             }
         }
