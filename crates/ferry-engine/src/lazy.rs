@@ -228,6 +228,9 @@ struct Consumer {
     hot: Vec<(u64, u64)>,
     /// Faults that could not be answered yet (the address space was changing).
     retry: Vec<u64>,
+    /// Where the last fault was: filling ahead goes on from there (memory near a fault is
+    /// likely next).
+    cursor: Option<u64>,
 }
 
 /// What filling took.
@@ -393,6 +396,7 @@ fn run(
                     missing,
                     hot,
                     retry: Vec::new(),
+                    cursor: None,
                 }),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
@@ -448,6 +452,7 @@ fn run(
                                 missing: c.missing.clone(),
                                 hot: c.hot.clone(),
                                 retry: Vec::new(),
+                                cursor: None,
                             });
                         }
                         UffdEvent::Remap { from, to, len } => {
@@ -494,8 +499,15 @@ fn run(
     }
 }
 
-/// The next run to fill ahead of need: hot memory first.
+/// The next run to fill ahead of need: after the last fault, then hot memory, then in order.
 fn next_run(c: &mut Consumer) -> Option<(u64, u64)> {
+    if let Some(at) = c.cursor {
+        // The rest of the fault's neighbourhood (8 MiB on), if anything of it is missing.
+        match c.missing.within(at, at + (8 << 20)).first() {
+            Some(&(a, b)) => return Some((a, b.min(a + PUSH_RUN))),
+            None => c.cursor = None,
+        }
+    }
     while let Some(&(s, e)) = c.hot.first() {
         if let Some(&(a, b)) = c.missing.within(s, e).first() {
             return Some((a, b.min(a + PUSH_RUN)));
@@ -525,6 +537,7 @@ fn answer_fault(
     }
     rep.faults += 1;
     let blk = a & !(FAULT_BLOCK - 1);
+    c.cursor = Some(blk + FAULT_BLOCK);
     let runs = c.missing.within(blk, blk + FAULT_BLOCK);
     // The faulting page's run first.
     let mut order: Vec<(u64, u64)> = runs

@@ -438,6 +438,8 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let bytes = pages * ferry_image::PAGE_SIZE as u64;
     // Success: the namespace stays with the tree.
     fresh.0 = None;
+    // Until the tree is held, ready; `resume` counts on to the end.
+    let held_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok(Restored {
         targets,
         stub,
@@ -448,11 +450,11 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
             processes: imgs.len(),
             pages,
             bytes,
-            restore_ms: 0.0,
+            restore_ms: held_ms,
             verify_ms,
             layout_ms: times.layout_ms,
             pages_ms: times.pages_ms,
-            rest_ms: 0.0,
+            rest_ms: held_ms - verify_ms - times.layout_ms - times.pages_ms,
             sockets: all_socks.len(),
             sockets_ms,
             unblock_ms: 0.0,

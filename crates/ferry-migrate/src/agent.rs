@@ -407,11 +407,13 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
     drop((meta, pages));
     s.update(&id, |m| m.state = "restoring".into());
     // Addresses that move with the process: ours before its sockets are rebuilt.
+    let tclaim = Instant::now();
     let mut claimed = Vec::new();
     for a in commit["addresses"].as_array().into_iter().flatten() {
         let c = crate::netmove::claim(a.as_str().unwrap_or("")).map_err(|e| fail(&mut conn, e))?;
         claimed.push(c);
     }
+    let claim_ms = tclaim.elapsed().as_secs_f64() * 1e3;
     let mode = s
         .migrations
         .lock()
@@ -475,7 +477,7 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
     wire::write_json(
         &mut conn,
         Kind::Ready,
-        &serde_json::json!({ "pid": pid, "restore": restored.report }),
+        &serde_json::json!({ "pid": pid, "restore": restored.report, "claim_ms": claim_ms }),
     )?;
     // The source kills its copy, then says Go. Without it, ours is killed (on drop).
     conn.set_read_timeout(Some(Duration::from_secs(30)))

@@ -94,6 +94,8 @@ pub struct DowntimePhases {
     /// From the end of the dump until the agent's Ready: moving addresses, the agent
     /// rebuilding the tree.
     pub to_ready_ms: f64,
+    /// Taking moved addresses off the source (part of `to_ready_ms`).
+    pub release_ms: f64,
     /// From Go until Done: killing nothing (post-copy) or the source copy, the tree resuming.
     pub go_to_done_ms: f64,
 }
@@ -441,9 +443,11 @@ fn migrate_inner(
         }
         let summary = iw.finish()?;
         let ns = format!("/proc/{}/ns/net", o.pid);
+        let tr = Instant::now();
         for a in &o.move_addresses {
             released.push(crate::netmove::release(&ns, a)?);
         }
+        phases.release_ms = tr.elapsed().as_secs_f64() * 1e3;
         {
             let mut g = w.lock().unwrap();
             wire::write_json(

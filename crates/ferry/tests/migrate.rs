@@ -505,6 +505,7 @@ fn redis_moves(mode: &str, tag: &str, agent_n: u16) {
         r["fill_ms"],
         r["rounds"].as_array().unwrap().len()
     );
+    eprintln!("  phases {} restore {}", r["phases"], r["restore"]);
     redis.wait().unwrap();
     writer.wait_acked(writer.acked() + 1000);
     let last = writer.finish();
