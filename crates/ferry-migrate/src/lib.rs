@@ -10,6 +10,7 @@ pub mod netmove;
 pub mod source;
 pub mod store;
 pub mod throttle;
+pub mod tls;
 pub mod wire;
 
 #[derive(Debug, thiserror::Error)]
