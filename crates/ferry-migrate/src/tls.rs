@@ -62,6 +62,10 @@ impl ServerTls {
                     key.display()
                 ))
             })?;
+        let mut config = config;
+        // No session resumption: tickets would only be bytes a source never reads (and
+        // unread bytes at close turn into a reset that can cut off what we sent last).
+        config.send_tls13_tickets = 0;
         Ok(ServerTls {
             config: Arc::new(config),
             cert: cert.to_path_buf(),
@@ -234,6 +238,12 @@ impl Link {
                 match t.conn.reader().read(buf) {
                     Ok(n) => return Ok(n),
                     Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+                    Err(e) if e.kind() == std::io::ErrorKind::UnexpectedEof => {
+                        return Err(std::io::Error::new(
+                            e.kind(),
+                            "the peer closed the connection (without a TLS close_notify)",
+                        ))
+                    }
                     Err(e) => return Err(e),
                 }
                 if !t.inbox.buffer().is_empty() {
@@ -310,6 +320,8 @@ fn handshake(
     while conn.wants_write() {
         conn.write_tls(&mut sock).map_err(io(what()))?;
     }
+    // Take a whole buffered write (up to 1 MiB) at once: fewer, larger socket writes.
+    conn.set_buffer_limit(Some(1 << 20));
     Ok(Some(Arc::new(Mutex::new(Tls {
         conn,
         inbox: BufReader::with_capacity(256 << 10, sock),
@@ -736,6 +748,35 @@ mod tests {
         assert_eq!(e.kind(), std::io::ErrorKind::WouldBlock, "{e}");
         assert!(t.elapsed() < Duration::from_secs(5));
         drop((rd, w, c));
+        h.join().unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A source that writes and hangs up at once, never reading: everything it wrote arrives
+    /// (the agent sends nothing unasked, such as session tickets, whose being unread at the
+    /// close would reset the connection and cut the stream short).
+    #[test]
+    fn a_source_that_hangs_up_at_once_loses_nothing() {
+        let d = pki("close");
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (addr, h) = serve_one(Some(server(&d)), move |c| {
+            let mut rd = std::io::BufReader::new(c.unwrap().reader().unwrap());
+            let (mut buf, mut n) = (Vec::new(), 0);
+            while crate::wire::read_frame(&mut rd, &mut buf).is_ok() {
+                n += buf.len();
+            }
+            tx.send(n).unwrap();
+        });
+        let ca = ClientTls::load(&d.join("ca.pem")).unwrap();
+        let c = dial(&addr, Some(&ca)).unwrap();
+        let mut w = std::io::BufWriter::with_capacity(1 << 20, c.writer().unwrap());
+        let data = vec![5u8; 4 << 20];
+        for _ in 0..16 {
+            crate::wire::write_frame(&mut w, Kind::Pages, &[&data]).unwrap();
+        }
+        w.flush().unwrap();
+        drop((w, c));
+        assert_eq!(rx.recv().unwrap(), 64 << 20);
         h.join().unwrap();
         let _ = std::fs::remove_dir_all(&d);
     }
