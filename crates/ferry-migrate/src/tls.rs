@@ -301,7 +301,7 @@ fn handshake(
     mut conn: rustls::Connection,
     mut sock: TcpStream,
     peer: &str,
-) -> Result<Option<Arc<Mutex<Tls>>>> {
+) -> Result<Arc<Mutex<Tls>>> {
     let what = || format!("TLS handshake on the page stream with {peer}");
     let client = matches!(conn, rustls::Connection::Client(_));
     while conn.is_handshaking() {
@@ -322,10 +322,10 @@ fn handshake(
     }
     // Take a whole buffered write (up to 1 MiB) at once: fewer, larger socket writes.
     conn.set_buffer_limit(Some(1 << 20));
-    Ok(Some(Arc::new(Mutex::new(Tls {
+    Ok(Arc::new(Mutex::new(Tls {
         conn,
         inbox: BufReader::with_capacity(256 << 10, sock),
-    }))))
+    })))
 }
 
 impl Conn {
@@ -341,11 +341,11 @@ impl Conn {
             Some(t) => {
                 let c = ServerConnection::new(t.config.clone())
                     .map_err(|e| MigrateError::Failed(format!("TLS setup: {e}")))?;
-                handshake(
+                Some(handshake(
                     c.into(),
                     sock.try_clone().map_err(io("dup of the socket"))?,
                     &peer,
-                )?
+                )?)
             }
         };
         Ok(Conn {
@@ -368,11 +368,11 @@ impl Conn {
                 })?;
                 let c = ClientConnection::new(t.config.clone(), name)
                     .map_err(|e| MigrateError::Failed(format!("TLS setup: {e}")))?;
-                handshake(
+                Some(handshake(
                     c.into(),
                     sock.try_clone().map_err(io("dup of the socket"))?,
                     addr,
-                )?
+                )?)
             }
         };
         Ok(Conn {
