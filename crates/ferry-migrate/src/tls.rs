@@ -396,6 +396,12 @@ impl Conn {
         self.link.sock.set_nodelay(on)
     }
 
+    /// Shut the socket down (as `TcpStream::shutdown`): a reader blocked on it returns. No
+    /// TLS close_notify is sent.
+    pub fn shutdown(&self, how: std::net::Shutdown) -> std::io::Result<()> {
+        self.link.sock.shutdown(how)
+    }
+
     /// A handle that reads from this connection.
     pub fn reader(&self) -> std::io::Result<ConnReader> {
         Ok(ConnReader(self.link.dup()?))
@@ -777,6 +783,29 @@ mod tests {
         w.flush().unwrap();
         drop((w, c));
         assert_eq!(rx.recv().unwrap(), 64 << 20);
+        h.join().unwrap();
+        let _ = std::fs::remove_dir_all(&d);
+    }
+
+    /// A shutdown ends a read that waits for the peer, on TLS as on plain TCP.
+    #[test]
+    fn shutdown_ends_a_waiting_read() {
+        let d = pki("shut");
+        let (tx, rx) = std::sync::mpsc::channel::<()>();
+        let (addr, h) = serve_one(Some(server(&d)), move |c| {
+            let _c = c.unwrap();
+            let _ = rx.recv();
+        });
+        let ca = ClientTls::load(&d.join("ca.pem")).unwrap();
+        let c = dial(&addr, Some(&ca)).unwrap();
+        let mut rd = c.reader().unwrap();
+        let t = std::time::Instant::now();
+        let waiting = std::thread::spawn(move || rd.read(&mut [0u8; 16]));
+        std::thread::sleep(Duration::from_millis(200));
+        c.shutdown(std::net::Shutdown::Both).unwrap();
+        assert!(waiting.join().unwrap().is_err());
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        tx.send(()).unwrap();
         h.join().unwrap();
         let _ = std::fs::remove_dir_all(&d);
     }
