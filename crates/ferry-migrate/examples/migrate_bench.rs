@@ -164,6 +164,7 @@ fn main() {
                     move_addresses: vec![],
                     io_timeout: Duration::from_secs(30),
                     throttle: true,
+                    tls: None,
                 };
                 match migrate(&o, &|_, _, _| {}) {
                     Ok(r) => {

@@ -5,6 +5,7 @@
 
 use crate::api::*;
 use crate::store::PageStore;
+use crate::tls::Conn;
 use crate::wire::{self, Kind};
 use crate::{io, MigrateError, Result};
 use axum::extract::{Path as AxPath, State};
@@ -33,6 +34,8 @@ pub struct AgentConfig {
     pub profile: Option<ferry_cpu::profile::CpuProfile>,
     /// Restore incoming trees into this network namespace.
     pub netns: Option<String>,
+    /// Serve the API and the page stream over TLS with this certificate; None: plain.
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 struct Shared {
@@ -43,7 +46,7 @@ struct Shared {
     bytes_received: AtomicU64,
     started: Instant,
     /// Post-copy page connections, waiting for their migration's restore.
-    page_conns: Mutex<HashMap<String, (TcpStream, std::io::BufReader<TcpStream>)>>,
+    page_conns: Mutex<HashMap<String, (Conn, std::io::BufReader<crate::tls::ConnReader>)>>,
 }
 
 impl Shared {
@@ -264,6 +267,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         .enable_all()
         .build()
         .map_err(io("starting the async runtime"))?;
+    let tls = shared.cfg.tls.clone();
     rt.block_on(async move {
         let app = Router::new()
             .route("/v1/host", get(host))
@@ -276,7 +280,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
             "ferry agent: listening on {}",
             l.local_addr().map_err(io("API listener"))?
         );
-        axum::serve(l, app).await.map_err(io("serving the API"))
+        crate::tls::serve_api(l, app, tls).await
     })
 }
 
@@ -298,16 +302,17 @@ fn receive(s: &Shared, conn: TcpStream) {
     }
 }
 
-fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result<()> {
+fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(io("socket timeout"))?;
     let _ = conn.set_nodelay(true);
+    let mut conn = Conn::accept(conn, s.cfg.tls.as_ref())?;
     let mut greet = [0u8; 8];
     std::io::Read::read_exact(&mut conn, &mut greet).map_err(io("reading the greeting"))?;
     if &greet != wire::GREETING {
         return Err(MigrateError::Protocol("not a Ferry page stream".into()));
     }
-    let mut rd = std::io::BufReader::with_capacity(1 << 20, conn.try_clone().map_err(io("dup"))?);
+    let mut rd = std::io::BufReader::with_capacity(1 << 20, conn.reader().map_err(io("dup"))?);
     let mut buf = Vec::new();
     if wire::read_frame(&mut rd, &mut buf)? != Kind::Hello {
         return Err(MigrateError::Protocol(
@@ -357,7 +362,7 @@ fn receive_inner(s: &Shared, mut conn: TcpStream, id_out: &mut String) -> Result
     );
     let mut store = PageStore::create(&dir.join("precopy.pages"))?;
     let commit: serde_json::Value;
-    let fail = |conn: &mut TcpStream, e: MigrateError| -> MigrateError {
+    let fail = |conn: &mut Conn, e: MigrateError| -> MigrateError {
         let _ = wire::write_json(
             conn,
             Kind::Failed,

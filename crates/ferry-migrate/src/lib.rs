@@ -11,6 +11,7 @@ pub mod postcopy;
 pub mod source;
 pub mod store;
 pub mod throttle;
+pub mod tls;
 pub mod wire;
 
 #[derive(Debug, thiserror::Error)]

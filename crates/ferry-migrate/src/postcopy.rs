@@ -4,6 +4,7 @@
 //! connection needs no multiplexing.
 
 use crate::api::Hello;
+use crate::tls::{ClientTls, Conn, ConnReader, ConnWriter};
 use crate::wire::{self, Kind, MAX_PAYLOAD};
 use crate::{io, MigrateError, Result};
 use std::io::{BufReader, BufWriter, Write};
@@ -43,24 +44,36 @@ fn parse_request(b: &[u8]) -> Result<(i32, u64, usize)> {
 
 /// The source's side: serves page requests from the frozen processes `pids`.
 pub struct PageServer {
-    conn: TcpStream,
+    conn: Conn,
     thread: Option<std::thread::JoinHandle<Result<()>>>,
     pub served: Arc<AtomicU64>,
 }
 
 impl PageServer {
-    pub fn start(addr: SocketAddr, hello: Hello, timeout: Duration) -> Result<PageServer> {
+    /// `name` is the agent's `HOST:PORT` as dialed, checked against its certificate with `tls`.
+    pub fn start(
+        addr: SocketAddr,
+        hello: Hello,
+        timeout: Duration,
+        tls: Option<&ClientTls>,
+        name: &str,
+    ) -> Result<PageServer> {
         let conn = TcpStream::connect_timeout(&addr, timeout)
             .map_err(io(format!("connecting the page connection to {addr}")))?;
         let _ = conn.set_nodelay(true);
         conn.set_write_timeout(Some(timeout))
             .map_err(io("socket timeout"))?;
-        let mut w = BufWriter::new(conn.try_clone().map_err(io("dup"))?);
+        // The handshake must not wait forever; the agent's requests may.
+        conn.set_read_timeout(Some(timeout))
+            .map_err(io("socket timeout"))?;
+        let conn = Conn::connect(conn, tls, name)?;
+        conn.set_read_timeout(None).map_err(io("socket timeout"))?;
+        let mut w = BufWriter::new(conn.writer().map_err(io("dup"))?);
         w.write_all(wire::GREETING).map_err(io("greeting"))?;
         wire::write_json(&mut w, Kind::Hello, &hello)?;
         w.flush().map_err(io("greeting"))?;
         let served = Arc::new(AtomicU64::new(0));
-        let mut rd = BufReader::new(conn.try_clone().map_err(io("dup"))?);
+        let mut rd = BufReader::new(conn.reader().map_err(io("dup"))?);
         let n = served.clone();
         let thread = std::thread::spawn(move || -> Result<()> {
             let mut buf = Vec::new();
@@ -116,18 +129,18 @@ impl Drop for PageServer {
 
 /// The agent's side: fetches pages for the filler.
 pub struct RemoteConn {
-    io: Mutex<(BufReader<TcpStream>, BufWriter<TcpStream>, Vec<u8>)>,
-    conn: TcpStream,
+    io: Mutex<(BufReader<ConnReader>, BufWriter<ConnWriter>, Vec<u8>)>,
+    conn: Conn,
     pub fetched: AtomicU64,
 }
 
 impl RemoteConn {
-    pub fn new(conn: TcpStream, rd: BufReader<TcpStream>) -> Result<RemoteConn> {
+    pub fn new(conn: Conn, rd: BufReader<ConnReader>) -> Result<RemoteConn> {
         conn.set_read_timeout(Some(FETCH_TIMEOUT))
             .map_err(io("socket timeout"))?;
         conn.set_write_timeout(Some(FETCH_TIMEOUT))
             .map_err(io("socket timeout"))?;
-        let w = BufWriter::new(conn.try_clone().map_err(io("dup"))?);
+        let w = BufWriter::new(conn.writer().map_err(io("dup"))?);
         Ok(RemoteConn {
             io: Mutex::new((rd, w, Vec::new())),
             conn,

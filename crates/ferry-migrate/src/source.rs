@@ -5,6 +5,7 @@
 //! (Go). Any failure before that point resumes the source copy, untouched.
 
 use crate::api::*;
+use crate::tls;
 use crate::wire::{self, FramedSink, Kind};
 use crate::{io, MigrateError, Result};
 use serde::Serialize;
@@ -30,7 +31,7 @@ pub enum Mode {
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
     pub pid: i32,
-    /// The destination agent: `http://HOST:PORT`.
+    /// The destination agent: `http://HOST:PORT`, or `https://HOST:PORT` with `tls`.
     pub to: String,
     pub token: Option<String>,
     pub mode: Mode,
@@ -46,6 +47,8 @@ pub struct MigrateOptions {
     pub io_timeout: Duration,
     /// When pre-copy stops converging, slow the tree down (a CPU cgroup quota) and go on.
     pub throttle: bool,
+    /// TLS for the API and the page stream, trusting this CA; None: plain.
+    pub tls: Option<tls::ClientTls>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -113,6 +116,7 @@ impl Http {
     fn new(o: &MigrateOptions) -> Http {
         let cfg = ureq::Agent::config_builder()
             .timeout_global(Some(o.io_timeout))
+            .tls_config(tls::ureq_config(o.tls.as_ref()))
             .build();
         Http {
             base: o.to.trim_end_matches('/').to_string(),
@@ -126,9 +130,9 @@ impl Http {
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        let mut resp = req
-            .call()
-            .map_err(|e| MigrateError::Failed(format!("GET {}{path}: {e}", self.base)))?;
+        let mut resp = req.call().map_err(|e| {
+            MigrateError::Failed(format!("GET {}{path}: {}", self.base, tls::explain(&e)))
+        })?;
         resp.body_mut()
             .read_json()
             .map_err(|e| MigrateError::Failed(format!("GET {}{path}: {e}", self.base)))
@@ -143,9 +147,9 @@ impl Http {
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        let mut resp = req
-            .send_json(body)
-            .map_err(|e| MigrateError::Failed(format!("POST {}{path}: {e}", self.base)))?;
+        let mut resp = req.send_json(body).map_err(|e| {
+            MigrateError::Failed(format!("POST {}{path}: {}", self.base, tls::explain(&e)))
+        })?;
         resp.body_mut()
             .read_json()
             .map_err(|e| MigrateError::Failed(format!("POST {}{path}: {e}", self.base)))
@@ -193,6 +197,7 @@ fn is_timeout(e: &MigrateError) -> bool {
 
 fn data_addr(to: &str, port: u16) -> Result<String> {
     let host = to
+        .trim_start_matches("https://")
         .trim_start_matches("http://")
         .split('/')
         .next()
@@ -239,6 +244,7 @@ fn migrate_inner(
 ) -> Result<MigrateReport> {
     let t0 = Instant::now();
     ferry_sys::procfs::check_inspectable(o.pid).map_err(ferry_engine::EngineError::from)?;
+    tls::check_address(&o.to, o.tls.as_ref())?;
     let http = Http::new(o);
     let host: HostInfo = http.get("/v1/host")?;
     let verdict = gate(o.pid, &host.profile, o.force)?;
@@ -267,8 +273,10 @@ fn migrate_inner(
         .map_err(io("socket timeout"))?;
     conn.set_read_timeout(Some(o.io_timeout))
         .map_err(io("socket timeout"))?;
-    let mut rd = std::io::BufReader::new(conn.try_clone().map_err(io("dup"))?);
-    let w = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 20, conn)));
+    let conn = tls::Conn::connect(conn, o.tls.as_ref(), &addr)?;
+    let mut rd = std::io::BufReader::new(conn.reader().map_err(io("dup"))?);
+    let wr = conn.writer().map_err(io("dup"))?;
+    let w = Arc::new(Mutex::new(BufWriter::with_capacity(1 << 20, wr)));
     {
         let mut g = w.lock().unwrap();
         g.write_all(wire::GREETING).map_err(io("greeting"))?;
@@ -387,6 +395,8 @@ fn migrate_inner(
                 role: Some("pages".into()),
             },
             o.io_timeout,
+            o.tls.as_ref(),
+            &addr,
         )?)
     } else {
         None

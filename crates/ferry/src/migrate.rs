@@ -30,6 +30,13 @@ pub struct AgentArgs {
     /// Rebuild incoming processes in this network namespace (a /run/netns/NAME file).
     #[arg(long)]
     netns: Option<String>,
+    /// Serve the API and the page stream over TLS with this PEM certificate (chain) for the
+    /// host's name or address; needs --tls-key.
+    #[arg(long, value_name = "CERT.pem", requires = "tls_key")]
+    tls_cert: Option<PathBuf>,
+    /// The PEM private key of --tls-cert.
+    #[arg(long, value_name = "KEY.pem", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -45,7 +52,7 @@ pub struct MigrateArgs {
     /// The process (and its descendants) to move.
     #[arg(long)]
     pid: i32,
-    /// The destination agent, http://HOST:PORT.
+    /// The destination agent, http://HOST:PORT, or https://HOST:PORT with --tls-ca.
     #[arg(long)]
     to: String,
     #[arg(long, value_enum, default_value = "precopy")]
@@ -62,6 +69,10 @@ pub struct MigrateArgs {
     /// File holding the agent's token.
     #[arg(long)]
     token_file: Option<PathBuf>,
+    /// Use TLS to the agent (API and page stream), trusting only the CA certificate(s) in this
+    /// PEM file; the agent address must then be https://.
+    #[arg(long, value_name = "CA.pem")]
+    tls_ca: Option<PathBuf>,
     /// An IPv4 address (CIDR) that moves with the process: clients' connections to it follow.
     /// Repeatable.
     #[arg(long = "move-address", value_name = "CIDR")]
@@ -93,6 +104,10 @@ pub fn agent(a: AgentArgs) -> Result<u8> {
         Some(p) => Some(ferry_cpu::profile::CpuProfile::load(p)?),
         None => None,
     };
+    let tls = match (&a.tls_cert, &a.tls_key) {
+        (Some(c), Some(k)) => Some(ferry_migrate::tls::ServerTls::load(c, k)?),
+        _ => None,
+    };
     ferry_migrate::agent::run(ferry_migrate::agent::AgentConfig {
         listen: a.listen,
         data_port: a.data_port,
@@ -101,6 +116,7 @@ pub fn agent(a: AgentArgs) -> Result<u8> {
         state_dir: a.state_dir,
         profile,
         netns: a.netns,
+        tls,
     })?;
     Ok(0)
 }
@@ -122,6 +138,11 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
         move_addresses: a.move_addresses.clone(),
         io_timeout: std::time::Duration::from_secs_f64(a.timeout.max(0.1)),
         throttle: !a.no_throttle,
+        tls: a
+            .tls_ca
+            .as_deref()
+            .map(ferry_migrate::tls::ClientTls::load)
+            .transpose()?,
     };
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = indicatif::ProgressBar::new_spinner();

@@ -252,6 +252,186 @@ fn precopy_then_stop_and_copy_keep_memory_intact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+fn openssl(dir: &Path, args: &[&str]) {
+    let o = Command::new("openssl")
+        .args(args)
+        .current_dir(dir)
+        .output()
+        .expect("the openssl command");
+    assert!(o.status.success(), "openssl {args:?}: {o:?}");
+}
+
+/// A CA (`NAME-ca.pem`) and, when `ip` is given, a certificate it signed for that address
+/// (`NAME.pem`, key `NAME.key`).
+fn make_pki(dir: &Path, name: &str, ip: Option<&str>) {
+    let ca = (format!("{name}-ca.key"), format!("{name}-ca.pem"));
+    let ec = [
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:P-256",
+        "-nodes",
+    ];
+    let mut a = vec!["req", "-x509", "-days", "2", "-subj", "/CN=ferry test CA"];
+    a.extend(ec);
+    a.extend(["-keyout", &ca.0, "-out", &ca.1]);
+    a.extend(["-addext", "basicConstraints=critical,CA:TRUE"]);
+    a.extend(["-addext", "keyUsage=critical,keyCertSign,cRLSign"]);
+    openssl(dir, &a);
+    let Some(ip) = ip else { return };
+    let (key, csr, pem) = (
+        format!("{name}.key"),
+        format!("{name}.csr"),
+        format!("{name}.pem"),
+    );
+    let mut a = vec![
+        "req",
+        "-subj",
+        "/CN=ferry agent",
+        "-keyout",
+        &key,
+        "-out",
+        &csr,
+    ];
+    a.extend(ec);
+    openssl(dir, &a);
+    let ext = format!("{name}.ext");
+    std::fs::write(dir.join(&ext), format!("subjectAltName=IP:{ip}\n")).unwrap();
+    openssl(
+        dir,
+        &[
+            "x509",
+            "-req",
+            "-in",
+            &csr,
+            "-CA",
+            &ca.1,
+            "-CAkey",
+            &ca.0,
+            "-CAcreateserial",
+            "-days",
+            "2",
+            "-extfile",
+            &ext,
+            "-out",
+            &pem,
+        ],
+    );
+}
+
+/// GET `path` from a TLS agent, trusting `ca`.
+fn tls_get(a: &Agent, ca: &Path, path: &str) -> serde_json::Value {
+    let tls = ferry_migrate::tls::ClientTls::load(ca).unwrap();
+    let addr = format!("{}:{}", a.host, a.port);
+    let s = TcpStream::connect(&addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    let mut c = ferry_migrate::tls::Conn::connect(s, Some(&tls), &addr).unwrap();
+    write!(
+        c,
+        "GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = Vec::new();
+    // The end of the answer may come without a TLS close_notify: the bytes count.
+    let _ = c.read_to_end(&mut body);
+    let body = String::from_utf8_lossy(&body);
+    let (_, json) = body.split_once("\r\n\r\n").expect("an HTTP answer");
+    serde_json::from_str(json).unwrap_or_else(|e| panic!("{e}: {body}"))
+}
+
+/// An agent on another host serving its API and page stream over TLS (certificate for its
+/// address, and a token): a source without the right CA, or speaking plain HTTP, is refused
+/// with a clear reason and the process runs on at the source; with `--tls-ca` and https:// it
+/// moves, its memory intact.
+#[test]
+fn tls_agent_accepts_only_sources_that_trust_its_ca() {
+    let dir = tmpdir("migrate-tls");
+    let lan = Lan::new("s", 2);
+    let ip = format!("{}.2", lan.net);
+    make_pki(&dir, "agent", Some(&ip));
+    make_pki(&dir, "other", None);
+    let (cert, key) = (dir.join("agent.pem"), dir.join("agent.key"));
+    // (Agent::start_in sees it up when it answers plain HTTP, here with a 426 and JSON.)
+    let agent = Agent::start_in(
+        &dir,
+        11,
+        &[
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        Some(&NetPair::path(&lan.hosts[1])),
+        &ip,
+    );
+    let https = format!("https://{ip}:{}", agent.port);
+    let ca = dir.join("agent-ca.pem");
+    let (mut child, out) = start_dirtier(&dir, "64", "1000");
+    let pid = child.id();
+    let run = |to: &str, ca: Option<&Path>, extra: &[&str]| {
+        let mut a = vec![
+            "migrate".to_string(),
+            "--pid".into(),
+            pid.to_string(),
+            "--to".into(),
+            to.to_string(),
+            "--token-file".into(),
+            agent.tok.display().to_string(),
+            "--json".into(),
+        ];
+        if let Some(ca) = ca {
+            a.extend(["--tls-ca".into(), ca.display().to_string()]);
+        }
+        a.extend(extra.iter().map(|s| s.to_string()));
+        let a: Vec<&str> = a.iter().map(|s| s.as_str()).collect();
+        ferry(&a)
+    };
+    let mut verdicts = 0;
+    for (to, ca, why) in [
+        (
+            https.as_str(),
+            Some(dir.join("other-ca.pem")),
+            "not signed by the CA given with --tls-ca",
+        ),
+        (agent.url.as_str(), None, "serves its API over TLS only"),
+        (https.as_str(), None, "no CA to check its certificate"),
+    ] {
+        let o = run(to, ca.as_deref(), &[]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{to}: {e}");
+        assert!(e.contains(why) && e.contains("runs on here"), "{to}: {e}");
+        assert!(running(pid), "{to}: the process must run on at the source");
+        verdicts += 1;
+        check_pass(pid, &out, verdicts);
+    }
+    assert_eq!(
+        tls_get(&agent, &ca, "/v1/migrations"),
+        serde_json::json!([])
+    );
+    let log = std::fs::read_to_string(dir.join("agent11.log")).unwrap();
+    assert!(log.contains("TLS on the API and the page stream"), "{log}");
+
+    // Hybrid: pre-copy rounds on the page stream, then post-copy's page connection, both TLS.
+    let o = run(&https, Some(&ca), &["--mode", "hybrid"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    assert_eq!(r["restored_pid"].as_i64(), Some(pid as i64), "{r}");
+    assert!(!r["rounds"].as_array().unwrap().is_empty(), "{r}");
+    assert!(r["fill_ms"].as_f64().is_some(), "{r}");
+    eprintln!("hybrid over TLS: {r}");
+    assert!(r["postcopy_bytes"].as_u64().unwrap() > 0, "{r}");
+    child.wait().unwrap();
+    let m = tls_get(&agent, &ca, "/v1/migrations");
+    assert_eq!(m[0]["state"], "running", "{m}");
+    assert_eq!(m[0]["restored_pid"].as_i64(), Some(pid as i64), "{m}");
+    assert!(
+        m[0]["rounds"].as_u64().unwrap() >= 1,
+        "pre-copy rounds: {m}"
+    );
+    check_pass(agent.outer_pid(pid as i64), &out, verdicts + 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A destination whose CPU lacks a feature the process uses is refused before anything is
 /// frozen: exit 1, the evidence, the process untouched, nothing announced to the agent.
 #[test]
