@@ -754,7 +754,7 @@ pub fn restore_pages(
         let mut naps = 0u32;
         while writers.iter().any(|w| !w.is_finished()) {
             naps += 1;
-            if naps % 20 == 0 {
+            if naps.is_multiple_of(20) {
                 on_progress(done.load(Ordering::Relaxed));
             }
             std::thread::sleep(std::time::Duration::from_millis(1));
