@@ -165,6 +165,7 @@ fn main() {
                     io_timeout: Duration::from_secs(30),
                     throttle: true,
                     tls: None,
+                    prepared: None,
                 };
                 match migrate(&o, &|_, _, _| {}) {
                     Ok(r) => {

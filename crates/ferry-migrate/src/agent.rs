@@ -142,6 +142,119 @@ async fn create(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Response
         Json(Created {
             id,
             data_port: s.host.data_port,
+            prepared: None,
+        }),
+    )
+        .into_response()
+}
+
+/// How long a prepared migration keeps its reservation without a stream.
+const PREPARED_TTL_S: u64 = 600;
+
+fn mem_available() -> u64 {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|m| {
+            m.lines()
+                .find(|l| l.starts_with("MemAvailable:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .map(|kb| kb * 1024)
+        .unwrap_or(0)
+}
+
+/// Release reservations of prepared migrations that never started.
+fn expire_prepared(s: &Shared) {
+    let now = now_unix();
+    let mut g = s.migrations.lock().unwrap();
+    for m in g.values_mut() {
+        let expired =
+            m.state == "prepared" && m.prepared.as_ref().is_some_and(|p| p.expires_unix <= now);
+        if expired {
+            m.state = "cancelled".into();
+            m.error = Some("prepared, but no stream came before it expired".into());
+            let _ = std::fs::remove_dir_all(s.cfg.state_dir.join(&m.id));
+        }
+    }
+}
+
+async fn prepare(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Response {
+    if !authorized(&s, &h) {
+        return err(StatusCode::UNAUTHORIZED, "missing or wrong token");
+    }
+    let req: Prepare = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => return err(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
+    };
+    expire_prepared(&s);
+    // This host's own check of the process's CPU needs.
+    let v = ferry_cpu::check::check_ferry(
+        &req.scan.features,
+        &req.scan.unknown,
+        Some(req.xstate_in_use),
+        &s.host.profile,
+        req.source_profile.as_ref(),
+    );
+    let verdict = format!("{:?}", v.verdict).to_lowercase();
+    if v.verdict != ferry_cpu::check::Outcome::Compatible && !req.force {
+        return (
+            StatusCode::CONFLICT,
+            Json(serde_json::json!({
+                "error": format!("process {} is {verdict} with this host's CPU ({})", req.pid, s.host.profile.name),
+                "verdict": v,
+            })),
+        )
+            .into_response();
+    }
+    // Room for its memory: in RAM, and on disk for the page store.
+    let avail = mem_available();
+    if avail < req.memory_bytes {
+        return err(
+            StatusCode::INSUFFICIENT_STORAGE,
+            &format!(
+                "{} MiB of memory expected, {} MiB available here",
+                req.memory_bytes >> 20,
+                avail >> 20
+            ),
+        );
+    }
+    let id = format!(
+        "m{}-{}",
+        now_unix(),
+        s.next_id.fetch_add(1, Ordering::Relaxed)
+    );
+    let dir = s.cfg.state_dir.join(&id);
+    let reserved = std::fs::create_dir_all(&dir)
+        .map_err(io(format!("creating {}", dir.display())))
+        .and_then(|_| PageStore::reserve(&dir.join("precopy.pages"), req.memory_bytes.max(4096)));
+    if let Err(e) = reserved {
+        let _ = std::fs::remove_dir_all(&dir);
+        return err(StatusCode::INSUFFICIENT_STORAGE, &e.to_string());
+    }
+    let prepared = Prepared {
+        verdict,
+        reserved_bytes: req.memory_bytes.max(4096),
+        mem_available: avail,
+        expires_unix: now_unix() + PREPARED_TTL_S,
+    };
+    let info = MigrationInfo {
+        id: id.clone(),
+        state: "prepared".into(),
+        pid: req.pid,
+        mode: req.mode,
+        source: req.source,
+        created_unix: now_unix(),
+        prepared: Some(prepared.clone()),
+        ..Default::default()
+    };
+    s.migrations.lock().unwrap().insert(id.clone(), info);
+    (
+        StatusCode::CREATED,
+        Json(Created {
+            id,
+            data_port: s.host.data_port,
+            prepared: Some(prepared),
         }),
     )
         .into_response()
@@ -175,6 +288,10 @@ async fn cancel(State(s): St, h: HeaderMap, AxPath(id): AxPath<String>) -> Respo
         }
         Some(m) => {
             // The receiving thread sees it between frames and gives up.
+            if m.state == "prepared" {
+                // Nothing runs for it yet: its reservation goes now.
+                let _ = std::fs::remove_dir_all(s.cfg.state_dir.join(&id));
+            }
             m.state = "cancelled".into();
             Json(m.clone()).into_response()
         }
@@ -272,6 +389,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         let app = Router::new()
             .route("/v1/host", get(host))
             .route("/v1/migrations", get(list).post(create))
+            .route("/v1/prepare", axum::routing::post(prepare))
             .route("/v1/migrations/{id}", get(one).delete(cancel))
             .route("/metrics", get(metrics))
             .with_state(shared);
@@ -329,7 +447,10 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     }
     if hello.role.as_deref() == Some("pages") {
         // Post-copy's second connection: kept for the restore of the main stream.
-        if !matches!(s.state(&hello.id).as_deref(), Some("waiting" | "receiving")) {
+        if !matches!(
+            s.state(&hello.id).as_deref(),
+            Some("waiting" | "prepared" | "receiving")
+        ) {
             return Err(MigrateError::Protocol(format!(
                 "no migration {} receiving for this page connection",
                 hello.id
@@ -341,7 +462,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             .insert(hello.id.clone(), (conn, rd));
         return Ok(());
     }
-    if s.state(&hello.id).as_deref() != Some("waiting") {
+    if !matches!(s.state(&hello.id).as_deref(), Some("waiting" | "prepared")) {
         return Err(MigrateError::Protocol(format!(
             "no migration {} waiting for its stream",
             hello.id

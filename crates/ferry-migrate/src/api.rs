@@ -39,6 +39,42 @@ pub struct MigrationInfo {
     pub restore_ms: Option<f64>,
     pub error: Option<String>,
     pub created_unix: u64,
+    /// For a migration prepared ahead (`POST /v1/prepare`): what was checked and reserved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<Prepared>,
+}
+
+/// `POST /v1/prepare`: a source announces a migration it expects to start soon. The agent
+/// checks the process's CPU needs against its own CPU, and reserves room for its memory.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Prepare {
+    pub pid: i32,
+    pub mode: String,
+    #[serde(default)]
+    pub source: String,
+    /// Resident memory of the tree, bytes: the room to reserve.
+    pub memory_bytes: u64,
+    /// The process's code scan (`ferry cpu scan`), checked here against this host.
+    pub scan: ferry_cpu::scan::ScanResult,
+    pub xstate_in_use: u64,
+    /// The source host's profile (a process compatible with a subset of ours is compatible).
+    pub source_profile: Option<ferry_cpu::profile::CpuProfile>,
+    /// Accept an incompatible or unknown verdict.
+    #[serde(default)]
+    pub force: bool,
+}
+
+/// What a prepared migration holds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Prepared {
+    /// The agent's own verdict on the process's CPU needs.
+    pub verdict: String,
+    /// Disk reserved in the state directory (allocated to the migration's page store).
+    pub reserved_bytes: u64,
+    /// MemAvailable when prepared.
+    pub mem_available: u64,
+    /// The reservation is released when no stream arrives by then.
+    pub expires_unix: u64,
 }
 
 /// Reply to `POST /v1/migrations`.
@@ -46,6 +82,8 @@ pub struct MigrationInfo {
 pub struct Created {
     pub id: String,
     pub data_port: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prepared: Option<Prepared>,
 }
 
 /// The first frame on the page stream.

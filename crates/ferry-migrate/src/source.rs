@@ -49,6 +49,8 @@ pub struct MigrateOptions {
     pub throttle: bool,
     /// TLS for the API and the page stream, trusting this CA; None: plain.
     pub tls: Option<tls::ClientTls>,
+    /// A migration the agent prepared ahead (`prepare`): its id.
+    pub prepared: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -147,9 +149,29 @@ impl Http {
         if let Some(t) = &self.token {
             req = req.header("Authorization", &format!("Bearer {t}"));
         }
-        let mut resp = req.send_json(body).map_err(|e| {
-            MigrateError::Failed(format!("POST {}{path}: {}", self.base, tls::explain(&e)))
-        })?;
+        let mut resp = req
+            .config()
+            .http_status_as_error(false)
+            .build()
+            .send_json(body)
+            .map_err(|e| {
+                MigrateError::Failed(format!("POST {}{path}: {}", self.base, tls::explain(&e)))
+            })?;
+        let status = resp.status().as_u16();
+        if status >= 400 {
+            // The agent's own words: {"error": "..."}.
+            let v: serde_json::Value = resp.body_mut().read_json().unwrap_or_default();
+            let msg = format!(
+                "{} refused POST {path} ({status}): {}",
+                self.base,
+                v["error"].as_str().unwrap_or("no reason given")
+            );
+            return Err(if status == 409 {
+                MigrateError::Incompatible(msg)
+            } else {
+                MigrateError::Failed(msg)
+            });
+        }
         resp.body_mut()
             .read_json()
             .map_err(|e| MigrateError::Failed(format!("POST {}{path}: {e}", self.base)))
@@ -208,6 +230,55 @@ fn data_addr(to: &str, port: u16) -> Result<String> {
     Ok(format!("{host}:{port}"))
 }
 
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname")
+        .unwrap_or_default()
+        .trim()
+        .to_string()
+}
+
+/// Resident memory of the tree rooted at `pid`, bytes.
+fn tree_rss(pid: i32) -> u64 {
+    ferry_engine::precopy::tree_of(pid)
+        .into_iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse::<u64>().ok())
+        })
+        .sum::<u64>()
+        * 1024
+}
+
+/// Ask the agent to get ready for a migration of `o.pid`: it checks the process's CPU needs
+/// against its own CPU and reserves room for its memory. Nothing is frozen. Returns the
+/// migration for `MigrateOptions::prepared`.
+pub fn prepare(o: &MigrateOptions) -> Result<Created> {
+    ferry_sys::procfs::check_inspectable(o.pid).map_err(ferry_engine::EngineError::from)?;
+    tls::check_address(&o.to, o.tls.as_ref())?;
+    let http = Http::new(o);
+    let host: HostInfo = http.get("/v1/host")?;
+    // Our own gate first: the same verdict, before asking anything of the agent.
+    gate(o.pid, &host.profile, o.force)?;
+    let scan = ferry_cpu::process::scan_process(o.pid, ferry_cpu::scan::Mode::Paths)
+        .map_err(|e| MigrateError::Failed(format!("scanning process {}: {e}", o.pid)))?;
+    http.post(
+        "/v1/prepare",
+        &Prepare {
+            pid: o.pid,
+            mode: format!("{:?}", o.mode).to_lowercase(),
+            source: hostname(),
+            memory_bytes: tree_rss(o.pid),
+            scan: scan.result,
+            xstate_in_use: scan.xstate_in_use,
+            source_profile: ferry_cpu::profile::CpuProfile::host().ok(),
+            force: o.force,
+        },
+    )
+}
+
 pub fn migrate(o: &MigrateOptions, progress: &ProgressFn) -> Result<MigrateReport> {
     let mut id = None;
     match migrate_inner(o, progress, &mut id) {
@@ -248,17 +319,31 @@ fn migrate_inner(
     let http = Http::new(o);
     let host: HostInfo = http.get("/v1/host")?;
     let verdict = gate(o.pid, &host.profile, o.force)?;
-    let created: Created = http.post(
-        "/v1/migrations",
-        &NewMigration {
-            pid: o.pid,
-            mode: format!("{:?}", o.mode).to_lowercase(),
-            source: std::fs::read_to_string("/proc/sys/kernel/hostname")
-                .unwrap_or_default()
-                .trim()
-                .to_string(),
-        },
-    )?;
+    let created: Created = match &o.prepared {
+        Some(id) => {
+            let m: MigrationInfo = http.get(&format!("/v1/migrations/{id}"))?;
+            if m.state != "prepared" || m.pid != o.pid {
+                return Err(MigrateError::Failed(format!(
+                    "migration {id} on {} is not a prepared migration of process {} (it is {} \
+                     for process {})",
+                    o.to, o.pid, m.state, m.pid
+                )));
+            }
+            Created {
+                id: id.clone(),
+                data_port: host.data_port,
+                prepared: m.prepared,
+            }
+        }
+        None => http.post(
+            "/v1/migrations",
+            &NewMigration {
+                pid: o.pid,
+                mode: format!("{:?}", o.mode).to_lowercase(),
+                source: hostname(),
+            },
+        )?,
+    };
     *id_out = Some(created.id.clone());
     let addr = data_addr(&o.to, created.data_port)?;
     let sa: std::net::SocketAddr = std::net::ToSocketAddrs::to_socket_addrs(&addr)

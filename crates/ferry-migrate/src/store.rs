@@ -21,11 +21,13 @@ pub struct PageStore {
 }
 
 impl PageStore {
+    /// Create the store, or take the one reserved for the migration (`reserve`).
     pub fn create(path: &Path) -> Result<PageStore> {
         let file = std::fs::OpenOptions::new()
             .read(true)
             .write(true)
-            .create_new(true)
+            .create(true)
+            .truncate(false)
             .open(path)
             .map_err(io(format!("creating {}", path.display())))?;
         Ok(PageStore {
@@ -35,6 +37,25 @@ impl PageStore {
             next: 0,
             tracked: HashMap::new(),
         })
+    }
+
+    /// Allocate `bytes` of disk for a store at `path` ahead of time, so that a full disk shows
+    /// before anything is frozen.
+    pub fn reserve(path: &Path, bytes: u64) -> Result<()> {
+        use std::os::fd::AsRawFd;
+        let f = std::fs::File::create(path).map_err(io(format!("creating {}", path.display())))?;
+        // SAFETY: fallocate on an fd we own; no memory is passed.
+        let rc = unsafe { libc::fallocate(f.as_raw_fd(), 0, 0, bytes as libc::off_t) };
+        if rc != 0 {
+            let e = std::io::Error::last_os_error();
+            let _ = std::fs::remove_file(path);
+            return Err(io(format!(
+                "reserving {} MiB for the pages in {}",
+                bytes >> 20,
+                path.display()
+            ))(e));
+        }
+        Ok(())
     }
 
     /// Bytes of distinct pages held.

@@ -85,6 +85,13 @@ pub struct MigrateArgs {
     /// is throttled with a CPU cgroup quota so that pre-copy converges).
     #[arg(long)]
     no_throttle: bool,
+    /// Only prepare: the agent checks the process's CPU needs against its CPU and reserves
+    /// room for its memory; nothing is frozen. Prints the migration id for --prepared.
+    #[arg(long, conflicts_with = "prepared")]
+    prepare_only: bool,
+    /// Start the migration the agent prepared (from --prepare-only).
+    #[arg(long, value_name = "ID")]
+    prepared: Option<String>,
     #[arg(long)]
     json: bool,
 }
@@ -138,12 +145,48 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
         move_addresses: a.move_addresses.clone(),
         io_timeout: std::time::Duration::from_secs_f64(a.timeout.max(0.1)),
         throttle: !a.no_throttle,
+        prepared: a.prepared.clone(),
         tls: a
             .tls_ca
             .as_deref()
             .map(ferry_migrate::tls::ClientTls::load)
             .transpose()?,
     };
+    if a.prepare_only {
+        return match ferry_migrate::source::prepare(&o) {
+            Ok(c) => {
+                if a.json {
+                    println!("{}", serde_json::to_string_pretty(&c)?);
+                } else {
+                    let p = c.prepared.unwrap_or_default();
+                    println!(
+                        "prepared migration {} of process {} on {}: verdict {}, {:.1} MiB \
+                         reserved, until unix time {}; start it with --prepared {}",
+                        c.id,
+                        a.pid,
+                        a.to,
+                        p.verdict,
+                        p.reserved_bytes as f64 / 1048576.0,
+                        p.expires_unix,
+                        c.id
+                    );
+                }
+                Ok(0)
+            }
+            Err(ferry_migrate::MigrateError::Incompatible(why)) => {
+                if a.json {
+                    println!(
+                        "{}",
+                        serde_json::json!({ "pid": a.pid, "refused": true, "reason": why })
+                    );
+                } else {
+                    eprintln!("ferry: preparation refused: {why}");
+                }
+                Ok(1)
+            }
+            Err(e) => Err(e.into()),
+        };
+    }
     let tty = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let bar = indicatif::ProgressBar::new_spinner();
     if !tty || a.json {

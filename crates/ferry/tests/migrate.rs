@@ -1033,3 +1033,75 @@ fn the_destination_killed_during_postcopy_leaves_the_process_at_the_source() {
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A migration prepared ahead: the agent gives its own CPU verdict and reserves disk for the
+/// memory (the page store is allocated), a reservation too large for its state directory is
+/// refused with the reason, a cancelled one frees its room, and the prepared migration then
+/// runs as usual with the memory intact.
+#[test]
+fn a_prepared_migration_reserves_room_and_then_runs() {
+    let dir = tmpdir("migrate-prep");
+    let small = dir.join("small");
+    std::fs::create_dir_all(&small).unwrap();
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=96m", "tmpfs"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success());
+    let a = Agent::start(&dir, 27, &["--state-dir", small.to_str().unwrap()]);
+    // Too big for a 96 MiB state directory: refused, nothing frozen.
+    let (mut big, big_out) = start_dirtier(&dir, "128", "1000");
+    let o = migrate(big.id(), &a, &["--prepare-only"]);
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("507") && e.contains("reserving"), "{e}");
+    assert!(running(big.id()));
+    check_pass(big.id(), &big_out, 1);
+    big.kill().unwrap();
+    big.wait().unwrap();
+
+    let (mut child, out) = start_dirtier(&dir, "32", "1000");
+    let pid = child.id();
+    let prep = |extra: &[&str]| {
+        let mut args = vec!["--prepare-only"];
+        args.extend_from_slice(extra);
+        let o = migrate(pid, &a, &args);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        json(&o)
+    };
+    let p = prep(&[]);
+    let id = p["id"].as_str().unwrap().to_string();
+    assert_eq!(p["prepared"]["verdict"], "compatible", "{p}");
+    let reserved = p["prepared"]["reserved_bytes"].as_u64().unwrap();
+    assert!(reserved >= 32 << 20, "{p}");
+    let store = small.join(&id).join("precopy.pages");
+    let allocated = std::fs::metadata(&store).unwrap().len();
+    assert!(allocated >= reserved, "{allocated} < {reserved}");
+    let m = a.get(&format!("/v1/migrations/{id}"));
+    assert_eq!(m["state"], "prepared", "{m}");
+    assert!(running(pid), "preparing froze nothing");
+
+    // Cancelled: the room is free again.
+    let mut s = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+    write!(
+        s,
+        "DELETE /v1/migrations/{id} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains("cancelled"), "{body}");
+    assert!(!store.exists(), "the reservation was kept");
+
+    // Prepared again, then migrated.
+    let id = prep(&[])["id"].as_str().unwrap().to_string();
+    let o = migrate(pid, &a, &["--prepared", &id, "--mode", "hybrid"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    assert_eq!(json(&o)["migration"], id.as_str());
+    child.wait().unwrap();
+    check_pass(a.outer_pid(pid as i64), &out, 1);
+    drop(a);
+    let _ = Command::new("umount").arg(&small).status();
+    let _ = std::fs::remove_dir_all(&dir);
+}
