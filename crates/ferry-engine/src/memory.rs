@@ -85,13 +85,13 @@ const CHUNK: usize = 4 << 20;
 pub fn dump(
     pid: i32,
     maps: &[Mapping],
+    smaps: &[procfs::SmapsEntry],
     w: &mut ImageWriter,
     ghosts: &mut Vec<crate::schema::GhostFile>,
     on_chunk: &mut dyn FnMut(u64),
     delta: Option<&Delta>,
 ) -> Result<(Vec<MappingImage>, u64)> {
     let mut out = Vec::new();
-    let smaps = procfs::read_smaps(pid)?;
     let hugetlb = |m: &Mapping| {
         smaps
             .iter()

@@ -192,19 +192,25 @@ pub fn lift(blocks: &mut [Block], table: &str) {
 }
 
 /// At restore: remove a block left by the dump in the current network namespace, if any.
+/// One `nft` run, straight in this thread's namespace (a child forked here is in it too):
+/// this is part of the downtime.
 pub fn lift_here(table: &str) -> Result<bool> {
-    let ns = std::fs::File::open("/proc/thread-self/ns/net")
-        .map_err(|e| EngineError::Failed(format!("opening our network namespace: {e}")))?;
-    let list = Command::new("nft")
-        .args(["list", "table", "inet", table])
+    let out = Command::new("nft")
+        .args(["delete", "table", "inet", table])
+        .stdin(Stdio::null())
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status();
-    match list {
-        Ok(s) if s.success() => {
-            nft(&ns, &format!("delete table inet {table}\n"))?;
-            Ok(true)
-        }
-        _ => Ok(false),
+        .stderr(Stdio::piped())
+        .output()
+        .map_err(|e| EngineError::Failed(format!("running nft (install nftables): {e}")))?;
+    if out.status.success() {
+        return Ok(true);
     }
+    let err = String::from_utf8_lossy(&out.stderr);
+    if err.contains("No such file or directory") {
+        return Ok(false);
+    }
+    Err(EngineError::Failed(format!(
+        "nft delete table inet {table}: {}",
+        err.trim()
+    )))
 }

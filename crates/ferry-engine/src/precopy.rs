@@ -124,15 +124,15 @@ impl Tracking {
 
     /// For the final dump, with the tree frozen: what process `pid` had tracked (mappings
     /// still registered) and what was written there since the last round.
-    pub fn delta(&mut self, pid: i32) -> Result<Option<Delta>> {
+    pub fn delta(&mut self, pid: i32, smaps: &[procfs::SmapsEntry]) -> Result<Option<Delta>> {
         let Some(t) = self.trackers.get_mut(&pid) else {
             return Ok(None);
         };
         let dirty = t.written_all()?;
         let regs = t.ranges().to_vec();
         // Still registered: the kernel shows "uw" in VmFlags.
-        let tracked = procfs::read_smaps(pid)?
-            .into_iter()
+        let tracked = smaps
+            .iter()
             .filter(|s| s.vm_flags.iter().any(|f| f == "uw"))
             .filter(|s| regs.iter().any(|&(a, b)| a <= s.start && s.end <= b))
             .map(|s| (s.start, s.end))

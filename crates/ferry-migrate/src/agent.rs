@@ -483,6 +483,11 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     );
     let mut store = PageStore::create(&dir.join("precopy.pages"))?;
     let commit: serde_json::Value;
+    let t_commit;
+    // When the final image began to arrive.
+    let mut t_final: Option<Instant> = None;
+    let mut last_ack: Option<Instant> = None;
+    let mut prep_ms = 0.0;
     let fail = |conn: &mut Conn, e: MigrateError| -> MigrateError {
         let _ = wire::write_json(
             conn,
@@ -509,10 +514,18 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             }),
             Kind::Round => {
                 s.update(&id, |m| m.rounds += 1);
-                Ok(())
+                // Everything of the round is stored: say so.
+                last_ack = Some(Instant::now());
+                wire::write_frame(&mut conn, Kind::RoundAck, &[])
             }
-            Kind::ImageMeta => meta.write_all(&buf).map_err(io("writing meta.fimg")),
-            Kind::ImagePages => pages.write_all(&buf).map_err(io("writing pages.fimg")),
+            Kind::ImageMeta => {
+                t_final.get_or_insert_with(Instant::now);
+                meta.write_all(&buf).map_err(io("writing meta.fimg"))
+            }
+            Kind::ImagePages => {
+                t_final.get_or_insert_with(Instant::now);
+                pages.write_all(&buf).map_err(io("writing pages.fimg"))
+            }
             Kind::Abort => {
                 let why: serde_json::Value = wire::parse(kind, &buf).unwrap_or_default();
                 return Err(MigrateError::Failed(format!(
@@ -521,6 +534,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             }
             Kind::Commit => {
                 commit = wire::parse(kind, &buf).unwrap_or_default();
+                t_commit = Instant::now();
                 break;
             }
             k => Err(MigrateError::Protocol(format!("unexpected {k:?} frame"))),
@@ -533,6 +547,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     drop((meta, pages));
     s.update(&id, |m| m.state = "restoring".into());
     // Addresses that move with the process: ours before its sockets are rebuilt.
+    let flush_ms = t_commit.elapsed().as_secs_f64() * 1e3;
     let tclaim = Instant::now();
     let mut claimed = Vec::new();
     for a in commit["addresses"].as_array().into_iter().flatten() {
@@ -548,8 +563,10 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         .map(|m| m.mode.clone())
         .unwrap_or_default();
     let restored = (|| -> Result<ferry_engine::Restored> {
+        let tp = Instant::now();
         let recs: Vec<PrecopyRecord> = ferry_image::ImageReader::open(&img)?.find(TAG_PRECOPY)?;
         store.set_tracked(recs.into_iter().map(|r| (r.pid, r.tracked)).collect());
+        prep_ms = tp.elapsed().as_secs_f64() * 1e3;
         // Post-copy: pages left in the source come over the second connection.
         let remote = if mode == "postcopy" || mode == "hybrid" {
             let end = Instant::now() + Duration::from_secs(10);
@@ -603,7 +620,18 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     wire::write_json(
         &mut conn,
         Kind::Ready,
-        &serde_json::json!({ "pid": pid, "restore": restored.report, "claim_ms": claim_ms }),
+        &serde_json::json!({
+            "pid": pid,
+            "restore": restored.report,
+            "agent": {
+                "flush_ms": flush_ms,
+                "final_rx_ms": t_final.map(|t| (t_commit - t).as_secs_f64() * 1e3),
+                "ack_to_final_ms": last_ack.zip(t_final).map(|(a, f)| (f - a).as_secs_f64() * 1e3),
+                "claim_ms": claim_ms,
+                "prep_ms": prep_ms,
+                "commit_to_ready_ms": t_commit.elapsed().as_secs_f64() * 1e3,
+            },
+        }),
     )?;
     // The source kills its copy, then says Go. Without it, ours is killed (on drop).
     conn.set_read_timeout(Some(Duration::from_secs(30)))

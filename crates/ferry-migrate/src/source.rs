@@ -96,11 +96,19 @@ pub struct DowntimePhases {
     pub freeze_ms: f64,
     /// The frozen dump streamed to the agent (state, and the pages that travel frozen).
     pub dump_ms: f64,
+    /// Parts of `dump_ms`: reading the non-memory state, and the memory (for pre-copy, the
+    /// written pages; for post-copy, listing the pages left behind).
+    pub collect_ms: f64,
+    pub memory_ms: f64,
     /// From the end of the dump until the agent's Ready: moving addresses, the agent
     /// rebuilding the tree.
     pub to_ready_ms: f64,
     /// Taking moved addresses off the source (part of `to_ready_ms`).
     pub release_ms: f64,
+    /// Closing the final image (its last records; part of `to_ready_ms`).
+    pub finish_ms: f64,
+    /// From the end of the dump until Commit was sent (part of `to_ready_ms`).
+    pub commit_sent_ms: f64,
     /// From Go until Done: killing nothing (post-copy) or the source copy, the tree resuming.
     pub go_to_done_ms: f64,
 }
@@ -413,6 +421,24 @@ fn migrate_inner(
                 )?;
                 g.flush().map_err(io("sending pages"))?;
             }
+            // The agent has stored the round: no backlog of it is left to pay for while the
+            // process is frozen, and the round's time is the real transfer time.
+            let mut ack = Vec::new();
+            match wire::read_frame(&mut rd, &mut ack)? {
+                Kind::RoundAck => {}
+                Kind::Failed => {
+                    let v: serde_json::Value = wire::parse(Kind::Failed, &ack)?;
+                    return Err(MigrateError::Failed(format!(
+                        "the destination failed: {}",
+                        v["error"].as_str().unwrap_or("?")
+                    )));
+                }
+                k => {
+                    return Err(MigrateError::Protocol(format!(
+                        "expected RoundAck, got {k:?}"
+                    )))
+                }
+            }
             let ms = tr0.elapsed().as_secs_f64() * 1e3;
             if round == 0 {
                 bw = bytes as f64 / ms.max(0.001);
@@ -490,9 +516,11 @@ fn migrate_inner(
     let sink = |k| Box::new(FramedSink::new(w.clone(), k)) as Box<dyn Write + Send>;
     let mut iw = ferry_image::ImageWriter::new(sink(Kind::ImageMeta), sink(Kind::ImagePages))?;
     let tracked: Arc<Mutex<Vec<PrecopyRecord>>> = Arc::default();
-    let mut delta_fn = |pid: i32| -> ferry_engine::Result<Option<ferry_engine::memory::Delta>> {
+    let mut delta_fn = |pid: i32,
+                        smaps: &[ferry_sys::procfs::SmapsEntry]|
+     -> ferry_engine::Result<Option<ferry_engine::memory::Delta>> {
         let d = match tracking.as_mut() {
-            Some(tr) => tr.delta(pid)?,
+            Some(tr) => tr.delta(pid, smaps)?,
             None => None,
         };
         let d = match (d, post) {
@@ -527,6 +555,8 @@ fn migrate_inner(
     let mut phases = DowntimePhases {
         freeze_ms: stats.freeze_ms,
         dump_ms: td.elapsed().as_secs_f64() * 1e3 - stats.freeze_ms,
+        collect_ms: stats.collect_ms,
+        memory_ms: stats.memory_ms,
         ..Default::default()
     };
     let tc = Instant::now();
@@ -536,7 +566,9 @@ fn migrate_inner(
         for r in tracked.lock().unwrap().iter() {
             iw.meta(TAG_PRECOPY, r)?;
         }
+        let tf = Instant::now();
         let summary = iw.finish()?;
+        phases.finish_ms = tf.elapsed().as_secs_f64() * 1e3;
         let ns = format!("/proc/{}/ns/net", o.pid);
         let tr = Instant::now();
         for a in &o.move_addresses {
@@ -552,6 +584,7 @@ fn migrate_inner(
             )?;
             g.flush().map_err(io("sending the image"))?;
         }
+        phases.commit_sent_ms = tc.elapsed().as_secs_f64() * 1e3;
         sent += summary.page_bytes;
         progress("final", sent, rounds.len() as u32);
         let mut buf = Vec::new();
@@ -562,6 +595,9 @@ fn migrate_inner(
             Kind::Ready => {
                 let v: serde_json::Value = wire::parse(Kind::Ready, &buf)?;
                 restore_report = v["restore"].clone();
+                if let Some(a) = v.get("agent") {
+                    restore_report["agent"] = a.clone();
+                }
                 Ok(v["pid"].as_i64().unwrap_or(0) as i32)
             }
             Kind::Failed => {
@@ -592,11 +628,18 @@ fn migrate_inner(
     let frozen_at = Instant::now() - Duration::from_secs_f64(held.frozen_ms() / 1e3);
     let mut held = Some(held);
     if !post {
-        if let Some(h) = held.take() {
-            h.kill_moved();
-        }
-        if let Some(t) = tracking.take() {
-            t.stop();
+        // Bound to die with us before Go: it can never run here again. Killing it (a large
+        // process takes tens of ms to exit) waits until it runs at the destination.
+        if let Some(h) = held.as_mut() {
+            if let Err(e) = h.doom() {
+                for r in released {
+                    r.restore();
+                }
+                if let Some(h) = held.take() {
+                    h.resume();
+                }
+                return Err(e.into());
+            }
         }
     }
     phases.to_ready_ms = tc.elapsed().as_secs_f64() * 1e3;
@@ -675,19 +718,52 @@ fn migrate_inner(
         }
     } else {
         if let Err(e) = done {
-            // Ask the agent what became of it.
+            // Ask the agent what became of it. Our copy is still whole (frozen, bound to die
+            // with us): if the destination says its copy is gone, ours runs on.
             let st: Result<MigrationInfo> = http.get(&format!("/v1/migrations/{}", created.id));
             match st {
-                Ok(m) if m.state == "running" || m.state == "exited" => {}
+                Ok(m) if m.state == "running" || m.state == "exited" => {
+                    if let Some(h) = held.take() {
+                        h.kill_moved();
+                    }
+                }
+                Ok(m) if m.state == "failed" || m.state == "cancelled" => {
+                    for r in released {
+                        r.restore();
+                    }
+                    if let Some(t) = tracking.take() {
+                        t.stop();
+                    }
+                    if let Some(h) = held.take() {
+                        h.resume();
+                    }
+                    return Err(MigrateError::Failed(format!(
+                        "the destination dropped its copy after Go ({e}; it says {}: {})",
+                        m.state,
+                        m.error.unwrap_or_default()
+                    )));
+                }
                 _ => {
+                    // Unknown: never two copies. Ours goes.
+                    if let Some(h) = held.take() {
+                        h.kill_moved();
+                    }
                     return Err(MigrateError::Failed(format!(
                         "the source copy of process {} is gone and the destination did not \
                          confirm it runs there ({e}); check migration {} on {}",
                         o.pid, created.id, o.to
-                    )))
+                    )));
                 }
             }
-        } else if o.mode == Mode::Precopy {
+        }
+        // It runs at the destination: ours goes now, outside the downtime.
+        if let Some(h) = held.take() {
+            h.kill_moved();
+        }
+        if let Some(t) = tracking.take() {
+            t.stop();
+        }
+        if o.mode == Mode::Precopy {
             match read_filled() {
                 Ok(r) => fill = Some(r),
                 Err(e) => notes.push(format!(

@@ -18,6 +18,11 @@ pub struct PageStore {
     next: u64,
     /// Per process, the memory whose stored pages are still valid (from the final image).
     tracked: HashMap<i32, Vec<(u64, u64)>>,
+    /// Per process, the addresses held, sorted as they arrive (so that `set_tracked`, in the
+    /// downtime, only walks them).
+    by_pid: HashMap<i32, std::collections::BTreeSet<u64>>,
+    /// Per process, runs of the valid pages held (computed once, at `set_tracked`).
+    held: HashMap<i32, Vec<(u64, u64)>>,
 }
 
 impl PageStore {
@@ -36,6 +41,8 @@ impl PageStore {
             index: HashMap::new(),
             next: 0,
             tracked: HashMap::new(),
+            by_pid: HashMap::new(),
+            held: HashMap::new(),
         })
     }
 
@@ -73,13 +80,19 @@ impl PageStore {
             self.file
                 .write_all_at(&data[..(n * PAGE) as usize], slot * PAGE)
                 .map_err(io(format!("writing pages to {}", self.path.display())))?;
+            let set = self.by_pid.entry(pid).or_default();
             for i in 0..n {
                 self.index.insert((pid, addr + i * PAGE), slot + i);
+                set.insert(addr + i * PAGE);
             }
             self.next += n;
             return Ok(());
         }
         let mut next = self.next;
+        let set = self.by_pid.entry(pid).or_default();
+        for i in 0..n {
+            set.insert(addr + i * PAGE);
+        }
         let slots: Vec<u64> = (0..n)
             .map(|i| {
                 *self.index.entry((pid, addr + i * PAGE)).or_insert_with(|| {
@@ -107,6 +120,34 @@ impl PageStore {
 
     pub fn set_tracked(&mut self, tracked: HashMap<i32, Vec<(u64, u64)>>) {
         self.tracked = tracked;
+        // One pass over the index, then per process: sorted pages walked against the
+        // sorted tracked ranges.
+        self.held.clear();
+        for (&pid, pages) in &self.by_pid {
+            if !self.tracked.contains_key(&pid) {
+                continue;
+            }
+            let mut ranges = self.tracked[&pid].clone();
+            ranges.sort_unstable();
+            let mut runs: Vec<(u64, u64)> = Vec::new();
+            let mut r = 0;
+            for &a in pages {
+                while r < ranges.len() && ranges[r].1 <= a {
+                    r += 1;
+                }
+                if r == ranges.len() {
+                    break;
+                }
+                if a < ranges[r].0 {
+                    continue;
+                }
+                match runs.last_mut() {
+                    Some(l) if l.1 == a => l.1 += PAGE,
+                    _ => runs.push((a, a + PAGE)),
+                }
+            }
+            self.held.insert(pid, runs);
+        }
     }
 }
 
@@ -118,37 +159,7 @@ impl Drop for PageStore {
 
 impl BasePages for PageStore {
     fn held(&self, pid: i32) -> Vec<(u64, u64)> {
-        let Some(ranges) = self.tracked.get(&pid) else {
-            return Vec::new();
-        };
-        let mut ranges = ranges.clone();
-        ranges.sort_unstable();
-        let mut pages: Vec<u64> = self
-            .index
-            .keys()
-            .filter(|(p, _)| *p == pid)
-            .map(|(_, a)| *a)
-            .collect();
-        pages.sort_unstable();
-        // Both sorted: one walk keeps the pages inside the tracked ranges.
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        let mut r = 0;
-        for a in pages {
-            while r < ranges.len() && ranges[r].1 <= a {
-                r += 1;
-            }
-            if r == ranges.len() {
-                break;
-            }
-            if a < ranges[r].0 {
-                continue;
-            }
-            match runs.last_mut() {
-                Some(l) if l.1 == a => l.1 += PAGE,
-                _ => runs.push((a, a + PAGE)),
-            }
-        }
-        runs
+        self.held.get(&pid).cloned().unwrap_or_default()
     }
 
     fn read_into(&self, pid: i32, addr: u64, buf: &mut [u8]) -> ferry_engine::Result<()> {

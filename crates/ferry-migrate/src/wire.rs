@@ -116,6 +116,9 @@ pub enum Kind {
     /// Agent: every page is in place (post-copy, or lazily filled pre-copy); the source copy
     /// may go. {"bytes", "fill_ms", ...}
     Filled = 14,
+    /// Agent: every page of the round is stored (the source freezes only once the agent has
+    /// caught up).
+    RoundAck = 15,
 }
 
 impl Kind {
@@ -136,6 +139,7 @@ impl Kind {
             12 => PageRequest,
             13 => PageData,
             14 => Filled,
+            15 => RoundAck,
             _ => return None,
         })
     }

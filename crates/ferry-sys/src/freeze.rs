@@ -55,6 +55,17 @@ impl Frozen {
         Self::freeze_with(pid, true)
     }
 
+    /// From now on the process dies if we do (PTRACE_O_EXITKILL on every thread): for a tree
+    /// that runs on elsewhere, so that it can never come back here, however Ferry ends.
+    pub fn bind_to_us(&mut self) -> Result<()> {
+        for t in &self.threads {
+            ptrace::setoptions(Pid::from_raw(t.tid), ptrace::Options::PTRACE_O_EXITKILL)
+                .map_err(pt_err("ptrace setoptions (EXITKILL)", t.tid))?;
+        }
+        self.exit_kill = true;
+        Ok(())
+    }
+
     fn freeze_with(pid: i32, exit_kill: bool) -> Result<Frozen> {
         check_inspectable(pid)?;
         let mut f = Frozen {

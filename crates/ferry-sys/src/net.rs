@@ -644,3 +644,170 @@ pub fn send_garp(ifname: &str, ip: std::net::Ipv4Addr) -> Result<()> {
     }
     Ok(())
 }
+
+/// An IPv4 address on an interface (rtnetlink), in the calling thread's network namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct IfAddr {
+    pub ifindex: u32,
+    pub ifname: String,
+    pub addr: std::net::Ipv4Addr,
+    pub prefix: u8,
+}
+
+const RTM_NEWADDR: u16 = 20;
+const RTM_DELADDR: u16 = 21;
+const RTM_GETADDR: u16 = 22;
+const NLMSG_ERROR: u16 = 2;
+const NLMSG_DONE: u16 = 3;
+
+fn rtnl() -> Result<OwnedFd> {
+    // SAFETY: socket takes integers and returns a new fd.
+    let rc = unsafe {
+        libc::socket(
+            libc::AF_NETLINK,
+            libc::SOCK_DGRAM | libc::SOCK_CLOEXEC,
+            libc::NETLINK_ROUTE,
+        )
+    };
+    owned(rc as libc::c_long, || "rtnetlink socket".into())
+}
+
+/// An RTM_*ADDR message for `addr/prefix` on `ifindex` (AF_INET, universe scope).
+fn addr_msg(ty: u16, flags: u16, ifindex: u32, addr: std::net::Ipv4Addr, prefix: u8) -> Vec<u8> {
+    let mut m = Vec::with_capacity(40);
+    m.extend_from_slice(&40u32.to_ne_bytes());
+    m.extend_from_slice(&ty.to_ne_bytes());
+    m.extend_from_slice(&flags.to_ne_bytes());
+    m.extend_from_slice(&1u32.to_ne_bytes());
+    m.extend_from_slice(&0u32.to_ne_bytes());
+    // struct ifaddrmsg: family, prefixlen, flags, scope, index.
+    m.extend_from_slice(&[libc::AF_INET as u8, prefix, 0, 0]);
+    m.extend_from_slice(&ifindex.to_ne_bytes());
+    // IFA_LOCAL and IFA_ADDRESS, 8 bytes each.
+    for attr in [2u16, 1u16] {
+        m.extend_from_slice(&8u16.to_ne_bytes());
+        m.extend_from_slice(&attr.to_ne_bytes());
+        m.extend_from_slice(&addr.octets());
+    }
+    m
+}
+
+/// Every IPv4 address of the calling thread's network namespace.
+pub fn ipv4_addrs() -> Result<Vec<IfAddr>> {
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_DUMP: u16 = 0x300;
+    let nl = rtnl()?;
+    let mut req = Vec::with_capacity(24);
+    req.extend_from_slice(&24u32.to_ne_bytes());
+    req.extend_from_slice(&RTM_GETADDR.to_ne_bytes());
+    req.extend_from_slice(&(NLM_F_REQUEST | NLM_F_DUMP).to_ne_bytes());
+    req.extend_from_slice(&1u32.to_ne_bytes());
+    req.extend_from_slice(&0u32.to_ne_bytes());
+    req.extend_from_slice(&[libc::AF_INET as u8, 0, 0, 0, 0, 0, 0, 0]);
+    send_all(&nl, &req, 0)?;
+    let mut out = Vec::new();
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let n = recv(&nl, &mut buf, 0)?;
+        let mut off = 0;
+        while off + 16 <= n {
+            let len = rd_u32(&buf, off) as usize;
+            let ty = u16::from_ne_bytes([buf[off + 4], buf[off + 5]]);
+            if len < 16 || off + len > n {
+                return Err(Error::Parse("rtnetlink: malformed message".into()));
+            }
+            match ty {
+                NLMSG_DONE => return Ok(out),
+                NLMSG_ERROR => {
+                    let e = i32::from_ne_bytes(buf[off + 16..off + 20].try_into().unwrap());
+                    return Err(Error::io(
+                        "listing addresses (rtnetlink)",
+                        std::io::Error::from_raw_os_error(-e),
+                    ));
+                }
+                RTM_NEWADDR => {
+                    let m = &buf[off + 16..off + len];
+                    if m.len() >= 8 && m[0] == libc::AF_INET as u8 {
+                        let prefix = m[1];
+                        let ifindex = rd_u32(m, 4);
+                        let (mut local, mut address) = (None, None);
+                        let mut a = 8;
+                        while a + 4 <= m.len() {
+                            let alen = u16::from_ne_bytes([m[a], m[a + 1]]) as usize;
+                            let aty = u16::from_ne_bytes([m[a + 2], m[a + 3]]);
+                            if alen < 4 || a + alen > m.len() {
+                                break;
+                            }
+                            let v = &m[a + 4..a + alen];
+                            if v.len() == 4 {
+                                let ip = std::net::Ipv4Addr::new(v[0], v[1], v[2], v[3]);
+                                match aty {
+                                    1 => address = Some(ip),
+                                    2 => local = Some(ip),
+                                    _ => {}
+                                }
+                            }
+                            a += (alen + 3) & !3;
+                        }
+                        if let Some(addr) = local.or(address) {
+                            let mut name = [0 as libc::c_char; libc::IF_NAMESIZE];
+                            // SAFETY: if_indextoname writes at most IF_NAMESIZE bytes.
+                            let p = unsafe { libc::if_indextoname(ifindex, name.as_mut_ptr()) };
+                            let ifname = if p.is_null() {
+                                String::new()
+                            } else {
+                                // SAFETY: on success the buffer holds a NUL-terminated name.
+                                unsafe { std::ffi::CStr::from_ptr(name.as_ptr()) }
+                                    .to_string_lossy()
+                                    .into_owned()
+                            };
+                            out.push(IfAddr {
+                                ifindex,
+                                ifname,
+                                addr,
+                                prefix,
+                            });
+                        }
+                    }
+                }
+                _ => {}
+            }
+            off += (len + 3) & !3;
+        }
+    }
+}
+
+/// Add (or delete) `addr/prefix` on interface `ifindex`, in the calling thread's network
+/// namespace, and wait for the kernel's answer.
+pub fn change_addr(add: bool, ifindex: u32, addr: std::net::Ipv4Addr, prefix: u8) -> Result<()> {
+    const NLM_F_REQUEST: u16 = 1;
+    const NLM_F_ACK: u16 = 4;
+    const NLM_F_EXCL: u16 = 0x200;
+    const NLM_F_CREATE: u16 = 0x400;
+    let nl = rtnl()?;
+    let (ty, flags) = if add {
+        (
+            RTM_NEWADDR,
+            NLM_F_REQUEST | NLM_F_ACK | NLM_F_CREATE | NLM_F_EXCL,
+        )
+    } else {
+        (RTM_DELADDR, NLM_F_REQUEST | NLM_F_ACK)
+    };
+    send_all(&nl, &addr_msg(ty, flags, ifindex, addr, prefix), 0)?;
+    let mut buf = vec![0u8; 8192];
+    let n = recv(&nl, &mut buf, 0)?;
+    if n >= 20 && u16::from_ne_bytes([buf[4], buf[5]]) == NLMSG_ERROR {
+        let e = i32::from_ne_bytes(buf[16..20].try_into().unwrap());
+        if e == 0 {
+            return Ok(());
+        }
+        return Err(Error::io(
+            format!(
+                "{} address {addr}/{prefix} on interface {ifindex}",
+                if add { "adding" } else { "deleting" }
+            ),
+            std::io::Error::from_raw_os_error(-e),
+        ));
+    }
+    Err(Error::Parse("rtnetlink: no acknowledgement".into()))
+}
