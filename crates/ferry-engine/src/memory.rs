@@ -141,7 +141,7 @@ pub fn dump(
             huge_page_kb: 0,
         });
     }
-    add_smaps(pid, &smaps, maps, &mut out)?;
+    add_smaps(pid, smaps, maps, &mut out)?;
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(3);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..4 {
