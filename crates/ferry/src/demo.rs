@@ -21,6 +21,16 @@ pub struct DemoArgs {
     /// Use the built-in service even if redis-server is installed.
     #[arg(long)]
     builtin: bool,
+    /// Migration mode for every hop: precopy, postcopy, hybrid or stop.
+    #[arg(long, default_value = "precopy")]
+    mode: String,
+    /// Migrations, alternately to host b and back to a (2: there and back).
+    #[arg(long, default_value_t = 2)]
+    hops: u32,
+    /// Fill Redis with about this many MiB of data first (DEBUG POPULATE, 1 KiB values):
+    /// the demo as a benchmark of a loaded server.
+    #[arg(long, default_value_t = 0)]
+    dataset_mib: u64,
     #[arg(long)]
     json: bool,
 }
@@ -295,6 +305,9 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         ])
         .args(["--appendonly", "no", "--protected-mode", "no", "--dir"])
         .arg(&dir);
+        if a.dataset_mib > 0 {
+            svc.args(["--enable-debug-command", "yes"]);
+        }
     } else {
         svc.arg(&me)
             .args(["demo-service", "--listen", &format!("{vip}:6379")]);
@@ -316,6 +329,31 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         }
     );
 
+    if a.dataset_mib > 0 {
+        if !redis {
+            bail!("--dataset-mib needs redis-server");
+        }
+        let t = Instant::now();
+        let c = connect_in(&ns_c, &format!("{vip}:6379"))?;
+        c.set_read_timeout(Some(Duration::from_secs(600)))?;
+        let mut w = c.try_clone()?;
+        let keys = a.dataset_mib * 1024;
+        w.write_all(&resp(&[
+            "DEBUG",
+            "POPULATE",
+            &keys.to_string(),
+            "data",
+            "1024",
+        ]))?;
+        let got = reply(&mut BufReader::new(c))?;
+        if got != "+OK" {
+            bail!("filling redis: {got}");
+        }
+        eprintln!(
+            "ferry demo: {keys} keys of 1 KiB loaded in {:.1} s",
+            t.elapsed().as_secs_f64()
+        );
+    }
     // The client, on its own host: one connection, writing and counting acknowledgements.
     let conn = connect_in(&ns_c, &format!("{vip}:6379"))?;
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
@@ -352,12 +390,18 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
     };
     pause()?;
 
-    // There and back.
+    // There and back (and again, with --hops).
     let mut reports = Vec::new();
-    for (hop, (to, from_ns_init)) in [(&agents[1].0, None), (&agents[0].0, Some(agents[1].1))]
-        .into_iter()
-        .enumerate()
-    {
+    let legs = [
+        (&agents[1].0, Some(agents[0].1)),
+        (&agents[0].0, Some(agents[1].1)),
+    ];
+    for hop in 0..a.hops as usize {
+        let (to, mut from_ns_init) = legs[hop % 2];
+        if hop == 0 {
+            // The service started outside any agent's PID namespace.
+            from_ns_init = None;
+        }
         interrupted()?;
         let before = acked.load(Ordering::SeqCst);
         worst_us.store(0, Ordering::Relaxed);
@@ -382,6 +426,7 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
             .arg("--token-file")
             .arg(dir.join("token"))
             .args(["--move-address", &format!("{vip}/24"), "--json"])
+            .args(["--mode", &a.mode])
             .output()?;
         if !out.status.success() {
             bail!(
@@ -420,8 +465,17 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
             lost += 1;
         }
     }
+    let mut downs: Vec<f64> = reports
+        .iter()
+        .filter_map(|r| r["report"]["downtime_ms"].as_f64())
+        .collect();
+    downs.sort_by(|x, y| x.total_cmp(y));
+    let median = downs.get(downs.len() / 2).copied().unwrap_or(0.0);
     let summary = serde_json::json!({
         "service": if redis { "redis-server" } else { "built-in" },
+        "mode": a.mode,
+        "dataset_mib": a.dataset_mib,
+        "downtime_median_ms": median,
         "migrations": reports,
         "writes_acknowledged": last + 1,
         "writes_lost": lost,
@@ -431,7 +485,9 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         println!("{}", serde_json::to_string_pretty(&summary)?);
     } else {
         println!(
-            "ferry demo: the service moved to host b and back over one client connection: {} writes acknowledged, {lost} lost, no reconnect",
+            "ferry demo: the service moved {} time(s) between hosts a and b ({} mode) over one client connection: {} writes acknowledged, {lost} lost, no reconnect; median downtime {median:.1} ms",
+            reports.len(),
+            a.mode,
             last + 1
         );
     }
