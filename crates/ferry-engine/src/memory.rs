@@ -344,6 +344,15 @@ fn read_all(
             }
             continue;
         }
+        if lazy {
+            // Post-copy: only where the data is, listed by the kernel in runs.
+            for (a, e) in ferry_sys::uffd::present_runs(pid, m.start, m.end)? {
+                if !send_lazy(a, (e - a) as usize) {
+                    return Ok(());
+                }
+            }
+            continue;
+        }
         let kind = img.kind;
         let npages = (m.len() / PAGE_SIZE as u64) as usize;
         let wanted = |f: u64| {

@@ -442,3 +442,49 @@ impl AsRawFd for LazyUffd {
         self.uffd.as_raw_fd()
     }
 }
+
+const PAGE_IS_SWAPPED: u64 = 1 << 4;
+const PAGE_IS_PFNZERO: u64 = 1 << 5;
+
+/// Runs [start, end) of the pages of [start, end) of process `pid` that hold data (present
+/// or swapped, not the shared zero page): one PAGEMAP_SCAN call per 4096 runs, where reading
+/// the pagemap costs 8 bytes per page.
+pub fn present_runs(pid: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+        .map_err(|e| Error::io(format!("opening /proc/{pid}/pagemap"), e))?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    let mut buf = vec![PageRegion::default(); 4096];
+    let mut at = start;
+    while at < end {
+        let mut arg = PmScanArg {
+            size: std::mem::size_of::<PmScanArg>() as u64,
+            flags: 0,
+            start: at,
+            end,
+            vec: buf.as_mut_ptr() as u64,
+            vec_len: buf.len() as u64,
+            category_inverted: PAGE_IS_PFNZERO,
+            category_mask: PAGE_IS_PFNZERO,
+            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+            ..Default::default()
+        };
+        let n = ioctl(
+            &pagemap,
+            PAGEMAP_SCAN,
+            &mut arg,
+            &format!("PAGEMAP_SCAN of process {pid}"),
+        )? as usize;
+        for r in &buf[..n.min(buf.len())] {
+            match out.last_mut() {
+                Some(l) if l.1 == r.start => l.1 = r.end,
+                _ => out.push((r.start, r.end)),
+            }
+        }
+        if arg.walk_end <= at {
+            break;
+        }
+        at = arg.walk_end;
+    }
+    Ok(out)
+}
