@@ -7,8 +7,6 @@ use crate::mem::read_mem;
 use crate::procfs::{check_inspectable, list_threads, read_maps, MapKind};
 use nix::errno::Errno;
 use nix::sys::ptrace;
-use nix::sys::signal::Signal;
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 
 pub type Regs = libc::user_regs_struct;
@@ -32,7 +30,8 @@ pub struct Frozen {
     pid: i32,
     threads: Vec<FrozenThread>,
     /// Signals that arrived while we held a thread; handed back on detach.
-    pending: Vec<(i32, Signal)>,
+    /// Raw signal numbers: real-time signals have no `Signal` value.
+    pending: Vec<(i32, i32)>,
     syscall_insn: Option<u64>,
     /// PTRACE_O_EXITKILL: the process dies if we do (a process being built by a restore).
     exit_kill: bool,
@@ -132,18 +131,16 @@ impl Frozen {
             }
         }
         loop {
-            match waitpid(p, Some(WaitPidFlag::__WALL)) {
-                Ok(WaitStatus::PtraceEvent(_, _, ev)) if ev == libc::PTRACE_EVENT_STOP => break,
-                Ok(WaitStatus::Stopped(_, sig)) => {
-                    // A signal raced with the interrupt: let it be delivered, the interrupt
-                    // stop stays pending and follows.
-                    ptrace::cont(p, Some(sig)).map_err(pt_err("ptrace cont", tid))?;
+            match wait_raw(tid) {
+                Ok(Stop::Event(ev)) if ev == libc::PTRACE_EVENT_STOP => break,
+                Ok(Stop::Signal(sig)) => {
+                    // A signal raced with the interrupt (real-time ones too): let it be
+                    // delivered, the interrupt stop stays pending and follows.
+                    cont_raw(tid, sig).map_err(pt_err("ptrace cont", tid))?;
                 }
-                Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) | Err(Errno::ECHILD) => {
-                    return Ok(None)
-                }
-                Ok(_) => {
-                    ptrace::cont(p, None).map_err(pt_err("ptrace cont", tid))?;
+                Ok(Stop::Gone) | Err(Errno::ECHILD) => return Ok(None),
+                Ok(Stop::Event(_)) => {
+                    cont_raw(tid, 0).map_err(pt_err("ptrace cont", tid))?;
                 }
                 Err(Errno::EINTR) => continue,
                 Err(e) => return Err(pt_err("waitpid", tid)(e)),
@@ -264,18 +261,15 @@ impl Frozen {
         for _ in 0..16 {
             ptrace::step(p, None).map_err(pt_err("ptrace singlestep", tid))?;
             loop {
-                match waitpid(p, Some(WaitPidFlag::__WALL)) {
-                    Ok(WaitStatus::Stopped(_, sig)) => {
-                        if sig != Signal::SIGTRAP {
+                match wait_raw(tid) {
+                    Ok(Stop::Signal(sig)) => {
+                        if sig != libc::SIGTRAP {
                             self.pending.push((tid, sig));
                         }
                         break;
                     }
-                    Ok(WaitStatus::PtraceEvent(..)) => break,
-                    Ok(WaitStatus::Exited(..)) | Ok(WaitStatus::Signaled(..)) => {
-                        return Err(Error::NoSuchProcess(self.pid))
-                    }
-                    Ok(_) => break,
+                    Ok(Stop::Event(_)) => break,
+                    Ok(Stop::Gone) => return Err(Error::NoSuchProcess(self.pid)),
                     Err(Errno::EINTR) => continue,
                     Err(e) => return Err(pt_err("waitpid", tid)(e)),
                 }
@@ -433,8 +427,12 @@ impl Frozen {
                 .pending
                 .iter()
                 .position(|(tid, _)| *tid == t.tid)
-                .map(|i| self.pending.remove(i).1);
-            let _ = ptrace::detach(Pid::from_raw(t.tid), sig);
+                .map(|i| self.pending.remove(i).1)
+                .unwrap_or(0);
+            // SAFETY: PTRACE_DETACH takes integers; `sig` is handed back to the thread.
+            unsafe {
+                libc::ptrace(libc::PTRACE_DETACH, t.tid, 0, sig as libc::c_long);
+            }
         }
     }
 }
@@ -443,6 +441,42 @@ impl Drop for Frozen {
     fn drop(&mut self) {
         self.detach_all();
     }
+}
+
+/// What a traced thread stopped for (raw: nix cannot name real-time signals).
+enum Stop {
+    /// Exited or killed.
+    Gone,
+    /// A ptrace event stop (PTRACE_EVENT_*).
+    Event(i32),
+    /// Signal-delivery stop, with the signal number.
+    Signal(i32),
+}
+
+fn wait_raw(tid: i32) -> std::result::Result<Stop, Errno> {
+    let mut st = 0;
+    // SAFETY: waitpid writes only `st`.
+    let r = unsafe { libc::waitpid(tid, &mut st, libc::__WALL) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    if libc::WIFEXITED(st) || libc::WIFSIGNALED(st) {
+        return Ok(Stop::Gone);
+    }
+    let event = (st >> 16) & 0xff;
+    if event != 0 {
+        return Ok(Stop::Event(event));
+    }
+    Ok(Stop::Signal(libc::WSTOPSIG(st)))
+}
+
+fn cont_raw(tid: i32, sig: i32) -> std::result::Result<(), Errno> {
+    // SAFETY: PTRACE_CONT takes integers.
+    let r = unsafe { libc::ptrace(libc::PTRACE_CONT, tid, 0, sig as libc::c_long) };
+    if r < 0 {
+        return Err(Errno::last());
+    }
+    Ok(())
 }
 
 /// PTRACE_GETREGSET(NT_X86_XSTATE) on a stopped, traced thread.
