@@ -172,7 +172,8 @@ pub fn dump(
             out.push(img);
             continue;
         }
-        let meta = std::fs::metadata(&path)
+        // Through /proc: the path may lie in a mount namespace of the process's own.
+        let meta = std::fs::metadata(format!("{dir}/{fd}"))
             .map_err(|e| EngineError::Failed(format!("process {pid} fd {fd}: {path}: {e}")))?;
         let ft = meta.file_type();
         use std::os::unix::fs::FileTypeExt;
@@ -221,9 +222,18 @@ pub fn dump(
 
 /// Check that the files are still what they were, before anything is created.
 /// `allow_changed`: accept regular files whose size or permissions changed since the dump.
-pub fn check(fds: &[FdImage], allow_changed: bool) -> Result<()> {
+/// `mounts`: where files on the mounts the tree made are now (files on a tmpfs the restore
+/// recreates from the image are not checked).
+pub fn check(
+    fds: &[FdImage],
+    allow_changed: bool,
+    mounts: &crate::namespaces::MountView,
+) -> Result<()> {
     for f in fds.iter().filter(|f| f.by_path()) {
-        let m = std::fs::metadata(&f.path).map_err(|e| {
+        let Some(here) = mounts.host_path(&f.path) else {
+            continue;
+        };
+        let m = std::fs::metadata(&here).map_err(|e| {
             EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path))
         })?;
         if m.mode() & libc::S_IFMT != f.mode & libc::S_IFMT {
