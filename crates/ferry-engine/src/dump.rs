@@ -309,6 +309,7 @@ pub fn dump_into(
     for f in tree.iter_mut() {
         collected.push(collect(f, &mut seen, &mut net.st, &tree_pids)?);
     }
+    crate::sockets::check_peers(&mut net.st)?;
     crate::namespaces::check_tree(&tree_pids)?;
     collected[0].0.namespaces = crate::namespaces::dump(pid)?;
     let threads: usize = collected.iter().map(|c| c.0.threads.len()).sum();
