@@ -312,6 +312,7 @@ pub fn dump_into(
     crate::sockets::check_peers(&mut net.st)?;
     crate::namespaces::check_tree(&tree_pids)?;
     collected[0].0.namespaces = crate::namespaces::dump(pid)?;
+    crate::namespaces::check_paths(&collected[0].0.namespaces, collected.iter().map(|c| &c.0))?;
     let threads: usize = collected.iter().map(|c| c.0.threads.len()).sum();
     let pids: Vec<i32> = collected.iter().map(|c| c.0.pid).collect();
     let ppids: Vec<i32> = collected.iter().map(|c| c.0.ppid).collect();

@@ -94,6 +94,9 @@ pub struct TmpfsFile {
     /// Link: the path (relative to the mount point) of an earlier name of the same file.
     #[serde(default)]
     pub link: String,
+    /// Character or block device: its device number.
+    #[serde(default)]
+    pub rdev: u64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -104,6 +107,13 @@ pub enum TmpfsKind {
     Symlink,
     /// Another name (hard link) of a file listed before.
     Link,
+    /// A FIFO (recreated empty: bytes in it travel with the fds open on it).
+    Fifo,
+    /// A Unix socket's file (recreated as a file no socket listens on; a socket of the tree
+    /// bound there is refused).
+    Socket,
+    CharDevice,
+    BlockDevice,
 }
 
 /// The most file bytes a dump carries for all the tmpfs mounts of a tree together.
@@ -203,7 +213,8 @@ fn dump_mounts(pid: i32) -> Result<(bool, Vec<MountImage>)> {
             };
             if !same {
                 return Err(refuse(format!(
-                    "its mount namespace has another root file system ({} {} of device {},                      root {}) than Ferry's (pivot_root), which this version cannot carry",
+                    "its mount namespace has another root file system ({} {} of device {}, \
+                     root {}) than Ferry's (pivot_root), which this version cannot carry",
                     m.fstype, m.source, m.dev, m.root
                 )));
             }
@@ -234,7 +245,8 @@ fn dump_mounts(pid: i32) -> Result<(bool, Vec<MountImage>)> {
             source = join(&o.mount_point, rel);
             if std::fs::symlink_metadata(&source).is_err() {
                 return Err(refuse(format!(
-                    "its mount namespace has a bind mount of {source} on {target}, and {source}                      does not exist (any more) in Ferry's"
+                    "its mount namespace has a bind mount of {source} on {target}, and {source} \
+                     does not exist (any more) in Ferry's"
                 )));
             }
         } else if let Some((_, mp)) = fresh.iter().find(|(d, _)| *d == m.dev) {
@@ -243,7 +255,8 @@ fn dump_mounts(pid: i32) -> Result<(bool, Vec<MountImage>)> {
             source = join(mp, rel);
         } else if m.root != "/" {
             return Err(refuse(format!(
-                "its mount namespace has a bind mount on {target} of {} in a {} file system                  ({}) that is mounted nowhere else, which this version cannot carry",
+                "its mount namespace has a bind mount on {target} of {} in a {} file system \
+                 ({}) that is mounted nowhere else, which this version cannot carry",
                 m.root, m.fstype, m.source
             )));
         } else {
@@ -253,7 +266,9 @@ fn dump_mounts(pid: i32) -> Result<(bool, Vec<MountImage>)> {
                 "sysfs" => MountKind::Sysfs,
                 other => {
                     return Err(refuse(format!(
-                        "its mount namespace has a mount of type {other} on {target} (source                          {}), which this version cannot carry (it carries tmpfs, proc and sysfs                          mounts, bind mounts and remounts)",
+                        "its mount namespace has a mount of type {other} on {target} (source \
+                         {}), which this version cannot carry (it carries tmpfs, proc and sysfs \
+                         mounts, bind mounts and remounts)",
                         m.source
                     )))
                 }
@@ -263,7 +278,8 @@ fn dump_mounts(pid: i32) -> Result<(bool, Vec<MountImage>)> {
         }
         if let (MountKind::Tmpfs, Some(l)) = (kind, covered) {
             return Err(refuse(format!(
-                "the tmpfs on {target} in its mount namespace is covered by the later mount on                  {}, so its files cannot be read",
+                "the tmpfs on {target} in its mount namespace is covered by the later mount on \
+                 {}, so its files cannot be read",
                 full(&l.mount_point)
             )));
         }
@@ -329,6 +345,7 @@ fn read_tmpfs(pid: i32, at: &str, target: &str, budget: &mut u64) -> Result<Vec<
         mtime: (m.mtime(), m.mtime_nsec()),
         data: String::new(),
         link: String::new(),
+        rdev: 0,
     };
     let top = std::fs::symlink_metadata(at).map_err(|e| io("its root", e))?;
     let dev = top.dev();
@@ -381,7 +398,9 @@ fn read_tmpfs(pid: i32, at: &str, target: &str, budget: &mut u64) -> Result<Vec<
                     return Err(EngineError::Unsupported {
                         pid,
                         what: format!(
-                            "the tmpfs on {target} in its mount namespace holds more file data                              than a dump carries ({} MiB for all its tmpfs mounts together;                              {rel} alone has {} bytes)",
+                            "the tmpfs on {target} in its mount namespace holds more file data \
+                             than a dump carries ({} MiB for all its tmpfs mounts together; \
+                             {rel} alone has {} bytes)",
                             TMPFS_MAX >> 20,
                             m.len()
                         ),
@@ -394,19 +413,18 @@ fn read_tmpfs(pid: i32, at: &str, target: &str, budget: &mut u64) -> Result<Vec<
                 out.push(e);
             } else {
                 use std::os::unix::fs::FileTypeExt;
-                let what = if ft.is_fifo() {
-                    "a FIFO"
+                let kind = if ft.is_fifo() {
+                    TmpfsKind::Fifo
                 } else if ft.is_socket() {
-                    "a Unix socket file"
+                    TmpfsKind::Socket
+                } else if ft.is_char_device() {
+                    TmpfsKind::CharDevice
                 } else {
-                    "a device node"
+                    TmpfsKind::BlockDevice
                 };
-                return Err(EngineError::Unsupported {
-                    pid,
-                    what: format!(
-                        "the tmpfs on {target} in its mount namespace holds {rel}, {what},                          which this version cannot carry"
-                    ),
-                });
+                let mut e = entry(&rel, &m, kind);
+                e.rdev = m.rdev();
+                out.push(e);
             }
         }
     }
@@ -545,30 +563,45 @@ fn fill_tmpfs(target: &str, files: &[TmpfsFile]) -> Result<()> {
                 std::fs::hard_link(join(target, &f.link), &p).map_err(fail)?;
                 continue;
             }
+            TmpfsKind::Fifo
+            | TmpfsKind::Socket
+            | TmpfsKind::CharDevice
+            | TmpfsKind::BlockDevice => {
+                use nix::sys::stat::{Mode, SFlag};
+                let ty = match f.kind {
+                    TmpfsKind::Fifo => SFlag::S_IFIFO,
+                    TmpfsKind::Socket => SFlag::S_IFSOCK,
+                    TmpfsKind::CharDevice => SFlag::S_IFCHR,
+                    _ => SFlag::S_IFBLK,
+                };
+                nix::sys::stat::mknod(p.as_str(), ty, Mode::empty(), f.rdev as libc::dev_t)
+                    .map_err(|e| fail(e.into()))?;
+            }
         }
         std::os::unix::fs::lchown(&p, Some(f.uid), Some(f.gid)).map_err(fail)?;
         if f.kind != TmpfsKind::Symlink {
-            // After chown, which clears set-user-ID and set-group-ID bits.
+            // After chown, which clears set-user-ID and set-group-ID bits (mknod made the
+            // special files with no permission at all).
             std::fs::set_permissions(&p, std::fs::Permissions::from_mode(f.mode)).map_err(fail)?;
         }
     }
-    for f in files.iter().rev() {
-        if matches!(f.kind, TmpfsKind::Symlink | TmpfsKind::Link) {
-            continue;
-        }
+    for f in files.iter().rev().filter(|f| f.kind != TmpfsKind::Link) {
         let p = join(target, &f.path);
-        let t = std::time::UNIX_EPOCH
-            + std::time::Duration::new(
-                f.mtime.0.max(0) as u64,
-                f.mtime.1.clamp(0, 999_999_999) as u32,
-            );
-        std::fs::File::open(&p)
-            .and_then(|h| h.set_times(std::fs::FileTimes::new().set_modified(t)))
-            .map_err(|e| {
-                EngineError::Failed(format!(
-                    "setting the time of {p} in the tmpfs on {target}: {e}"
-                ))
-            })?;
+        use nix::sys::stat::{utimensat, UtimensatFlags};
+        use nix::sys::time::TimeSpec;
+        let mtime = TimeSpec::new(f.mtime.0, f.mtime.1.clamp(0, 999_999_999));
+        utimensat(
+            nix::fcntl::AT_FDCWD,
+            p.as_str(),
+            &TimeSpec::UTIME_OMIT,
+            &mtime,
+            UtimensatFlags::NoFollowSymlink,
+        )
+        .map_err(|e| {
+            EngineError::Failed(format!(
+                "setting the time of {p} in the tmpfs on {target}: {e}"
+            ))
+        })?;
     }
     Ok(())
 }
@@ -670,6 +703,55 @@ fn host_path_in(mounts: &[MountImage], path: &str) -> Option<String> {
             Some(_) => return None,
         }
     }
+}
+
+/// Unix sockets and the files in flight in their queues are rebuilt by Ferry before the
+/// tree's mount namespace exists: refuse those whose paths lie on a mount the tree made.
+pub fn check_paths<'a>(
+    ns: &Namespaces,
+    imgs: impl IntoIterator<Item = &'a crate::schema::ProcessImage>,
+) -> Result<()> {
+    let on_mount = |p: &str| {
+        ns.mounts
+            .iter()
+            .rev()
+            .filter(|m| m.kind != MountKind::Remount)
+            .find(|m| under(p, &m.target).is_some())
+    };
+    for img in imgs {
+        for s in img.sockets.iter().filter(|s| s.family == libc::AF_UNIX) {
+            let at = img
+                .fds
+                .iter()
+                .find(|f| f.socket == Some(s.inode))
+                .map(|f| format!("fd {}", f.fd))
+                .unwrap_or_else(|| "a socket in flight".into());
+            let refuse = |what: String, m: &MountImage| EngineError::Unsupported {
+                pid: img.pid,
+                what: format!(
+                    "{at} (socket:[{}]): {what} lies on the {} mount the tree made on {} in its \
+                     mount namespace; sockets and the files in flight in their queues are \
+                     rebuilt before those mounts exist, which this version cannot do",
+                    s.inode,
+                    kind_name(m.kind),
+                    m.target
+                ),
+            };
+            let name = unhex(&s.local, "Unix socket name")?;
+            if name.first().is_some_and(|&c| c != 0) {
+                let path = String::from_utf8_lossy(&name).into_owned();
+                if let Some(m) = on_mount(&path) {
+                    return Err(refuse(format!("its name {path}"), m));
+                }
+            }
+            for f in s.queue_fds.iter().flatten().filter(|f| !f.path.is_empty()) {
+                if let Some(m) = on_mount(&f.path) {
+                    return Err(refuse(format!("the file {} in flight in it", f.path), m));
+                }
+            }
+        }
+    }
+    Ok(())
 }
 
 /// Every member of the tree must share the root's namespaces: one set is carried.

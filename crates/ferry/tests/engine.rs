@@ -1024,9 +1024,9 @@ fn mounts_made_in_its_own_mount_namespace_survive() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Mounts this version cannot carry (an overlay, a tmpfs holding more than the dump carries)
-/// stop the dump with an error naming the process and the mount point; the process runs on,
-/// untraced, and no image is left.
+/// Mounts this version cannot carry (an overlay, a tmpfs holding more than the dump carries,
+/// a Unix socket bound inside a mount of the tree's) stop the dump with an error naming the
+/// process and the mount point; the process runs on, untraced, and no image is left.
 #[test]
 fn unsupported_mounts_are_refused_and_the_process_runs_on() {
     let dir = tmpdir("badmounts");
@@ -1034,10 +1034,11 @@ fn unsupported_mounts_are_refused_and_the_process_runs_on() {
         std::fs::create_dir_all(dir.join(d)).unwrap();
     }
     let p = |d: &str| dir.join(d).display().to_string();
+    let sleep = "echo ready && exec sleep 1000";
     let cases = [
         (
             format!(
-                "mount -t overlay ferryov -o lowerdir={},upperdir={},workdir={} {}",
+                "mount -t overlay ferryov -o lowerdir={},upperdir={},workdir={} {} && {sleep}",
                 p("lower"),
                 p("upper"),
                 p("work"),
@@ -1047,18 +1048,33 @@ fn unsupported_mounts_are_refused_and_the_process_runs_on() {
         ),
         (
             format!(
-                "mount -t tmpfs -o size=64m ferrybig {} && head -c 17M /dev/zero > {}/big",
+                "mount -t tmpfs -o size=64m ferrybig {} && head -c 17M /dev/zero > {}/big && \
+                 {sleep}",
                 p("big"),
                 p("big")
             ),
             vec![format!("tmpfs on {}", p("big")), "16 MiB".to_string()],
         ),
+        // A Unix socket bound inside a tmpfs of its own: rebuilt before the mount exists.
+        (
+            format!(
+                "mount -t tmpfs ferrysock {} && exec python3 -c \"import socket,time\n\
+                 s=socket.socket(socket.AF_UNIX); s.bind('{}/s.sock'); s.listen()\n\
+                 print('ready', flush=True); time.sleep(1000)\"",
+                p("ov"),
+                p("ov")
+            ),
+            vec![
+                format!("its name {}/s.sock", p("ov")),
+                format!("tmpfs mount the tree made on {}", p("ov")),
+                "fd 3".to_string(),
+            ],
+        ),
     ];
-    for (i, (setup, wants)) in cases.iter().enumerate() {
+    for (i, (script, wants)) in cases.iter().enumerate() {
         let out = dir.join(format!("out{i}.txt"));
         let mut c = Command::new("unshare");
-        c.args(["--mount", "--", "sh", "-c"])
-            .arg(format!("{setup} && echo ready && exec sleep 1000"));
+        c.args(["--mount", "--", "sh", "-c", script]);
         let mut child = start_cmd(c, &out);
         wait_for(&out, "ready");
         let pid = child.id();
