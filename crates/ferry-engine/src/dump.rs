@@ -321,8 +321,10 @@ pub fn dump_into(
     for f in tree.iter_mut() {
         collected.push(collect(f, &mut seen, &mut net.st, &tree_pids)?);
     }
+    crate::sockets::check_peers(&mut net.st)?;
     crate::namespaces::check_tree(&tree_pids)?;
     collected[0].0.namespaces = crate::namespaces::dump(pid)?;
+    crate::namespaces::check_paths(&collected[0].0.namespaces, collected.iter().map(|c| &c.0))?;
     let threads: usize = collected.iter().map(|c| c.0.threads.len()).sum();
     let pids: Vec<i32> = collected.iter().map(|c| c.0.pid).collect();
     let ppids: Vec<i32> = collected.iter().map(|c| c.0.ppid).collect();

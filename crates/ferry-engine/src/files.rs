@@ -125,6 +125,8 @@ pub fn dump(
             if let Some(s) = crate::sockets::dump(socks, pid, fd, inode, flags, tree)? {
                 sockets.push(s);
             }
+            // Unix sockets found in flight in its queue, held by no process of the tree.
+            sockets.append(&mut socks.flight_socks);
             img.socket = Some(inode);
             out.push(img);
             continue;
@@ -172,7 +174,8 @@ pub fn dump(
             out.push(img);
             continue;
         }
-        let meta = std::fs::metadata(&path)
+        // Through /proc: the path may lie in a mount namespace of the process's own.
+        let meta = std::fs::metadata(format!("{dir}/{fd}"))
             .map_err(|e| EngineError::Failed(format!("process {pid} fd {fd}: {path}: {e}")))?;
         let ft = meta.file_type();
         use std::os::unix::fs::FileTypeExt;
@@ -221,9 +224,18 @@ pub fn dump(
 
 /// Check that the files are still what they were, before anything is created.
 /// `allow_changed`: accept regular files whose size or permissions changed since the dump.
-pub fn check(fds: &[FdImage], allow_changed: bool) -> Result<()> {
+/// `mounts`: where files on the mounts the tree made are now (files on a tmpfs the restore
+/// recreates from the image are not checked).
+pub fn check(
+    fds: &[FdImage],
+    allow_changed: bool,
+    mounts: &crate::namespaces::MountView,
+) -> Result<()> {
     for f in fds.iter().filter(|f| f.by_path()) {
-        let m = std::fs::metadata(&f.path).map_err(|e| {
+        let Some(here) = mounts.host_path(&f.path) else {
+            continue;
+        };
+        let m = std::fs::metadata(&here).map_err(|e| {
             EngineError::Failed(format!("fd {}: {} cannot be reopened: {e}", f.fd, f.path))
         })?;
         if m.mode() & libc::S_IFMT != f.mode & libc::S_IFMT {
@@ -393,12 +405,25 @@ pub fn restore(
         } else {
             None
         };
-        if f.socket.is_some() || made_here.is_some() {
-            let s = match (&made_here, f.socket) {
-                (Some(m), _) => m,
-                (None, Some(inode)) => built.socks.get(&inode).ok_or_else(|| {
+        // A pipe that is also in flight on a Unix socket was made in Ferry: its end is
+        // taken from there, so that the end in flight and this fd stay one pipe.
+        let built_pipe = f
+            .pipe
+            .and_then(|inode| built.pipes.get(&inode))
+            .map(|(r, w)| {
+                if f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32 {
+                    w
+                } else {
+                    r
+                }
+            });
+        if f.socket.is_some() || made_here.is_some() || built_pipe.is_some() {
+            let s = match (&made_here, f.socket, built_pipe) {
+                (Some(m), _, _) => m,
+                (None, Some(inode), _) => built.socks.get(&inode).ok_or_else(|| {
                     EngineError::Failed(format!("fd {}: socket:[{inode}] was not rebuilt", f.fd))
                 })?,
+                (None, None, Some(p)) => p,
                 _ => unreachable!(),
             };
             let pidfd = match ferry_pidfd {
@@ -422,6 +447,9 @@ pub fn restore(
                 [pidfd, s.as_raw_fd() as u64, 0, 0, 0, 0],
             )?;
             move_to(t, got, f)?;
+            if built_pipe.is_some() {
+                set_status_flags(t, f)?;
+            }
             continue;
         }
         if f.epoll.is_some() {

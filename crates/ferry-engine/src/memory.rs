@@ -113,10 +113,16 @@ pub fn dump(
             let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
             ghost = Some(crate::ghost::dump(pid, &link, &shown, ghosts)?);
         }
+        // The mapped file itself (map_files), as the path may lie in a mount namespace of
+        // the process's own.
         let meta = path
             .as_ref()
             .filter(|_| kind == MapKind::File)
-            .and_then(|p| std::fs::metadata(p).ok());
+            .and_then(|p| {
+                std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+                    .or_else(|_| std::fs::metadata(p))
+                    .ok()
+            });
         out.push(MappingImage {
             start: m.start,
             end: m.end,

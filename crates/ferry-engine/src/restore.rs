@@ -225,9 +225,13 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     // pages.fimg is mapped: checked in place, then written from there into the processes.
     let (mut reader, map) = open_mapped(dir)?;
     let (summary, index) = reader.verify_pages_indexed()?;
+    // Paths on mounts the tree made are checked where they are now (or not, when the restore
+    // makes them).
+    let mounts = crate::namespaces::MountView::new(&imgs[0].namespaces);
+    mounts.check()?;
     for img in &imgs {
-        memory::check_files(&img.mappings)?;
-        files::check(&img.fds, opts.allow_changed_files)?;
+        memory::check_files(&mounts.mappings(&img.mappings))?;
+        files::check(&img.fds, opts.allow_changed_files, &mounts)?;
         if let Some(r) = &img.root {
             if !Path::new(r).is_dir() {
                 return Err(EngineError::Failed(format!(

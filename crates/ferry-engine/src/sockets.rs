@@ -57,13 +57,31 @@ pub struct SocketImage {
     pub queue_fds: Vec<Vec<FlightFile>>,
 }
 
-/// A file in flight on a Unix socket: sent by one process, not received yet.
+/// A file in flight on a Unix socket: sent by one process, not received yet. A regular file
+/// or directory (reopened by its path), a pipe end, or a Unix socket.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct FlightFile {
+    /// A regular file or directory: its path (empty for a pipe or socket).
+    #[serde(default)]
     pub path: String,
     /// open(2) flags as fdinfo reports them.
     pub flags: u32,
+    #[serde(default)]
     pub pos: u64,
+    /// A pipe end: the pipe's inode (the end is `flags`' access mode).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipe: Option<u64>,
+    /// On the first reference to a pipe in the queues of the image: its capacity and the
+    /// bytes buffered in it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pipe_data: Option<crate::schema::PipeImage>,
+    /// A pipe end that is the same open file description as an fd of the tree (kcmp): both
+    /// get one description again. Otherwise the end in flight gets a description of its own.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub shared: bool,
+    /// A Unix socket: its inode, described in `sockets` of a process of the image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub socket: Option<u64>,
 }
 
 /// An established TCP connection's repair state.
@@ -221,6 +239,14 @@ pub struct DumpState {
     unix: HashMap<u64, Vec<net::UnixDiag>>,
     /// Connections and listeners to block, per network namespace (/proc/PID/ns/net).
     pub blocks: Vec<crate::netblock::Block>,
+    /// Unix sockets found in flight (SCM_RIGHTS) and not held by the tree, described while
+    /// dumping the current process: they go with its sockets.
+    pub flight_socks: Vec<SocketImage>,
+    /// Pipes in flight whose buffered bytes are already saved.
+    flight_pipes: std::collections::HashSet<u64>,
+    /// Unix sockets whose peer was not found in the tree when they were dumped: the peer
+    /// must be found in flight by the end of the dump (`check_peers`).
+    pending_peers: Vec<(u64, EngineError)>,
 }
 
 impl DumpState {
@@ -259,14 +285,28 @@ pub fn dump(
         return Ok(None);
     }
     st.seen.insert(inode, pid);
+    let s = net::take_fd(pid, fd)?;
+    dump_socket(st, pid, &format!("fd {fd}"), &s, inode, flags, tree).map(Some)
+}
+
+/// Describe socket `inode` (`s` is a copy of it in Ferry); `at` says where the process holds
+/// it, for errors.
+fn dump_socket(
+    st: &mut DumpState,
+    pid: i32,
+    at: &str,
+    s: &OwnedFd,
+    inode: u64,
+    flags: u32,
+    tree: &[i32],
+) -> Result<SocketImage> {
     let unsupported = |what: String| EngineError::Unsupported {
         pid,
-        what: format!("fd {fd} (socket:[{inode}]): {what}"),
+        what: format!("{at} (socket:[{inode}]): {what}"),
     };
-    let s = net::take_fd(pid, fd)?;
-    let family = net::get_int(&s, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
-    let ty = net::get_int(&s, libc::SOL_SOCKET, libc::SO_TYPE)?;
-    let protocol = net::get_int(&s, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
+    let family = net::get_int(s, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+    let ty = net::get_int(s, libc::SOL_SOCKET, libc::SO_TYPE)?;
+    let protocol = net::get_int(s, libc::SOL_SOCKET, libc::SO_PROTOCOL)?;
     let mut img = SocketImage {
         inode,
         family,
@@ -285,7 +325,7 @@ pub fn dump(
         queue_fds: Vec::new(),
     };
     for (level, opt) in int_opts(family, ty) {
-        if let Ok(v) = net::get_int(&s, level, opt) {
+        if let Ok(v) = net::get_int(s, level, opt) {
             img.opts.push((level, opt, v));
         }
     }
@@ -293,22 +333,21 @@ pub fn dump(
         l_onoff: 0,
         l_linger: 0,
     };
-    if net::getsockopt_raw(&s, libc::SOL_SOCKET, libc::SO_LINGER, &mut lg).is_ok()
-        && lg.l_onoff != 0
+    if net::getsockopt_raw(s, libc::SOL_SOCKET, libc::SO_LINGER, &mut lg).is_ok() && lg.l_onoff != 0
     {
         img.linger = Some((lg.l_onoff, lg.l_linger));
     }
     match family {
         libc::AF_INET | libc::AF_INET6 => {
-            img.local = ip_addr_string(&net::sockname(&s)?).unwrap_or_default();
-            img.peer = ip_addr_string(&net::peername(&s)?).unwrap_or_default();
+            img.local = ip_addr_string(&net::sockname(s)?).unwrap_or_default();
+            img.peer = ip_addr_string(&net::peername(s)?).unwrap_or_default();
             match (ty, protocol) {
                 (libc::SOCK_STREAM, libc::IPPROTO_TCP) => {
-                    let ti = net::tcp_info(&s)?;
+                    let ti = net::tcp_info(s)?;
                     match ti.tcpi_state {
                         1 => {
                             img.state = "established".into();
-                            img.tcp = Some(dump_tcp(st, &s, &ti).map_err(|e| {
+                            img.tcp = Some(dump_tcp(st, s, &ti).map_err(|e| {
                                 unsupported(format!("reading its TCP repair state: {e}"))
                             })?);
                         }
@@ -359,7 +398,7 @@ pub fn dump(
                 }
             }
         }
-        libc::AF_UNIX => dump_unix(st, pid, &s, &mut img, tree).map_err(|e| match e {
+        libc::AF_UNIX => dump_unix(st, pid, at, s, &mut img, tree).map_err(|e| match e {
             EngineError::Failed(m) => unsupported(m),
             e => e,
         })?,
@@ -374,7 +413,18 @@ pub fn dump(
             )))
         }
     }
-    Ok(Some(img))
+    Ok(img)
+}
+
+/// At the end of a dump: every Unix socket whose peer was not held by the tree must have
+/// found it in flight; otherwise its peer is outside the tree.
+pub fn check_peers(st: &mut DumpState) -> Result<()> {
+    for (peer, err) in std::mem::take(&mut st.pending_peers) {
+        if !st.seen.contains_key(&peer) {
+            return Err(err);
+        }
+    }
+    Ok(())
 }
 
 /// Before anything is read: list the TCP connections and listeners of the tree and block
@@ -460,6 +510,7 @@ fn dump_tcp(st: &mut DumpState, s: &OwnedFd, ti: &libc::tcp_info) -> Result<TcpS
 fn dump_unix(
     st: &mut DumpState,
     pid: i32,
+    at: &str,
     s: &OwnedFd,
     img: &mut SocketImage,
     tree: &[i32],
@@ -486,18 +537,26 @@ fn dump_unix(
         return Ok(());
     }
     if diag.peer != 0 {
-        // The peer must be a socket of the tree.
-        let held = tree.iter().any(|&p| holds_socket(p, diag.peer));
+        // The peer must be a socket of the tree, or in flight (SCM_RIGHTS) in a queue of
+        // the tree, which may be found later in the dump.
+        let held =
+            st.seen.contains_key(&diag.peer) || tree.iter().any(|&p| holds_socket(p, diag.peer));
         if !held {
-            return Err(EngineError::Failed(format!(
-                "a Unix socket connected to socket:[{}] outside the dumped tree{}",
-                diag.peer,
-                match unix_diag_of(st, pid)?.iter().find(|d| d.ino == diag.peer) {
-                    Some(d) if !d.name.is_empty() =>
-                        format!(" (bound to {})", String::from_utf8_lossy(&d.name)),
-                    _ => String::new(),
-                }
-            )));
+            let err = EngineError::Unsupported {
+                pid,
+                what: format!(
+                    "{at} (socket:[{}]): a Unix socket connected to socket:[{}] outside the \
+                     dumped tree{}",
+                    img.inode,
+                    diag.peer,
+                    match unix_diag_of(st, pid)?.iter().find(|d| d.ino == diag.peer) {
+                        Some(d) if !d.name.is_empty() =>
+                            format!(" (bound to {})", String::from_utf8_lossy(&d.name)),
+                        _ => String::new(),
+                    }
+                ),
+            };
+            st.pending_peers.push((diag.peer, err));
         }
         img.unix_peer = Some(diag.peer);
         img.state = "connected".into();
@@ -510,7 +569,8 @@ fn dump_unix(
     } else {
         img.state = "unbound".into();
     }
-    (img.queue, img.queue_fds) = peek_unix_queue(s, img.ty)?;
+    let at = format!("{at} (socket:[{}])", img.inode);
+    (img.queue, img.queue_fds) = peek_unix_queue(st, pid, tree, &at, s, img.ty)?;
     Ok(())
 }
 
@@ -528,10 +588,18 @@ fn holds_socket(pid: i32, inode: u64) -> bool {
 }
 
 /// The messages queued for reading on a Unix socket, without consuming them (SO_PEEK_OFF
-/// walks the queue). Fds in flight (SCM_RIGHTS) are refused.
+/// walks the queue), with the files in flight (SCM_RIGHTS) each carries. `at` names the
+/// socket for errors.
 type Queue = (Vec<String>, Vec<Vec<FlightFile>>);
 
-fn peek_unix_queue(s: &OwnedFd, ty: i32) -> Result<Queue> {
+fn peek_unix_queue(
+    st: &mut DumpState,
+    pid: i32,
+    tree: &[i32],
+    at: &str,
+    s: &OwnedFd,
+    ty: i32,
+) -> Result<Queue> {
     net::set_int(s, libc::SOL_SOCKET, libc::SO_PEEK_OFF, 0)?;
     let mut out = Vec::new();
     let mut out_fds: Vec<Vec<FlightFile>> = Vec::new();
@@ -539,8 +607,12 @@ fn peek_unix_queue(s: &OwnedFd, ty: i32) -> Result<Queue> {
     let r = (|| -> Result<()> {
         let mut stream = Vec::new();
         loop {
-            let (n, fds) = peek_msg(s, &mut buf)?;
+            let (n, raw) = peek_msg(s, &mut buf)?;
             let Some(n) = n else { break };
+            let mut fds = Vec::new();
+            for fd in raw {
+                fds.push(flight_file(st, pid, tree, at, fd)?);
+            }
             if ty == libc::SOCK_STREAM && n == 0 {
                 break;
             }
@@ -571,39 +643,112 @@ fn peek_unix_queue(s: &OwnedFd, ty: i32) -> Result<Queue> {
     Ok((out, out_fds))
 }
 
-/// Describe a file that arrived with a peek (now an fd of ours), then close it.
-fn flight_file(fd: i32) -> Result<FlightFile> {
-    // SAFETY: the fd was just installed in our process by recvmsg and nothing else owns it.
-    let owned = unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) };
-    let link = std::fs::read_link(format!("/proc/self/fd/{}", owned.as_raw_fd()))
+/// Does any fd of the tree hold the open file description `fd` of ours (named `link`)?
+fn shared_with_tree(tree: &[i32], fd: i32, link: &str) -> Result<bool> {
+    let me = std::process::id() as i32;
+    for &p in tree {
+        let Ok(rd) = std::fs::read_dir(format!("/proc/{p}/fd")) else {
+            continue;
+        };
+        for e in rd.flatten() {
+            let Ok(theirs) = e.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let same_object = std::fs::read_link(e.path())
+                .map(|l| l.to_string_lossy() == link)
+                .unwrap_or(false);
+            if same_object && ferry_sys::files::same_file_across(me, fd, p, theirs)? {
+                return Ok(true);
+            }
+        }
+    }
+    Ok(false)
+}
+
+/// Describe a file that arrived with a peek of the queue of socket `at` (now an fd of ours),
+/// then close it. A Unix socket in flight that the tree does not hold is described whole
+/// (into `st.flight_socks`); a pipe's buffered bytes are read once.
+fn flight_file(
+    st: &mut DumpState,
+    pid: i32,
+    tree: &[i32],
+    at: &str,
+    owned: OwnedFd,
+) -> Result<FlightFile> {
+    let fd = owned.as_raw_fd();
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}"))
         .map(|p| p.display().to_string())
         .unwrap_or_default();
-    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{}", owned.as_raw_fd()))
-        .unwrap_or_default();
+    let info = std::fs::read_to_string(format!("/proc/self/fdinfo/{fd}")).unwrap_or_default();
     let get = |k: &str| {
         info.lines()
             .find_map(|l| l.strip_prefix(k))
             .map(|v| v.trim().to_string())
             .unwrap_or_default()
     };
-    let regular = std::fs::metadata(format!("/proc/self/fd/{}", owned.as_raw_fd()))
+    let mut f = FlightFile {
+        path: String::new(),
+        flags: u32::from_str_radix(&get("flags:"), 8).unwrap_or(0) & !(libc::O_CLOEXEC as u32),
+        pos: 0,
+        pipe: None,
+        pipe_data: None,
+        shared: false,
+        socket: None,
+    };
+    let inode_of = |prefix: &str| {
+        link.strip_prefix(prefix)
+            .and_then(|s| s.strip_suffix(']'))
+            .and_then(|s| s.parse::<u64>().ok())
+    };
+    if let Some(inode) = inode_of("pipe:[") {
+        f.pipe = Some(inode);
+        f.shared = shared_with_tree(tree, fd, &link)?;
+        if st.flight_pipes.insert(inode) {
+            let (data, capacity) = ferry_sys::files::pipe_peek(std::process::id() as i32, fd)?;
+            f.pipe_data = Some(crate::schema::PipeImage {
+                inode,
+                capacity: capacity as u64,
+                data: hex(&data),
+            });
+        }
+        return Ok(f);
+    }
+    if let Some(inode) = inode_of("socket:[") {
+        f.socket = Some(inode);
+        // Held by the tree: saved with its holder (before or after this).
+        if !st.seen.contains_key(&inode) && !tree.iter().any(|&p| holds_socket(p, inode)) {
+            let family = net::get_int(&owned, libc::SOL_SOCKET, libc::SO_DOMAIN)?;
+            if family != libc::AF_UNIX {
+                return Err(EngineError::Failed(format!(
+                    "an {} socket (socket:[{inode}]) in flight (SCM_RIGHTS), which this version \
+                     cannot carry (Unix sockets in flight it can)",
+                    family_name(family)
+                )));
+            }
+            st.seen.insert(inode, pid);
+            let within = format!("the socket in flight on {at}");
+            let img = dump_socket(st, pid, &within, &owned, inode, f.flags, tree)?;
+            st.flight_socks.push(img);
+        }
+        return Ok(f);
+    }
+    let regular = std::fs::metadata(format!("/proc/self/fd/{fd}"))
         .map(|m| m.is_file() || m.is_dir())
         .unwrap_or(false);
     if !regular || !link.starts_with('/') || link.ends_with(" (deleted)") {
         return Err(EngineError::Failed(format!(
-            "a Unix socket with {link} in flight (SCM_RIGHTS); this version carries only \
-             regular files and directories in flight"
+            "a Unix socket with {link} in flight (SCM_RIGHTS); this version carries regular \
+             files, directories, pipes and Unix sockets in flight"
         )));
     }
-    Ok(FlightFile {
-        path: link,
-        flags: u32::from_str_radix(&get("flags:"), 8).unwrap_or(0) & !(libc::O_CLOEXEC as u32),
-        pos: get("pos:").parse().unwrap_or(0),
-    })
+    f.path = link;
+    f.pos = get("pos:").parse().unwrap_or(0);
+    Ok(f)
 }
 
-/// One MSG_PEEK recvmsg: (bytes, or None when the queue is empty; the files that came along).
-fn peek_msg(s: &OwnedFd, buf: &mut [u8]) -> Result<(Option<usize>, Vec<FlightFile>)> {
+/// One MSG_PEEK recvmsg: (bytes, or None when the queue is empty; copies of the files that
+/// came along, ours now).
+fn peek_msg(s: &OwnedFd, buf: &mut [u8]) -> Result<(Option<usize>, Vec<OwnedFd>)> {
     let mut cbuf = [0u8; 1024];
     let mut iov = libc::iovec {
         iov_base: buf.as_mut_ptr() as *mut libc::c_void,
@@ -646,17 +791,12 @@ fn peek_msg(s: &OwnedFd, buf: &mut [u8]) -> Result<(Option<usize>, Vec<FlightFil
             c = libc::CMSG_NXTHDR(&m, c);
         }
     }
-    let mut files = Vec::new();
-    let mut err = None;
-    for fd in raw {
-        match flight_file(fd) {
-            Ok(f) => files.push(f),
-            Err(e) => err = Some(e),
-        }
-    }
-    if let Some(e) = err {
-        return Err(e);
-    }
+    let files: Vec<OwnedFd> = raw
+        .into_iter()
+        // SAFETY: each fd was just installed in our process by recvmsg and nothing else
+        // owns it.
+        .map(|fd| unsafe { <OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(fd) })
+        .collect();
     if m.msg_flags & libc::MSG_CTRUNC != 0 {
         return Err(EngineError::Failed(
             "a Unix socket message carries more files in flight than Ferry can read".into(),
@@ -665,14 +805,47 @@ fn peek_msg(s: &OwnedFd, buf: &mut [u8]) -> Result<(Option<usize>, Vec<FlightFil
     Ok((Some(rc as usize), files))
 }
 
-/// Send one queued message, with its files (opened here) when it carried some.
-fn send_queued(s: &OwnedFd, data: &[u8], files: &[FlightFile]) -> Result<()> {
+/// Send one queued message, with its files when it carried some: files opened here, pipes
+/// and sockets built before (`b`).
+fn send_queued(b: &Built, s: &OwnedFd, data: &[u8], files: &[FlightFile]) -> Result<()> {
     if files.is_empty() {
         return Ok(net::send_all(s, data, libc::MSG_DONTWAIT)?);
     }
     use std::os::unix::fs::OpenOptionsExt;
-    let mut opened = Vec::new();
+    let mut opened: Vec<OwnedFd> = Vec::new();
+    let mut fds: Vec<i32> = Vec::new();
     for f in files {
+        if let Some(inode) = f.socket {
+            let s = b.socks.get(&inode).ok_or_else(|| {
+                EngineError::Failed(format!("the Unix socket:[{inode}] in flight was not built"))
+            })?;
+            fds.push(s.as_raw_fd());
+            continue;
+        }
+        if let Some(inode) = f.pipe {
+            let (r, w) = b.pipes.get(&inode).ok_or_else(|| {
+                EngineError::Failed(format!("the pipe:[{inode}] in flight was not built"))
+            })?;
+            let write = f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
+            let end = if write { w } else { r };
+            if f.shared {
+                fds.push(end.as_raw_fd());
+                continue;
+            }
+            // A description of its own, through /proc: both ends are held here, so the open
+            // does not wait for the other end.
+            let own = std::fs::OpenOptions::new()
+                .read(!write)
+                .write(write)
+                .custom_flags(libc::O_CLOEXEC | (f.flags & libc::O_NONBLOCK as u32) as i32)
+                .open(format!("/proc/self/fd/{}", end.as_raw_fd()))
+                .map_err(|e| {
+                    EngineError::Failed(format!("reopening the pipe:[{inode}] in flight: {e}"))
+                })?;
+            fds.push(own.as_raw_fd());
+            opened.push(own.into());
+            continue;
+        }
         let flags = f.flags & !((libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) as u32);
         let file = std::fs::OpenOptions::new()
             .read(flags & libc::O_ACCMODE as u32 != libc::O_WRONLY as u32)
@@ -685,9 +858,9 @@ fn send_queued(s: &OwnedFd, data: &[u8], files: &[FlightFile]) -> Result<()> {
         use std::io::Seek;
         let mut file = file;
         let _ = file.seek(std::io::SeekFrom::Start(f.pos));
-        opened.push(file);
+        fds.push(file.as_raw_fd());
+        opened.push(file.into());
     }
-    let fds: Vec<i32> = opened.iter().map(|f| f.as_raw_fd()).collect();
     // SAFETY: CMSG_SPACE only computes a size.
     let space = unsafe { libc::CMSG_SPACE((fds.len() * 4) as u32) } as usize;
     let mut cbuf = vec![0u8; space];
@@ -724,6 +897,9 @@ fn send_queued(s: &OwnedFd, data: &[u8], files: &[FlightFile]) -> Result<()> {
 #[derive(Default)]
 pub struct Built {
     pub socks: HashMap<u64, OwnedFd>,
+    /// Pipes in flight in Unix socket queues, made here by inode: (read end, write end).
+    /// The tree's own fds on these pipes take their ends from here too.
+    pub pipes: HashMap<u64, (OwnedFd, OwnedFd)>,
     /// TCP sockets still in repair mode, with the unsent bytes to queue once they leave it.
     pub repairing: Vec<(u64, Vec<u8>)>,
 }
@@ -932,13 +1108,6 @@ fn restore_tcp(
 
 fn build_unix(b: &mut Built, img: &SocketImage, all: &[&SocketImage]) -> Result<()> {
     let name = unhex(&img.local, "Unix socket name")?;
-    let fill = |s: &OwnedFd, q: &[String], files: &[Vec<FlightFile>]| -> Result<()> {
-        for (i, m) in q.iter().enumerate() {
-            let data = unhex(m, "Unix socket queue")?;
-            send_queued(s, &data, files.get(i).map(|v| v.as_slice()).unwrap_or(&[]))?;
-        }
-        Ok(())
-    };
     match img.state.as_str() {
         "connected" => {
             let peer_ino = img.unix_peer.unwrap_or(0);
@@ -949,15 +1118,19 @@ fn build_unix(b: &mut Built, img: &SocketImage, all: &[&SocketImage]) -> Result<
                 ))
             })?;
             let (a, p) = net::socketpair(img.ty)?;
+            b.socks.insert(img.inode, a);
+            b.socks.insert(peer.inode, p);
+            // What travels in the queues exists before it is sent (this pair included).
+            build_flights(b, &img.queue_fds, all)?;
+            build_flights(b, &peer.queue_fds, all)?;
             // Each side's queue is written from the other side.
-            fill(&p, &img.queue, &img.queue_fds)?;
-            fill(&a, &peer.queue, &peer.queue_fds)?;
-            for (s, i) in [(&a, img), (&p, *peer)] {
+            fill(b, peer.inode, &img.queue, &img.queue_fds)?;
+            fill(b, img.inode, &peer.queue, &peer.queue_fds)?;
+            for i in [img, *peer] {
+                let s = &b.socks[&i.inode];
                 let _ = set_opts(s, i);
                 net::set_status_flags(s, i.status_flags as i32)?;
             }
-            b.socks.insert(img.inode, a);
-            b.socks.insert(peer.inode, p);
         }
         st => {
             let s = net::socket(libc::AF_UNIX, img.ty, 0)?;
@@ -986,6 +1159,53 @@ fn build_unix(b: &mut Built, img: &SocketImage, all: &[&SocketImage]) -> Result<
             }
             net::set_status_flags(&s, img.status_flags as i32)?;
             b.socks.insert(img.inode, s);
+        }
+    }
+    Ok(())
+}
+
+/// Send `queue` with its files in flight from socket `from` (built already).
+fn fill(b: &Built, from: u64, queue: &[String], files: &[Vec<FlightFile>]) -> Result<()> {
+    let s = &b.socks[&from];
+    for (i, m) in queue.iter().enumerate() {
+        let data = unhex(m, "Unix socket queue")?;
+        send_queued(
+            b,
+            s,
+            &data,
+            files.get(i).map(|v| v.as_slice()).unwrap_or(&[]),
+        )?;
+    }
+    Ok(())
+}
+
+/// Build the sockets and pipes in flight in `files` that do not exist yet.
+fn build_flights(b: &mut Built, files: &[Vec<FlightFile>], all: &[&SocketImage]) -> Result<()> {
+    for f in files.iter().flatten() {
+        if let Some(inode) = f.socket.filter(|i| !b.socks.contains_key(i)) {
+            let s = all.iter().find(|s| s.inode == inode).ok_or_else(|| {
+                EngineError::Failed(format!(
+                    "the Unix socket:[{inode}] in flight is not in the image"
+                ))
+            })?;
+            build(b, s, all)?;
+        }
+        if let Some(inode) = f.pipe.filter(|i| !b.pipes.contains_key(i)) {
+            let saved = all
+                .iter()
+                .flat_map(|s| s.queue_fds.iter().flatten())
+                .find_map(|g| g.pipe_data.as_ref().filter(|d| d.inode == inode))
+                .ok_or_else(|| {
+                    EngineError::Failed(format!(
+                        "the pipe:[{inode}] in flight has no saved contents in the image"
+                    ))
+                })?;
+            let data = unhex(&saved.data, "pipe data")?;
+            let ends =
+                ferry_sys::files::pipe_with(saved.capacity as usize, &data).map_err(|e| {
+                    EngineError::Failed(format!("rebuilding the pipe:[{inode}] in flight: {e}"))
+                })?;
+            b.pipes.insert(inode, ends);
         }
     }
     Ok(())

@@ -7,6 +7,7 @@ pub mod files;
 pub mod freeze;
 pub mod guard;
 pub mod mem;
+pub mod mount;
 pub mod net;
 pub mod procfs;
 pub mod spawn;

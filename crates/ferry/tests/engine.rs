@@ -933,3 +933,174 @@ while True:
         "{text}"
     );
 }
+
+/// The mounts of a process's own mount namespace, as `ferry image show --json` lists them:
+/// (kind, target).
+fn image_mounts(img: &Path) -> Vec<(String, String)> {
+    let show = ferry(&["image", "show", img.to_str().unwrap(), "--json"]);
+    assert!(show.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    v["processes"][0]["namespaces"]["mounts"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default()
+        .iter()
+        .map(|m| {
+            (
+                m["kind"].as_str().unwrap().to_string(),
+                m["target"].as_str().unwrap().to_string(),
+            )
+        })
+        .collect()
+}
+
+/// A process in a mount namespace of its own (made private) with the mounts it made there: a
+/// tmpfs with options and files, a read-only bind mount inside it, a proc instance, /dev/shm
+/// remounted read-only; an fd on a tmpfs file and one on a file of the bind mount, its cwd
+/// in the tmpfs. Dumped, killed and restored twice (the second dump finds the recreated
+/// mounts again): the fixture finds everything, and none of it shows in Ferry's namespace.
+#[test]
+fn mounts_made_in_its_own_mount_namespace_survive() {
+    let dir = tmpdir("mounts");
+    let bin = build(&dir, "mounts");
+    std::fs::create_dir_all(dir.join("ro-src")).unwrap();
+    std::fs::write(dir.join("ro-src/hello.txt"), "bind-data").unwrap();
+    let mnt = dir.join("mnt");
+    std::fs::create_dir_all(&mnt).unwrap();
+    let out = dir.join("out.txt");
+    let mut cmd = Command::new(&bin);
+    cmd.arg(&dir);
+    let mut child = start_cmd(cmd, &out);
+    let pid = child.id();
+    wait_for(&out, "ready");
+    let m = mnt.display().to_string();
+    let in_ours = || {
+        std::fs::read_to_string("/proc/self/mountinfo")
+            .unwrap()
+            .contains(&m)
+            || mnt.join("work").exists()
+    };
+    assert!(!in_ours(), "the fixture's mounts show in Ferry's namespace");
+    let img = dir.join("img1");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    wait_gone(pid);
+    let mounts = image_mounts(&img);
+    for want in [
+        ("tmpfs", m.clone()),
+        ("bind", format!("{m}/ro")),
+        ("proc", format!("{m}/proc")),
+        ("remount", "/dev/shm".to_string()),
+    ] {
+        assert!(
+            mounts.contains(&(want.0.to_string(), want.1.clone())),
+            "{want:?} not in {mounts:?}"
+        );
+    }
+    assert_eq!(mounts.len(), 4, "{mounts:?}");
+    restore_detached(&img, &[]);
+    assert!(!in_ours(), "the restored mounts show in Ferry's namespace");
+    let theirs = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
+    let line = |mp: &str| {
+        theirs
+            .lines()
+            .find(|l| l.split(' ').nth(4) == Some(mp))
+            .unwrap_or_else(|| panic!("no mount on {mp} in {theirs}"))
+            .to_string()
+    };
+    assert!(line(&m).contains(" - tmpfs ferrytmp "), "{}", line(&m));
+    assert!(line(&format!("{m}/ro")).contains(" ro,"));
+    assert!(!line(&m).contains("shared:"), "propagates: {}", line(&m));
+    // Again, from the restored process: its mounts are found again as its own.
+    let img2 = dir.join("img2");
+    dump_ok(pid, &img2);
+    wait_gone(pid);
+    assert_eq!(image_mounts(&img2), mounts);
+    restore_detached(&img2, &[]);
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    assert!(!in_ours());
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Mounts this version cannot carry (an overlay, a tmpfs holding more than the dump carries,
+/// a Unix socket bound inside a mount of the tree's) stop the dump with an error naming the
+/// process and the mount point; the process runs on, untraced, and no image is left.
+#[test]
+fn unsupported_mounts_are_refused_and_the_process_runs_on() {
+    let dir = tmpdir("badmounts");
+    for d in ["lower", "upper", "work", "ov", "big"] {
+        std::fs::create_dir_all(dir.join(d)).unwrap();
+    }
+    let p = |d: &str| dir.join(d).display().to_string();
+    let sleep = "echo ready && exec sleep 1000";
+    let cases = [
+        (
+            format!(
+                "mount -t overlay ferryov -o lowerdir={},upperdir={},workdir={} {} && {sleep}",
+                p("lower"),
+                p("upper"),
+                p("work"),
+                p("ov")
+            ),
+            vec!["overlay".to_string(), format!("on {}", p("ov"))],
+        ),
+        (
+            format!(
+                "mount -t tmpfs -o size=64m ferrybig {} && head -c 17M /dev/zero > {}/big && \
+                 {sleep}",
+                p("big"),
+                p("big")
+            ),
+            vec![format!("tmpfs on {}", p("big")), "16 MiB".to_string()],
+        ),
+        // A Unix socket bound inside a tmpfs of its own: rebuilt before the mount exists.
+        (
+            format!(
+                "mount -t tmpfs ferrysock {} && exec python3 -c \"import socket,time\n\
+                 s=socket.socket(socket.AF_UNIX); s.bind('{}/s.sock'); s.listen()\n\
+                 print('ready', flush=True); time.sleep(1000)\"",
+                p("ov"),
+                p("ov")
+            ),
+            vec![
+                format!("its name {}/s.sock", p("ov")),
+                format!("tmpfs mount the tree made on {}", p("ov")),
+                "fd 3".to_string(),
+            ],
+        ),
+    ];
+    for (i, (script, wants)) in cases.iter().enumerate() {
+        let out = dir.join(format!("out{i}.txt"));
+        let mut c = Command::new("unshare");
+        c.args(["--mount", "--", "sh", "-c", script]);
+        let mut child = start_cmd(c, &out);
+        wait_for(&out, "ready");
+        let pid = child.id();
+        let img = dir.join(format!("img{i}"));
+        let d = ferry(&[
+            "dump",
+            "--pid",
+            &pid.to_string(),
+            "--images",
+            img.to_str().unwrap(),
+        ]);
+        assert_eq!(d.status.code(), Some(2), "the dump should fail");
+        let err = String::from_utf8_lossy(&d.stderr);
+        assert!(err.contains(&format!("process {pid}")), "{err}");
+        for w in wants {
+            assert!(err.contains(w.as_str()), "{w:?} not in {err}");
+        }
+        assert!(
+            !img.join("meta.fimg").exists(),
+            "a failed dump left an image"
+        );
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        assert!(st.contains("State:\tS"), "{st}");
+        assert!(st.contains("TracerPid:\t0\n"), "{st}");
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}

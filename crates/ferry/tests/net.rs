@@ -488,3 +488,51 @@ while True:
     kill(pid, "KILL");
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Files in flight on a Unix socket, not received before the dump: pipe ends (with their
+/// buffered bytes; one the only reference left, one the same open file description as an
+/// fd the process kept, both ends of another) and Unix sockets (one end of a socketpair
+/// whose other end the process kept, both ends of another, each with bytes queued). After
+/// the restore the process receives them and data flows through every one; what Ferry held
+/// during the restore is closed (the pipes reach end of file). An eventfd in flight is
+/// refused, naming the process and fd, and the process runs on.
+#[test]
+fn pipes_and_unix_sockets_in_flight_survive() {
+    let dir = tmpdir("flight");
+    let bin = build(&dir, "flightfds");
+    let out = dir.join("out.txt");
+    let mut child = start_cmd(Command::new(&bin), &out);
+    let pid = child.id();
+    wait_for(&out, "ready");
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    wait_gone(pid);
+    let show = ferry(&["image", "show", img.to_str().unwrap(), "--json"]);
+    assert!(show.status.success());
+    let v: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    // The carrier pair and both pairs in flight are in the image.
+    let socks = v["processes"][0]["sockets"].as_array().unwrap();
+    assert_eq!(socks.len(), 6, "{socks:?}");
+    restore_detached(&img, &[]);
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+
+    // Refused: an eventfd in flight.
+    let out = dir.join("ev.txt");
+    let mut c = Command::new(&bin);
+    c.arg("eventfd");
+    let mut child = start_cmd(c, &out);
+    wait_for(&out, "ready");
+    let pid = child.id();
+    let e = dump_err(pid, &dir.join("img2"));
+    assert!(
+        e.contains(&format!("process {pid}")) && e.contains("fd 4") && e.contains("eventfd"),
+        "{e}"
+    );
+    assert!(running(pid));
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
