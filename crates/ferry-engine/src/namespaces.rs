@@ -520,6 +520,16 @@ fn restore_mounts(ns: &Namespaces) -> Result<()> {
     Ok(())
 }
 
+impl MountKind {
+    /// As the image writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MountKind::Remount => "remount",
+            k => kind_name(k),
+        }
+    }
+}
+
 fn kind_name(k: MountKind) -> &'static str {
     match k {
         MountKind::Tmpfs => "tmpfs",

@@ -998,6 +998,14 @@ fn mounts_made_in_its_own_mount_namespace_survive() {
         );
     }
     assert_eq!(mounts.len(), 4, "{mounts:?}");
+    let text = ferry(&["image", "show", img.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!(
+            "tmpfs     {m} from ferrytmp (size=2048k,mode=751), 8 files, 25 bytes"
+        )),
+        "{text}"
+    );
     restore_detached(&img, &[]);
     assert!(!in_ours(), "the restored mounts show in Ferry's namespace");
     let theirs = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
