@@ -45,6 +45,17 @@ pub fn dump(
     let mut pipes: Vec<PipeImage> = Vec::new();
     let mut sockets = Vec::new();
     let mut fifos: Vec<PipeImage> = Vec::new();
+    // In a mount namespace of its own: the mounts of it, to tell the fds opened elsewhere.
+    let own_mounts: Option<Vec<u32>> = if crate::namespaces::own_mntns(pid)? {
+        Some(
+            ferry_sys::mount::read_mountinfo(&pid.to_string())?
+                .iter()
+                .map(|m| m.id)
+                .collect(),
+        )
+    } else {
+        None
+    };
     for fd in fds {
         let link = std::fs::read_link(format!("{dir}/{fd}"))
             .map_err(|e| EngineError::Failed(format!("process {pid} fd {fd}: {e}")))?;
@@ -80,6 +91,7 @@ pub fn dump(
             pos,
             size: 0,
             mode: 0,
+            outside_mntns: false,
         };
         // Shares a description with an earlier fd: only the link is needed. Only fds naming
         // the same object can (kcmp for each pair would be quadratic in the fd count).
@@ -217,6 +229,10 @@ pub fn dump(
         }
         img.size = meta.len();
         img.mode = meta.mode();
+        if let Some(ids) = &own_mounts {
+            let mnt: Option<u32> = get("mnt_id:").parse().ok();
+            img.outside_mntns = mnt.is_some_and(|m| !ids.contains(&m));
+        }
         out.push(img);
     }
     Ok((out, pipes, fifos, sockets))
@@ -232,7 +248,12 @@ pub fn check(
     mounts: &crate::namespaces::MountView,
 ) -> Result<()> {
     for f in fds.iter().filter(|f| f.by_path()) {
-        let Some(here) = mounts.host_path(&f.path) else {
+        let here = if f.outside_mntns {
+            Some(f.path.clone())
+        } else {
+            mounts.host_path(&f.path)
+        };
+        let Some(here) = here else {
             continue;
         };
         let m = std::fs::metadata(&here).map_err(|e| {
@@ -561,7 +582,12 @@ pub fn restore(
             set_status_flags(t, f)?;
             continue;
         }
-        let p = t.put_path(&f.path)?;
+        let p = if f.outside_mntns {
+            // Through Ferry's mount namespace, where it was opened.
+            t.put_path(&format!("/proc/{}/root{}", std::process::id(), f.path))?
+        } else {
+            t.put_path(&f.path)?
+        };
         let flags = f.flags & !((libc::O_CREAT | libc::O_TRUNC | libc::O_EXCL) as u32);
         let fd = t.sys(
             &format!("open of {} for fd {}", f.path, f.fd),

@@ -125,6 +125,11 @@ fn own(pid: i32, kind: &str) -> Result<Option<u64>> {
     Ok((theirs != ours).then_some(theirs.1))
 }
 
+/// Is process `pid` in another mount namespace than Ferry?
+pub fn own_mntns(pid: i32) -> Result<bool> {
+    Ok(own(pid, "mnt")?.is_some())
+}
+
 pub fn dump(pid: i32) -> Result<Namespaces> {
     let mut ns = Namespaces::default();
     if own(pid, "uts")?.is_some() {
@@ -201,16 +206,22 @@ fn dump_mounts(pid: i32) -> Result<(bool, Vec<MountImage>)> {
             continue;
         }
         let target = full(&m.mount_point);
-        if m.mount_point == "/" && !theirs[i + 1..].iter().any(|l| l.mount_point == "/") {
+        if m.mount_point == "/" {
+            if theirs[i + 1..].iter().any(|l| l.mount_point == "/") {
+                // Under the root mounted over it: out of reach.
+                continue;
+            }
             private = !m.propagates();
+            let our_root = ours.iter().rev().find(|o| o.mount_point == "/");
             let same = if root == "/" {
-                ours.iter()
-                    .rev()
-                    .find(|o| o.mount_point == "/")
-                    .is_some_and(|o| o.dev == m.dev && o.root == m.root)
+                our_root.is_some_and(|o| o.dev == m.dev && o.root == m.root)
             } else {
                 ours.iter().any(|o| o.dev == m.dev)
             };
+            if same && root == "/" && our_root.is_some_and(|o| o.flags() != m.flags()) {
+                // Its root remounted (read-only, say).
+                picked.push((m, mount_image("/", MountKind::Remount, "", m)));
+            }
             if !same {
                 return Err(refuse(format!(
                     "its mount namespace has another root file system ({} {} of device {}, \
@@ -518,6 +529,16 @@ fn restore_mounts(ns: &Namespaces) -> Result<()> {
         }
     }
     Ok(())
+}
+
+impl MountKind {
+    /// As the image writes it.
+    pub fn name(self) -> &'static str {
+        match self {
+            MountKind::Remount => "remount",
+            k => kind_name(k),
+        }
+    }
 }
 
 fn kind_name(k: MountKind) -> &'static str {

@@ -238,6 +238,11 @@ pub struct FdImage {
     pub pos: u64,
     pub size: u64,
     pub mode: u32,
+    /// Opened through a mount that is not in the process's own mount namespace (before it
+    /// made that namespace, say): reopened through Ferry's namespace, as the same path from
+    /// `/proc/FERRY/root`, since its namespace may show another mount there (read-only).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub outside_mntns: bool,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -414,6 +414,38 @@ pub fn image_show(a: ImageShowArgs) -> Result<u8> {
                 );
             }
         }
+        if !p.namespaces.mounts.is_empty() {
+            println!("  mounts made in its own mount namespace:");
+            for m in &p.namespaces.mounts {
+                use ferry_engine::namespaces::TmpfsKind;
+                let files: u64 = m
+                    .files
+                    .iter()
+                    .filter(|f| f.kind == TmpfsKind::File)
+                    .map(|f| f.data.len() as u64 / 2)
+                    .sum();
+                println!(
+                    "    {:<9} {}{}{}{}",
+                    m.kind.name(),
+                    m.target,
+                    if m.source.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" from {}", m.source)
+                    },
+                    if m.data.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" ({})", m.data)
+                    },
+                    if m.files.is_empty() {
+                        String::new()
+                    } else {
+                        format!(", {} files, {files} bytes", m.files.len())
+                    }
+                );
+            }
+        }
         println!("  signal dispositions: {}", p.sigactions.len());
     }
     for z in &zombies {

@@ -954,10 +954,11 @@ fn image_mounts(img: &Path) -> Vec<(String, String)> {
         .collect()
 }
 
-/// A process in a mount namespace of its own (made private) with the mounts it made there: a
-/// tmpfs with options and files, a read-only bind mount inside it, a proc instance, /dev/shm
-/// remounted read-only; an fd on a tmpfs file and one on a file of the bind mount, its cwd
-/// in the tmpfs. Dumped, killed and restored twice (the second dump finds the recreated
+/// A process in a mount namespace of its own (made private) with the mounts it made there:
+/// its directory bound read-only on itself (an fd opened for appending before the namespace
+/// existed stays writable), a tmpfs with options and files, a read-only bind mount inside it,
+/// a proc instance, /dev/shm remounted read-only; an fd on a tmpfs file and one on a file of
+/// the bind mount, its cwd in the tmpfs. Dumped, killed and restored twice (the second dump finds the recreated
 /// mounts again): the fixture finds everything, and none of it shows in Ferry's namespace.
 #[test]
 fn mounts_made_in_its_own_mount_namespace_survive() {
@@ -987,6 +988,7 @@ fn mounts_made_in_its_own_mount_namespace_survive() {
     wait_gone(pid);
     let mounts = image_mounts(&img);
     for want in [
+        ("bind", dir.display().to_string()),
         ("tmpfs", m.clone()),
         ("bind", format!("{m}/ro")),
         ("proc", format!("{m}/proc")),
@@ -997,7 +999,15 @@ fn mounts_made_in_its_own_mount_namespace_survive() {
             "{want:?} not in {mounts:?}"
         );
     }
-    assert_eq!(mounts.len(), 4, "{mounts:?}");
+    assert_eq!(mounts.len(), 5, "{mounts:?}");
+    let text = ferry(&["image", "show", img.to_str().unwrap()]);
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(
+        text.contains(&format!(
+            "tmpfs     {m} from ferrytmp (size=2048k,mode=751), 8 files, 25 bytes"
+        )),
+        "{text}"
+    );
     restore_detached(&img, &[]);
     assert!(!in_ours(), "the restored mounts show in Ferry's namespace");
     let theirs = std::fs::read_to_string(format!("/proc/{pid}/mountinfo")).unwrap();
@@ -1021,6 +1031,11 @@ fn mounts_made_in_its_own_mount_namespace_survive() {
     let s = wait_for(&out, "PASS");
     assert!(!s.contains("FAIL"), "{s}");
     assert!(!in_ours());
+    // Written after the restore through the fd opened outside its namespace.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("log.txt")).unwrap(),
+        "before\nafter\n"
+    );
     let _ = std::fs::remove_dir_all(&dir);
 }
 

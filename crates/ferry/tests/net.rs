@@ -527,12 +527,13 @@ fn pipes_and_unix_sockets_in_flight_survive() {
     wait_for(&out, "ready");
     let pid = child.id();
     let e = dump_err(pid, &dir.join("img2"));
+    let ran_on = running(pid);
+    child.kill().unwrap();
+    child.wait().unwrap();
     assert!(
         e.contains(&format!("process {pid}")) && e.contains("fd 4") && e.contains("eventfd"),
         "{e}"
     );
-    assert!(running(pid));
-    child.kill().unwrap();
-    child.wait().unwrap();
+    assert!(ran_on, "the process did not run on after the refused dump");
     let _ = std::fs::remove_dir_all(&dir);
 }
