@@ -8,22 +8,22 @@
 
 use crate::sockets::DumpState;
 use crate::{EngineError, Result};
-use std::io::Write;
-use std::net::{IpAddr, SocketAddr};
+use ferry_sys::nft::{self, Expr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::AsRawFd;
-use std::process::{Command, Stdio};
 
 /// The rules for one network namespace.
 pub struct Block {
     /// The namespace, held open: it outlives a killed tree.
     ns: std::fs::File,
     ns_ino: u64,
-    input: Vec<String>,
-    output: Vec<String>,
+    /// Rules of the input chain (listeners' SYNs).
+    input: Vec<Vec<Expr>>,
     /// Established connections as (local address, peer address, local port, peer port),
-    /// IPv4 (v4-mapped included) and IPv6: matched through one set per family and direction.
-    conns4: Vec<(String, String, u16, u16)>,
-    conns6: Vec<(String, String, u16, u16)>,
+    /// IPv4 (v4-mapped included) and IPv6: matched through one set per family, which holds
+    /// both directions of each.
+    conns4: Vec<(Ipv4Addr, Ipv4Addr, u16, u16)>,
+    conns6: Vec<(Ipv6Addr, Ipv6Addr, u16, u16)>,
     pub applied: bool,
 }
 
@@ -36,18 +36,68 @@ fn parse(a: &str) -> Result<SocketAddr> {
         .map_err(|_| EngineError::Failed(format!("odd socket address {a:?}")))
 }
 
-/// `ip saddr X` / `ip6 saddr X`, with v4-mapped v6 addresses as the IPv4 they are on the wire.
-fn match_ip(dir: &str, ip: IpAddr) -> Option<String> {
-    if ip.is_unspecified() {
-        return None;
-    }
-    Some(match ip {
-        IpAddr::V4(v) => format!("ip {dir} {v}"),
-        IpAddr::V6(v) => match v.to_ipv4_mapped() {
-            Some(v4) => format!("ip {dir} {v4}"),
-            None => format!("ip6 {dir} {v}"),
+/// `meta nfproto` is `fam` (ipv4 or ipv6).
+fn family(fam: u8) -> [Expr; 2] {
+    [
+        Expr::Meta {
+            key: nft::META_NFPROTO,
+            dreg: nft::REG32_00,
         },
-    })
+        Expr::Eq {
+            sreg: nft::REG32_00,
+            data: vec![fam],
+        },
+    ]
+}
+
+/// `meta l4proto tcp`.
+fn tcp() -> [Expr; 2] {
+    [
+        Expr::Meta {
+            key: nft::META_L4PROTO,
+            dreg: nft::REG32_00,
+        },
+        Expr::Eq {
+            sreg: nft::REG32_00,
+            data: vec![libc::IPPROTO_TCP as u8],
+        },
+    ]
+}
+
+fn load(base: u32, offset: u32, len: u32, dreg: u32) -> Expr {
+    Expr::Payload {
+        base,
+        offset,
+        len,
+        dreg,
+    }
+}
+
+/// The destination address is `ip`, v4-mapped v6 addresses matched as the IPv4 they are on
+/// the wire; nothing when `ip` is unspecified.
+fn match_daddr(ip: IpAddr) -> Vec<Expr> {
+    if ip.is_unspecified() {
+        return Vec::new();
+    }
+    let (fam, offset, bytes) = match ip {
+        IpAddr::V4(v) => (nft::NFPROTO_IPV4, 16, v.octets().to_vec()),
+        IpAddr::V6(v) => match v.to_ipv4_mapped() {
+            Some(v4) => (nft::NFPROTO_IPV4, 16, v4.octets().to_vec()),
+            None => (nft::NFPROTO_IPV6, 24, v.octets().to_vec()),
+        },
+    };
+    let mut r = family(fam).to_vec();
+    r.push(load(
+        nft::NETWORK_HEADER,
+        offset,
+        bytes.len() as u32,
+        nft::REG32_00,
+    ));
+    r.push(Expr::Eq {
+        sreg: nft::REG32_00,
+        data: bytes,
+    });
+    r
 }
 
 fn block_of(st: &mut DumpState, pid: i32) -> Result<&mut Block> {
@@ -62,7 +112,6 @@ fn block_of(st: &mut DumpState, pid: i32) -> Result<&mut Block> {
         ns,
         ns_ino: ino,
         input: Vec::new(),
-        output: Vec::new(),
         conns4: Vec::new(),
         conns6: Vec::new(),
         applied: false,
@@ -78,13 +127,13 @@ pub fn add_conn(st: &mut DumpState, pid: i32, local: &str, peer: &str) -> Result
         IpAddr::V4(v) => Some(v),
         IpAddr::V6(v) => v.to_ipv4_mapped(),
     };
+    let v6 = |ip: IpAddr| match ip {
+        IpAddr::V4(v) => v.to_ipv6_mapped(),
+        IpAddr::V6(v) => v,
+    };
     match (v4(l.ip()), v4(p.ip())) {
-        (Some(a), Some(c)) => b
-            .conns4
-            .push((a.to_string(), c.to_string(), l.port(), p.port())),
-        _ => b
-            .conns6
-            .push((l.ip().to_string(), p.ip().to_string(), l.port(), p.port())),
+        (Some(a), Some(c)) => b.conns4.push((a, c, l.port(), p.port())),
+        _ => b.conns6.push((v6(l.ip()), v6(p.ip()), l.port(), p.port())),
     }
     Ok(())
 }
@@ -93,124 +142,198 @@ pub fn add_conn(st: &mut DumpState, pid: i32, local: &str, peer: &str) -> Result
 pub fn add_listener(st: &mut DumpState, pid: i32, local: &str) -> Result<()> {
     let l = parse(local)?;
     let b = block_of(st, pid)?;
-    let mut r: Vec<String> = Vec::new();
-    r.extend(match_ip("daddr", l.ip()));
-    r.push(format!(
-        "tcp dport {} tcp flags & (syn | ack) == syn drop",
-        l.port()
-    ));
-    b.input.push(r.join(" "));
+    let mut r = match_daddr(l.ip());
+    r.extend(tcp());
+    r.push(load(nft::TRANSPORT_HEADER, 2, 2, nft::REG32_00));
+    r.push(Expr::Eq {
+        sreg: nft::REG32_00,
+        data: l.port().to_be_bytes().to_vec(),
+    });
+    // tcp flags & (syn | ack) == syn
+    r.push(load(nft::TRANSPORT_HEADER, 13, 1, nft::REG32_00));
+    r.push(Expr::Bitwise {
+        sreg: nft::REG32_00,
+        dreg: nft::REG32_00,
+        mask: vec![0x12],
+        xor: vec![0],
+    });
+    r.push(Expr::Eq {
+        sreg: nft::REG32_00,
+        data: vec![0x02],
+    });
+    r.push(Expr::Drop);
+    b.input.push(r);
     Ok(())
 }
 
-/// Run an nft script inside the namespace held by `ns`.
-fn nft(ns: &std::fs::File, script: &str) -> Result<()> {
-    let path = format!("/proc/{}/fd/{}", std::process::id(), ns.as_raw_fd());
-    let mut child = Command::new("nsenter")
-        .arg(format!("--net={path}"))
-        .args(["nft", "-f", "-"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(|e| EngineError::Failed(format!("running nsenter/nft (install nftables): {e}")))?;
-    child
-        .stdin
-        .take()
-        .unwrap()
-        .write_all(script.as_bytes())
-        .map_err(|e| EngineError::Failed(format!("writing to nft: {e}")))?;
-    let out = child
-        .wait_with_output()
-        .map_err(|e| EngineError::Failed(format!("waiting for nft: {e}")))?;
-    if !out.status.success() {
-        return Err(EngineError::Failed(format!(
-            "nft failed: {}",
-            String::from_utf8_lossy(&out.stderr).trim()
-        )));
+/// A set key: both addresses, then both ports, each port padded to 4 bytes as nftables
+/// keeps it in its registers.
+fn key(a: &[u8], b: &[u8], pa: u16, pb: u16) -> Vec<u8> {
+    let mut k = Vec::with_capacity(2 * a.len() + 8);
+    k.extend_from_slice(a);
+    k.extend_from_slice(b);
+    k.extend_from_slice(&pa.to_be_bytes());
+    k.extend_from_slice(&[0, 0]);
+    k.extend_from_slice(&pb.to_be_bytes());
+    k.extend_from_slice(&[0, 0]);
+    k
+}
+
+/// `ip saddr . ip daddr . tcp sport . tcp dport @set drop` (or ip6), for a set of
+/// `alen`-byte addresses.
+fn conn_rule(fam: u8, alen: u32, set: &str, set_id: u32) -> Vec<Expr> {
+    let off = if fam == nft::NFPROTO_IPV4 { 12 } else { 8 };
+    let r0 = nft::REG32_00;
+    let mut r = family(fam).to_vec();
+    r.extend(tcp());
+    r.push(load(nft::NETWORK_HEADER, off, alen, r0));
+    r.push(load(nft::NETWORK_HEADER, off + alen, alen, r0 + alen / 4));
+    r.push(load(nft::TRANSPORT_HEADER, 0, 2, r0 + 2 * alen / 4));
+    r.push(load(nft::TRANSPORT_HEADER, 2, 2, r0 + 2 * alen / 4 + 1));
+    r.push(Expr::Lookup {
+        set: set.into(),
+        set_id,
+        sreg: r0,
+    });
+    r.push(Expr::Drop);
+    r
+}
+
+/// The transaction that installs a block: a table with an input and an output chain ahead of
+/// everything else (priority -400), listeners' rules, and the connections' sets.
+fn batch(b: &Block, table: &str) -> nft::Batch {
+    let mut t = nft::Batch::new();
+    t.add_table(table);
+    t.add_base_chain(table, "input", nft::HOOK_INPUT, -400);
+    t.add_base_chain(table, "output", nft::HOOK_OUTPUT, -400);
+    for r in &b.input {
+        t.add_rule(table, "input", r);
     }
-    Ok(())
+    let concat =
+        |a: u32| ((a << 6 | a) << 6 | nft::TYPE_INET_SERVICE) << 6 | nft::TYPE_INET_SERVICE;
+    let keys4: Vec<Vec<u8>> = b
+        .conns4
+        .iter()
+        .flat_map(|(l, p, lp, pp)| {
+            [
+                key(&p.octets(), &l.octets(), *pp, *lp),
+                key(&l.octets(), &p.octets(), *lp, *pp),
+            ]
+        })
+        .collect();
+    let keys6: Vec<Vec<u8>> = b
+        .conns6
+        .iter()
+        .flat_map(|(l, p, lp, pp)| {
+            [
+                key(&p.octets(), &l.octets(), *pp, *lp),
+                key(&l.octets(), &p.octets(), *lp, *pp),
+            ]
+        })
+        .collect();
+    for (id, fam, alen, ty, name, keys) in [
+        (1, nft::NFPROTO_IPV4, 4, nft::TYPE_IPADDR, "conns4", keys4),
+        (2, nft::NFPROTO_IPV6, 16, nft::TYPE_IP6ADDR, "conns6", keys6),
+    ] {
+        if keys.is_empty() {
+            continue;
+        }
+        t.add_set(table, name, id, concat(ty), keys[0].len() as u32);
+        t.add_set_keys(table, name, id, &keys);
+        for chain in ["input", "output"] {
+            t.add_rule(table, chain, &conn_rule(fam, alen, name, id));
+        }
+    }
+    t
 }
 
-/// Install every block (one nft transaction per namespace).
+/// Run `f` in the namespace held by `ns`.
+fn in_ns<R: Send>(ns: &std::fs::File, f: impl FnOnce() -> Result<R> + Send) -> Result<R> {
+    let path = format!("/proc/{}/fd/{}", std::process::id(), ns.as_raw_fd());
+    let mut out = None;
+    ferry_sys::net::in_ns(&path, libc::CLONE_NEWNET, || {
+        out = Some(f());
+        Ok(())
+    })?;
+    out.unwrap_or_else(|| Err(EngineError::Failed("entering a network namespace".into())))
+}
+
+/// Install every block (one transaction per namespace).
 pub fn apply(blocks: &mut [Block], table: &str) -> Result<()> {
-    for b in blocks.iter_mut().filter(|b| {
-        !b.input.is_empty() || !b.output.is_empty() || !b.conns4.is_empty() || !b.conns6.is_empty()
-    }) {
-        // One rule per family and direction, matching a set of connections: nft handles
-        // thousands of them in one transaction.
-        let mut input = b.input.clone();
-        let mut output = b.output.clone();
-        for (fam, conns) in [("ip", &b.conns4), ("ip6", &b.conns6)] {
-            if conns.is_empty() {
-                continue;
-            }
-            let rule = |incoming: bool| {
-                let elems: Vec<String> = conns
-                    .iter()
-                    .map(|(l, p, lp, pp)| {
-                        if incoming {
-                            format!("{p} . {l} . {pp} . {lp}")
-                        } else {
-                            format!("{l} . {p} . {lp} . {pp}")
-                        }
-                    })
-                    .collect();
-                format!(
-                    "{fam} saddr . {fam} daddr . tcp sport . tcp dport {{ {} }} drop",
-                    elems.join(", ")
-                )
-            };
-            input.push(rule(true));
-            output.push(rule(false));
-        }
-        let mut s = format!(
-            "table inet {table} {{\n chain input {{ type filter hook input priority -400; policy accept;\n"
-        );
-        for r in &input {
-            s += &format!("  {r}\n");
-        }
-        s += " }\n chain output { type filter hook output priority -400; policy accept;\n";
-        for r in &output {
-            s += &format!("  {r}\n");
-        }
-        s += " }\n}\n";
-        nft(&b.ns, &s)
-            .map_err(|e| EngineError::Failed(format!("blocking the tree's TCP traffic: {e}")))?;
+    for b in blocks
+        .iter_mut()
+        .filter(|b| !b.input.is_empty() || !b.conns4.is_empty() || !b.conns6.is_empty())
+    {
+        let t = batch(b, table);
+        in_ns(&b.ns, || {
+            Ok(t.commit(&format!(
+                "blocking the tree's TCP traffic (table inet {table})"
+            ))?)
+        })?;
         b.applied = true;
     }
     Ok(())
 }
 
+/// Open a block at once: an `accept` rule put first in both chains takes effect in
+/// microseconds, where removing anything from nf_tables waits for an RCU grace period (10-20
+/// ms here). The table itself is deleted afterwards, in the background (`finish_lifts`).
+fn open(table: &str) -> Result<()> {
+    let mut t = nft::Batch::new();
+    for chain in ["input", "output"] {
+        t.insert_rule(table, chain, &[Expr::Accept]);
+    }
+    Ok(t.commit(&format!(
+        "lifting the block of the tree's TCP traffic (table inet {table})"
+    ))?)
+}
+
+/// Deletions of opened blocks still under way.
+static PENDING: std::sync::Mutex<Vec<std::thread::JoinHandle<()>>> =
+    std::sync::Mutex::new(Vec::new());
+
+/// Delete `table` on a thread of its own in the namespace `ns` (None: the caller's).
+fn delete_later(ns: Option<std::fs::File>, table: &str) {
+    let table = table.to_string();
+    // A new thread starts in its creator's network namespace; `ns` moves it elsewhere.
+    let h = std::thread::spawn(move || {
+        if let Some(ns) = ns {
+            let path = format!("/proc/self/fd/{}", ns.as_raw_fd());
+            if ferry_sys::net::enter_netns(&path).is_err() {
+                return;
+            }
+        }
+        let _ = nft::delete_table(&table);
+    });
+    PENDING.lock().unwrap().push(h);
+}
+
+/// Wait until every opened block's table is deleted: before the process exits.
+pub fn finish_lifts() {
+    let hs = std::mem::take(&mut *PENDING.lock().unwrap());
+    for h in hs {
+        let _ = h.join();
+    }
+}
+
 /// Remove the blocks installed by `apply`.
 pub fn lift(blocks: &mut [Block], table: &str) {
     for b in blocks.iter_mut().filter(|b| b.applied) {
-        if nft(&b.ns, &format!("delete table inet {table}\n")).is_ok() {
+        if in_ns(&b.ns, || open(table)).is_ok() {
             b.applied = false;
+            delete_later(b.ns.try_clone().ok(), table);
         }
     }
 }
 
 /// At restore: remove a block left by the dump in the current network namespace, if any.
-/// One `nft` run, straight in this thread's namespace (a child forked here is in it too):
-/// this is part of the downtime.
+/// Straight in this thread's namespace: this is part of the downtime, so it only opens the
+/// block; the table goes in the background.
 pub fn lift_here(table: &str) -> Result<bool> {
-    let out = Command::new("nft")
-        .args(["delete", "table", "inet", table])
-        .stdin(Stdio::null())
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .output()
-        .map_err(|e| EngineError::Failed(format!("running nft (install nftables): {e}")))?;
-    if out.status.success() {
-        return Ok(true);
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    if err.contains("No such file or directory") {
+    if !nft::table_exists(table)? {
         return Ok(false);
     }
-    Err(EngineError::Failed(format!(
-        "nft delete table inet {table}: {}",
-        err.trim()
-    )))
+    open(table)?;
+    delete_later(None, table);
+    Ok(true)
 }

@@ -9,6 +9,7 @@ pub mod guard;
 pub mod mem;
 pub mod mount;
 pub mod net;
+pub mod nft;
 pub mod procfs;
 pub mod spawn;
 pub mod uffd;

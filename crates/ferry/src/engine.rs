@@ -229,6 +229,7 @@ fn pidns_init(root: i32) -> ! {
             } else {
                 128 + libc::WTERMSIG(st)
             };
+            ferry_engine::netblock::finish_lifts();
             std::process::exit(code);
         }
     }

@@ -71,6 +71,8 @@ fn main() -> ExitCode {
             cmd: ImageCmd::Show(a),
         } => engine::image_show(a),
     };
+    // Blocks of TCP traffic lifted on the way finish their cleanup before Ferry exits.
+    ferry_engine::netblock::finish_lifts();
     match res {
         Ok(code) => ExitCode::from(code),
         Err(e) => {

@@ -55,6 +55,20 @@ fn tcp_connection_with_queues_in_flight_and_other_sockets_survive() {
     assert_eq!(est["recv_queue"].as_u64().unwrap(), 16, "{est}");
 
     wait_gone(pid);
+    // Between dump and restore the kernel answers nothing: a line sent now is not reset but
+    // waits for the restored server, and a new connection is neither refused nor accepted.
+    let tables = Command::new("nft")
+        .args(["list", "table", "inet", &format!("ferry_{pid}")])
+        .output()
+        .unwrap();
+    assert!(tables.status.success(), "no traffic block while dumped");
+    conn.write_all(b"hello 3\n").unwrap();
+    let early = TcpStream::connect_timeout(
+        &std::net::SocketAddr::from(([127, 0, 0, 1], port)),
+        Duration::from_millis(300),
+    )
+    .expect_err("a connection was accepted while the server was dumped");
+    assert_eq!(early.kind(), std::io::ErrorKind::TimedOut, "{early}");
     let r = restore_detached(&img, &[]);
     assert_eq!(r["pid"].as_u64().unwrap() as u32, pid);
 
@@ -68,6 +82,7 @@ fn tcp_connection_with_queues_in_flight_and_other_sockets_survive() {
     let mut rd = BufReader::new(conn.try_clone().unwrap());
     assert_eq!(read_line(&mut rd), "GOT hello 1");
     assert_eq!(read_line(&mut rd), "GOT hello 2");
+    assert_eq!(read_line(&mut rd), "GOT hello 3");
     conn.write_all(b"CHECK\n").unwrap();
     assert_eq!(
         read_line(&mut rd),
