@@ -8,11 +8,22 @@ use ferry_sys::Frozen;
 pub struct Target {
     pub pid: i32,
     pub frozen: Frozen,
-    /// A page of ours in the target: `syscall; int3` at its start, scratch space after.
+    /// Our area in the target (`AREA` bytes): `syscall; int3` at its start, scratch space
+    /// after, and from `BATCH_OFFSET` the batch runner and its table.
     pub page: u64,
+    /// Syscalls queued for the next batch: (what, nr, args).
+    pub queued: Vec<(String, i64, [u64; 6])>,
 }
 
 pub const SCRATCH_OFFSET: u64 = 64;
+/// Size of our area in the target.
+pub const AREA: u64 = 32768;
+const BATCH_OFFSET: u64 = 4096;
+const TABLE_OFFSET: u64 = BATCH_OFFSET + 64;
+/// Arguments that queued syscalls point to.
+const DATA_OFFSET: u64 = 16384;
+/// Entries per batch, the terminating one included.
+const TABLE_LEN: usize = ((DATA_OFFSET - TABLE_OFFSET) / 64) as usize;
 
 impl Target {
     /// Inject a syscall in the main thread; a negative result becomes an error naming `what`.
@@ -22,6 +33,8 @@ impl Target {
 
     /// Inject a syscall in thread `tid`.
     pub fn sys_in(&mut self, tid: i32, what: &str, nr: i64, args: [u64; 6]) -> Result<u64> {
+        // In order: what was queued runs first.
+        self.flush()?;
         let rc = self.frozen.inject_syscall(tid, nr, args)?;
         if rc < 0 && rc > -4096 {
             return Err(EngineError::Failed(format!(
@@ -31,6 +44,86 @@ impl Target {
             )));
         }
         Ok(rc as u64)
+    }
+
+    /// Queue a syscall whose result is only checked: queued ones run together, in one stop of
+    /// the target (`flush`, or before the next `sys`). Only after `install_batch_code`.
+    pub fn queue(&mut self, what: impl Into<String>, nr: i64, args: [u64; 6]) -> Result<()> {
+        self.queued.push((what.into(), nr, args));
+        if self.queued.len() == TABLE_LEN - 1 {
+            self.flush()?;
+        }
+        Ok(())
+    }
+
+    /// Put data for queued syscalls into the target (what was queued before runs first, as
+    /// it may point to the same place); its address.
+    pub fn put_batch_data(&mut self, data: &[u8]) -> Result<u64> {
+        self.flush()?;
+        if data.len() as u64 > AREA - DATA_OFFSET {
+            return Err(EngineError::Failed("batch data area overflow".into()));
+        }
+        let at = self.page + DATA_OFFSET;
+        ferry_sys::mem::write_mem(self.pid, at, data)?;
+        Ok(at)
+    }
+
+    /// Put the batch runner into our area (once, after the area is mapped).
+    pub fn install_batch_code(&self) -> Result<()> {
+        ferry_sys::mem::write_mem(
+            self.pid,
+            self.page + BATCH_OFFSET,
+            &ferry_sys::freeze::BATCH_CODE,
+        )?;
+        Ok(())
+    }
+
+    /// Run the queued syscalls in the main thread; the first that fails stops the batch and
+    /// becomes the error.
+    pub fn flush(&mut self) -> Result<()> {
+        if self.queued.is_empty() {
+            return Ok(());
+        }
+        let calls = std::mem::take(&mut self.queued);
+        let mut table = Vec::with_capacity((calls.len() + 1) * 64);
+        for (_, nr, args) in &calls {
+            table.extend_from_slice(&nr.to_ne_bytes());
+            for a in args {
+                table.extend_from_slice(&a.to_ne_bytes());
+            }
+            // The result, written by the runner: a marker for "did not run".
+            table.extend_from_slice(&i64::MIN.to_ne_bytes());
+        }
+        table.extend_from_slice(&(-1i64).to_ne_bytes());
+        table.resize(table.len() + 56, 0);
+        let at = self.page + TABLE_OFFSET;
+        ferry_sys::mem::write_mem(self.pid, at, &table)?;
+        self.frozen
+            .run_batch(self.pid, self.page + BATCH_OFFSET, at)?;
+        let mut out = vec![0u8; calls.len() * 64];
+        if ferry_sys::mem::read_mem(self.pid, at, &mut out)? != out.len() {
+            return Err(EngineError::Failed(format!(
+                "reading the results of a batch of syscalls in process {}",
+                self.pid
+            )));
+        }
+        for (i, (what, _, _)) in calls.iter().enumerate() {
+            let rc = i64::from_ne_bytes(out[i * 64 + 56..i * 64 + 64].try_into().unwrap());
+            if rc == i64::MIN {
+                return Err(EngineError::Failed(format!(
+                    "{what} in the restored process {}: the batch stopped before it",
+                    self.pid
+                )));
+            }
+            if rc < 0 && rc > -4096 {
+                return Err(EngineError::Failed(format!(
+                    "{what} in the restored process {}: {}",
+                    self.pid,
+                    std::io::Error::from_raw_os_error(-rc as i32)
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Put bytes into the scratch area at `off` and return their address in the target.

@@ -367,7 +367,7 @@ pub fn dump_into(
             tree,
             ppids,
             zombies,
-            since: tf,
+            since: t0,
         },
         DumpStats {
             processes: pids.len(),

@@ -266,8 +266,8 @@ fn advise(t: &mut Target, m: &MappingImage) -> Result<()> {
                 m.start, m.end
             )));
         };
-        t.sys(
-            &format!("madvise({a}) of mapping {:#x}-{:#x}", m.start, m.end),
+        t.queue(
+            format!("madvise({a}) of mapping {:#x}-{:#x}", m.start, m.end),
             libc::SYS_madvise,
             [m.start, m.end - m.start, adv as u64, 0, 0, 0],
         )?;
@@ -497,7 +497,7 @@ pub fn restore_layout(
         if m.start == t.page || is_vdso(&m.kind) || m.kind == ferry_sys::MapKind::Vsyscall {
             continue;
         }
-        t.sys(
+        t.queue(
             "munmap of the stub's memory",
             libc::SYS_munmap,
             [m.start, m.len(), 0, 0, 0, 0],
@@ -541,6 +541,7 @@ pub fn restore_layout(
             )?;
         }
     }
+    let mut open_files: std::collections::HashMap<(&str, i32), u64> = Default::default();
     for m in saved {
         let len = m.end - m.start;
         let fixed = libc::MAP_FIXED as u64;
@@ -572,7 +573,7 @@ pub fn restore_layout(
                 if m.kind == MapKind::Stack {
                     flags |= libc::MAP_GROWSDOWN as u64;
                 }
-                t.sys(
+                t.queue(
                     "mmap of anonymous memory",
                     libc::SYS_mmap,
                     [m.start, len, prot(m), flags, u64::MAX, 0],
@@ -637,42 +638,52 @@ pub fn restore_layout(
             }
             MapKind::File => {
                 let path = m.path.as_deref().unwrap_or("");
-                let p = t.put_path(path)?;
                 let oflags = if m.shared && m.write {
                     libc::O_RDWR
                 } else {
                     libc::O_RDONLY
                 };
-                let fd = t.sys(
-                    &format!("open of the mapped file {path}"),
-                    libc::SYS_openat,
-                    [
-                        libc::AT_FDCWD as u64,
-                        p,
-                        (oflags | libc::O_CLOEXEC) as u64,
-                        0,
-                        0,
-                        0,
-                    ],
-                )?;
+                // A library has four or five mappings of one file: opened once.
+                let fd = match open_files.get(&(path, oflags)) {
+                    Some(&fd) => fd,
+                    None => {
+                        let p = t.put_path(path)?;
+                        let fd = t.sys(
+                            &format!("open of the mapped file {path}"),
+                            libc::SYS_openat,
+                            [
+                                libc::AT_FDCWD as u64,
+                                p,
+                                (oflags | libc::O_CLOEXEC) as u64,
+                                0,
+                                0,
+                                0,
+                            ],
+                        )?;
+                        open_files.insert((path, oflags), fd);
+                        fd
+                    }
+                };
                 let share = if m.shared {
                     libc::MAP_SHARED
                 } else {
                     libc::MAP_PRIVATE
                 } as u64;
-                let r = t.sys(
-                    &format!("mmap of {path}"),
+                t.queue(
+                    format!("mmap of {path}"),
                     libc::SYS_mmap,
                     [m.start, len, prot(m), share | fixed, fd, m.offset],
-                );
-                t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
-                r?;
+                )?;
             }
         }
         // Before the pages are written: with `hugepage` they fault in as huge pages.
         advise(t, m)?;
     }
-    Ok(())
+    for fd in open_files.into_values() {
+        t.queue("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+    }
+    // Everything is in place before a page is written.
+    t.flush()
 }
 
 /// The page blocks of an image, verified, and the mapped file they are in.

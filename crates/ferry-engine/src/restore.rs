@@ -2,7 +2,7 @@
 //! into it from outside, and let it run. On any failure the stub is killed: nothing half-built
 //! is left running.
 
-use crate::ctx::Target;
+use crate::ctx::{Target, AREA};
 use crate::schema::{MappingImage, ProcessImage, ZombieImage, TAG_PROCESS, TAG_ZOMBIE};
 use crate::{files, memory, mm, regs, signals, EngineError, Result};
 use ferry_image::ImageReader;
@@ -99,10 +99,14 @@ impl Restored {
                 self.root
             )));
         }
+        let tr = Instant::now();
         // Children first, so that nothing of the tree runs before all of it exists.
         for t in std::mem::take(&mut self.targets).into_iter().rev() {
             t.frozen.resume();
         }
+        let steps = &mut self.report.steps;
+        *steps.entry("go_live".into()).or_default() += (tr - tg).as_secs_f64() * 1e3;
+        *steps.entry("resume".into()).or_default() += tr.elapsed().as_secs_f64() * 1e3;
         self.report.restore_ms = self.t0.elapsed().as_secs_f64() * 1e3;
         self.report.rest_ms = self.report.restore_ms
             - self.report.verify_ms
@@ -164,6 +168,9 @@ pub struct RestoreReport {
     /// With lazy memory, when `restore` waited for it: how the filling went.
     #[serde(default)]
     pub fill: Option<crate::lazy::FillReport>,
+    /// Milliseconds per step, summed over processes.
+    #[serde(default)]
+    pub steps: Steps,
 }
 
 /// An image whose pages.fimg is mapped read-only: its page blocks are checked in place, with
@@ -243,6 +250,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     }
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     let mut times = Timings::default();
+    let mut lap = Lap::new();
     let root = imgs[0].pid;
     // A fresh namespace, removed again if the restore fails.
     let mut fresh = FreshNetns(None);
@@ -275,6 +283,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         })?;
     }
     let sockets_ms = ts.elapsed().as_secs_f64() * 1e3;
+    lap.mark(&mut times.steps, "sockets");
     let lazy = opts.lazy || opts.remote.is_some();
     if !lazy
         && imgs
@@ -343,6 +352,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
         filler = Some(crate::lazy::Filler::start(src)?);
     }
+    lap.mark(&mut times.steps, "lazy_setup");
     let stub = spawn_stub(Some(root))?;
     let mut targets: Vec<Target> = Vec::new();
     let mut lazy_bytes = 0u64;
@@ -352,14 +362,18 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
             pid: stub,
             frozen,
             page: 0,
+            queued: Vec::new(),
         });
         let all: Vec<MappingImage> = imgs
             .iter()
             .flat_map(|i| i.mappings.iter().cloned())
             .collect();
+        lap.mark(&mut times.steps, "stub");
         prepare(&mut targets[0], &all)?;
+        lap.mark(&mut times.steps, "prepare");
         crate::namespaces::restore(&mut targets[0], &imgs[0].namespaces)?;
         crate::attrs::restore_session(&mut targets[0], root, &imgs[0].attrs)?;
+        lap.mark(&mut times.steps, "namespaces");
         // The stub tree: each child is forked by its parent's stub, so parentage is right.
         for img in &imgs[1..] {
             let parent = targets
@@ -374,6 +388,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 pid: child,
                 frozen,
                 page,
+                queued: Vec::new(),
             };
             crate::attrs::restore_session(&mut ct, img.pid, &img.attrs)?;
             targets.push(ct);
@@ -386,6 +401,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 .ok_or_else(|| EngineError::Failed(format!("no parent for zombie {}", z.pid)))?;
             make_zombie(parent, z)?;
         }
+        lap.mark(&mut times.steps, "tree");
         let pages_src = memory::Pages { map, index };
         let mut shmem = HashMap::new();
         let mut pages = 0;
@@ -466,6 +482,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
             exit_status: None,
             lazy_bytes,
             fill: None,
+            steps: times.steps,
         },
         t0,
         filler,
@@ -609,8 +626,8 @@ fn free_page(pid: i32, saved: &[MappingImage]) -> Result<u64> {
     let own = procfs::read_maps(pid)?;
     let mut a = 0x10_0000u64;
     while a < 0x7fff_0000_0000 {
-        let hit = own.iter().any(|m| a + 4096 > m.start && a < m.end)
-            || saved.iter().any(|m| a + 4096 > m.start && a < m.end);
+        let hit = own.iter().any(|m| a + AREA > m.start && a < m.end)
+            || saved.iter().any(|m| a + AREA > m.start && a < m.end);
         if !hit {
             return Ok(a);
         }
@@ -645,7 +662,7 @@ fn prepare(t: &mut Target, all: &[MappingImage]) -> Result<()> {
         libc::SYS_mmap,
         [
             page,
-            4096,
+            AREA,
             (libc::PROT_READ | libc::PROT_WRITE | libc::PROT_EXEC) as u64,
             flags,
             u64::MAX,
@@ -665,7 +682,7 @@ fn prepare(t: &mut Target, all: &[MappingImage]) -> Result<()> {
     ferry_sys::mem::write_mem(t.pid, page, &code)?;
     t.frozen.set_syscall_insn(page);
     t.page = page;
-    Ok(())
+    t.install_batch_code()
 }
 
 /// Time spent in the memory phases of `build`, over all processes.
@@ -673,6 +690,28 @@ fn prepare(t: &mut Target, all: &[MappingImage]) -> Result<()> {
 struct Timings {
     layout_ms: f64,
     pages_ms: f64,
+    steps: Steps,
+}
+
+/// Milliseconds per step of a restore, summed over processes: where the time goes.
+pub type Steps = std::collections::BTreeMap<String, f64>;
+
+/// Times consecutive steps.
+struct Lap(Instant, u64);
+
+impl Lap {
+    fn new() -> Lap {
+        Lap(Instant::now(), ferry_sys::freeze::injected_syscalls())
+    }
+
+    fn mark(&mut self, steps: &mut Steps, name: &str) {
+        let n = ferry_sys::freeze::injected_syscalls();
+        *steps.entry(format!("{name}_syscalls")).or_default() += (n - self.1) as f64;
+        self.1 = n;
+        let now = Instant::now();
+        *steps.entry(name.to_string()).or_default() += (now - self.0).as_secs_f64() * 1e3;
+        self.0 = now;
+    }
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -698,8 +737,10 @@ fn build(
         .unwrap_or(0)
         .max(3);
     let tl = Instant::now();
+    let mut lap = Lap::new();
     let ghosts = crate::ghost::restore(t, &img.ghosts, base)?;
     memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
+    lap.mark(&mut times.steps, "layout");
     // Lazily filled memory: registered before anything is written, never written here.
     let mut lazy_maps: Vec<(u64, u64)> = Vec::new();
     if let Some(lz) = lazily {
@@ -710,6 +751,7 @@ fn build(
         }
         *lz.left += lz.missing.bytes();
         lz.filler.add(img.pid, uffd, lz.missing, lz.hot)?;
+        lap.mark(&mut times.steps, "uffd");
     }
     let in_lazy = |a: u64| lazy_maps.iter().any(|&(s, e)| s <= a && a < e);
     let tp = Instant::now();
@@ -739,8 +781,11 @@ fn build(
     let pages = memory::restore_pages(t.pid, page_src, blocks, &in_lazy, on_progress)?;
     times.layout_ms += (tp - tl).as_secs_f64() * 1e3;
     times.pages_ms += tp.elapsed().as_secs_f64() * 1e3;
+    lap.mark(&mut times.steps, "pages");
     mm::restore(t, &img.mm, &img.exe)?;
+    lap.mark(&mut times.steps, "mm");
     files::restore(t, &img.fds, &img.pipes, &img.fifos, &ghosts, built)?;
+    lap.mark(&mut times.steps, "files");
     let cwd = t.put_path(&img.cwd)?;
     t.sys(
         &format!("chdir to {}", img.cwd),
@@ -765,9 +810,11 @@ fn build(
         [libc::PR_SET_NAME as u64, comm, 0, 0, 0, 0],
     )?;
     signals::restore(t, &img.sigactions)?;
+    lap.mark(&mut times.steps, "process_attrs");
     for th in img.threads.iter().filter(|th| th.tid != img.pid) {
         create_thread(t, th.tid)?;
     }
+    lap.mark(&mut times.steps, "threads");
     // The leader last.
     let mut order: Vec<_> = img.threads.iter().filter(|th| th.tid != img.pid).collect();
     order.extend(img.threads.iter().filter(|th| th.tid == img.pid));
@@ -775,13 +822,16 @@ fn build(
         signals::restore_thread(t, th)?;
         regs::restore(t, th)?;
     }
+    lap.mark(&mut times.steps, "registers");
     signals::restore_timers(t, &img.posix_timers)?;
     signals::restore_pending(t, img.pid, &img.threads, &img.shared_pending, &img.itimers)?;
+    lap.mark(&mut times.steps, "timers_signals");
     crate::attrs::restore(t, &img.attrs, is_root)?;
     // Last: remove our page. The syscall returns into it, but the step trap stops first.
     let p = t.page;
     t.frozen
-        .inject_syscall(tid, libc::SYS_munmap, [p, 4096, 0, 0, 0, 0])?;
+        .inject_syscall(tid, libc::SYS_munmap, [p, AREA, 0, 0, 0, 0])?;
+    lap.mark(&mut times.steps, "creds_cleanup");
     Ok(pages)
 }
 

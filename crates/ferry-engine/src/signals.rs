@@ -45,19 +45,23 @@ pub fn restore(t: &mut Target, acts: &[SigactionImage]) -> Result<()> {
                     mask: 0,
                 })
         });
-    for a in all {
-        let mut b = Vec::with_capacity(32);
+    let all: Vec<SigactionImage> = all.collect();
+    // Every struct sigaction at once, then every call in one batch.
+    let mut b = Vec::with_capacity(32 * all.len());
+    for a in &all {
         for v in [a.handler, a.flags, a.restorer, a.mask] {
             b.extend_from_slice(&v.to_le_bytes());
         }
-        let at = t.put(2048, &b)?;
-        t.sys(
-            &format!("rt_sigaction({})", a.signal),
+    }
+    let base = t.put_batch_data(&b)?;
+    for (i, a) in all.iter().enumerate() {
+        t.queue(
+            format!("rt_sigaction({})", a.signal),
             libc::SYS_rt_sigaction,
-            [a.signal as u64, at, 0, 8, 0, 0],
+            [a.signal as u64, base + 32 * i as u64, 0, 8, 0, 0],
         )?;
     }
-    Ok(())
+    t.flush()
 }
 
 fn inject_read(

@@ -69,6 +69,8 @@ pub struct Claimed {
     addr: Ipv4Addr,
     prefix: u8,
     keep: bool,
+    /// The socket the announcement went out on.
+    garp: Option<std::os::fd::OwnedFd>,
 }
 
 /// Put `cidr` on our interface in its subnet (in the calling thread's namespace) and announce
@@ -97,13 +99,14 @@ pub fn claim(cidr: &str) -> Result<Claimed> {
             ))
         })?;
     change_addr(true, dev.ifindex, want, prefix).map_err(sys)?;
-    let c = Claimed {
+    let mut c = Claimed {
         ifindex: dev.ifindex,
         addr: want,
         prefix,
         keep: false,
+        garp: None,
     };
-    ferry_sys::net::send_garp(&dev.ifname, want).map_err(sys)?;
+    c.garp = Some(ferry_sys::net::send_garp(&dev.ifname, want).map_err(sys)?);
     Ok(c)
 }
 
@@ -115,6 +118,10 @@ impl Claimed {
 
 impl Drop for Claimed {
     fn drop(&mut self) {
+        // Closed on a thread of its own: closing a packet socket takes 10-20 ms.
+        if let Some(s) = self.garp.take() {
+            std::thread::spawn(move || drop(s));
+        }
         if !self.keep {
             let _ = change_addr(false, self.ifindex, self.addr, self.prefix);
         }

@@ -585,8 +585,9 @@ pub fn unix_diag() -> Result<Vec<UnixDiag>> {
 
 /// Announce that `ip` is now at this host's `ifname` (a gratuitous ARP request, sent three
 /// times), so that neighbours on the link update their caches at once. In the calling
-/// thread's network namespace.
-pub fn send_garp(ifname: &str, ip: std::net::Ipv4Addr) -> Result<()> {
+/// thread's network namespace. Returns the packet socket: closing one waits for an RCU grace
+/// period (10-20 ms here), so the caller closes it when no one is waiting.
+pub fn send_garp(ifname: &str, ip: std::net::Ipv4Addr) -> Result<OwnedFd> {
     let name = std::ffi::CString::new(ifname)
         .map_err(|_| Error::Parse(format!("odd interface name {ifname}")))?;
     // SAFETY: if_nametoindex reads a C string.
@@ -642,7 +643,7 @@ pub fn send_garp(ifname: &str, ip: std::net::Ipv4Addr) -> Result<()> {
         };
         check(rc as libc::c_long, || format!("gratuitous ARP on {ifname}"))?;
     }
-    Ok(())
+    Ok(s)
 }
 
 /// An IPv4 address on an interface (rtnetlink), in the calling thread's network namespace.
