@@ -256,6 +256,9 @@ pub struct Filler {
     handle: Option<std::thread::JoinHandle<Result<FillReport>>>,
     stop: Arc<AtomicBool>,
     watch: Arc<Watch>,
+    /// Set once the tree runs: filling ahead of need waits until then, so that it does not
+    /// take the CPU from the rest of the restore (the downtime) on a small machine.
+    running: Arc<AtomicBool>,
 }
 
 /// The processes being filled, and the guardian that kills them if Ferry dies meanwhile.
@@ -282,11 +285,12 @@ impl Filler {
             pids: Mutex::new(Vec::new()),
             guardian: Mutex::new(Some(ferry_sys::guard::Guardian::spawn()?)),
         });
-        let (st, w) = (stop.clone(), watch.clone());
+        let running = Arc::new(AtomicBool::new(false));
+        let (st, w, go) = (stop.clone(), watch.clone(), running.clone());
         let handle = std::thread::Builder::new()
             .name("ferry-filler".into())
             .spawn(move || {
-                let r = run(sources, rx, &st, &w);
+                let r = run(sources, rx, &st, &w, &go);
                 if r.is_err() || st.load(Ordering::Relaxed) {
                     kill_all(&w.pids.lock().unwrap());
                     // Dropped without "done": it kills what it watches too.
@@ -302,7 +306,13 @@ impl Filler {
             handle: Some(handle),
             stop,
             watch,
+            running,
         })
+    }
+
+    /// The flag that lets filling ahead of need begin (faults are answered at once anyway).
+    pub fn running_flag(&self) -> Arc<AtomicBool> {
+        self.running.clone()
     }
 
     /// Fill process `pid` (PID as dumped, also its PID now) through `uffd`.
@@ -376,6 +386,7 @@ fn run(
     rx: Receiver<NewConsumer>,
     stop: &AtomicBool,
     watch: &Watch,
+    running: &AtomicBool,
 ) -> Result<FillReport> {
     let t0 = Instant::now();
     let mut rep = FillReport::default();
@@ -416,8 +427,15 @@ fn run(
                 revents: 0,
             })
             .collect();
-        let busy = cons.iter().any(|c| !c.missing.is_empty());
-        let timeout = if busy { 0 } else { 5 };
+        let ahead = running.load(Ordering::Relaxed);
+        let busy = ahead && cons.iter().any(|c| !c.missing.is_empty());
+        let timeout = if busy {
+            0
+        } else if ahead {
+            5
+        } else {
+            1
+        };
         // SAFETY: `fds` is a valid array of pollfd for the call.
         let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout) };
         let mut handled = false;
@@ -481,7 +499,7 @@ fn run(
                 rep.max_fault_ms = rep.max_fault_ms.max(tf.elapsed().as_secs_f64() * 1e3);
             }
         }
-        if handled || cons.is_empty() {
+        if handled || cons.is_empty() || !ahead {
             continue;
         }
         // Ahead of need: one run of one process, round robin.

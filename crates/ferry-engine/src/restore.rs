@@ -69,6 +69,8 @@ pub struct Restored {
     pub report: RestoreReport,
     t0: Instant,
     filler: Option<crate::lazy::Filler>,
+    /// Lets the filler work ahead of need once the tree runs.
+    filler_running: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// The dump blocked TCP traffic (the tree had TCP sockets): lift the block on resume.
     lift: bool,
 }
@@ -103,6 +105,9 @@ impl Restored {
         // Children first, so that nothing of the tree runs before all of it exists.
         for t in std::mem::take(&mut self.targets).into_iter().rev() {
             t.frozen.resume();
+        }
+        if let Some(r) = &self.filler_running {
+            r.store(true, std::sync::atomic::Ordering::Relaxed);
         }
         let steps = &mut self.report.steps;
         *steps.entry("go_live".into()).or_default() += (tr - tg).as_secs_f64() * 1e3;
@@ -485,6 +490,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
             steps: times.steps,
         },
         t0,
+        filler_running: filler.as_ref().map(|f| f.running_flag()),
         filler,
         lift: all_socks.iter().any(|s| {
             matches!(s.family, libc::AF_INET | libc::AF_INET6) && s.ty == libc::SOCK_STREAM
