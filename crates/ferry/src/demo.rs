@@ -187,7 +187,7 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         libc::signal(libc::SIGINT, on_signal as *const () as libc::sighandler_t);
         libc::signal(libc::SIGTERM, on_signal as *const () as libc::sighandler_t);
     }
-    for tool in ["ip", "nsenter", "unshare", "nft"] {
+    for tool in ["ip", "nsenter", "unshare"] {
         if Command::new("sh")
             .args(["-c", &format!("command -v {tool}")])
             .stdout(Stdio::null())
@@ -195,7 +195,7 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
             .map(|s| !s.success())
             .unwrap_or(true)
         {
-            bail!("`{tool}` is missing: install iproute2, util-linux and nftables");
+            bail!("`{tool}` is missing: install iproute2 and util-linux");
         }
     }
     let me = std::env::current_exe()?;
