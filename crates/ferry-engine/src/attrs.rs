@@ -131,6 +131,10 @@ pub fn restore(t: &mut Target, a: &Attrs, is_root: bool) -> Result<()> {
         std::fs::read_to_string(format!("/proc/{}/limits", t.pid)).unwrap_or_default();
     let ours = parse_limits(&stub_limits);
     for &(res, soft, hard) in &a.rlimits {
+        // Most limits are what the stub has already: each call is a stop of the target.
+        if ours.contains(&(res, soft, hard)) {
+            continue;
+        }
         let mut b = Vec::new();
         b.extend_from_slice(&soft.to_le_bytes());
         b.extend_from_slice(&hard.to_le_bytes());
@@ -160,13 +164,13 @@ pub fn restore(t: &mut Target, a: &Attrs, is_root: bool) -> Result<()> {
             )?;
         }
     }
-    t.sys(
+    t.queue(
         "personality",
         libc::SYS_personality,
         [a.personality, 0, 0, 0, 0, 0],
     )?;
     if a.no_new_privs {
-        t.sys(
+        t.queue(
             "prctl(PR_SET_NO_NEW_PRIVS)",
             libc::SYS_prctl,
             [libc::PR_SET_NO_NEW_PRIVS as u64, 1, 0, 0, 0, 0],
@@ -176,20 +180,20 @@ pub fn restore(t: &mut Target, a: &Attrs, is_root: bool) -> Result<()> {
     if groups.len() > 1024 {
         return Err(EngineError::Failed("too many supplementary groups".into()));
     }
-    let at = t.put(1536, &groups)?;
-    t.sys(
+    let at = t.put_batch_data(&groups)?;
+    t.queue(
         "setgroups",
         libc::SYS_setgroups,
         [a.groups.len() as u64, at, 0, 0, 0, 0],
     )?;
     let [r, e, s] = a.gids;
-    t.sys(
+    t.queue(
         "setresgid",
         libc::SYS_setresgid,
         [r as u64, e as u64, s as u64, 0, 0, 0],
     )?;
     let [r, e, s] = a.uids;
-    t.sys(
+    t.queue(
         "setresuid",
         libc::SYS_setresuid,
         [r as u64, e as u64, s as u64, 0, 0, 0],
@@ -197,19 +201,20 @@ pub fn restore(t: &mut Target, a: &Attrs, is_root: bool) -> Result<()> {
     // Changing credentials clears the parent-death signal: set it after them. The root's
     // parent is the restorer, whose exit must not kill it.
     if a.pdeathsig != 0 && !is_root {
-        t.sys(
+        t.queue(
             "prctl(PR_SET_PDEATHSIG)",
             libc::SYS_prctl,
             [libc::PR_SET_PDEATHSIG as u64, a.pdeathsig, 0, 0, 0, 0],
         )?;
     }
     // Changing credentials resets dumpable: set it after them.
-    t.sys(
+    t.queue(
         "prctl(PR_SET_DUMPABLE)",
         libc::SYS_prctl,
         [libc::PR_SET_DUMPABLE as u64, a.dumpable, 0, 0, 0, 0],
     )?;
-    Ok(())
+    // One stop of the target for all of them, in this order.
+    t.flush()
 }
 
 #[cfg(test)]

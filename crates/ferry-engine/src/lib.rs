@@ -28,7 +28,7 @@ pub mod sockets;
 pub mod dump;
 pub mod restore;
 
-pub use dump::{dump, dump_into, DumpOptions, DumpReport, DumpStats, Held};
+pub use dump::{dump, dump_into, DumpOptions, DumpReport, DumpStats, Held, SmapsHint};
 pub use progress::{Phase, Progress};
 pub use restore::{restore, restore_held, BasePages, RestoreOptions, RestoreReport, Restored};
 

@@ -92,6 +92,9 @@ pub struct MigrateReport {
 /// The downtime, phase by phase (ms).
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct DowntimePhases {
+    /// Checking the smaps read before the freeze against the frozen tree's, while the
+    /// destination rebuilds (part of `to_ready_ms`).
+    pub check_smaps_ms: f64,
     /// Freezing the tree.
     pub freeze_ms: f64,
     /// The frozen dump streamed to the agent (state, and the pages that travel frozen).
@@ -540,6 +543,9 @@ fn migrate_inner(
         Ok(d)
     };
     let progress_final = ferry_engine::Progress::default();
+    // smaps costs ~18 ms per GiB mapped: read it while the tree still runs, and check it
+    // against the frozen tree's while the destination rebuilds.
+    let hint = (o.mode != Mode::Stop).then(|| smaps_hint(o.pid));
     let td = Instant::now();
     let (held, stats) = ferry_engine::dump_into(
         o.pid,
@@ -550,6 +556,7 @@ fn migrate_inner(
         } else {
             None
         },
+        hint.as_ref(),
     )?;
     // From here any error drops `held`, which resumes the source copy.
     let mut phases = DowntimePhases {
@@ -585,6 +592,10 @@ fn migrate_inner(
             g.flush().map_err(io("sending the image"))?;
         }
         phases.commit_sent_ms = tc.elapsed().as_secs_f64() * 1e3;
+        // While the destination rebuilds: the smaps the image used are still the tree's.
+        let tk = Instant::now();
+        held.check_smaps()?;
+        phases.check_smaps_ms = tk.elapsed().as_secs_f64() * 1e3;
         sent += summary.page_bytes;
         progress("final", sent, rounds.len() as u32);
         let mut buf = Vec::new();
@@ -791,4 +802,20 @@ fn migrate_inner(
         restore: restore_report,
         notes,
     })
+}
+
+/// smaps of `root` and its descendants, read now.
+fn smaps_hint(root: i32) -> ferry_engine::SmapsHint {
+    let mut h = ferry_engine::SmapsHint::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        if h.contains_key(&p) {
+            continue;
+        }
+        if let Ok(s) = ferry_sys::procfs::read_smaps(p) {
+            h.insert(p, s);
+        }
+        todo.extend(ferry_sys::procfs::children(p));
+    }
+    h
 }
