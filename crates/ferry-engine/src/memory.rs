@@ -75,6 +75,9 @@ struct Chunk {
     lazy: bool,
     mapping: usize,
     buf: Vec<u8>,
+    /// Further runs of the same mapping, their data after the first's in `buf`: scattered
+    /// dirty pages travel many to a chunk, not one chunk (and one thread handoff) per page.
+    more: Vec<(u64, usize)>,
 }
 
 const CHUNK: usize = 4 << 20;
@@ -176,10 +179,15 @@ pub fn dump(
                 }
                 continue;
             }
-            let n = write_nonzero(w, c.addr, &c.buf[..c.len], c.skip_zero)?;
+            let mut n = write_nonzero(w, c.addr, &c.buf[..c.len], c.skip_zero)?;
+            let mut off = c.len;
+            for &(a, l) in &c.more {
+                n += write_nonzero(w, a, &c.buf[off..off + l], c.skip_zero)?;
+                off += l;
+            }
             per[c.mapping] += n;
             total += n;
-            on_chunk(c.len as u64);
+            on_chunk(off as u64);
             let _ = free_tx.send(c.buf);
         }
         Ok(per)
@@ -313,10 +321,13 @@ fn read_all(
                 lazy: true,
                 mapping: mi,
                 buf: Vec::new(),
+                more: Vec::new(),
             }))
             .is_ok()
         };
         if let Some(d) = delta.filter(|d| d.covers(m.start, m.end)) {
+            // The chunk being filled, and how much of its buffer is used.
+            let mut cur: Option<(Chunk, usize)> = None;
             for (s, e) in d.dirty_in(m.start, m.end) {
                 if lazy {
                     if !send_lazy(s, (e - s) as usize) {
@@ -327,25 +338,46 @@ fn read_all(
                 let mut a = s;
                 while a < e {
                     let len = ((e - a) as usize).min(CHUNK);
-                    let Ok(mut buf) = free.recv() else {
-                        return Ok(());
+                    if cur.as_ref().is_some_and(|(_, used)| used + len > CHUNK) {
+                        let (c, _) = cur.take().unwrap();
+                        if tx.send(Ok(c)).is_err() {
+                            return Ok(());
+                        }
+                    }
+                    let (c, used) = match cur.as_mut() {
+                        Some(x) => x,
+                        None => {
+                            let Ok(buf) = free.recv() else {
+                                return Ok(());
+                            };
+                            cur.insert((
+                                Chunk {
+                                    addr: a,
+                                    len,
+                                    skip_zero: false,
+                                    lazy: false,
+                                    mapping: mi,
+                                    buf,
+                                    more: Vec::new(),
+                                },
+                                0,
+                            ))
+                        }
                     };
-                    let chunk = &mut buf[..len];
+                    if *used > 0 {
+                        c.more.push((a, len));
+                    }
+                    let chunk = &mut c.buf[*used..*used + len];
                     if !m.read || read_mem(pid, a, chunk)? != len {
                         read_mem_forced(pid, a, chunk)?;
                     }
-                    let c = Chunk {
-                        addr: a,
-                        len,
-                        skip_zero: false,
-                        lazy: false,
-                        mapping: mi,
-                        buf,
-                    };
-                    if tx.send(Ok(c)).is_err() {
-                        return Ok(());
-                    }
+                    *used += len;
                     a += len as u64;
+                }
+            }
+            if let Some((c, _)) = cur {
+                if tx.send(Ok(c)).is_err() {
+                    return Ok(());
                 }
             }
             continue;
@@ -406,6 +438,7 @@ fn read_all(
                     lazy: false,
                     mapping: mi,
                     buf,
+                    more: Vec::new(),
                 };
                 if tx.send(Ok(c)).is_err() {
                     return Ok(());

@@ -546,6 +546,9 @@ fn migrate_inner(
     // smaps costs ~18 ms per GiB mapped: read it while the tree still runs, and check it
     // against the frozen tree's while the destination rebuilds.
     let hint = (o.mode != Mode::Stop).then(|| smaps_hint(o.pid));
+    if let Some(t) = &_throttle_guard {
+        t.lift();
+    }
     let td = Instant::now();
     let (held, stats) = ferry_engine::dump_into(
         o.pid,

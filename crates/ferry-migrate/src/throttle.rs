@@ -89,6 +89,18 @@ impl Throttle {
     }
 }
 
+impl Throttle {
+    /// Lift the limit (the threads stay in the cgroup until drop). Before a freeze: a thread
+    /// out of quota cannot stop for ptrace until its next period, up to 100 ms later.
+    pub fn lift(&self) {
+        if self.dir.join("cpu.max").exists() {
+            let _ = write(&self.dir.join("cpu.max"), "max 100000");
+        } else {
+            let _ = write(&self.dir.join("cpu.cfs_quota_us"), "-1");
+        }
+    }
+}
+
 impl Drop for Throttle {
     fn drop(&mut self) {
         for (tid, back) in self.moved.drain(..) {
