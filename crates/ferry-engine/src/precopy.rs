@@ -3,8 +3,11 @@
 //!
 //! Every private writable mapping present when tracking starts is registered for
 //! asynchronous write-protection (userfaultfd WP_ASYNC); each round's PAGEMAP_SCAN returns the
-//! pages written since the previous one and re-arms them. Mappings created later, moved
-//! (mremap drops the registration) or that could not be registered count as untracked: the
+//! pages written since the previous one and re-arms them. Mappings created later are
+//! registered by the next round, which sends their present pages (a server that grows its
+//! heap or a hash table while it moves would otherwise send all of it while frozen); a
+//! mapping put where a registered one was (the kernel then refuses the scan) is registered
+//! again and the scan retried. Mappings that could not be registered count as untracked: the
 //! final dump carries them whole. A page discarded with MADV_DONTNEED shows as written, and the
 //! final dump sends it as zeros, so a stale copy never survives.
 
@@ -88,7 +91,27 @@ impl Tracking {
         let mut total = 0;
         let pids: Vec<i32> = self.trackers.keys().copied().collect();
         for pid in pids {
-            let runs = match self.trackers.get_mut(&pid).unwrap().written_all() {
+            let t = self.trackers.get_mut(&pid).unwrap();
+            // New mappings since the last round: tracked from now on, sent whole by this scan.
+            let maps = procfs::read_maps(pid).unwrap_or_default();
+            for m in maps.iter().filter(|m| trackable(m)) {
+                if !t.covers(m.start, m.end) {
+                    let _ = t.register(m.start, m.end);
+                }
+            }
+            let scanned = t.written_all().or_else(|_| {
+                // A mapping replaced in place is not registered, and the failed scan may have
+                // re-armed pages it never reported: start over on the current layout, which
+                // sends this process's present memory again.
+                let now: Vec<(u64, u64)> = maps
+                    .iter()
+                    .filter(|m| trackable(m))
+                    .map(|m| (m.start, m.end))
+                    .collect();
+                t.reset_to(&now);
+                t.written_all()
+            });
+            let runs = match scanned {
                 Ok(r) => r,
                 // A process that exited during pre-copy is no longer part of the tree.
                 Err(_) if !std::path::Path::new(&format!("/proc/{pid}")).exists() => {

@@ -391,6 +391,7 @@ fn migrate_inner(
     let mut sent = 0u64;
     let mut tracking = None;
     let mut _throttle_guard: Option<crate::throttle::Throttle> = None;
+    let mut latest_hint: Option<ferry_engine::SmapsHint> = None;
     let post = matches!(o.mode, Mode::Postcopy | Mode::Hybrid);
     if matches!(o.mode, Mode::Precopy | Mode::Hybrid) {
         let mut tr = ferry_engine::precopy::Tracking::start(o.pid)?;
@@ -401,6 +402,10 @@ fn migrate_inner(
         let mut base_spent = 0u64;
         for round in 0..o.max_rounds {
             let tr0 = Instant::now();
+            // smaps for the final dump, read beside the round (not after it, when every ms
+            // of reading is a ms more for the process to dirty pages before the freeze).
+            let pid = o.pid;
+            let hint_job = (round > 0).then(|| std::thread::spawn(move || smaps_hint(pid)));
             let bytes = {
                 let mut g = w.lock().unwrap();
                 let mut batch = wire::PageBatch::default();
@@ -441,6 +446,9 @@ fn migrate_inner(
                         "expected RoundAck, got {k:?}"
                     )))
                 }
+            }
+            if let Some(h) = hint_job.and_then(|j| j.join().ok()) {
+                latest_hint = Some(h);
             }
             let ms = tr0.elapsed().as_secs_f64() * 1e3;
             if round == 0 {
@@ -545,7 +553,10 @@ fn migrate_inner(
     let progress_final = ferry_engine::Progress::default();
     // smaps costs ~18 ms per GiB mapped: read it while the tree still runs, and check it
     // against the frozen tree's while the destination rebuilds.
-    let hint = (o.mode != Mode::Stop).then(|| smaps_hint(o.pid));
+    let hint = match latest_hint {
+        Some(h) => Some(h),
+        None => (o.mode != Mode::Stop).then(|| smaps_hint(o.pid)),
+    };
     if let Some(t) = &_throttle_guard {
         t.lift();
     }

@@ -13,6 +13,7 @@ const UFFDIO_API: libc::c_ulong = 0xC018_AA3F;
 const UFFDIO_REGISTER: libc::c_ulong = 0xC020_AA00;
 const UFFDIO_UNREGISTER: libc::c_ulong = 0x8010_AA01;
 const UFFDIO_REGISTER_MODE_WP: u64 = 1 << 1;
+const UFFDIO_WRITEPROTECT: libc::c_ulong = 0xC018_AA06;
 const UFFD_FEATURE_WP_UNPOPULATED: u64 = 1 << 13;
 const UFFD_FEATURE_WP_ASYNC: u64 = 1 << 15;
 const PAGEMAP_SCAN: libc::c_ulong = 0xC060_6610;
@@ -140,8 +141,39 @@ impl WriteTracker {
                 self.pid
             ),
         )?;
-        self.ranges.push((start, end));
+        if !self.ranges.contains(&(start, end)) {
+            self.ranges.push((start, end));
+        }
         Ok(())
+    }
+
+    /// Start over on exactly `maps` (ranges of the current layout): each is registered (those
+    /// the kernel refuses are left out) and un-protected, so the next scan reports every
+    /// present page. For when a scan failed: it may have re-armed pages it never reported.
+    pub fn reset_to(&mut self, maps: &[(u64, u64)]) {
+        self.ranges.clear();
+        for &(start, end) in maps {
+            if self.register(start, end).is_err() {
+                continue;
+            }
+            // struct uffdio_writeprotect: range, mode 0 (not protected).
+            let mut wp = [start, end - start, 0u64];
+            if ioctl(
+                &self.uffd,
+                UFFDIO_WRITEPROTECT,
+                &mut wp,
+                "UFFDIO_WRITEPROTECT",
+            )
+            .is_err()
+            {
+                self.ranges.retain(|&r| r != (start, end));
+            }
+        }
+    }
+
+    /// Whether [start, end) lies within a range registered before.
+    pub fn covers(&self, start: u64, end: u64) -> bool {
+        self.ranges.iter().any(|&(s, e)| s <= start && end <= e)
     }
 
     /// Pages of [start, end) written since the last call (or since registration), as page
