@@ -179,6 +179,14 @@ fn key(a: &[u8], b: &[u8], pa: u16, pb: u16) -> Vec<u8> {
     k
 }
 
+/// The set keys of connections (local, peer, local port, peer port): each in both
+/// directions, as a packet in or out shows it.
+fn both_ways(conns: impl Iterator<Item = (Vec<u8>, Vec<u8>, u16, u16)>) -> Vec<Vec<u8>> {
+    conns
+        .flat_map(|(l, p, lp, pp)| [key(&p, &l, pp, lp), key(&l, &p, lp, pp)])
+        .collect()
+}
+
 /// `ip saddr . ip daddr . tcp sport . tcp dport @set drop` (or ip6), for a set of
 /// `alen`-byte addresses.
 fn conn_rule(fam: u8, alen: u32, set: &str, set_id: u32) -> Vec<Expr> {
@@ -211,26 +219,16 @@ fn batch(b: &Block, table: &str) -> nft::Batch {
     }
     let concat =
         |a: u32| ((a << 6 | a) << 6 | nft::TYPE_INET_SERVICE) << 6 | nft::TYPE_INET_SERVICE;
-    let keys4: Vec<Vec<u8>> = b
-        .conns4
-        .iter()
-        .flat_map(|(l, p, lp, pp)| {
-            [
-                key(&p.octets(), &l.octets(), *pp, *lp),
-                key(&l.octets(), &p.octets(), *lp, *pp),
-            ]
-        })
-        .collect();
-    let keys6: Vec<Vec<u8>> = b
-        .conns6
-        .iter()
-        .flat_map(|(l, p, lp, pp)| {
-            [
-                key(&p.octets(), &l.octets(), *pp, *lp),
-                key(&l.octets(), &p.octets(), *lp, *pp),
-            ]
-        })
-        .collect();
+    let keys4 = both_ways(
+        b.conns4
+            .iter()
+            .map(|(l, p, lp, pp)| (l.octets().to_vec(), p.octets().to_vec(), *lp, *pp)),
+    );
+    let keys6 = both_ways(
+        b.conns6
+            .iter()
+            .map(|(l, p, lp, pp)| (l.octets().to_vec(), p.octets().to_vec(), *lp, *pp)),
+    );
     for (id, fam, alen, ty, name, keys) in [
         (1, nft::NFPROTO_IPV4, 4, nft::TYPE_IPADDR, "conns4", keys4),
         (2, nft::NFPROTO_IPV6, 16, nft::TYPE_IP6ADDR, "conns6", keys6),

@@ -3,9 +3,9 @@
 //! same address), are both sent by the next round, so what the receiver holds is the
 //! process's memory. A real python3 process does both.
 
+mod common;
+
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
 
 const PY: &str = r#"
 import ctypes, sys
@@ -60,17 +60,10 @@ fn assert_held(pid: i32, held: &HashMap<u64, Vec<u8>>, start: u64, fill: u8, wha
 
 #[test]
 fn mappings_made_or_replaced_during_precopy_are_sent() {
-    let mut child = Command::new("python3")
-        .args(["-c", PY])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    let v: Vec<u64> = line
+    let mut py = common::Py::start(PY);
+    let pid = py.pid;
+    let v: Vec<u64> = py
+        .line()
         .split_whitespace()
         .map(|x| x.parse().unwrap())
         .collect();
@@ -80,11 +73,8 @@ fn mappings_made_or_replaced_during_precopy_are_sent() {
     let mut held = HashMap::new();
     assert!(round(&mut tr, &mut held) >= 2 * N);
 
-    let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin).unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    let b: u64 = line.trim().parse().unwrap();
+    py.go();
+    let b: u64 = py.line().parse().unwrap();
     round(&mut tr, &mut held);
 
     assert_held(pid, &held, a, 1, "the tracked mapping written again");
@@ -93,7 +83,5 @@ fn mappings_made_or_replaced_during_precopy_are_sent() {
     assert_held(pid, &held, c, 3, "the mapping replaced in place");
 
     tr.stop();
-    writeln!(stdin).unwrap();
-    drop(stdin);
-    assert!(child.wait().unwrap().success());
+    py.finish();
 }

@@ -2,8 +2,7 @@
 //! walk out of the downtime) must notice when a mapping's flags changed in between: here a
 //! real python3 advises MADV_DONTFORK on a whole file mapping after the hint was read.
 
-use std::io::{BufRead, BufReader, Write};
-use std::process::{Command, Stdio};
+mod common;
 
 const PY: &str = r#"
 import mmap, sys, tempfile
@@ -40,23 +39,12 @@ fn dump_with(pid: i32, h: &ferry_engine::SmapsHint) -> ferry_engine::Held {
 
 #[test]
 fn flags_changed_after_the_smaps_hint_are_caught() {
-    let mut child = Command::new("python3")
-        .args(["-c", PY])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let pid = child.id() as i32;
-    let mut out = BufReader::new(child.stdout.take().unwrap());
-    let mut line = String::new();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "ready");
+    let mut py = common::Py::start(PY);
+    let pid = py.pid;
+    assert_eq!(py.line(), "ready");
     let stale = hint(pid);
-    let mut stdin = child.stdin.take().unwrap();
-    writeln!(stdin).unwrap();
-    line.clear();
-    out.read_line(&mut line).unwrap();
-    assert_eq!(line.trim(), "advised");
+    py.go();
+    assert_eq!(py.line(), "advised");
 
     // The stale hint still has every mapping: the dump uses it, the check refuses it.
     let held = dump_with(pid, &stale);
@@ -72,7 +60,5 @@ fn flags_changed_after_the_smaps_hint_are_caught() {
     held.resume();
 
     // Resumed: the process goes on and ends normally.
-    writeln!(stdin).unwrap();
-    drop(stdin);
-    assert!(child.wait().unwrap().success());
+    py.finish();
 }
