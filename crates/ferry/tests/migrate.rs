@@ -21,8 +21,11 @@ struct Agent {
     tok: PathBuf,
 }
 
+/// Below the kernel's ephemeral range (32768 and up): a connection to a port there that
+/// nothing listens on yet can connect to itself (simultaneous open on the same port), which
+/// then keeps the agent from binding it.
 fn port_base() -> u16 {
-    41000 + (std::process::id() % 500) as u16 * 20
+    21000 + (std::process::id() % 500) as u16 * 20
 }
 
 impl Agent {
@@ -71,6 +74,10 @@ impl Agent {
 
     fn try_get(&self, path: &str) -> Option<serde_json::Value> {
         let mut s = TcpStream::connect((self.host.as_str(), self.port)).ok()?;
+        if s.local_addr().ok() == s.peer_addr().ok() {
+            return None;
+        }
+        s.set_read_timeout(Some(Duration::from_secs(30))).ok()?;
         write!(
             s,
             "GET {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
