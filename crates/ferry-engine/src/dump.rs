@@ -238,6 +238,37 @@ pub struct Held {
     hinted: Vec<(i32, Vec<procfs::SmapsEntry>)>,
 }
 
+/// The smaps a dump used (from a hint) against the frozen processes' own: an error names the
+/// first mapping whose flags changed in between.
+pub fn check_smaps(used: &[(i32, Vec<procfs::SmapsEntry>)]) -> Result<()> {
+    for (pid, used) in used {
+        let now = procfs::read_smaps(*pid)?;
+        for n in &now {
+            // "uw" is pre-copy's own registration: a mapping registered while the hint was
+            // read went whole into the image, which is safe; one no longer registered is not.
+            let uw = |f: &[String]| f.iter().any(|x| x == "uw");
+            let rest = |f: &[String]| f.iter().filter(|x| *x != "uw").cloned().collect::<Vec<_>>();
+            let same = used.iter().any(|u| {
+                u.start == n.start
+                    && u.end == n.end
+                    && rest(&u.vm_flags) == rest(&n.vm_flags)
+                    && (!uw(&u.vm_flags) || uw(&n.vm_flags))
+                    && u.kernel_page_kb == n.kernel_page_kb
+            });
+            if !same {
+                return Err(EngineError::Failed(format!(
+                    "process {pid}: mapping {:#x}-{:#x} changed its flags ({}) just \
+                         before the freeze; the image taken with the earlier ones is dropped",
+                    n.start,
+                    n.end,
+                    n.vm_flags.join(" ")
+                )));
+            }
+        }
+    }
+    Ok(())
+}
+
 /// smaps of processes read just before the freeze, by PID. Reading smaps walks every page
 /// table (about 18 ms per GiB mapped): with a hint the dump reads it while the tree runs,
 /// and `Held::check_smaps` makes sure, later, that nothing in it changed.
@@ -252,26 +283,12 @@ impl Held {
     /// processes' own: an error names the first mapping whose flags changed in between (the
     /// image would be wrong: drop it and resume). Read while the tree is still frozen.
     pub fn check_smaps(&self) -> Result<()> {
-        for (pid, used) in &self.hinted {
-            let now = procfs::read_smaps(*pid)?;
-            for n in &now {
-                let same = used.iter().any(|u| {
-                    u.start == n.start
-                        && u.end == n.end
-                        && u.vm_flags == n.vm_flags
-                        && u.kernel_page_kb == n.kernel_page_kb
-                });
-                if !same {
-                    return Err(EngineError::Failed(format!(
-                        "process {pid}: mapping {:#x}-{:#x} changed its flags ({}) just                          before the freeze; the image taken with the earlier ones is dropped",
-                        n.start,
-                        n.end,
-                        n.vm_flags.join(" ")
-                    )));
-                }
-            }
-        }
-        Ok(())
+        check_smaps(&self.hinted)
+    }
+
+    /// What `check_smaps` checks, for a caller that runs it on a thread of its own.
+    pub fn smaps_used(&self) -> &[(i32, Vec<procfs::SmapsEntry>)] {
+        &self.hinted
     }
 
     /// Time since the tree was frozen.

@@ -761,8 +761,11 @@ pub fn restore_pages(
     let done = AtomicU64::new(0);
     let failed = AtomicBool::new(false);
     let (next, done, failed) = (&next, &done, &failed);
+    // A few MiB (the final pages of a live migration) are written here: two writer threads
+    // and the 1 ms naps of the progress loop would cost more than the writing.
+    let small = n * (PAGE_SIZE as u64) < 8 << 20;
     std::thread::scope(|s| {
-        let writers: Vec<_> = (0..2)
+        let writers: Vec<_> = (0..if small { 1 } else { 2 })
             .map(|_| {
                 s.spawn(move || -> Result<()> {
                     while !failed.load(Ordering::Relaxed) {
@@ -812,6 +815,10 @@ pub fn restore_pages(
         // Short naps: a small process must not wait for a long one.
         let mut naps = 0u32;
         while writers.iter().any(|w| !w.is_finished()) {
+            if small {
+                // Joined below; a handful of pages takes less than a nap.
+                break;
+            }
             naps += 1;
             if naps.is_multiple_of(20) {
                 on_progress(done.load(Ordering::Relaxed));

@@ -198,8 +198,7 @@ pub fn open_mapped(
 }
 
 /// Every process of the image, parents before children.
-pub fn load(dir: &Path) -> Result<Vec<ProcessImage>> {
-    let r = ImageReader::open(dir)?;
+pub fn load(dir: &Path, r: &ImageReader) -> Result<Vec<ProcessImage>> {
     let procs: Vec<ProcessImage> = r.find(TAG_PROCESS)?;
     if procs.is_empty() {
         return Err(EngineError::Failed(format!(
@@ -232,10 +231,11 @@ pub fn load(dir: &Path) -> Result<Vec<ProcessImage>> {
 /// drops it, which kills it).
 pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let t0 = Instant::now();
-    // Everything is checked before any process exists.
-    let imgs = load(dir)?;
-    // pages.fimg is mapped: checked in place, then written from there into the processes.
+    // Everything is checked before any process exists. pages.fimg is mapped: checked in
+    // place, then written from there into the processes.
     let (mut reader, map) = open_mapped(dir)?;
+    let imgs = load(dir, &reader)?;
+    let zombies: Vec<ZombieImage> = reader.find(TAG_ZOMBIE)?;
     let (summary, index) = reader.verify_pages_indexed()?;
     // Paths on mounts the tree made are checked where they are now (or not, when the restore
     // makes them).
@@ -398,7 +398,6 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
             crate::attrs::restore_session(&mut ct, img.pid, &img.attrs)?;
             targets.push(ct);
         }
-        let zombies: Vec<ZombieImage> = ImageReader::open(dir)?.find(TAG_ZOMBIE)?;
         for z in &zombies {
             let parent = targets
                 .iter_mut()

@@ -106,7 +106,9 @@ fn main() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../..");
     let ferry = root.join("target/release/ferry");
     assert!(ferry.exists(), "build ferry first: cargo build --release");
-    let dir = std::env::temp_dir().join(format!("ferry-migrate-bench-{}", std::process::id()));
+    // tmpfs, as an agent's state directory should be (see docs/api.md).
+    let dir = std::path::Path::new("/dev/shm")
+        .join(format!("ferry-migrate-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let bin = dir.join("dirtier");
     let st = Command::new("musl-gcc")

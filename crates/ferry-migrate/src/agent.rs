@@ -533,7 +533,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                 )));
             }
             Kind::Commit => {
-                commit = wire::parse(kind, &buf).unwrap_or_default();
+                commit = wire::parse(kind, &buf).map_err(|e| fail(&mut conn, e))?;
                 t_commit = Instant::now();
                 break;
             }
@@ -564,7 +564,13 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         .unwrap_or_default();
     let restored = (|| -> Result<ferry_engine::Restored> {
         let tp = Instant::now();
-        let recs: Vec<PrecopyRecord> = ferry_image::ImageReader::open(&img)?.find(TAG_PRECOPY)?;
+        // Stored pages count only where listed: a list we cannot read fails the migration.
+        let recs: Vec<PrecopyRecord> = match &commit["precopy"] {
+            serde_json::Value::Null => Vec::new(),
+            v => serde_json::from_value(v.clone()).map_err(|e| {
+                MigrateError::Protocol(format!("bad pre-copy ranges in Commit: {e}"))
+            })?,
+        };
         store.set_tracked(recs.into_iter().map(|r| (r.pid, r.tracked)).collect());
         prep_ms = tp.elapsed().as_secs_f64() * 1e3;
         // Post-copy: pages left in the source come over the second connection.

@@ -97,12 +97,10 @@ pub struct Hello {
     pub role: Option<String>,
 }
 
-/// Image record (tag "precopy"): memory of process `pid` the agent holds from pre-copy
-/// rounds and that is still valid at the freeze.
+/// In the Commit frame: memory of process `pid` the agent holds from pre-copy rounds and that
+/// is still valid at the freeze.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct PrecopyRecord {
     pub pid: i32,
     pub tracked: Vec<(u64, u64)>,
 }
-
-pub const TAG_PRECOPY: &str = "precopy";

@@ -584,9 +584,6 @@ fn migrate_inner(
     let mut restore_report = serde_json::Value::Null;
     let mut released = Vec::new();
     let fin = (|| -> Result<i32> {
-        for r in tracked.lock().unwrap().iter() {
-            iw.meta(TAG_PRECOPY, r)?;
-        }
         let tf = Instant::now();
         let summary = iw.finish()?;
         phases.finish_ms = tf.elapsed().as_secs_f64() * 1e3;
@@ -601,22 +598,36 @@ fn migrate_inner(
             wire::write_json(
                 &mut *g,
                 Kind::Commit,
-                &serde_json::json!({ "addresses": o.move_addresses }),
+                &serde_json::json!({
+                    "addresses": o.move_addresses,
+                    "precopy": *tracked.lock().unwrap(),
+                }),
             )?;
             g.flush().map_err(io("sending the image"))?;
         }
         phases.commit_sent_ms = tc.elapsed().as_secs_f64() * 1e3;
-        // While the destination rebuilds: the smaps the image used are still the tree's.
-        let tk = Instant::now();
-        held.check_smaps()?;
-        phases.check_smaps_ms = tk.elapsed().as_secs_f64() * 1e3;
         sent += summary.page_bytes;
         progress("final", sent, rounds.len() as u32);
         let mut buf = Vec::new();
         rd.get_ref()
             .set_read_timeout(Some(o.io_timeout.max(Duration::from_secs(120))))
             .map_err(io("socket timeout"))?;
-        match wire::read_frame(&mut rd, &mut buf)? {
+        // While the destination rebuilds, on a thread beside the wait for its answer: the
+        // smaps the image used are still the tree's.
+        let used = held.smaps_used();
+        let (checked, answer) = std::thread::scope(|s| {
+            let job = s.spawn(|| {
+                let tk = Instant::now();
+                (ferry_engine::dump::check_smaps(used), tk.elapsed())
+            });
+            let answer = wire::read_frame(&mut rd, &mut buf);
+            (job.join(), answer)
+        });
+        let (checked, took) =
+            checked.map_err(|_| MigrateError::Failed("the smaps check panicked".into()))?;
+        phases.check_smaps_ms = took.as_secs_f64() * 1e3;
+        checked?;
+        match answer? {
             Kind::Ready => {
                 let v: serde_json::Value = wire::parse(Kind::Ready, &buf)?;
                 restore_report = v["restore"].clone();

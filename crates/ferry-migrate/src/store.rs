@@ -2,25 +2,34 @@
 //! state directory, indexed by (pid, address); a page sent again replaces the older copy. At
 //! restore it hands the pages of each process's still-tracked memory to the engine, which
 //! writes them before the final image's newer ones.
+//!
+//! The index is a map of extents (runs of pages stored in consecutive slots), not of pages:
+//! pre-copy sends memory in long runs, so a GiB is a few thousand extents, and deciding what
+//! is valid at the freeze walks those, not a quarter of a million pages.
 
 use crate::{io, Result};
 use ferry_engine::BasePages;
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::os::unix::fs::FileExt;
 use std::path::{Path, PathBuf};
 
 const PAGE: u64 = 4096;
 
+/// Pages [start, end) of one process, stored from slot `slot` on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Extent {
+    end: u64,
+    slot: u64,
+}
+
 pub struct PageStore {
     file: std::fs::File,
     path: PathBuf,
-    index: HashMap<(i32, u64), u64>,
+    /// Per process: extents by start address, never overlapping.
+    extents: HashMap<i32, BTreeMap<u64, Extent>>,
     next: u64,
     /// Per process, the memory whose stored pages are still valid (from the final image).
     tracked: HashMap<i32, Vec<(u64, u64)>>,
-    /// Per process, the addresses held, sorted as they arrive (so that `set_tracked`, in the
-    /// downtime, only walks them).
-    by_pid: HashMap<i32, std::collections::BTreeSet<u64>>,
     /// Per process, runs of the valid pages held (computed once, at `set_tracked`).
     held: HashMap<i32, Vec<(u64, u64)>>,
 }
@@ -38,10 +47,9 @@ impl PageStore {
         Ok(PageStore {
             file,
             path: path.to_path_buf(),
-            index: HashMap::new(),
+            extents: HashMap::new(),
             next: 0,
             tracked: HashMap::new(),
-            by_pid: HashMap::new(),
             held: HashMap::new(),
         })
     }
@@ -67,87 +75,126 @@ impl PageStore {
 
     /// Bytes of distinct pages held.
     pub fn bytes(&self) -> u64 {
-        self.index.len() as u64 * PAGE
+        self.extents
+            .values()
+            .flat_map(|m| m.iter().map(|(s, e)| e.end - s))
+            .sum()
     }
 
-    /// Store a run of pages of process `pid` starting at `addr`.
+    fn write_at(&self, data: &[u8], slot: u64) -> Result<()> {
+        self.file
+            .write_all_at(data, slot * PAGE)
+            .map_err(io(format!("writing pages to {}", self.path.display())))
+    }
+
+    /// Store a run of pages of process `pid` starting at `addr`: pages held already are
+    /// overwritten in their slots, the others appended.
     pub fn put(&mut self, pid: i32, addr: u64, data: &[u8]) -> Result<()> {
-        let n = data.len() as u64 / PAGE;
-        let fresh = (0..n).all(|i| !self.index.contains_key(&(pid, addr + i * PAGE)));
-        if fresh {
-            // The common case: one write at the end of the file.
-            let slot = self.next;
-            self.file
-                .write_all_at(&data[..(n * PAGE) as usize], slot * PAGE)
-                .map_err(io(format!("writing pages to {}", self.path.display())))?;
-            let set = self.by_pid.entry(pid).or_default();
-            for i in 0..n {
-                self.index.insert((pid, addr + i * PAGE), slot + i);
-                set.insert(addr + i * PAGE);
+        let end = addr + data.len() as u64 / PAGE * PAGE;
+        let map = self.extents.entry(pid).or_default();
+        // Pieces of [addr, end): Some(slot) where held, None for gaps.
+        let mut pieces: Vec<(u64, u64, Option<u64>)> = Vec::new();
+        let mut at = addr;
+        let first = map
+            .range(..=addr)
+            .next_back()
+            .filter(|(_, e)| e.end > addr)
+            .map(|(&s, _)| s)
+            .unwrap_or(addr);
+        for (&s, e) in map.range(first..end) {
+            if s > at {
+                pieces.push((at, s, None));
             }
-            self.next += n;
-            return Ok(());
+            let (ps, pe) = (s.max(at), e.end.min(end));
+            pieces.push((ps, pe, Some(e.slot + (ps - s) / PAGE)));
+            at = pe;
         }
-        let mut next = self.next;
-        let set = self.by_pid.entry(pid).or_default();
-        for i in 0..n {
-            set.insert(addr + i * PAGE);
+        if at < end {
+            pieces.push((at, end, None));
         }
-        let slots: Vec<u64> = (0..n)
-            .map(|i| {
-                *self.index.entry((pid, addr + i * PAGE)).or_insert_with(|| {
-                    next += 1;
-                    next - 1
-                })
-            })
-            .collect();
-        self.next = next;
-        // Pages sent again usually sit in consecutive slots: one write per such run.
-        let mut i = 0;
-        while i < slots.len() {
-            let mut j = i + 1;
-            while j < slots.len() && slots[j] == slots[j - 1] + 1 {
-                j += 1;
+        for (s, e, slot) in pieces {
+            let bytes = &data[(s - addr) as usize..(e - addr) as usize];
+            match slot {
+                Some(slot) => self.write_at(bytes, slot)?,
+                None => {
+                    let slot = self.next;
+                    self.write_at(bytes, slot)?;
+                    self.next += (e - s) / PAGE;
+                    let map = self.extents.get_mut(&pid).unwrap();
+                    // Grow the extent just before when it ends here in the slot just before.
+                    let prev = map
+                        .range(..s)
+                        .next_back()
+                        .filter(|(ps, pe)| pe.end == s && pe.slot + (s - *ps) / PAGE == slot)
+                        .map(|(&ps, _)| ps);
+                    match prev {
+                        Some(ps) => map.get_mut(&ps).unwrap().end = e,
+                        None => {
+                            map.insert(s, Extent { end: e, slot });
+                        }
+                    }
+                }
             }
-            let p = &data[i * PAGE as usize..j * PAGE as usize];
-            self.file
-                .write_all_at(p, slots[i] * PAGE)
-                .map_err(io(format!("writing pages to {}", self.path.display())))?;
-            i = j;
         }
         Ok(())
     }
 
+    /// From the final image: per process, the memory whose stored pages are still valid.
     pub fn set_tracked(&mut self, tracked: HashMap<i32, Vec<(u64, u64)>>) {
         self.tracked = tracked;
-        // One pass over the index, then per process: sorted pages walked against the
-        // sorted tracked ranges.
+        for r in self.tracked.values_mut() {
+            r.sort_unstable();
+        }
         self.held.clear();
-        for (&pid, pages) in &self.by_pid {
-            if !self.tracked.contains_key(&pid) {
-                continue;
-            }
-            let mut ranges = self.tracked[&pid].clone();
-            ranges.sort_unstable();
+        for (&pid, ranges) in &self.tracked {
             let mut runs: Vec<(u64, u64)> = Vec::new();
-            let mut r = 0;
-            for &a in pages {
-                while r < ranges.len() && ranges[r].1 <= a {
-                    r += 1;
-                }
-                if r == ranges.len() {
-                    break;
-                }
-                if a < ranges[r].0 {
-                    continue;
-                }
+            for (s, e) in self.valid(pid, 0, u64::MAX, ranges) {
                 match runs.last_mut() {
-                    Some(l) if l.1 == a => l.1 += PAGE,
-                    _ => runs.push((a, a + PAGE)),
+                    Some(l) if l.1 == s.0 => l.1 = e,
+                    _ => runs.push((s.0, e)),
                 }
             }
             self.held.insert(pid, runs);
         }
+    }
+
+    /// Valid stored pieces of `pid` inside [from, to), in address order: ((start, slot), end).
+    fn valid(&self, pid: i32, from: u64, to: u64, ranges: &[(u64, u64)]) -> Vec<((u64, u64), u64)> {
+        let mut out = Vec::new();
+        let Some(map) = self.extents.get(&pid) else {
+            return out;
+        };
+        let first = map
+            .range(..=from)
+            .next_back()
+            .filter(|(_, e)| e.end > from)
+            .map(|(&s, _)| s)
+            .unwrap_or(from);
+        let mut r = ranges.partition_point(|&(_, e)| e <= from);
+        for (&s, x) in map.range(first..to) {
+            let (s0, e0) = (s.max(from), x.end.min(to));
+            while r < ranges.len() && ranges[r].1 <= s0 {
+                r += 1;
+            }
+            let mut k = r;
+            while k < ranges.len() && ranges[k].0 < e0 {
+                let (a, b) = (s0.max(ranges[k].0), e0.min(ranges[k].1));
+                if a < b {
+                    out.push(((a, x.slot + (a - s) / PAGE), b));
+                }
+                k += 1;
+            }
+        }
+        out
+    }
+
+    fn read_at(&self, buf: &mut [u8], slot: u64) -> ferry_engine::Result<()> {
+        self.file.read_exact_at(buf, slot * PAGE).map_err(|e| {
+            ferry_engine::EngineError::Failed(format!(
+                "reading the pre-copied pages from {}: {e}",
+                self.path.display()
+            ))
+        })
     }
 }
 
@@ -166,34 +213,9 @@ impl BasePages for PageStore {
         let Some(ranges) = self.tracked.get(&pid) else {
             return Ok(());
         };
-        let n = buf.len() / PAGE as usize;
-        let slot = |i: usize| {
-            let a = addr + i as u64 * PAGE;
-            if !ranges.iter().any(|&(s, e)| s <= a && a < e) {
-                return None;
-            }
-            self.index.get(&(pid, a)).copied()
-        };
-        let mut i = 0;
-        while i < n {
-            let Some(first) = slot(i) else {
-                i += 1;
-                continue;
-            };
-            // Consecutive pages in consecutive slots: one read.
-            let mut j = i + 1;
-            while j < n && slot(j) == Some(first + (j - i) as u64) {
-                j += 1;
-            }
-            self.file
-                .read_exact_at(&mut buf[i * PAGE as usize..j * PAGE as usize], first * PAGE)
-                .map_err(|e| {
-                    ferry_engine::EngineError::Failed(format!(
-                        "reading the pre-copied pages from {}: {e}",
-                        self.path.display()
-                    ))
-                })?;
-            i = j;
+        let end = addr + buf.len() as u64 / PAGE * PAGE;
+        for ((s, slot), e) in self.valid(pid, addr, end, ranges) {
+            self.read_at(&mut buf[(s - addr) as usize..(e - addr) as usize], slot)?;
         }
         Ok(())
     }
@@ -206,37 +228,80 @@ impl BasePages for PageStore {
         let Some(ranges) = self.tracked.get(&pid) else {
             return Ok(0);
         };
-        let mut pages: Vec<(u64, u64)> = self
-            .index
-            .iter()
-            .filter(|((p, a), _)| *p == pid && ranges.iter().any(|&(s, e)| s <= *a && *a < e))
-            .map(|((_, a), s)| (*a, *s))
-            .collect();
-        pages.sort_unstable();
-        let mut buf = vec![0u8; 1 << 20];
-        let mut i = 0;
-        while i < pages.len() {
-            // A run of consecutive addresses stored in consecutive slots: one read.
-            let mut j = i + 1;
-            while j < pages.len()
-                && j - i < buf.len() / PAGE as usize
-                && pages[j].0 == pages[j - 1].0 + PAGE
-                && pages[j].1 == pages[j - 1].1 + 1
-            {
-                j += 1;
+        const MAX: u64 = 1 << 20;
+        let mut buf = vec![0u8; MAX as usize];
+        let mut pages = 0;
+        for ((s, slot), e) in self.valid(pid, 0, u64::MAX, ranges) {
+            let mut a = s;
+            while a < e {
+                let n = (e - a).min(MAX);
+                self.read_at(&mut buf[..n as usize], slot + (a - s) / PAGE)?;
+                write(a, &buf[..n as usize])?;
+                a += n;
             }
-            let len = (j - i) * PAGE as usize;
-            self.file
-                .read_exact_at(&mut buf[..len], pages[i].1 * PAGE)
-                .map_err(|e| {
-                    ferry_engine::EngineError::Failed(format!(
-                        "reading the pre-copied pages from {}: {e}",
-                        self.path.display()
-                    ))
-                })?;
-            write(pages[i].0, &buf[..len])?;
-            i = j;
+            pages += (e - s) / PAGE;
         }
-        Ok(pages.len() as u64)
+        Ok(pages)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn page(v: u8, n: usize) -> Vec<u8> {
+        vec![v; n * PAGE as usize]
+    }
+
+    fn read(s: &PageStore, pid: i32, addr: u64, n: usize) -> Vec<u8> {
+        let mut b = vec![0xeeu8; n * PAGE as usize];
+        s.read_into(pid, addr, &mut b).unwrap();
+        b.chunks(PAGE as usize).map(|c| c[0]).collect()
+    }
+
+    #[test]
+    fn pages_sent_again_replace_older_ones_and_only_tracked_memory_counts() {
+        let dir = std::env::temp_dir().join(format!("ferry-store-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut s = PageStore::create(&dir.join("p")).unwrap();
+        let a = 0x10_0000u64;
+        s.put(1, a, &page(1, 8)).unwrap();
+        // Overlaps the end of the first run and goes beyond it.
+        s.put(1, a + 6 * PAGE, &page(2, 4)).unwrap();
+        // Inside, in the middle.
+        s.put(1, a + 2 * PAGE, &page(3, 1)).unwrap();
+        // A gap, then more.
+        s.put(1, a + 12 * PAGE, &page(4, 2)).unwrap();
+        s.put(2, a, &page(9, 2)).unwrap();
+        assert_eq!(s.bytes(), 14 * PAGE);
+        // Consecutive appends made one extent; the others stand apart.
+        assert_eq!(s.extents[&1].len(), 2);
+        let mut t = HashMap::new();
+        t.insert(1, vec![(a + 12 * PAGE, a + 13 * PAGE), (a, a + 10 * PAGE)]);
+        s.set_tracked(t);
+        assert_eq!(
+            read(&s, 1, a, 14),
+            vec![1, 1, 3, 1, 1, 1, 2, 2, 2, 2, 0xee, 0xee, 4, 0xee]
+        );
+        // Process 2's memory is not tracked: its pages are no longer valid.
+        assert_eq!(read(&s, 2, a, 2), vec![0xee, 0xee]);
+        assert_eq!(
+            s.held(1),
+            vec![(a, a + 10 * PAGE), (a + 12 * PAGE, a + 13 * PAGE)]
+        );
+        let mut got = Vec::new();
+        let n = s
+            .write_into(1, &mut |addr, d| {
+                got.push((addr, d.len() as u64 / PAGE, d[0]));
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(n, 11);
+        assert_eq!(got.iter().map(|g| g.1).sum::<u64>(), 11);
+        assert!(got
+            .iter()
+            .any(|&(addr, _, v)| addr == a + 12 * PAGE && v == 4));
+        drop(s);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

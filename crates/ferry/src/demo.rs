@@ -203,7 +203,13 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
     let net = format!("10.{}.{}", 200 + id % 50, id % 250 + 1);
     let vip = format!("{net}.100");
     let mut made = Made::default();
-    let dir = std::env::temp_dir().join(format!("ferry-demo-{id}"));
+    // In memory where there is a tmpfs: the agents' state directories receive the whole
+    // process, and a disk's write-back would set the pace of the migration.
+    let base = match std::path::Path::new("/dev/shm") {
+        p if p.is_dir() => p.to_path_buf(),
+        _ => std::env::temp_dir(),
+    };
+    let dir = base.join(format!("ferry-demo-{id}"));
     std::fs::create_dir_all(&dir)?;
     made.dir = Some(dir.clone());
     let token = format!(

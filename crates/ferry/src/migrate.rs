@@ -14,8 +14,9 @@ pub struct AgentArgs {
     /// File holding the shared token that requests must carry (Authorization: Bearer).
     #[arg(long)]
     token_file: Option<PathBuf>,
-    /// Where incoming images are kept while they arrive.
-    #[arg(long, default_value = "/var/lib/ferry")]
+    /// Where incoming migrations are kept until they run: the whole memory of the process.
+    /// A tmpfs by default; on a disk, its write-back sets the pace of every migration.
+    #[arg(long, default_value = "/dev/shm/ferry")]
     state_dir: PathBuf,
     /// Port of the page stream (default: the API's port + 1).
     #[arg(long, default_value_t = 0)]
