@@ -1,6 +1,7 @@
 //! `ferry dump`: freeze, collect, stream, verify, then kill or resume.
 
 use crate::schema::{ProcessImage, ZombieImage, TAG_PROCESS, TAG_ZOMBIE};
+use crate::timing::{Lap, Steps};
 use crate::{files, memory, mm, regs, signals, EngineError, Result};
 use ferry_image::{ImageReader, ImageWriter};
 use ferry_sys::{procfs, Frozen};
@@ -77,14 +78,18 @@ fn collect(
     seen: &mut files::Seen,
     socks: &mut crate::sockets::DumpState,
     tree: &[i32],
+    steps: &mut Steps,
 ) -> Result<(ProcessImage, Vec<procfs::Mapping>)> {
     let pid = frozen.pid();
+    let mut lap = Lap::new();
     let mut threads = regs::dump(frozen)?;
+    lap.mark(steps, "registers");
     for th in threads.iter_mut() {
         (th.sigaltstack, th.pending) = signals::dump_thread(frozen, th.tid)?;
     }
     let (shared_pending, itimers) = signals::dump_process(frozen)?;
     let posix_timers = signals::dump_timers(frozen)?;
+    lap.mark(steps, "signals_timers");
     let maps = procfs::read_maps(pid)?;
     let st = procfs::read_status(pid)?;
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -99,9 +104,13 @@ fn collect(
         .unwrap_or(0o022);
     let ppid = field("PPid:").and_then(|v| v.parse().ok()).unwrap_or(0);
     let mut ghosts = Vec::new();
+    lap.mark(steps, "maps_status");
     let (fds, pipes, fifos, sockets) = files::dump(pid, seen, &mut ghosts, socks, tree)?;
+    lap.mark(steps, "files_sockets");
     let mm = mm::dump(pid, frozen)?;
+    lap.mark(steps, "mm");
     let sigactions = signals::dump(frozen)?;
+    lap.mark(steps, "sigactions");
     let attrs = crate::attrs::dump(frozen)?;
     let exe = procfs::read_exe(pid)?.display().to_string();
     let cwd = std::fs::read_link(format!("/proc/{pid}/cwd"))
@@ -111,6 +120,7 @@ fn collect(
         .map_err(|e| EngineError::Failed(format!("reading /proc/{pid}/root: {e}")))?
         .display()
         .to_string();
+    lap.mark(steps, "attrs");
     let img = ProcessImage {
         pid,
         ppid,
@@ -216,6 +226,8 @@ pub struct DumpStats {
     pub freeze_ms: f64,
     pub collect_ms: f64,
     pub memory_ms: f64,
+    /// Milliseconds (and injected syscalls) per step of the frozen part.
+    pub steps: Steps,
 }
 
 /// For pre-copy: per process, the memory the receiver already holds (tracked ranges) and the
@@ -236,6 +248,9 @@ pub struct Held {
     /// smaps read before the freeze and used in the image: `check_smaps` compares them with
     /// the frozen processes'.
     hinted: Vec<(i32, Vec<procfs::SmapsEntry>)>,
+    /// The frozen processes' smaps against the hint, read on a thread from the end of the
+    /// collection on (per PID).
+    smaps_check: Option<std::thread::JoinHandle<Vec<(i32, Result<()>)>>>,
 }
 
 /// The smaps a dump used (from a hint) against the frozen processes' own: an error names the
@@ -282,13 +297,23 @@ impl Held {
     /// The smaps the image was made from, where they came from a hint, against the frozen
     /// processes' own: an error names the first mapping whose flags changed in between (the
     /// image would be wrong: drop it and resume). Read while the tree is still frozen.
-    pub fn check_smaps(&self) -> Result<()> {
-        check_smaps(&self.hinted)
-    }
-
-    /// What `check_smaps` checks, for a caller that runs it on a thread of its own.
-    pub fn smaps_used(&self) -> &[(i32, Vec<procfs::SmapsEntry>)] {
-        &self.hinted
+    pub fn check_smaps(&mut self) -> Result<()> {
+        let Some(job) = self.smaps_check.take() else {
+            return check_smaps(&self.hinted);
+        };
+        let mut results: std::collections::HashMap<i32, Result<()>> = job
+            .join()
+            .map_err(|_| EngineError::Failed("the smaps check panicked".into()))?
+            .into_iter()
+            .collect();
+        // Only the processes whose image used the hint count.
+        for (pid, used) in &self.hinted {
+            match results.remove(pid) {
+                Some(r) => r?,
+                None => check_smaps(&[(*pid, used.clone())])?,
+            }
+        }
+        Ok(())
     }
 
     /// Time since the tree was frozen.
@@ -352,6 +377,7 @@ pub fn dump_into(
     mut delta: Option<&mut DeltaFn>,
     hint: Option<&SmapsHint>,
 ) -> Result<(Held, DumpStats)> {
+    memory::warm_buffers();
     let t0 = Instant::now();
     procfs::check_inspectable(pid)?;
     // Any error from here on drops the Frozen processes, which resumes them untouched.
@@ -360,6 +386,14 @@ pub fn dump_into(
     let tf = Instant::now();
     let freeze_ms = (tf - t0).as_secs_f64() * 1e3;
     let tree_pids: Vec<i32> = tree.iter().map(|f| f.pid()).collect();
+    let mut steps = Steps::new();
+    let mut lap = Lap::new();
+    // The injected syscalls of the collection, each a ptrace round trip, run on one CPU.
+    let all_tids: Vec<i32> = tree
+        .iter()
+        .flat_map(|f| f.threads().iter().map(|t| t.tid))
+        .collect();
+    let pinned = ferry_sys::sched::Pinned::here(&all_tids);
     // Dropped before `tree` on any error: sockets leave repair mode and their traffic is
     // unblocked before the processes resume.
     let mut net = NetGuard {
@@ -368,11 +402,27 @@ pub fn dump_into(
     };
     crate::sockets::plan_blocks(&mut net.st, &tree_pids)?;
     crate::netblock::apply(&mut net.st.blocks, &net.table)?;
+    lap.mark(&mut steps, "netblock");
     let mut seen = files::Seen::default();
     let mut collected = Vec::new();
     for f in tree.iter_mut() {
-        collected.push(collect(f, &mut seen, &mut net.st, &tree_pids)?);
+        collected.push(collect(f, &mut seen, &mut net.st, &tree_pids, &mut steps)?);
     }
+    drop(pinned);
+    // The hint against the frozen tree, from now on beside the dump and the rebuild. Not
+    // earlier: a smaps read holds the mmap lock that the collection's brk query waits for.
+    let smaps_check = hint.map(|h| {
+        let todo: Vec<(i32, Vec<procfs::SmapsEntry>)> = tree_pids
+            .iter()
+            .filter_map(|p| h.get(p).map(|s| (*p, s.clone())))
+            .collect();
+        std::thread::spawn(move || {
+            todo.iter()
+                .map(|(p, s)| (*p, check_smaps(&[(*p, s.clone())])))
+                .collect()
+        })
+    });
+    lap = Lap::new();
     crate::sockets::check_peers(&mut net.st)?;
     crate::namespaces::check_tree(&tree_pids)?;
     collected[0].0.namespaces = crate::namespaces::dump(pid)?;
@@ -383,6 +433,7 @@ pub fn dump_into(
     let nmaps: usize = collected.iter().map(|c| c.1.len()).sum();
     // What the memory phase will read, roughly: the tree's resident anonymous and shared memory.
     let expected: u64 = pids.iter().map(|&p| resident_kb(p) * 1024).sum();
+    lap.mark(&mut steps, "tree_checks");
     let tm = Instant::now();
     let collect_ms = (tm - tf).as_secs_f64() * 1e3;
     let mut read_so_far = 0u64;
@@ -409,6 +460,7 @@ pub fn dump_into(
             Some(f) => f(img.pid, &smaps)?,
             None => None,
         };
+        lap.mark(&mut steps, "smaps_delta");
         let (mappings, _) = memory::dump(
             img.pid,
             &maps,
@@ -420,6 +472,7 @@ pub fn dump_into(
         )?;
         img.mappings = mappings;
         w.meta(TAG_PROCESS, &img)?;
+        lap.mark(&mut steps, "memory");
     }
     for z in &zombies {
         w.meta(TAG_ZOMBIE, z)?;
@@ -433,6 +486,7 @@ pub fn dump_into(
             zombies,
             since: t0,
             hinted,
+            smaps_check,
         },
         DumpStats {
             processes: pids.len(),
@@ -441,6 +495,7 @@ pub fn dump_into(
             freeze_ms,
             collect_ms,
             memory_ms,
+            steps,
         },
     ))
 }

@@ -24,6 +24,7 @@ pub mod regs;
 pub mod schema;
 pub mod signals;
 pub mod sockets;
+pub mod timing;
 
 pub mod dump;
 pub mod restore;

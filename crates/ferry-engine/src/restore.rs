@@ -358,6 +358,9 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         filler = Some(crate::lazy::Filler::start(src)?);
     }
     lap.mark(&mut times.steps, "lazy_setup");
+    // The tree is built on one CPU: its hundreds of ptrace round trips are plain switches
+    // there. Every process and thread inherits the mask; they get ours back at the end.
+    let mut pinned = ferry_sys::sched::Pinned::here(&[]);
     let stub = spawn_stub(Some(root))?;
     let mut targets: Vec<Target> = Vec::new();
     let mut lazy_bytes = 0u64;
@@ -443,7 +446,15 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         Ok(pages)
     })();
     let pages = match result {
-        Ok(p) => p,
+        Ok(p) => {
+            let tids: Vec<i32> = targets
+                .iter()
+                .flat_map(|t| procfs::list_threads(t.pid).unwrap_or_default())
+                .collect();
+            pinned.adopt(&tids);
+            drop(pinned);
+            p
+        }
         Err(e) => {
             if let Some(f) = filler.take() {
                 f.abort();
@@ -698,26 +709,8 @@ struct Timings {
     steps: Steps,
 }
 
-/// Milliseconds per step of a restore, summed over processes: where the time goes.
-pub type Steps = std::collections::BTreeMap<String, f64>;
-
-/// Times consecutive steps.
-struct Lap(Instant, u64);
-
-impl Lap {
-    fn new() -> Lap {
-        Lap(Instant::now(), ferry_sys::freeze::injected_syscalls())
-    }
-
-    fn mark(&mut self, steps: &mut Steps, name: &str) {
-        let n = ferry_sys::freeze::injected_syscalls();
-        *steps.entry(format!("{name}_syscalls")).or_default() += (n - self.1) as f64;
-        self.1 = n;
-        let now = Instant::now();
-        *steps.entry(name.to_string()).or_default() += (now - self.0).as_secs_f64() * 1e3;
-        self.0 = now;
-    }
-}
+use crate::timing::Lap;
+pub use crate::timing::Steps;
 
 #[allow(clippy::too_many_arguments)]
 fn build(

@@ -47,7 +47,7 @@ fn flags_changed_after_the_smaps_hint_are_caught() {
     assert_eq!(py.line(), "advised");
 
     // The stale hint still has every mapping: the dump uses it, the check refuses it.
-    let held = dump_with(pid, &stale);
+    let mut held = dump_with(pid, &stale);
     let err = held
         .check_smaps()
         .expect_err("changed flags went unnoticed");
@@ -55,7 +55,7 @@ fn flags_changed_after_the_smaps_hint_are_caught() {
     held.resume();
 
     // A hint read after the change passes.
-    let held = dump_with(pid, &hint(pid));
+    let mut held = dump_with(pid, &hint(pid));
     held.check_smaps().unwrap();
     held.resume();
 

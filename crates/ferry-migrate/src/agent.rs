@@ -488,6 +488,8 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     let mut t_final: Option<Instant> = None;
     let mut last_ack: Option<Instant> = None;
     let mut prep_ms = 0.0;
+    // Of the final image's arrival: time spent waiting for its frames.
+    let mut final_read_ms = 0.0;
     let fail = |conn: &mut Conn, e: MigrateError| -> MigrateError {
         let _ = wire::write_json(
             conn,
@@ -503,7 +505,11 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                 MigrateError::Failed("cancelled on the destination".into()),
             ));
         }
+        let tr = Instant::now();
         let kind = wire::read_frame(&mut rd, &mut buf)?;
+        if t_final.is_some() {
+            final_read_ms += tr.elapsed().as_secs_f64() * 1e3;
+        }
         s.bytes_received
             .fetch_add(buf.len() as u64 + 12, Ordering::Relaxed);
         s.update(&id, |m| m.bytes_received += buf.len() as u64 + 12);
@@ -632,6 +638,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             "agent": {
                 "flush_ms": flush_ms,
                 "final_rx_ms": t_final.map(|t| (t_commit - t).as_secs_f64() * 1e3),
+                "final_read_ms": final_read_ms,
                 "ack_to_final_ms": last_ack.zip(t_final).map(|(a, f)| (f - a).as_secs_f64() * 1e3),
                 "claim_ms": claim_ms,
                 "prep_ms": prep_ms,

@@ -103,6 +103,8 @@ pub struct DowntimePhases {
     /// written pages; for post-copy, listing the pages left behind).
     pub collect_ms: f64,
     pub memory_ms: f64,
+    /// The frozen dump step by step (ms, and `<step>_syscalls` injected).
+    pub dump_steps: ferry_engine::timing::Steps,
     /// From the end of the dump until the agent's Ready: moving addresses, the agent
     /// rebuilding the tree.
     pub to_ready_ms: f64,
@@ -392,6 +394,10 @@ fn migrate_inner(
     let mut tracking = None;
     let mut _throttle_guard: Option<crate::throttle::Throttle> = None;
     let mut latest_hint: Option<ferry_engine::SmapsHint> = None;
+    // A read of smaps still under way (one at a time).
+    let mut hint_job: Option<std::thread::JoinHandle<ferry_engine::SmapsHint>> = None;
+    // The final dump's buffers, resident now rather than paid for near the freeze.
+    ferry_engine::memory::warm_buffers();
     let post = matches!(o.mode, Mode::Postcopy | Mode::Hybrid);
     if matches!(o.mode, Mode::Precopy | Mode::Hybrid) {
         let mut tr = ferry_engine::precopy::Tracking::start(o.pid)?;
@@ -405,7 +411,15 @@ fn migrate_inner(
             // smaps for the final dump, read beside the round (not after it, when every ms
             // of reading is a ms more for the process to dirty pages before the freeze).
             let pid = o.pid;
-            let hint_job = (round > 0).then(|| std::thread::spawn(move || smaps_hint(pid)));
+            // Read again only when the layout changed: a read walks every page table, and
+            // one still running at the freeze would hold the mmap lock that the dump's brk
+            // query waits for.
+            if round > 0
+                && hint_job.is_none()
+                && !latest_hint.as_ref().is_some_and(|h| hint_current(pid, h))
+            {
+                hint_job = Some(std::thread::spawn(move || smaps_hint(pid)));
+            }
             let bytes = {
                 let mut g = w.lock().unwrap();
                 let mut batch = wire::PageBatch::default();
@@ -447,8 +461,13 @@ fn migrate_inner(
                     )))
                 }
             }
-            if let Some(h) = hint_job.and_then(|j| j.join().ok()) {
-                latest_hint = Some(h);
+            // A read that outlasts the round is not waited for: every ms here is a ms more
+            // of writes for the final copy. An older hint serves as well while the layout
+            // stays the same (the dump checks that it covers every mapping).
+            if hint_job.as_ref().is_some_and(|j| j.is_finished()) {
+                if let Some(h) = hint_job.take().and_then(|j| j.join().ok()) {
+                    latest_hint = Some(h);
+                }
             }
             let ms = tr0.elapsed().as_secs_f64() * 1e3;
             if round == 0 {
@@ -553,6 +572,10 @@ fn migrate_inner(
     let progress_final = ferry_engine::Progress::default();
     // smaps costs ~18 ms per GiB mapped: read it while the tree still runs, and check it
     // against the frozen tree's while the destination rebuilds.
+    // No hint yet: the one being read is still better than reading smaps while frozen.
+    if latest_hint.is_none() {
+        latest_hint = hint_job.take().and_then(|j| j.join().ok());
+    }
     let hint = match latest_hint {
         Some(h) => Some(h),
         None => (o.mode != Mode::Stop).then(|| smaps_hint(o.pid)),
@@ -561,7 +584,7 @@ fn migrate_inner(
         t.lift();
     }
     let td = Instant::now();
-    let (held, stats) = ferry_engine::dump_into(
+    let (mut held, stats) = ferry_engine::dump_into(
         o.pid,
         &mut iw,
         &progress_final,
@@ -578,6 +601,7 @@ fn migrate_inner(
         dump_ms: td.elapsed().as_secs_f64() * 1e3 - stats.freeze_ms,
         collect_ms: stats.collect_ms,
         memory_ms: stats.memory_ms,
+        dump_steps: stats.steps.clone(),
         ..Default::default()
     };
     let tc = Instant::now();
@@ -612,21 +636,12 @@ fn migrate_inner(
         rd.get_ref()
             .set_read_timeout(Some(o.io_timeout.max(Duration::from_secs(120))))
             .map_err(io("socket timeout"))?;
-        // While the destination rebuilds, on a thread beside the wait for its answer: the
-        // smaps the image used are still the tree's.
-        let used = held.smaps_used();
-        let (checked, answer) = std::thread::scope(|s| {
-            let job = s.spawn(|| {
-                let tk = Instant::now();
-                (ferry_engine::dump::check_smaps(used), tk.elapsed())
-            });
-            let answer = wire::read_frame(&mut rd, &mut buf);
-            (job.join(), answer)
-        });
-        let (checked, took) =
-            checked.map_err(|_| MigrateError::Failed("the smaps check panicked".into()))?;
-        phases.check_smaps_ms = took.as_secs_f64() * 1e3;
-        checked?;
+        let answer = wire::read_frame(&mut rd, &mut buf);
+        // The smaps the image used are still the frozen tree's: checked on a thread since
+        // the dump's collection; only what is left of it is waited for here.
+        let tk = Instant::now();
+        held.check_smaps()?;
+        phases.check_smaps_ms = tk.elapsed().as_secs_f64() * 1e3;
         match answer? {
             Kind::Ready => {
                 let v: serde_json::Value = wire::parse(Kind::Ready, &buf)?;
@@ -830,6 +845,31 @@ fn migrate_inner(
 }
 
 /// smaps of `root` and its descendants, read now.
+/// The hint still has the tree's processes and each one's mappings (boundaries); flags are
+/// checked at the freeze (`check_smaps`).
+fn hint_current(root: i32, h: &ferry_engine::SmapsHint) -> bool {
+    let mut seen = 0;
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        let Some(s) = h.get(&p) else {
+            return false;
+        };
+        let Ok(m) = ferry_sys::procfs::read_maps(p) else {
+            return false;
+        };
+        if m.len() != s.len()
+            || m.iter()
+                .zip(s)
+                .any(|(a, b)| a.start != b.start || a.end != b.end)
+        {
+            return false;
+        }
+        seen += 1;
+        todo.extend(ferry_sys::procfs::children(p));
+    }
+    seen == h.len()
+}
+
 fn smaps_hint(root: i32) -> ferry_engine::SmapsHint {
     let mut h = ferry_engine::SmapsHint::new();
     let mut todo = vec![root];

@@ -11,6 +11,7 @@ pub mod mount;
 pub mod net;
 pub mod nft;
 pub mod procfs;
+pub mod sched;
 pub mod spawn;
 pub mod uffd;
 
