@@ -250,7 +250,7 @@ pub struct Held {
     hinted: Vec<(i32, Vec<procfs::SmapsEntry>)>,
     /// The frozen processes' smaps against the hint, read on a thread from the end of the
     /// collection on (per PID).
-    smaps_check: Option<std::thread::JoinHandle<Vec<(i32, Result<()>)>>>,
+    smaps_check: Option<std::thread::JoinHandle<SmapsVerdicts>>,
 }
 
 /// The smaps a dump used (from a hint) against the frozen processes' own: an error names the
@@ -283,6 +283,9 @@ pub fn check_smaps(used: &[(i32, Vec<procfs::SmapsEntry>)]) -> Result<()> {
     }
     Ok(())
 }
+
+/// Per PID, whether its smaps still match the hint.
+type SmapsVerdicts = Vec<(i32, Result<()>)>;
 
 /// smaps of processes read just before the freeze, by PID. Reading smaps walks every page
 /// table (about 18 ms per GiB mapped): with a hint the dump reads it while the tree runs,
