@@ -446,10 +446,11 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         }
     }
     if hello.role.as_deref() == Some("pages") {
-        // Post-copy's second connection: kept for the restore of the main stream.
+        // Post-copy's second connection: kept for the restore of the main stream, which may
+        // have its Commit already (it waits for this connection in "restoring").
         if !matches!(
             s.state(&hello.id).as_deref(),
-            Some("waiting" | "prepared" | "receiving")
+            Some("waiting" | "prepared" | "receiving" | "restoring")
         ) {
             return Err(MigrateError::Protocol(format!(
                 "no migration {} receiving for this page connection",
