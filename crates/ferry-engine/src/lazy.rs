@@ -41,6 +41,68 @@ pub trait RemotePages: Send + Sync {
 #[derive(Debug, Clone, Default)]
 pub struct RangeSet(BTreeMap<u64, u64>);
 
+/// Where memory moved by mremap after the restore came from: runs of the live address
+/// space, each with the address its contents had in the image. What is not listed did not
+/// move. The data for a page that moved before it was filled is the image's at its old
+/// address, not at its new one.
+#[derive(Debug, Clone, Default)]
+pub struct Moves(BTreeMap<u64, (u64, u64)>);
+
+impl Moves {
+    /// The image address of live address `a`, and how far (bytes) from `a` that holds.
+    fn source_of(&self, a: u64) -> (u64, u64) {
+        if let Some((&s, &(e, src))) = self.0.range(..=a).next_back() {
+            if a < e {
+                return (src + (a - s), e - a);
+            }
+        }
+        let next = self
+            .0
+            .range(a..)
+            .next()
+            .map(|(&s, _)| s)
+            .unwrap_or(u64::MAX);
+        (a, next - a)
+    }
+
+    fn cut(&mut self, from: u64, to: u64) {
+        let hit: Vec<(u64, u64, u64)> = self
+            .0
+            .range(..to)
+            .filter(|(_, &(e, _))| e > from)
+            .map(|(&s, &(e, src))| (s, e, src))
+            .collect();
+        for (s, e, src) in hit {
+            self.0.remove(&s);
+            if s < from {
+                self.0.insert(s, (from, src));
+            }
+            if e > to {
+                self.0.insert(to, (e, src + (to - s)));
+            }
+        }
+    }
+
+    /// [from, from + len) now lives at [to, to + len); what was at `to` is gone.
+    pub fn remap(&mut self, from: u64, to: u64, len: u64) {
+        let mut pieces = Vec::new();
+        let mut a = from;
+        while a < from + len {
+            let (src, n) = self.source_of(a);
+            let n = n.min(from + len - a);
+            pieces.push((a - from + to, a - from + to + n, src));
+            a += n;
+        }
+        self.cut(from, from + len);
+        self.cut(to, to + len);
+        for (s, e, src) in pieces {
+            if s != src {
+                self.0.insert(s, (e, src));
+            }
+        }
+    }
+}
+
 impl RangeSet {
     pub fn insert(&mut self, mut s: u64, mut e: u64) {
         if s >= e {
@@ -231,6 +293,8 @@ struct Consumer {
     /// Where the last fault was: filling ahead goes on from there (memory near a fault is
     /// likely next).
     cursor: Option<u64>,
+    /// Memory moved since the restore, and where its data was in the image.
+    moves: Moves,
 }
 
 /// What filling took.
@@ -408,6 +472,7 @@ fn run(
                     hot,
                     retry: Vec::new(),
                     cursor: None,
+                    moves: Moves::default(),
                 }),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
@@ -471,6 +536,7 @@ fn run(
                                 hot: c.hot.clone(),
                                 retry: Vec::new(),
                                 cursor: None,
+                                moves: c.moves.clone(),
                             });
                         }
                         UffdEvent::Remap { from, to, len } => {
@@ -479,6 +545,7 @@ fn run(
                             for (s, e) in moved {
                                 c.missing.insert(s - from + to, e - from + to);
                             }
+                            c.moves.remap(from, to, len);
                         }
                         UffdEvent::Remove { start, end } => c.missing.remove(start, end),
                     }
@@ -585,7 +652,18 @@ fn fill(
     while at < e {
         let len = (e - at).min(buf.len() as u64);
         let data = &mut buf[..len as usize];
-        src.read(c.source_pid, at, data)?;
+        // Piece by piece where memory moved: each piece's data is at its old address.
+        let mut done = 0u64;
+        while done < len {
+            let (from, n) = c.moves.source_of(at + done);
+            let n = n.min(len - done);
+            src.read(
+                c.source_pid,
+                from,
+                &mut data[done as usize..(done + n) as usize],
+            )?;
+            done += n;
+        }
         let mut off = 0u64;
         while off < len {
             match c.uffd.copy(at + off, &data[off as usize..])? {
@@ -628,7 +706,34 @@ fn fill(
 
 #[cfg(test)]
 mod tests {
-    use super::RangeSet;
+    use super::{Moves, RangeSet};
+
+    #[test]
+    fn moved_memory_reads_from_where_it_was() {
+        const P: u64 = 4096;
+        let mut m = Moves::default();
+        // Nothing moved: every address is its own source.
+        assert_eq!(m.source_of(10 * P).0, 10 * P);
+        // Four pages at 100 moved onto 200 (what was at 200 is gone).
+        m.remap(100 * P, 200 * P, 4 * P);
+        assert_eq!(m.source_of(200 * P), (100 * P, 4 * P));
+        assert_eq!(m.source_of(203 * P).0, 103 * P);
+        assert_eq!(m.source_of(204 * P).0, 204 * P);
+        // Moved again, partly: the middle two pages go to 300; the rest stay at 200.
+        m.remap(201 * P, 300 * P, 2 * P);
+        assert_eq!(m.source_of(300 * P), (101 * P, 2 * P));
+        assert_eq!(m.source_of(200 * P), (100 * P, P));
+        assert_eq!(m.source_of(203 * P), (103 * P, P));
+        // 201-202 now hold nothing moved: their own addresses (they read as unmapped).
+        assert_eq!(m.source_of(201 * P).0, 201 * P);
+        // Something moved onto moved memory replaces it; moved back, it is its own source.
+        m.remap(50 * P, 300 * P, P);
+        assert_eq!(m.source_of(300 * P), (50 * P, P));
+        assert_eq!(m.source_of(301 * P).0, 102 * P);
+        m.remap(300 * P, 50 * P, P);
+        assert_eq!(m.source_of(50 * P).0, 50 * P);
+        assert!(!m.0.contains_key(&(50 * P)));
+    }
 
     #[test]
     fn range_set() {
