@@ -383,7 +383,8 @@ fn read_all(
                 while a < e {
                     let len = ((e - a) as usize).min(CHUNK);
                     if cur.as_ref().is_some_and(|(_, used)| used + len > CHUNK) {
-                        let (c, _) = cur.take().unwrap();
+                        let (mut c, used) = cur.take().unwrap();
+                        read_chunk(pid, m.read, &mut c, used)?;
                         if tx.send(Ok(c)).is_err() {
                             return Ok(());
                         }
@@ -411,15 +412,13 @@ fn read_all(
                     if *used > 0 {
                         c.more.push((a, len));
                     }
-                    let chunk = &mut c.buf[*used..*used + len];
-                    if !m.read || read_mem(pid, a, chunk)? != len {
-                        read_mem_forced(pid, a, chunk)?;
-                    }
+                    // Read when the chunk is full: scattered dirty pages, many runs to a call.
                     *used += len;
                     a += len as u64;
                 }
             }
-            if let Some((c, _)) = cur {
+            if let Some((mut c, used)) = cur {
+                read_chunk(pid, m.read, &mut c, used)?;
                 if tx.send(Ok(c)).is_err() {
                     return Ok(());
                 }
@@ -491,6 +490,27 @@ fn read_all(
             }
             i += n;
         }
+    }
+    Ok(())
+}
+
+/// Fill a chunk of pre-copy's dirty runs (its first run, then `more`), `used` bytes in all: one
+/// process_vm_readv for the lot where it can, run by run (forced where unreadable) otherwise.
+fn read_chunk(pid: i32, readable: bool, c: &mut Chunk, used: usize) -> Result<()> {
+    let runs: Vec<(u64, usize)> = std::iter::once((c.addr, c.len))
+        .chain(c.more.iter().copied())
+        .collect();
+    let buf = &mut c.buf[..used];
+    if readable && ferry_sys::mem::read_mem_runs(pid, &runs, buf)? == used {
+        return Ok(());
+    }
+    let mut off = 0;
+    for (a, len) in runs {
+        let part = &mut buf[off..off + len];
+        if !readable || read_mem(pid, a, part)? != len {
+            read_mem_forced(pid, a, part)?;
+        }
+        off += len;
     }
     Ok(())
 }

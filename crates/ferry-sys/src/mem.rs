@@ -31,6 +31,37 @@ pub fn read_mem(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize> {
     Ok(done)
 }
 
+/// Read scattered runs of process `pid` into `buf`, one after another, with as few
+/// process_vm_readv calls as the kernel allows (1024 runs each). Returns the bytes read: less
+/// than asked when some run could not be read whole (the caller then reads run by run).
+pub fn read_mem_runs(pid: i32, runs: &[(u64, usize)], buf: &mut [u8]) -> Result<usize> {
+    let mut done = 0usize;
+    for group in runs.chunks(1024) {
+        let want: usize = group.iter().map(|r| r.1).sum();
+        let remote: Vec<RemoteIoVec> = group
+            .iter()
+            .map(|&(a, len)| RemoteIoVec {
+                base: a as usize,
+                len,
+            })
+            .collect();
+        let mut local = [IoSliceMut::new(&mut buf[done..done + want])];
+        match process_vm_readv(Pid::from_raw(pid), &mut local, &remote) {
+            Ok(n) if n == want => done += n,
+            Ok(n) => return Ok(done + n),
+            Err(nix::Error::EFAULT) | Err(nix::Error::EIO) => return Ok(done),
+            Err(nix::Error::ESRCH) => return Err(Error::NoSuchProcess(pid)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("process_vm_readv of process {pid} ({} runs)", group.len()),
+                    e.into(),
+                ))
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// Read a range that may contain unreadable pages: unreadable 4 KiB pages are left zeroed and
 /// reported in the returned count of missing pages.
 pub fn read_mem_lossy(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize> {
