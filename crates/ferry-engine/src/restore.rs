@@ -776,7 +776,10 @@ fn build(
             }
         }
     }
-    let pages = memory::restore_pages(t.pid, page_src, blocks, &in_lazy, on_progress)?;
+    // Two writer threads on two CPUs: not on the one the round trips use.
+    let pages = ferry_sys::sched::unpinned(|| {
+        memory::restore_pages(t.pid, page_src, blocks, &in_lazy, on_progress)
+    })?;
     times.layout_ms += (tp - tl).as_secs_f64() * 1e3;
     times.pages_ms += tp.elapsed().as_secs_f64() * 1e3;
     lap.mark(&mut times.steps, "pages");

@@ -10,6 +10,31 @@ pub struct Pinned {
     saved: Vec<(i32, libc::cpu_set_t)>,
 }
 
+std::thread_local! {
+    /// While the calling thread is pinned: its own mask, and the one-CPU mask.
+    static PINNED: std::cell::Cell<Option<(libc::cpu_set_t, libc::cpu_set_t)>> =
+        const { std::cell::Cell::new(None) };
+}
+
+fn set_mask(tid: i32, m: &libc::cpu_set_t) {
+    // SAFETY: the kernel reads `m`, a valid cpu_set_t.
+    unsafe {
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), m);
+    }
+}
+
+/// Run `f` with the calling thread on its own CPU mask again, if it is pinned: for work that
+/// wants every CPU (threads it spawns inherit the mask), such as writing pages.
+pub fn unpinned<R>(f: impl FnOnce() -> R) -> R {
+    let Some((own, one)) = PINNED.with(|p| p.get()) else {
+        return f();
+    };
+    set_mask(0, &own);
+    let r = f();
+    set_mask(0, &one);
+    r
+}
+
 impl Pinned {
     /// Hold the calling thread and `tids` on the CPU the caller runs on now. Threads that
     /// cannot be moved (gone, or not ours to move) are left as they are.
@@ -34,6 +59,9 @@ impl Pinned {
                     && libc::sched_setaffinity(tid, sz, &one) == 0
             };
             if ok {
+                if tid == 0 {
+                    PINNED.with(|p| p.set(Some((old, one))));
+                }
                 saved.push((tid, old));
             }
         }
@@ -56,6 +84,9 @@ impl Pinned {
 
 impl Drop for Pinned {
     fn drop(&mut self) {
+        if self.saved.iter().any(|(t, _)| *t == 0) {
+            PINNED.with(|p| p.set(None));
+        }
         for (tid, old) in self.saved.drain(..).rev() {
             // SAFETY: the kernel reads `old`, a mask it gave us.
             unsafe {
@@ -102,6 +133,9 @@ mod tests {
             let mut p = Pinned::here(&[tid]);
             assert_eq!(cpus(me), 1);
             assert_eq!(cpus(tid), 1);
+            // Work that wants every CPU gets the thread's own mask for a while.
+            assert_eq!(unpinned(|| cpus(me)), before);
+            assert_eq!(cpus(me), 1);
             // A thread made while pinned inherits the one CPU; adopted, it gets ours back.
             let (tx2, rx2) = std::sync::mpsc::channel();
             let (stop_tx, stop_rx) = std::sync::mpsc::channel::<()>();
