@@ -253,32 +253,29 @@ pub struct Held {
     smaps_check: Option<std::thread::JoinHandle<SmapsVerdicts>>,
 }
 
-/// The smaps a dump used (from a hint) against the frozen processes' own: an error names the
-/// first mapping whose flags changed in between.
-pub fn check_smaps(used: &[(i32, Vec<procfs::SmapsEntry>)]) -> Result<()> {
-    for (pid, used) in used {
-        let now = procfs::read_smaps(*pid)?;
-        for n in &now {
-            // "uw" is pre-copy's own registration: a mapping registered while the hint was
-            // read went whole into the image, which is safe; one no longer registered is not.
-            let uw = |f: &[String]| f.iter().any(|x| x == "uw");
-            let rest = |f: &[String]| f.iter().filter(|x| *x != "uw").cloned().collect::<Vec<_>>();
-            let same = used.iter().any(|u| {
-                u.start == n.start
-                    && u.end == n.end
-                    && rest(&u.vm_flags) == rest(&n.vm_flags)
-                    && (!uw(&u.vm_flags) || uw(&n.vm_flags))
-                    && u.kernel_page_kb == n.kernel_page_kb
-            });
-            if !same {
-                return Err(EngineError::Failed(format!(
-                    "process {pid}: mapping {:#x}-{:#x} changed its flags ({}) just \
-                         before the freeze; the image taken with the earlier ones is dropped",
-                    n.start,
-                    n.end,
-                    n.vm_flags.join(" ")
-                )));
-            }
+/// The smaps a dump used for process `pid` (from a hint) against its frozen own: an error
+/// names the first mapping whose flags changed in between.
+fn check_smaps_of(pid: i32, used: &[procfs::SmapsEntry]) -> Result<()> {
+    // "uw" is pre-copy's own registration: a mapping registered while the hint was read went
+    // whole into the image, which is safe; one no longer registered is not.
+    let uw = |f: &[String]| f.iter().any(|x| x == "uw");
+    let rest = |f: &[String]| f.iter().filter(|x| *x != "uw").cloned().collect::<Vec<_>>();
+    for n in &procfs::read_smaps(pid)? {
+        let same = used.iter().any(|u| {
+            u.start == n.start
+                && u.end == n.end
+                && u.kernel_page_kb == n.kernel_page_kb
+                && (!uw(&u.vm_flags) || uw(&n.vm_flags))
+                && rest(&u.vm_flags) == rest(&n.vm_flags)
+        });
+        if !same {
+            return Err(EngineError::Failed(format!(
+                "process {pid}: mapping {:#x}-{:#x} changed its flags ({}) just before the \
+                 freeze; the image taken with the earlier ones is dropped",
+                n.start,
+                n.end,
+                n.vm_flags.join(" ")
+            )));
         }
     }
     Ok(())
@@ -302,7 +299,10 @@ impl Held {
     /// image would be wrong: drop it and resume). Read while the tree is still frozen.
     pub fn check_smaps(&mut self) -> Result<()> {
         let Some(job) = self.smaps_check.take() else {
-            return check_smaps(&self.hinted);
+            return self
+                .hinted
+                .iter()
+                .try_for_each(|(pid, used)| check_smaps_of(*pid, used));
         };
         let mut results: std::collections::HashMap<i32, Result<()>> = job
             .join()
@@ -313,7 +313,7 @@ impl Held {
         for (pid, used) in &self.hinted {
             match results.remove(pid) {
                 Some(r) => r?,
-                None => check_smaps(&[(*pid, used.clone())])?,
+                None => check_smaps_of(*pid, used)?,
             }
         }
         Ok(())
@@ -421,7 +421,7 @@ pub fn dump_into(
             .collect();
         std::thread::spawn(move || {
             todo.iter()
-                .map(|(p, s)| (*p, check_smaps(&[(*p, s.clone())])))
+                .map(|(p, s)| (*p, check_smaps_of(*p, s)))
                 .collect()
         })
     });

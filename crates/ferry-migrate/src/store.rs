@@ -22,6 +22,16 @@ struct Extent {
     slot: u64,
 }
 
+/// Where to start walking `map` for extents that reach `a` or beyond: the start of the
+/// extent holding `a`, if one does.
+fn first_from(map: &BTreeMap<u64, Extent>, a: u64) -> u64 {
+    map.range(..=a)
+        .next_back()
+        .filter(|(_, e)| e.end > a)
+        .map(|(&s, _)| s)
+        .unwrap_or(a)
+}
+
 pub struct PageStore {
     file: std::fs::File,
     path: PathBuf,
@@ -95,13 +105,7 @@ impl PageStore {
         // Pieces of [addr, end): Some(slot) where held, None for gaps.
         let mut pieces: Vec<(u64, u64, Option<u64>)> = Vec::new();
         let mut at = addr;
-        let first = map
-            .range(..=addr)
-            .next_back()
-            .filter(|(_, e)| e.end > addr)
-            .map(|(&s, _)| s)
-            .unwrap_or(addr);
-        for (&s, e) in map.range(first..end) {
+        for (&s, e) in map.range(first_from(map, addr)..end) {
             if s > at {
                 pieces.push((at, s, None));
             }
@@ -164,14 +168,8 @@ impl PageStore {
         let Some(map) = self.extents.get(&pid) else {
             return out;
         };
-        let first = map
-            .range(..=from)
-            .next_back()
-            .filter(|(_, e)| e.end > from)
-            .map(|(&s, _)| s)
-            .unwrap_or(from);
         let mut r = ranges.partition_point(|&(_, e)| e <= from);
-        for (&s, x) in map.range(first..to) {
+        for (&s, x) in map.range(first_from(map, from)..to) {
             let (s0, e0) = (s.max(from), x.end.min(to));
             while r < ranges.len() && ranges[r].1 <= s0 {
                 r += 1;

@@ -88,10 +88,7 @@ impl Drop for Pinned {
             PINNED.with(|p| p.set(None));
         }
         for (tid, old) in self.saved.drain(..).rev() {
-            // SAFETY: the kernel reads `old`, a mask it gave us.
-            unsafe {
-                libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &old);
-            }
+            set_mask(tid, &old);
         }
     }
 }
