@@ -235,6 +235,7 @@ fn main() {
             f(&r, "pages_ms"),
             f(&r, "rest_ms")
         );
+        eprintln!("  restore steps (ms): {}", r["steps"]);
         println!(
             "{mib:>6}   lazy restore: running after {:.3} s ({:.2} of the eager restore), \
              memory whole {:.3} s later ({} faults served)",

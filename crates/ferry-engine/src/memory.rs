@@ -783,6 +783,81 @@ pub fn restore_layout(
     t.flush()
 }
 
+/// Filling fresh private anonymous memory of a stopped process through a userfaultfd
+/// (UFFDIO_COPY): the kernel allocates each page and copies into it, where a write through
+/// /proc/PID/mem faults the page in, clears it, then copies (2 GiB: ~0.36 s against ~0.65 s
+/// on two CPUs here). Dropping it unregisters the memory, so later faults are ordinary ones.
+pub struct EagerFill {
+    uffd: ferry_sys::uffd::LazyUffd,
+    ranges: Vec<(u64, u64)>,
+    placed: std::sync::atomic::AtomicU64,
+}
+
+/// Below this many bytes of eligible pages, the userfaultfd's setup costs more than it saves.
+const EAGER_FILL_MIN: u64 = 16 << 20;
+
+impl EagerFill {
+    /// Register the mappings of `maps` that can be filled this way (private anonymous memory
+    /// without transparent huge pages, which UFFDIO_COPY would split), if `bytes_in` of them
+    /// is worth it.
+    pub fn new(
+        f: &mut ferry_sys::freeze::Frozen,
+        maps: &[MappingImage],
+        bytes_in: impl Fn(u64, u64) -> u64,
+    ) -> Result<Option<EagerFill>> {
+        let ranges: Vec<(u64, u64)> = maps
+            .iter()
+            .filter(|m| {
+                lazy_eligible(m)
+                    && m.thp_kb == 0
+                    && !m.advice.iter().any(|a| a == "hugepage")
+                    && bytes_in(m.start, m.end) > 0
+            })
+            .map(|m| (m.start, m.end))
+            .collect();
+        if ranges.iter().map(|&(s, e)| bytes_in(s, e)).sum::<u64>() < EAGER_FILL_MIN {
+            return Ok(None);
+        }
+        let uffd = ferry_sys::uffd::LazyUffd::new_plain(f)?;
+        for &(s, e) in &ranges {
+            uffd.register(s, e)?;
+        }
+        Ok(Some(EagerFill {
+            uffd,
+            ranges,
+            placed: Default::default(),
+        }))
+    }
+
+    /// Bytes placed so far.
+    pub fn placed(&self) -> u64 {
+        self.placed.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// Place `data` at `vaddr` as far as it goes: the bytes placed (all of them, or up to a
+    /// page present already or an address outside the registered memory).
+    fn put(&self, vaddr: u64, data: &[u8]) -> usize {
+        use ferry_sys::uffd::Fill;
+        let end = vaddr + data.len() as u64;
+        if !self.ranges.iter().any(|&(s, e)| s <= vaddr && end <= e) {
+            return 0;
+        }
+        let mut n = 0;
+        for _ in 0..3 {
+            match self.uffd.copy(vaddr, data) {
+                Ok(Fill::Done) => n = data.len(),
+                Ok(Fill::Exists(k)) => n = k as usize & !(PAGE_SIZE - 1),
+                Ok(Fill::Again) => continue,
+                Ok(Fill::Gone) | Err(_) => {}
+            }
+            break;
+        }
+        self.placed
+            .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
+        n
+    }
+}
+
 /// The page blocks of an image, verified, and the mapped file they are in.
 pub struct Pages {
     pub map: std::sync::Arc<ferry_sys::mem::MappedFile>,
@@ -801,6 +876,7 @@ pub fn restore_pages(
     pages: &Pages,
     range: std::ops::Range<usize>,
     skip: &(dyn Fn(u64) -> bool + Sync),
+    fill: Option<&EagerFill>,
     on_progress: &mut dyn FnMut(u64),
 ) -> Result<u64> {
     use std::os::unix::fs::FileExt;
@@ -858,11 +934,18 @@ pub fn restore_pages(
                                 }
                             })
                             .and_then(|buf| {
-                                mem.write_all_at(buf, b.vaddr).map_err(|e| {
+                                // What the userfaultfd could not place goes through
+                                // /proc/PID/mem.
+                                let at = fill.map_or(0, |f| f.put(b.vaddr, buf));
+                                let (buf, vaddr) = (&buf[at..], b.vaddr + at as u64);
+                                if buf.is_empty() {
+                                    return Ok(());
+                                }
+                                mem.write_all_at(buf, vaddr).map_err(|e| {
                                     EngineError::Failed(format!(
                                         "writing {} bytes at {:#x} of the restored process {pid}: {e}",
                                         buf.len(),
-                                        b.vaddr
+                                        vaddr
                                     ))
                                 })
                             });

@@ -165,6 +165,10 @@ pub struct RestoreReport {
     pub unblock_ms: f64,
     /// Page bytes over pages_ms.
     pub gb_per_s: f64,
+    /// Of `bytes`, those placed with UFFDIO_COPY (large private anonymous memory), not
+    /// written through /proc/PID/mem.
+    #[serde(default)]
+    pub uffd_bytes: u64,
     /// Exit status of the restored process when not detached.
     pub exit_status: Option<i32>,
     /// With lazy memory: bytes left to the filler when the tree was ready to run.
@@ -236,7 +240,10 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     let (mut reader, map) = open_mapped(dir)?;
     let imgs = load(dir, &reader)?;
     let zombies: Vec<ZombieImage> = reader.find(TAG_ZOMBIE)?;
-    let (summary, index) = reader.verify_pages_indexed()?;
+    // The headers are walked in order; the data's checksums are checked on every CPU.
+    let (summary, index) = reader.index_pages()?;
+    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+    ferry_image::check_blocks(map.bytes(), &index, threads)?;
     // Paths on mounts the tree made are checked where they are now (or not, when the restore
     // makes them).
     let mounts = crate::namespaces::MountView::new(&imgs[0].namespaces);
@@ -475,6 +482,9 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     fresh.0 = None;
     // Until the tree is held, ready; `resume` counts on to the end.
     let held_ms = t0.elapsed().as_secs_f64() * 1e3;
+    // The reader holds the last reference to the mapped pages.fimg: unmapping it takes ~25 ms
+    // per GiB, which the tree need not wait for.
+    std::thread::spawn(move || drop(reader));
     Ok(Restored {
         targets,
         stub,
@@ -489,6 +499,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
             verify_ms,
             layout_ms: times.layout_ms,
             pages_ms: times.pages_ms,
+            uffd_bytes: times.uffd_bytes,
             rest_ms: held_ms - verify_ms - times.layout_ms - times.pages_ms,
             sockets: all_socks.len(),
             sockets_ms,
@@ -706,6 +717,7 @@ fn prepare(t: &mut Target, all: &[MappingImage]) -> Result<()> {
 struct Timings {
     layout_ms: f64,
     pages_ms: f64,
+    uffd_bytes: u64,
     steps: Steps,
 }
 
@@ -776,10 +788,34 @@ fn build(
             }
         }
     }
+    // Large private anonymous memory is filled through a userfaultfd, unless pages of a base
+    // copy are in place already (UFFDIO_COPY does not overwrite).
+    let fill = if lazy_maps.is_empty() && base_pages.is_none() {
+        let bytes_in = |s: u64, e: u64| {
+            page_src.index[blocks.clone()]
+                .iter()
+                .filter(|b| s <= b.vaddr && b.vaddr < e)
+                .map(|b| b.data_len)
+                .sum::<u64>()
+        };
+        memory::EagerFill::new(&mut t.frozen, &img.mappings, bytes_in)?
+    } else {
+        None
+    };
     // Two writer threads on two CPUs: not on the one the round trips use.
     let pages = ferry_sys::sched::unpinned(|| {
-        memory::restore_pages(t.pid, page_src, blocks, &in_lazy, on_progress)
+        memory::restore_pages(
+            t.pid,
+            page_src,
+            blocks,
+            &in_lazy,
+            fill.as_ref(),
+            on_progress,
+        )
     })?;
+    times.uffd_bytes += fill.as_ref().map_or(0, |f| f.placed());
+    // Unregisters the memory: from here on, a fault in it is an ordinary one.
+    drop(fill);
     times.layout_ms += (tp - tl).as_secs_f64() * 1e3;
     times.pages_ms += tp.elapsed().as_secs_f64() * 1e3;
     lap.mark(&mut times.steps, "pages");

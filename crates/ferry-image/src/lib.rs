@@ -36,7 +36,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 pub use error::{ImageError, ImageFile};
-pub use reader::ImageReader;
+pub use reader::{check_blocks, ImageReader};
 pub use writer::ImageWriter;
 
 /// The only format version this code writes and reads.
@@ -132,14 +132,16 @@ pub struct BlockIndex {
 impl BlockIndex {
     /// Do `data` (read again from the file) still match the block that was verified?
     pub fn matches(&self, data: &[u8]) -> bool {
-        if data.len() as u64 != self.data_len {
-            return false;
-        }
-        let count = (self.data_len / PAGE_SIZE as u64) as u32;
+        data.len() as u64 == self.data_len && self.crc_of(data) == self.payload_crc
+    }
+
+    /// The payload CRC of a block of this address holding `data`.
+    pub fn crc_of(&self, data: &[u8]) -> u32 {
+        let count = (data.len() / PAGE_SIZE) as u32;
         let mut h = crc32fast::Hasher::new();
         h.update(&format::encode_block_prefix(self.vaddr, count));
         h.update(data);
-        h.finalize() == self.payload_crc
+        h.finalize()
     }
 }
 

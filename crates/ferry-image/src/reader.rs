@@ -214,7 +214,7 @@ impl In {
         rec: &Rec,
         done: u64,
         len: u64,
-        h: &mut crc32fast::Hasher,
+        mut h: Option<&mut crc32fast::Hasher>,
     ) -> Result<(), ImageError> {
         let mut got = 0u64;
         while got < len {
@@ -234,7 +234,9 @@ impl In {
                 return Err(self.truncated_payload(rec, done + got));
             }
             let n = avail.len().min((len - got) as usize);
-            h.update(&avail[..n]);
+            if let Some(h) = h.as_deref_mut() {
+                h.update(&avail[..n]);
+            }
             self.r.consume(n);
             self.offset += n as u64;
             got += n as u64;
@@ -432,6 +434,8 @@ pub struct ImageReader {
     state: State,
     /// Filled by `verify_pages_indexed`.
     index: Option<Vec<crate::BlockIndex>>,
+    /// Page data is not hashed here: the caller checks each indexed block ([`check_blocks`]).
+    defer_crc: bool,
 }
 
 impl ImageReader {
@@ -484,6 +488,7 @@ impl ImageReader {
             pages_crc: crc32fast::Hasher::new(),
             state: State::Reading,
             index: None,
+            defer_crc: false,
         })
     }
 
@@ -562,6 +567,18 @@ impl ImageReader {
         s.map(|s| (s, index))
     }
 
+    /// Like [`verify_pages_indexed`](Self::verify_pages_indexed), but the data of the page
+    /// blocks is not hashed: every header, count, address and total is checked, and each
+    /// block's index entry carries the CRC stored for it. Nothing in the data may be trusted
+    /// until [`check_blocks`] has passed over the whole index, which it does on several
+    /// threads.
+    pub fn index_pages(&mut self) -> Result<(Summary, Vec<crate::BlockIndex>), ImageError> {
+        self.defer_crc = true;
+        let r = self.verify_pages_indexed();
+        self.defer_crc = false;
+        r
+    }
+
     fn step(&mut self, keep: Option<&mut Vec<u8>>) -> Result<Option<u64>, ImageError> {
         match self.state {
             State::Reading => {}
@@ -638,11 +655,21 @@ impl ImageReader {
         h.update(&prefix);
         let data_offset = p.offset;
         let data_len = rec.len - prefix_len;
-        match keep {
-            Some(out) => p.payload_keep(&rec, prefix_len, data_len, &mut h, out)?,
-            None => p.payload_skip(&rec, prefix_len, data_len, &mut h)?,
-        }
-        let payload_crc = h.finalize();
+        let payload_crc = match keep {
+            Some(out) => {
+                p.payload_keep(&rec, prefix_len, data_len, &mut h, out)?;
+                h.finalize()
+            }
+            // Checked later by `check_blocks`, against the stored CRC.
+            None if self.defer_crc => {
+                p.payload_skip(&rec, prefix_len, data_len, None)?;
+                rec.crc
+            }
+            None => {
+                p.payload_skip(&rec, prefix_len, data_len, Some(&mut h))?;
+                h.finalize()
+            }
+        };
         p.check_crc(&rec, payload_crc)?;
 
         let vaddr = le64(&prefix, 0);
@@ -726,4 +753,65 @@ impl ImageReader {
         }
         Ok(())
     }
+}
+
+/// Check the data of every block of `index` (from [`ImageReader::index_pages`]) in `pages`
+/// (the whole pages.fimg) against its CRC, on `threads` threads. The first mismatch found is
+/// the error.
+pub fn check_blocks(
+    pages: &[u8],
+    index: &[crate::BlockIndex],
+    threads: usize,
+) -> Result<(), ImageError> {
+    use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+    let next = AtomicUsize::new(0);
+    let failed = AtomicBool::new(false);
+    let check = |b: &crate::BlockIndex| -> Result<(), ImageError> {
+        let offset = b
+            .data_offset
+            .saturating_sub((RECORD_HEADER_LEN + PAGE_BLOCK_PREFIX) as u64);
+        let data = usize::try_from(b.data_offset)
+            .ok()
+            .and_then(|at| pages.get(at..at.checked_add(usize::try_from(b.data_len).ok()?)?))
+            .ok_or(ImageError::Truncated {
+                file: ImageFile::Pages,
+                offset,
+                what: "page block data",
+                expected: b.data_len,
+                found: 0,
+            })?;
+        if b.matches(data) {
+            return Ok(());
+        }
+        Err(ImageError::PayloadCrc {
+            file: ImageFile::Pages,
+            offset,
+            kind: kind_name(KIND_PAGE_BLOCK),
+            stored: b.payload_crc,
+            computed: b.crc_of(data),
+        })
+    };
+    std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads.max(1))
+            .map(|_| {
+                s.spawn(|| -> Result<(), ImageError> {
+                    while !failed.load(Ordering::Relaxed) {
+                        let Some(b) = index.get(next.fetch_add(1, Ordering::Relaxed)) else {
+                            break;
+                        };
+                        if let Err(e) = check(b) {
+                            failed.store(true, Ordering::Relaxed);
+                            return Err(e);
+                        }
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        workers
+            .into_iter()
+            .map(|w| w.join().expect("block check thread panicked"))
+            .collect::<Result<Vec<()>, ImageError>>()
+            .map(|_| ())
+    })
 }

@@ -17,7 +17,14 @@ fn consume(meta: &[u8], pages: &[u8]) -> Result<(), ImageError> {
     while r.next_pages()?.is_some() {}
     let _ = r.next_pages();
     let _ = r.verify_pages();
+    let _ = indexed(meta, pages);
     Ok(())
+}
+
+/// The restore's path: walk the headers without hashing, then check the data on threads.
+fn indexed(meta: &[u8], pages: &[u8]) -> Result<(), ImageError> {
+    let (_, index) = open(meta, pages)?.index_pages()?;
+    ferry_image::check_blocks(pages, &index, 2)
 }
 
 fn arb_meta_payload() -> BoxedStrategy<Vec<u8>> {
@@ -170,6 +177,7 @@ proptest! {
     fn arbitrary_bytes_never_panic(meta in proptest::collection::vec(any::<u8>(), 0..200),
                                    pages in proptest::collection::vec(any::<u8>(), 0..200)) {
         prop_assert!(consume(&meta, &pages).is_err());
+        prop_assert!(indexed(&meta, &pages).is_err());
     }
 
     #[test]
@@ -205,6 +213,7 @@ proptest! {
         let n = v.len();
         v[pos % n] ^= x;
         prop_assert!(consume(&meta, &pages).is_err());
+        prop_assert!(indexed(&meta, &pages).is_err());
     }
 
     #[test]

@@ -537,3 +537,49 @@ fn buffered_streams_verify_like_plain_ones() {
     assert_eq!(e1, e2);
     assert!(e1.contains("truncated") || e1.contains("Truncated"), "{e1}");
 }
+
+#[test]
+fn an_index_without_hashing_gives_the_same_blocks_and_check_blocks_finds_a_flipped_byte() {
+    let img = write_image(|w| {
+        w.meta("m", "x").unwrap();
+        for i in 0..40u64 {
+            w.pages(
+                0x40_0000 + i * 0x10_0000,
+                &pattern(1 + (i as usize % 5), i as u8),
+            )
+            .unwrap();
+        }
+    });
+    let full = open(&img.meta, &img.pages)
+        .unwrap()
+        .verify_pages_indexed()
+        .unwrap();
+    let quick = open(&img.meta, &img.pages).unwrap().index_pages().unwrap();
+    assert_eq!(quick, full, "the stored CRCs are the verified ones");
+    for threads in [1, 3] {
+        ferry_image::check_blocks(&img.pages, &quick.1, threads).unwrap();
+    }
+    // A flipped data byte passes the header walk and fails the block check, naming the
+    // block's record.
+    let mut bad = img.pages.clone();
+    let victim = quick.1[17];
+    bad[victim.data_offset as usize + 100] ^= 0x40;
+    let (_, index) = open(&img.meta, &bad).unwrap().index_pages().unwrap();
+    for threads in [1, 2] {
+        let e = ferry_image::check_blocks(&bad, &index, threads)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
+        assert!(
+            e.contains(&format!("offset {}", victim.data_offset - 40)),
+            "{e}"
+        );
+    }
+    // A file shorter than the index says: an error, not a panic.
+    let short = &img.pages[..img.pages.len() / 2];
+    assert!(ferry_image::check_blocks(short, &quick.1, 2).is_err());
+    // A damaged header still fails the walk itself.
+    let mut hdr = img.pages.clone();
+    hdr[victim.data_offset as usize - 40 + 8] ^= 1;
+    assert!(open(&img.meta, &hdr).unwrap().index_pages().is_err());
+}

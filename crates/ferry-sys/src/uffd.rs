@@ -306,6 +306,22 @@ impl LazyUffd {
     /// Create the userfaultfd inside frozen process `f` (injected) and take it, with the events
     /// that keep a filler right: fork, mremap, madvise-remove and munmap.
     pub fn new(f: &mut Frozen) -> Result<LazyUffd> {
+        Self::create(
+            f,
+            UFFD_FEATURE_EVENT_FORK
+                | UFFD_FEATURE_EVENT_REMAP
+                | UFFD_FEATURE_EVENT_REMOVE
+                | UFFD_FEATURE_EVENT_UNMAP,
+        )
+    }
+
+    /// Without events: for filling memory of a process that stays stopped until the
+    /// userfaultfd is dropped (which unregisters everything it registered).
+    pub fn new_plain(f: &mut Frozen) -> Result<LazyUffd> {
+        Self::create(f, 0)
+    }
+
+    fn create(f: &mut Frozen, features: u64) -> Result<LazyUffd> {
         let pid = f.pid();
         let flags = (libc::O_CLOEXEC | libc::O_NONBLOCK) as u64;
         let fd = f.inject_syscall(pid, libc::SYS_userfaultfd, [flags, 0, 0, 0, 0, 0])?;
@@ -320,10 +336,7 @@ impl LazyUffd {
         let uffd = taken?;
         let mut api = UffdioApi {
             api: UFFD_API,
-            features: UFFD_FEATURE_EVENT_FORK
-                | UFFD_FEATURE_EVENT_REMAP
-                | UFFD_FEATURE_EVENT_REMOVE
-                | UFFD_FEATURE_EVENT_UNMAP,
+            features,
             ioctls: 0,
         };
         ioctl(&uffd, UFFDIO_API, &mut api, "UFFDIO_API (missing mode)")?;

@@ -110,6 +110,12 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
     assert!((parts - ms("restore_ms")).abs() < 1.0, "{rr}");
     assert!(ms("pages_ms") > 0.0 && ms("gb_per_s") > 0.0, "{rr}");
     assert_eq!(rr["bytes"], rep["bytes"], "{rr} {rep}");
+    // The 24 MiB of the large anonymous area went in through the userfaultfd.
+    let by_uffd = rr["uffd_bytes"].as_u64().unwrap();
+    assert!(
+        (24 << 20..rr["bytes"].as_u64().unwrap()).contains(&by_uffd),
+        "{rr}"
+    );
     assert!(alive(pid));
     std::thread::sleep(Duration::from_millis(100));
 
