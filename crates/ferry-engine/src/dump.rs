@@ -255,6 +255,47 @@ pub struct Held {
 
 /// The smaps a dump used for process `pid` (from a hint) against its frozen own: an error
 /// names the first mapping whose flags changed in between.
+/// The smaps of a frozen process's mappings `maps`, from a hint read while it ran: a mapping
+/// the hint holds as it is now, or one that grew, shrank or was cut since (a heap's brk, an
+/// allocator's arena), which takes the flags of the hinted mappings it overlaps: a mapping's
+/// flags are one set, and `check_smaps_of` compares them with the frozen process's own later.
+/// None (read smaps now) when a mapping overlaps nothing hinted, overlaps hinted ones that
+/// disagree, or changed its protection since.
+fn smaps_from_hint(
+    maps: &[procfs::Mapping],
+    hint: &[procfs::SmapsEntry],
+) -> Option<Vec<procfs::SmapsEntry>> {
+    let has = |f: &[String], x: &str| f.iter().any(|v| v == x);
+    maps.iter()
+        .map(|m| {
+            if let Some(h) = hint.iter().find(|h| h.start == m.start && h.end == m.end) {
+                return Some(h.clone());
+            }
+            let mut over = hint.iter().filter(|h| h.start < m.end && m.start < h.end);
+            let first = over.next()?;
+            let mut thp = first.anon_huge_kb;
+            for h in over {
+                if h.vm_flags != first.vm_flags || h.kernel_page_kb != first.kernel_page_kb {
+                    return None;
+                }
+                thp += h.anon_huge_kb;
+            }
+            let f = &first.vm_flags;
+            let prot_same = has(f, "rd") == m.read
+                && has(f, "wr") == m.write
+                && has(f, "ex") == m.exec
+                && has(f, "sh") == m.shared;
+            prot_same.then(|| procfs::SmapsEntry {
+                start: m.start,
+                end: m.end,
+                vm_flags: first.vm_flags.clone(),
+                kernel_page_kb: first.kernel_page_kb,
+                anon_huge_kb: thp,
+            })
+        })
+        .collect()
+}
+
 fn check_smaps_of(pid: i32, used: &[procfs::SmapsEntry]) -> Result<()> {
     // "uw" is pre-copy's own registration: a mapping registered while the hint was read went
     // whole into the image, which is safe; one no longer registered is not.
@@ -447,15 +488,14 @@ pub fn dump_into(
     // Pages are written process by process: a restore reads them back in the same order.
     let mut hinted = Vec::new();
     for (mut img, maps) in collected {
-        // The hint serves when it has every mapping of the frozen process.
-        let hit = hint.and_then(|h| h.get(&img.pid)).filter(|h| {
-            maps.iter()
-                .all(|m| h.iter().any(|s| s.start == m.start && s.end == m.end))
-        });
+        // The hint serves when it accounts for every mapping of the frozen process.
+        let hit = hint
+            .and_then(|h| h.get(&img.pid))
+            .and_then(|h| smaps_from_hint(&maps, h));
         let smaps = match hit {
             Some(h) => {
                 hinted.push((img.pid, h.clone()));
-                h.clone()
+                h
             }
             None => procfs::read_smaps(img.pid)?,
         };
@@ -622,5 +662,67 @@ fn kill_tree(mut tree: Vec<Frozen>, ppids: &[i32], zombies: &[ZombieImage]) {
             let pp = p.pid();
             let _ = p.inject_syscall(pp, libc::SYS_wait4, [pid as u64, 0, WALL, 0, 0, 0]);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::smaps_from_hint;
+    use ferry_sys::procfs::{MapKind, Mapping, SmapsEntry};
+
+    fn map(start: u64, end: u64, write: bool) -> Mapping {
+        Mapping {
+            start,
+            end,
+            read: true,
+            write,
+            exec: false,
+            shared: false,
+            offset: 0,
+            inode: 0,
+            kind: MapKind::Anonymous,
+        }
+    }
+
+    fn entry(start: u64, end: u64, flags: &str, thp: u64) -> SmapsEntry {
+        SmapsEntry {
+            start,
+            end,
+            vm_flags: flags.split(' ').map(String::from).collect(),
+            kernel_page_kb: 4,
+            anon_huge_kb: thp,
+        }
+    }
+
+    #[test]
+    fn a_hint_serves_mappings_that_grew_or_were_cut_but_not_new_or_reprotected_ones() {
+        let hint = vec![
+            entry(0x1000, 0x5000, "rd wr mr mw me ac", 0),
+            entry(0x9000, 0xa000, "rd wr mr mw me ac dc", 0),
+            entry(0xa000, 0xc000, "rd wr mr mw me ac hg", 2048),
+        ];
+        // As it was: the hinted entries themselves.
+        let same = smaps_from_hint(&[map(0x1000, 0x5000, true)], &hint).unwrap();
+        assert_eq!(same, vec![hint[0].clone()]);
+        // Grown (a heap's brk) and cut in two: the flags of the mapping they came from, at
+        // their own bounds.
+        let got = smaps_from_hint(
+            &[
+                map(0x1000, 0x8000, true),
+                map(0x9000, 0x9800, true),
+                map(0x9800, 0xa000, true),
+            ],
+            &hint,
+        )
+        .unwrap();
+        assert_eq!((got[0].start, got[0].end), (0x1000, 0x8000));
+        assert_eq!(got[0].vm_flags, hint[0].vm_flags);
+        assert_eq!(got[2].vm_flags, hint[1].vm_flags);
+        // Spanning two hinted mappings whose flags differ: unknown.
+        assert!(smaps_from_hint(&[map(0x9000, 0xc000, true)], &hint).is_none());
+        // Overlapping nothing hinted: unknown.
+        assert!(smaps_from_hint(&[map(0x20000, 0x21000, true)], &hint).is_none());
+        // Protection changed since (mprotect): unknown.
+        assert!(smaps_from_hint(&[map(0x1000, 0x3000, false)], &hint).is_none());
     }
 }
