@@ -4,7 +4,8 @@
 //! the loopback TCP bandwidth measured in the same run.
 //!
 //! `cargo build --release && cargo run --release -p ferry-migrate --example migrate_bench
-//! [-- SIZE_MIB ...]` (default 256 1024). Needs musl-gcc (the workload is the tests'
+//! [-- SIZE_MIB ...]` (default 256 1024). `FERRY_BENCH_MODES` and `FERRY_BENCH_RATES` pick
+//! modes and rates (comma-separated), `FERRY_BENCH_JSON=FILE` appends each report to FILE. Needs musl-gcc (the workload is the tests'
 //! `dirtier` fixture) and the `ferry` binary in target/release.
 
 use ferry_migrate::source::{migrate, MigrateOptions, Mode};
@@ -91,6 +92,12 @@ impl Drop for Agent {
     }
 }
 
+/// Whether `what` is in the comma-separated list of environment variable `var` (all when
+/// it is unset): `FERRY_BENCH_MODES=precopy,postcopy`, `FERRY_BENCH_RATES=idle,max`.
+fn wanted(var: &str, what: &str) -> bool {
+    std::env::var(var).map_or(true, |v| v.split(',').any(|x| x == what))
+}
+
 fn main() {
     let sizes: Vec<u64> = {
         let v: Vec<u64> = std::env::args()
@@ -143,7 +150,13 @@ fn main() {
             ("~200MB/s", "300"),
             ("max", "0"),
         ] {
+            if !wanted("FERRY_BENCH_RATES", rate) {
+                continue;
+            }
             for mode in [Mode::Stop, Mode::Precopy, Mode::Postcopy, Mode::Hybrid] {
+                if !wanted("FERRY_BENCH_MODES", &format!("{mode:?}").to_lowercase()) {
+                    continue;
+                }
                 port += 4;
                 let agent = Agent::start(&ferry, &dir, port);
                 let mut w = Command::new(&bin)
@@ -171,6 +184,15 @@ fn main() {
                 };
                 match migrate(&o, &|_, _, _| {}) {
                     Ok(r) => {
+                        if let Ok(path) = std::env::var("FERRY_BENCH_JSON") {
+                            use std::io::Write;
+                            let mut f = std::fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(path)
+                                .unwrap();
+                            writeln!(f, "{}", serde_json::to_string(&r).unwrap()).unwrap();
+                        }
                         let bound_ms = (mib << 20) as f64 / (bw * 1e9) * 1e3;
                         println!(
                             "{:>6} {:>8} {:>9} {:>7} {:>12.1} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>10.2}",
