@@ -296,6 +296,72 @@ fn smaps_from_hint(
         .collect()
 }
 
+/// The smaps entries of a frozen process's mappings `maps` from its own `vm_flags` (read with
+/// BPF), carrying the VmFlags codes the image uses: protection, advice, hugetlb and
+/// userfaultfd registration. Transparent huge pages, which only smaps counts, come from the
+/// hint's entries that overlap the mapping. None (use smaps) when a mapping is missing from
+/// `flags` or is hugetlb memory, whose page size only smaps shows.
+fn smaps_from_flags(
+    maps: &[procfs::Mapping],
+    flags: &[ferry_sys::vmaflags::VmaFlags],
+    hint: Option<&Vec<procfs::SmapsEntry>>,
+) -> Option<Vec<procfs::SmapsEntry>> {
+    use ferry_sys::vmaflags::bits;
+    const CODES: [(u64, &str); 13] = [
+        (bits::READ, "rd"),
+        (bits::WRITE, "wr"),
+        (bits::EXEC, "ex"),
+        (bits::SHARED, "sh"),
+        (bits::DONTCOPY, "dc"),
+        (bits::HUGETLB, "ht"),
+        (bits::WIPEONFORK, "wf"),
+        (bits::DONTDUMP, "dd"),
+        (bits::HUGEPAGE, "hg"),
+        (bits::NOHUGEPAGE, "nh"),
+        (bits::MERGEABLE, "mg"),
+        (bits::UFFD_MISSING, "um"),
+        (bits::UFFD_WP, "uw"),
+    ];
+    maps.iter()
+        .map(|m| {
+            if m.kind == procfs::MapKind::Vsyscall {
+                // Not a mapping of the process's own (the kernel's page, shown in maps):
+                // nothing to iterate, nothing the image saves.
+                return Some(procfs::SmapsEntry {
+                    start: m.start,
+                    end: m.end,
+                    vm_flags: vec!["ex".into()],
+                    kernel_page_kb: 4,
+                    anon_huge_kb: 0,
+                });
+            }
+            let f = flags
+                .iter()
+                .find(|f| f.start == m.start && f.end == m.end)?;
+            if f.flags & bits::HUGETLB != 0 {
+                return None;
+            }
+            let thp = hint.map_or(0, |h| {
+                h.iter()
+                    .filter(|h| h.start < m.end && m.start < h.end)
+                    .map(|h| h.anon_huge_kb)
+                    .sum()
+            });
+            Some(procfs::SmapsEntry {
+                start: m.start,
+                end: m.end,
+                vm_flags: CODES
+                    .iter()
+                    .filter(|(b, _)| f.flags & b != 0)
+                    .map(|(_, c)| c.to_string())
+                    .collect(),
+                kernel_page_kb: 4,
+                anon_huge_kb: thp,
+            })
+        })
+        .collect()
+}
+
 fn check_smaps_of(pid: i32, used: &[procfs::SmapsEntry]) -> Result<()> {
     // "uw" is pre-copy's own registration: a mapping registered while the hint was read went
     // whole into the image, which is safe; one no longer registered is not.
@@ -453,11 +519,26 @@ pub fn dump_into(
         collected.push(collect(f, &mut seen, &mut net.st, &tree_pids, &mut steps)?);
     }
     drop(pinned);
+    // With a hint (a live migration), the frozen processes' own mapping flags where BPF reads
+    // them (microseconds, no page walk): their smaps entries come from those flags, and need
+    // no check against the hint.
+    let mut from_flags: std::collections::HashMap<i32, Vec<procfs::SmapsEntry>> =
+        Default::default();
+    if let Some(h) = hint {
+        for (img, maps) in &collected {
+            let own = ferry_sys::vmaflags::vma_flags(img.pid).ok();
+            if let Some(e) = own.and_then(|f| smaps_from_flags(maps, &f, h.get(&img.pid))) {
+                from_flags.insert(img.pid, e);
+            }
+        }
+    }
+    lap.mark(&mut steps, "vma_flags");
     // The hint against the frozen tree, from now on beside the dump and the rebuild. Not
     // earlier: a smaps read holds the mmap lock that the collection's brk query waits for.
     let smaps_check = hint.map(|h| {
         let todo: Vec<(i32, Vec<procfs::SmapsEntry>)> = tree_pids
             .iter()
+            .filter(|p| !from_flags.contains_key(p))
             .filter_map(|p| h.get(p).map(|s| (*p, s.clone())))
             .collect();
         std::thread::spawn(move || {
@@ -492,12 +573,13 @@ pub fn dump_into(
         let hit = hint
             .and_then(|h| h.get(&img.pid))
             .and_then(|h| smaps_from_hint(&maps, h));
-        let smaps = match hit {
-            Some(h) => {
+        let smaps = match (from_flags.remove(&img.pid), hit) {
+            (Some(own), _) => own,
+            (None, Some(h)) => {
                 hinted.push((img.pid, h.clone()));
                 h
             }
-            None => procfs::read_smaps(img.pid)?,
+            (None, None) => procfs::read_smaps(img.pid)?,
         };
         let d = match delta.as_mut() {
             Some(f) => f(img.pid, &smaps)?,
@@ -692,6 +774,49 @@ mod tests {
             kernel_page_kb: 4,
             anon_huge_kb: thp,
         }
+    }
+
+    #[test]
+    fn entries_from_the_kernels_flags_carry_the_codes_the_image_uses() {
+        use super::smaps_from_flags;
+        use ferry_sys::vmaflags::{bits, VmaFlags};
+        let flags = vec![
+            VmaFlags {
+                start: 0x1000,
+                end: 0x5000,
+                flags: bits::READ | bits::WRITE | bits::DONTCOPY | bits::UFFD_WP | 0x70,
+            },
+            VmaFlags {
+                start: 0x9000,
+                end: 0xa000,
+                flags: bits::READ | bits::HUGEPAGE,
+            },
+        ];
+        let hint = vec![
+            entry(0x1000, 0x3000, "rd wr", 2048),
+            entry(0x3000, 0x5000, "rd wr", 4),
+        ];
+        let got = smaps_from_flags(
+            &[map(0x1000, 0x5000, true), map(0x9000, 0xa000, false)],
+            &flags,
+            Some(&hint),
+        )
+        .unwrap();
+        assert_eq!(got[0].vm_flags, ["rd", "wr", "dc", "uw"]);
+        assert_eq!(
+            got[0].anon_huge_kb, 2052,
+            "huge pages from the overlapping hint"
+        );
+        assert_eq!(got[1].vm_flags, ["rd", "hg"]);
+        assert_eq!(got[1].anon_huge_kb, 0);
+        // A mapping the flags do not hold, or hugetlb memory: smaps is needed.
+        assert!(smaps_from_flags(&[map(0x20000, 0x21000, true)], &flags, None).is_none());
+        let ht = [VmaFlags {
+            start: 0x1000,
+            end: 0x5000,
+            flags: bits::READ | bits::HUGETLB,
+        }];
+        assert!(smaps_from_flags(&[map(0x1000, 0x5000, false)], &ht, None).is_none());
     }
 
     #[test]

@@ -1,6 +1,8 @@
 //! A dump that takes its smaps from before the freeze (live migration does, to keep the page
-//! walk out of the downtime) must notice when a mapping's flags changed in between: here a
-//! real python3 advises MADV_DONTFORK on a whole file mapping after the hint was read.
+//! walk out of the downtime) must not carry flags that changed in between: here a real
+//! python3 advises MADV_DONTFORK on a whole file mapping after the hint was read. With BPF
+//! the dump takes the frozen process's own flags (the image has the advice); without it, the
+//! check against the frozen process's smaps refuses the image.
 
 mod common;
 
@@ -23,9 +25,14 @@ fn hint(pid: i32) -> ferry_engine::SmapsHint {
     h
 }
 
-fn dump_with(pid: i32, h: &ferry_engine::SmapsHint) -> ferry_engine::Held {
-    let mut w = ferry_image::ImageWriter::new(Box::new(std::io::sink()), Box::new(std::io::sink()))
-        .unwrap();
+/// Dump with hint `h` into `dir`; the held tree and the advice of every mapping in the image.
+fn dump_with(
+    pid: i32,
+    h: &ferry_engine::SmapsHint,
+    dir: &std::path::Path,
+) -> (ferry_engine::Held, Vec<Vec<String>>) {
+    let _ = std::fs::remove_dir_all(dir);
+    let mut w = ferry_image::ImageWriter::create(dir).unwrap();
     let (held, _) = ferry_engine::dump_into(
         pid,
         &mut w,
@@ -34,7 +41,12 @@ fn dump_with(pid: i32, h: &ferry_engine::SmapsHint) -> ferry_engine::Held {
         Some(h),
     )
     .unwrap();
-    held
+    w.finish().unwrap();
+    let r = ferry_image::ImageReader::open(dir).unwrap();
+    let procs: Vec<ferry_engine::schema::ProcessImage> =
+        r.find(ferry_engine::schema::TAG_PROCESS).unwrap();
+    let advice = procs[0].mappings.iter().map(|m| m.advice.clone()).collect();
+    (held, advice)
 }
 
 #[test]
@@ -46,8 +58,30 @@ fn flags_changed_after_the_smaps_hint_are_caught() {
     py.go();
     assert_eq!(py.line(), "advised");
 
-    // The stale hint still has every mapping: the dump uses it, the check refuses it.
-    let mut held = dump_with(pid, &stale);
+    let dir = std::env::temp_dir().join(format!("ferry-smaps-hint-{pid}"));
+    let dontfork = |advice: &[Vec<String>]| {
+        advice
+            .iter()
+            .filter(|a| a.contains(&"dontfork".to_string()))
+            .count()
+    };
+
+    // With BPF: the stale hint serves only for huge page counts; the flags are the frozen
+    // process's own, so the image has the new advice and nothing needs refusing.
+    ferry_sys::vmaflags::set_enabled(true);
+    let (mut held, with_bpf) = dump_with(pid, &stale, &dir);
+    held.check_smaps().unwrap();
+    held.resume();
+    let (mut held, fresh) = dump_with(pid, &hint(pid), &dir);
+    held.check_smaps().unwrap();
+    held.resume();
+    assert!(dontfork(&fresh) >= 1, "{fresh:?}");
+    assert_eq!(dontfork(&with_bpf), dontfork(&fresh), "{with_bpf:?}");
+
+    // Without: the stale hint still has every mapping, the dump uses it, the check refuses
+    // it.
+    ferry_sys::vmaflags::set_enabled(false);
+    let (mut held, _) = dump_with(pid, &stale, &dir);
     let err = held
         .check_smaps()
         .expect_err("changed flags went unnoticed");
@@ -55,9 +89,11 @@ fn flags_changed_after_the_smaps_hint_are_caught() {
     held.resume();
 
     // A hint read after the change passes.
-    let mut held = dump_with(pid, &hint(pid));
+    let (mut held, _) = dump_with(pid, &hint(pid), &dir);
     held.check_smaps().unwrap();
     held.resume();
+    ferry_sys::vmaflags::set_enabled(true);
+    let _ = std::fs::remove_dir_all(&dir);
 
     // Resumed: the process goes on and ends normally.
     py.finish();

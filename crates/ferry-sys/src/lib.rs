@@ -14,6 +14,7 @@ pub mod procfs;
 pub mod sched;
 pub mod spawn;
 pub mod uffd;
+pub mod vmaflags;
 
 pub use error::{Error, Result};
 pub use freeze::{Frozen, FrozenThread, Regs};
