@@ -296,6 +296,14 @@ fn smaps_from_hint(
         .collect()
 }
 
+/// Make ready now what a dump would otherwise set up while the tree is frozen: resident
+/// buffers for the pages, and the BPF program that reads mapping flags (without BPF, smaps
+/// serves: slower, as it walks the page tables).
+pub fn prepare_for_freeze() {
+    memory::warm_buffers();
+    let _ = ferry_sys::vmaflags::prepare();
+}
+
 /// The smaps entries of a frozen process's mappings `maps` from its own `vm_flags` (read with
 /// BPF), carrying the VmFlags codes the image uses: protection, advice, hugetlb and
 /// userfaultfd registration. Transparent huge pages, which only smaps counts, come from the
@@ -518,7 +526,10 @@ pub fn dump_into(
     for f in tree.iter_mut() {
         collected.push(collect(f, &mut seen, &mut net.st, &tree_pids, &mut steps)?);
     }
+    // `collect` timed its own steps.
+    lap = Lap::new();
     drop(pinned);
+    lap.mark(&mut steps, "unpin");
     // With a hint (a live migration), the frozen processes' own mapping flags where BPF reads
     // them (microseconds, no page walk): their smaps entries come from those flags, and need
     // no check against the hint.

@@ -396,8 +396,8 @@ fn migrate_inner(
     let mut latest_hint: Option<ferry_engine::SmapsHint> = None;
     // A read of smaps still under way (one at a time).
     let mut hint_job: Option<std::thread::JoinHandle<ferry_engine::SmapsHint>> = None;
-    // The final dump's buffers, resident now rather than paid for near the freeze.
-    ferry_engine::memory::warm_buffers();
+    // What the final dump needs, ready now rather than paid for while frozen.
+    ferry_engine::dump::prepare_for_freeze();
     let post = matches!(o.mode, Mode::Postcopy | Mode::Hybrid);
     if matches!(o.mode, Mode::Precopy | Mode::Hybrid) {
         let mut tr = ferry_engine::precopy::Tracking::start(o.pid)?;

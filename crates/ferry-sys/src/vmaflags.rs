@@ -46,10 +46,7 @@ pub fn vma_flags(pid: i32) -> Result<Vec<VmaFlags>> {
             "reading mapping flags with BPF is turned off (FERRY_NO_BPF)".into(),
         ));
     }
-    let prog = PROG
-        .get_or_init(|| load().map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| Error::Parse(format!("reading mapping flags with BPF: {e}")))?;
+    let prog = program()?;
     let mut info = [0u32; 4];
     info[1] = pid as u32; // union bpf_iter_link_info.task.pid
     let mut link = [0u8; 32];
@@ -123,6 +120,18 @@ pub fn set_enabled(on: bool) {
 }
 
 static ENABLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(true);
+
+/// Load the program now (parsing BTF and verifying take a few ms), so that the first
+/// `vma_flags` of a frozen process does not pay for it. An error says why BPF cannot serve.
+pub fn prepare() -> Result<()> {
+    program().map(|_| ())
+}
+
+fn program() -> Result<&'static OwnedFd> {
+    PROG.get_or_init(|| load().map_err(|e| e.to_string()))
+        .as_ref()
+        .map_err(|e| Error::Parse(format!("reading mapping flags with BPF: {e}")))
+}
 
 static PROG: OnceLock<std::result::Result<OwnedFd, String>> = OnceLock::new();
 
