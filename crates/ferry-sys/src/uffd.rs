@@ -179,6 +179,10 @@ impl WriteTracker {
     /// Pages of [start, end) written since the last call (or since registration), as page
     /// ranges; they are write-protected again. Unpopulated pages count as not written.
     pub fn written(&mut self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        self.scan_written(start, end)
+    }
+
+    fn scan_written(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut buf = vec![PageRegion::default(); 4096];
         let mut at = start;
@@ -214,13 +218,44 @@ impl WriteTracker {
         Ok(out)
     }
 
-    /// Written pages over every registered range.
+    /// Written pages over every registered range, in address order. A large set of ranges is
+    /// scanned in parts on every CPU (a walk costs ~1-4 ms per GiB, and the final one runs
+    /// while the process is frozen).
     pub fn written_all(&mut self) -> Result<Vec<(u64, u64)>> {
-        let mut v = Vec::new();
-        for (s, e) in self.ranges.clone() {
-            v.extend(self.written(s, e)?);
+        let parts = split_ranges(&self.ranges);
+        if parts.len() < 2 {
+            let mut v = Vec::new();
+            for (s, e) in self.ranges.clone() {
+                v.extend(self.scan_written(s, e)?);
+            }
+            return Ok(v);
         }
-        Ok(v)
+        let me = &*self;
+        let found = std::thread::scope(|sc| {
+            let jobs: Vec<_> = parts
+                .iter()
+                .map(|part| {
+                    sc.spawn(move || -> Result<Vec<(u64, u64)>> {
+                        let mut v = Vec::new();
+                        for &(s, e) in part {
+                            v.extend(me.scan_written(s, e)?);
+                        }
+                        Ok(v)
+                    })
+                })
+                .collect();
+            jobs.into_iter()
+                .map(|j| j.join().unwrap_or_else(|_| Ok(Vec::new())))
+                .collect::<Result<Vec<_>>>()
+        })?;
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in found.into_iter().flatten() {
+            match out.last_mut() {
+                Some(l) if l.1 == s => l.1 = e,
+                _ => out.push((s, e)),
+            }
+        }
+        Ok(out)
     }
 
     /// Stop tracking: the process's memory behaves as before (write-protection dropped).
@@ -495,6 +530,67 @@ const PAGE_IS_PFNZERO: u64 = 1 << 5;
 /// or swapped, not the shared zero page): one PAGEMAP_SCAN call per 4096 runs, where reading
 /// the pagemap costs 8 bytes per page.
 pub fn present_runs(pid: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+    // A page-table walk costs ~4 ms per GiB: a large range is split across the CPUs (the
+    // walks share the mmap lock for reading).
+    let parts = split_ranges(&[(start, end)]);
+    if parts.len() < 2 {
+        return present_runs_in(pid, start, end);
+    }
+    let found = std::thread::scope(|sc| {
+        let jobs: Vec<_> = parts
+            .iter()
+            .map(|part| {
+                sc.spawn(move || -> Result<Vec<(u64, u64)>> {
+                    let mut v = Vec::new();
+                    for &(s, e) in part {
+                        v.extend(present_runs_in(pid, s, e)?);
+                    }
+                    Ok(v)
+                })
+            })
+            .collect();
+        jobs.into_iter()
+            .map(|j| j.join().unwrap_or_else(|_| Ok(Vec::new())))
+            .collect::<Result<Vec<_>>>()
+    })?;
+    let mut out: Vec<(u64, u64)> = Vec::new();
+    for (s, e) in found.into_iter().flatten() {
+        match out.last_mut() {
+            Some(l) if l.1 == s => l.1 = e,
+            _ => out.push((s, e)),
+        }
+    }
+    Ok(out)
+}
+
+/// `ranges` (in address order) cut into one part per CPU of about equal size, in order,
+/// when they add up to 512 MiB or more; one part otherwise.
+fn split_ranges(ranges: &[(u64, u64)]) -> Vec<Vec<(u64, u64)>> {
+    let total: u64 = ranges.iter().map(|(s, e)| e - s).sum();
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get()) as u64;
+    if total < 512 << 20 || cpus < 2 {
+        return vec![ranges.to_vec()];
+    }
+    let share = (total / cpus).next_multiple_of(2 << 20);
+    let mut parts: Vec<Vec<(u64, u64)>> = vec![Vec::new()];
+    let mut room = share;
+    for &(mut s, e) in ranges {
+        while s < e {
+            let take = (e - s).min(room);
+            parts.last_mut().unwrap().push((s, s + take));
+            s += take;
+            room -= take;
+            if room == 0 {
+                parts.push(Vec::new());
+                room = share;
+            }
+        }
+    }
+    parts.retain(|p| !p.is_empty());
+    parts
+}
+
+fn present_runs_in(pid: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
     let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
         .map_err(|e| Error::io(format!("opening /proc/{pid}/pagemap"), e))?;
     let mut out: Vec<(u64, u64)> = Vec::new();
@@ -532,4 +628,51 @@ pub fn present_runs(pid: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
         at = arg.walk_end;
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_large_range_is_listed_in_parts_and_joined_across_the_seams() {
+        let len: usize = 1 << 30;
+        // SAFETY: a new private anonymous mapping at an address the kernel picks.
+        let p = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        assert_ne!(p, libc::MAP_FAILED);
+        let base = p as u64;
+        // Single pages, and a run across the middle, where the split falls.
+        let mut touched: Vec<u64> = vec![0, 5, 4096, 100_000, 262_143];
+        touched.extend(131_000..131_200);
+        for &page in &touched {
+            // SAFETY: inside the mapping made above.
+            unsafe { *((base + page * 4096) as *mut u8) = 1 };
+        }
+        let pid = std::process::id() as i32;
+        let whole = present_runs_in(pid, base, base + len as u64).unwrap();
+        let split = present_runs(pid, base, base + len as u64).unwrap();
+        assert_eq!(split, whole);
+        let pages: u64 = split.iter().map(|(s, e)| (e - s) / 4096).sum();
+        assert_eq!(pages, touched.len() as u64, "{split:x?}");
+        assert!(split.contains(&(base + 131_000 * 4096, base + 131_200 * 4096)));
+        // Parts cover the ranges exactly, in order.
+        let ranges = [(0u64, 300 << 20), (1 << 30, (1 << 30) + (700 << 20))];
+        let parts = split_ranges(&ranges);
+        assert!(parts.len() >= 2, "{parts:x?}");
+        let flat: Vec<(u64, u64)> = parts.concat();
+        assert_eq!(flat.iter().map(|(s, e)| e - s).sum::<u64>(), 1000 << 20);
+        assert!(flat.windows(2).all(|w| w[0].1 <= w[1].0), "{flat:x?}");
+        assert_eq!(split_ranges(&[(0, 4096)]), vec![vec![(0, 4096)]]);
+        // SAFETY: unmapping what was mapped above.
+        unsafe { libc::munmap(p, len) };
+    }
 }
