@@ -210,9 +210,11 @@ pub fn dump(
             let c = c?;
             if c.lazy {
                 let runs = &mut lazy_runs[c.mapping];
-                match runs.last_mut() {
-                    Some(l) if l.1 == c.addr => l.1 += c.len as u64,
-                    _ => runs.push((c.addr, c.addr + c.len as u64)),
+                for (a, len) in std::iter::once((c.addr, c.len)).chain(c.more) {
+                    match runs.last_mut() {
+                        Some(l) if l.1 == a => l.1 += len as u64,
+                        _ => runs.push((a, a + len as u64)),
+                    }
                 }
                 continue;
             }
@@ -357,28 +359,34 @@ fn read_all(
             continue;
         }
         let lazy = delta.is_some_and(|d| d.lazy) && lazy_eligible(img);
-        let send_lazy = |addr: u64, len: usize| {
+        // Runs left behind, many to a message: a process with scattered memory has hundreds
+        // of thousands, and a handoff between threads each cost more than finding them.
+        let send_lazy = |runs: &[(u64, u64)]| {
+            let Some((&(addr, end), rest)) = runs.split_first() else {
+                return true;
+            };
             tx.send(Ok(Chunk {
                 addr,
-                len,
+                len: (end - addr) as usize,
                 skip_zero: false,
                 lazy: true,
                 mapping: mi,
                 buf: Vec::new(),
-                more: Vec::new(),
+                more: rest.iter().map(|&(a, e)| (a, (e - a) as usize)).collect(),
             }))
             .is_ok()
         };
         if let Some(d) = delta.filter(|d| d.covers(m.start, m.end)) {
             // The chunk being filled, and how much of its buffer is used.
             let mut cur: Option<(Chunk, usize)> = None;
-            for (s, e) in d.dirty_in(m.start, m.end) {
-                if lazy {
-                    if !send_lazy(s, (e - s) as usize) {
-                        return Ok(());
-                    }
-                    continue;
+            let dirty = d.dirty_in(m.start, m.end);
+            if lazy {
+                if !send_lazy(&dirty) {
+                    return Ok(());
                 }
+                continue;
+            }
+            for (s, e) in dirty {
                 let mut a = s;
                 while a < e {
                     let len = ((e - a) as usize).min(CHUNK);
@@ -427,10 +435,8 @@ fn read_all(
         }
         if lazy {
             // Post-copy: only where the data is, listed by the kernel in runs.
-            for (a, e) in ferry_sys::uffd::present_runs(pid, m.start, m.end)? {
-                if !send_lazy(a, (e - a) as usize) {
-                    return Ok(());
-                }
+            if !send_lazy(&ferry_sys::uffd::present_runs(pid, m.start, m.end)?) {
+                return Ok(());
             }
             continue;
         }
@@ -461,7 +467,7 @@ fn read_all(
                 let a = start + (j * PAGE_SIZE) as u64;
                 let len = (k - j) * PAGE_SIZE;
                 if lazy {
-                    if !send_lazy(a, len) {
+                    if !send_lazy(&[(a, a + len as u64)]) {
                         return Ok(());
                     }
                     j = k;
