@@ -583,3 +583,24 @@ fn an_index_without_hashing_gives_the_same_blocks_and_check_blocks_finds_a_flipp
     hdr[victim.data_offset as usize - 40 + 8] ^= 1;
     assert!(open(&img.meta, &hdr).unwrap().index_pages().is_err());
 }
+
+#[test]
+fn check_blocks_on_several_threads_finds_a_flipped_byte_in_a_large_image() {
+    // 12 MiB: above the size checked on the calling thread alone.
+    let img = write_image(|w| {
+        w.meta("m", "x").unwrap();
+        for i in 0..3u64 {
+            w.pages(0x4000_0000 + i * 0x40_0000, &pattern(1024, i as u8 + 7))
+                .unwrap();
+        }
+    });
+    let (_, index) = open(&img.meta, &img.pages).unwrap().index_pages().unwrap();
+    ferry_image::check_blocks(&img.pages, &index, 2).unwrap();
+    let mut bad = img.pages.clone();
+    let last = index[2];
+    bad[(last.data_offset + last.data_len - 1) as usize] ^= 1;
+    let e = ferry_image::check_blocks(&bad, &index, 2)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("checksum mismatch"), "{e}");
+}
