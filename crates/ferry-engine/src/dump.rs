@@ -297,11 +297,11 @@ fn smaps_from_hint(
 }
 
 /// Make ready now what a dump would otherwise set up while the tree is frozen: resident
-/// buffers for the pages, and the BPF program that reads mapping flags (without BPF, smaps
-/// serves: slower, as it walks the page tables).
-pub fn prepare_for_freeze() {
+/// buffers for the pages, and the BPF program that reads mapping flags. Without BPF, smaps
+/// serves (slower, as it walks the page tables): the error says why BPF cannot.
+pub fn prepare_for_freeze() -> Result<()> {
     memory::warm_buffers();
-    let _ = ferry_sys::vmaflags::prepare();
+    Ok(ferry_sys::vmaflags::prepare()?)
 }
 
 /// The smaps entries of a frozen process's mappings `maps` from its own `vm_flags` (read with

@@ -39,13 +39,6 @@ pub mod bits {
 /// The flags of every mapping of process `pid` (as this process's PID namespace numbers it),
 /// in address order.
 pub fn vma_flags(pid: i32) -> Result<Vec<VmaFlags>> {
-    if !ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        || std::env::var_os("FERRY_NO_BPF").is_some()
-    {
-        return Err(Error::Parse(
-            "reading mapping flags with BPF is turned off (FERRY_NO_BPF)".into(),
-        ));
-    }
     let prog = program()?;
     let mut info = [0u32; 4];
     info[1] = pid as u32; // union bpf_iter_link_info.task.pid
@@ -128,6 +121,13 @@ pub fn prepare() -> Result<()> {
 }
 
 fn program() -> Result<&'static OwnedFd> {
+    if !ENABLED.load(std::sync::atomic::Ordering::Relaxed)
+        || std::env::var_os("FERRY_NO_BPF").is_some()
+    {
+        return Err(Error::Parse(
+            "reading mapping flags with BPF is turned off (FERRY_NO_BPF)".into(),
+        ));
+    }
     PROG.get_or_init(|| load().map_err(|e| e.to_string()))
         .as_ref()
         .map_err(|e| Error::Parse(format!("reading mapping flags with BPF: {e}")))

@@ -225,6 +225,14 @@ fn precopy_then_stop_and_copy_keep_memory_intact() {
     );
     assert_eq!(r["restored_pid"].as_i64(), Some(pid as i64));
     assert!(!r["rounds"].as_array().unwrap().is_empty());
+    if Path::new("/sys/kernel/btf/vmlinux").exists() {
+        // The frozen process's mapping flags came from BPF, not from smaps.
+        assert!(!r["notes"].to_string().contains("smaps"), "{r}");
+        assert!(
+            r["phases"]["dump_steps"]["vma_flags"].as_f64().is_some(),
+            "{r}"
+        );
+    }
     // The source copy is gone; the process runs in the first agent's namespace.
     child.wait().unwrap();
     let m = a1.get("/v1/migrations");
@@ -256,6 +264,44 @@ fn precopy_then_stop_and_copy_keep_memory_intact() {
     let p2 = a2.outer_pid(pid as i64);
     assert!(!alive(p1), "the first copy still runs");
     check_pass(p2, &out, 2);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Without BPF (FERRY_NO_BPF), the mapping flags come from smaps: the report says so and the
+/// process moves intact.
+#[test]
+fn without_bpf_the_flags_come_from_smaps_and_the_process_moves_intact() {
+    let dir = tmpdir("nobpf");
+    let a1 = Agent::start(&dir, 1, &[]);
+    let (mut child, out) = start_dirtier(&dir, "64", "1000");
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(200));
+    let o = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .env("FERRY_NO_BPF", "1")
+        .args([
+            "migrate",
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &a1.url,
+            "--mode",
+            "precopy",
+        ])
+        .arg("--token-file")
+        .arg(&a1.tok)
+        .arg("--json")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    assert!(
+        r["notes"]
+            .to_string()
+            .contains("mapping flags come from smaps"),
+        "{r}"
+    );
+    child.wait().unwrap();
+    check_pass(a1.outer_pid(pid as i64), &out, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
