@@ -222,40 +222,8 @@ impl WriteTracker {
     /// scanned in parts on every CPU (a walk costs ~1-4 ms per GiB, and the final one runs
     /// while the process is frozen).
     pub fn written_all(&mut self) -> Result<Vec<(u64, u64)>> {
-        let parts = split_ranges(&self.ranges);
-        if parts.len() < 2 {
-            let mut v = Vec::new();
-            for (s, e) in self.ranges.clone() {
-                v.extend(self.scan_written(s, e)?);
-            }
-            return Ok(v);
-        }
         let me = &*self;
-        let found = std::thread::scope(|sc| {
-            let jobs: Vec<_> = parts
-                .iter()
-                .map(|part| {
-                    sc.spawn(move || -> Result<Vec<(u64, u64)>> {
-                        let mut v = Vec::new();
-                        for &(s, e) in part {
-                            v.extend(me.scan_written(s, e)?);
-                        }
-                        Ok(v)
-                    })
-                })
-                .collect();
-            jobs.into_iter()
-                .map(|j| j.join().unwrap_or_else(|_| Ok(Vec::new())))
-                .collect::<Result<Vec<_>>>()
-        })?;
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        for (s, e) in found.into_iter().flatten() {
-            match out.last_mut() {
-                Some(l) if l.1 == s => l.1 = e,
-                _ => out.push((s, e)),
-            }
-        }
-        Ok(out)
+        scan_in_parts(&self.ranges, |s, e| me.scan_written(s, e))
     }
 
     /// Stop tracking: the process's memory behaves as before (write-protection dropped).
@@ -532,27 +500,40 @@ const PAGE_IS_PFNZERO: u64 = 1 << 5;
 pub fn present_runs(pid: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
     // A page-table walk costs ~4 ms per GiB: a large range is split across the CPUs (the
     // walks share the mmap lock for reading).
-    let parts = split_ranges(&[(start, end)]);
-    if parts.len() < 2 {
-        return present_runs_in(pid, start, end);
-    }
-    let found = std::thread::scope(|sc| {
-        let jobs: Vec<_> = parts
-            .iter()
-            .map(|part| {
-                sc.spawn(move || -> Result<Vec<(u64, u64)>> {
-                    let mut v = Vec::new();
-                    for &(s, e) in part {
-                        v.extend(present_runs_in(pid, s, e)?);
-                    }
-                    Ok(v)
+    scan_in_parts(&[(start, end)], |s, e| present_runs_in(pid, s, e))
+}
+
+/// `scan` over `ranges` (in address order), in one part per CPU when they are large: the
+/// runs found, in address order, touching ones joined.
+fn scan_in_parts(
+    ranges: &[(u64, u64)],
+    scan: impl Fn(u64, u64) -> Result<Vec<(u64, u64)>> + Sync,
+) -> Result<Vec<(u64, u64)>> {
+    let scan_part = |part: &[(u64, u64)]| -> Result<Vec<(u64, u64)>> {
+        let mut v = Vec::new();
+        for &(s, e) in part {
+            v.extend(scan(s, e)?);
+        }
+        Ok(v)
+    };
+    let parts = split_ranges(ranges);
+    let found = if parts.len() < 2 {
+        vec![scan_part(ranges)?]
+    } else {
+        std::thread::scope(|sc| {
+            let jobs: Vec<_> = parts
+                .iter()
+                .map(|part| sc.spawn(|| scan_part(part)))
+                .collect();
+            jobs.into_iter()
+                .map(|j| {
+                    j.join().unwrap_or_else(|_| {
+                        Err(Error::Parse("a page-table scan thread panicked".into()))
+                    })
                 })
-            })
-            .collect();
-        jobs.into_iter()
-            .map(|j| j.join().unwrap_or_else(|_| Ok(Vec::new())))
-            .collect::<Result<Vec<_>>>()
-    })?;
+                .collect::<Result<Vec<_>>>()
+        })?
+    };
     let mut out: Vec<(u64, u64)> = Vec::new();
     for (s, e) in found.into_iter().flatten() {
         match out.last_mut() {
