@@ -253,8 +253,6 @@ pub struct Held {
     smaps_check: Option<std::thread::JoinHandle<SmapsVerdicts>>,
 }
 
-/// The smaps a dump used for process `pid` (from a hint) against its frozen own: an error
-/// names the first mapping whose flags changed in between.
 /// The smaps of a frozen process's mappings `maps`, from a hint read while it ran: a mapping
 /// the hint holds as it is now, or one that grew, shrank or was cut since (a heap's brk, an
 /// allocator's arena), which takes the flags of the hinted mappings it overlaps: a mapping's
@@ -271,15 +269,14 @@ fn smaps_from_hint(
             if let Some(h) = hint.iter().find(|h| h.start == m.start && h.end == m.end) {
                 return Some(h.clone());
             }
-            let mut over = hint.iter().filter(|h| h.start < m.end && m.start < h.end);
+            let mut over = overlapping(hint, m);
             let first = over.next()?;
-            let mut thp = first.anon_huge_kb;
-            for h in over {
-                if h.vm_flags != first.vm_flags || h.kernel_page_kb != first.kernel_page_kb {
-                    return None;
-                }
-                thp += h.anon_huge_kb;
+            if over
+                .any(|h| h.vm_flags != first.vm_flags || h.kernel_page_kb != first.kernel_page_kb)
+            {
+                return None;
             }
+            let thp = overlapping(hint, m).map(|h| h.anon_huge_kb).sum();
             let f = &first.vm_flags;
             let prot_same = has(f, "rd") == m.read
                 && has(f, "wr") == m.write
@@ -294,6 +291,14 @@ fn smaps_from_hint(
             })
         })
         .collect()
+}
+
+/// The entries of `hint` that overlap mapping `m`.
+fn overlapping<'a>(
+    hint: &'a [procfs::SmapsEntry],
+    m: &'a procfs::Mapping,
+) -> impl Iterator<Item = &'a procfs::SmapsEntry> {
+    hint.iter().filter(|h| h.start < m.end && m.start < h.end)
 }
 
 /// Make ready now what a dump would otherwise set up while the tree is frozen: resident
@@ -349,12 +354,7 @@ fn smaps_from_flags(
             if f.flags & bits::HUGETLB != 0 {
                 return None;
             }
-            let thp = hint.map_or(0, |h| {
-                h.iter()
-                    .filter(|h| h.start < m.end && m.start < h.end)
-                    .map(|h| h.anon_huge_kb)
-                    .sum()
-            });
+            let thp = hint.map_or(0, |h| overlapping(h, m).map(|h| h.anon_huge_kb).sum());
             Some(procfs::SmapsEntry {
                 start: m.start,
                 end: m.end,
@@ -370,6 +370,8 @@ fn smaps_from_flags(
         .collect()
 }
 
+/// The smaps a dump used for process `pid` (from a hint) against its frozen own: an error
+/// names the first mapping whose flags changed in between.
 fn check_smaps_of(pid: i32, used: &[procfs::SmapsEntry]) -> Result<()> {
     // "uw" is pre-copy's own registration: a mapping registered while the hint was read went
     // whole into the image, which is safe; one no longer registered is not.

@@ -803,27 +803,36 @@ pub struct EagerFill {
 const EAGER_FILL_MIN: u64 = 16 << 20;
 
 impl EagerFill {
-    /// Register the mappings of `maps` that can be filled this way (private anonymous memory
-    /// without transparent huge pages, which UFFDIO_COPY would split), if `bytes_in` of them
-    /// is worth it.
+    /// Register the mappings of `maps` (in address order) that can be filled this way
+    /// (private anonymous memory without transparent huge pages, which UFFDIO_COPY would
+    /// split) and that `blocks` write into, if what they write there is worth it.
     pub fn new(
         f: &mut ferry_sys::freeze::Frozen,
         maps: &[MappingImage],
-        bytes_in: impl Fn(u64, u64) -> u64,
+        blocks: &[ferry_image::BlockIndex],
     ) -> Result<Option<EagerFill>> {
-        let ranges: Vec<(u64, u64)> = maps
+        let eligible: Vec<(u64, u64)> = maps
             .iter()
             .filter(|m| {
-                lazy_eligible(m)
-                    && m.thp_kb == 0
-                    && !m.advice.iter().any(|a| a == "hugepage")
-                    && bytes_in(m.start, m.end) > 0
+                lazy_eligible(m) && m.thp_kb == 0 && !m.advice.iter().any(|a| a == "hugepage")
             })
             .map(|m| (m.start, m.end))
             .collect();
-        if ranges.iter().map(|&(s, e)| bytes_in(s, e)).sum::<u64>() < EAGER_FILL_MIN {
+        let mut bytes = vec![0u64; eligible.len()];
+        for b in blocks {
+            if let Some(i) = range_of(&eligible, b.vaddr) {
+                bytes[i] += b.data_len;
+            }
+        }
+        if bytes.iter().sum::<u64>() < EAGER_FILL_MIN {
             return Ok(None);
         }
+        let ranges: Vec<(u64, u64)> = eligible
+            .into_iter()
+            .zip(bytes)
+            .filter(|&(_, n)| n > 0)
+            .map(|(r, _)| r)
+            .collect();
         let uffd = ferry_sys::uffd::LazyUffd::new_plain(f)?;
         for &(s, e) in &ranges {
             uffd.register(s, e)?;
@@ -845,7 +854,7 @@ impl EagerFill {
     fn put(&self, vaddr: u64, data: &[u8]) -> usize {
         use ferry_sys::uffd::Fill;
         let end = vaddr + data.len() as u64;
-        if !self.ranges.iter().any(|&(s, e)| s <= vaddr && end <= e) {
+        if range_of(&self.ranges, vaddr).is_none_or(|i| end > self.ranges[i].1) {
             return 0;
         }
         let mut n = 0;
@@ -862,6 +871,12 @@ impl EagerFill {
             .fetch_add(n as u64, std::sync::atomic::Ordering::Relaxed);
         n
     }
+}
+
+/// The index of the range of `ranges` (sorted, not overlapping) that holds `a`.
+fn range_of(ranges: &[(u64, u64)], a: u64) -> Option<usize> {
+    let i = ranges.partition_point(|&(s, _)| s <= a).checked_sub(1)?;
+    (a < ranges[i].1).then_some(i)
 }
 
 /// The page blocks of an image, verified, and the mapped file they are in.
@@ -985,4 +1000,19 @@ pub fn restore_pages(
         }
         Ok(n)
     })
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn range_of_finds_the_range_holding_an_address() {
+        let r = [(0x1000, 0x3000), (0x5000, 0x6000)];
+        assert_eq!(super::range_of(&r, 0x1000), Some(0));
+        assert_eq!(super::range_of(&r, 0x2fff), Some(0));
+        assert_eq!(super::range_of(&r, 0x3000), None);
+        assert_eq!(super::range_of(&r, 0x5800), Some(1));
+        assert_eq!(super::range_of(&r, 0x800), None);
+        assert_eq!(super::range_of(&r, 0x7000), None);
+        assert_eq!(super::range_of(&[], 0x7000), None);
+    }
 }

@@ -791,14 +791,11 @@ fn build(
     // Large private anonymous memory is filled through a userfaultfd, unless pages of a base
     // copy are in place already (UFFDIO_COPY does not overwrite).
     let fill = if lazy_maps.is_empty() && base_pages.is_none() {
-        let bytes_in = |s: u64, e: u64| {
-            page_src.index[blocks.clone()]
-                .iter()
-                .filter(|b| s <= b.vaddr && b.vaddr < e)
-                .map(|b| b.data_len)
-                .sum::<u64>()
-        };
-        memory::EagerFill::new(&mut t.frozen, &img.mappings, bytes_in)?
+        memory::EagerFill::new(
+            &mut t.frozen,
+            &img.mappings,
+            &page_src.index[blocks.clone()],
+        )?
     } else {
         None
     };

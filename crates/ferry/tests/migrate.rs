@@ -144,6 +144,11 @@ impl Drop for Agent {
 }
 
 fn migrate(pid: u32, a: &Agent, extra: &[&str]) -> Output {
+    migrate_with_env(pid, a, extra, &[])
+}
+
+/// `ferry migrate` with variables `env` set in its environment.
+fn migrate_with_env(pid: u32, a: &Agent, extra: &[&str], env: &[(&str, &str)]) -> Output {
     let mut args = vec![
         "migrate".to_string(),
         "--pid".into(),
@@ -155,8 +160,11 @@ fn migrate(pid: u32, a: &Agent, extra: &[&str]) -> Output {
         "--json".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
-    let a: Vec<&str> = args.iter().map(|s| s.as_str()).collect();
-    ferry(&a)
+    Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(&args)
+        .envs(env.iter().copied())
+        .output()
+        .expect("run ferry")
 }
 
 fn json(o: &Output) -> serde_json::Value {
@@ -276,22 +284,7 @@ fn without_bpf_the_flags_come_from_smaps_and_the_process_moves_intact() {
     let (mut child, out) = start_dirtier(&dir, "64", "1000");
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(200));
-    let o = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .env("FERRY_NO_BPF", "1")
-        .args([
-            "migrate",
-            "--pid",
-            &pid.to_string(),
-            "--to",
-            &a1.url,
-            "--mode",
-            "precopy",
-        ])
-        .arg("--token-file")
-        .arg(&a1.tok)
-        .arg("--json")
-        .output()
-        .unwrap();
+    let o = migrate_with_env(pid, &a1, &["--mode", "precopy"], &[("FERRY_NO_BPF", "1")]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r = json(&o);
     assert!(
