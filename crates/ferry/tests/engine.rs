@@ -1117,7 +1117,15 @@ fn unsupported_mounts_are_refused_and_the_process_runs_on() {
             !img.join("meta.fimg").exists(),
             "a failed dump left an image"
         );
-        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        // Just resumed, it may still be on its way back into its sleep: wait for it there.
+        let end = Instant::now() + Duration::from_secs(10);
+        let st = loop {
+            let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+            if st.contains("State:\tS") || Instant::now() > end {
+                break st;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        };
         assert!(st.contains("State:\tS"), "{st}");
         assert!(st.contains("TracerPid:\t0\n"), "{st}");
         child.kill().unwrap();
