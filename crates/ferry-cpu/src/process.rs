@@ -205,7 +205,9 @@ fn build_space(pid: i32, maps: &[Mapping]) -> Result<Space, ScanError> {
 fn bias_of(elf: &ElfInfo, m: &Mapping) -> u64 {
     for s in &elf.segments {
         if m.offset >= (s.offset & !0xfff) && m.offset < s.offset + s.filesz.max(1) {
-            let vaddr = s.vaddr - (s.offset - m.offset);
+            // The mapping may start before the segment (its page) or inside it (a segment
+            // split by mprotect, such as RELRO).
+            let vaddr = s.vaddr.wrapping_add(m.offset).wrapping_sub(s.offset);
             return m.start.wrapping_sub(vaddr);
         }
     }
@@ -387,5 +389,40 @@ fn resolve_lazy(space: &Space, from: usize, name: &str, sc: &mut Scanner) {
             sc.root(m.bias + s.value, RootKind::LazyPlt, true);
         }
         return;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::elfinfo::Segment;
+
+    #[test]
+    fn bias_from_a_mapping_before_or_inside_its_segment() {
+        let elf = ElfInfo {
+            segments: vec![Segment {
+                vaddr: 0x3d10,
+                memsz: 0x3000,
+                offset: 0x2d10,
+                filesz: 0x3000,
+                exec: false,
+                write: true,
+            }],
+            ..Default::default()
+        };
+        let at = |start, offset| Mapping {
+            start,
+            end: start + 0x1000,
+            read: true,
+            write: true,
+            exec: false,
+            shared: false,
+            offset,
+            inode: 1,
+            kind: MapKind::Anonymous,
+        };
+        // Loaded at bias 0x7f0000000000: the segment's page, and its second page split off.
+        assert_eq!(bias_of(&elf, &at(0x7f0000003000, 0x2000)), 0x7f0000000000);
+        assert_eq!(bias_of(&elf, &at(0x7f0000004000, 0x3000)), 0x7f0000000000);
     }
 }

@@ -25,13 +25,16 @@ pub mod schema;
 pub mod signals;
 pub mod sockets;
 pub mod timing;
+pub mod warm;
 
 pub mod dump;
 pub mod restore;
 
 pub use dump::{dump, dump_into, DumpOptions, DumpReport, DumpStats, Held, SmapsHint};
 pub use progress::{Phase, Progress};
-pub use restore::{restore, restore_held, BasePages, RestoreOptions, RestoreReport, Restored};
+pub use restore::{
+    restore, restore_held, restore_held_with, BasePages, RestoreOptions, RestoreReport, Restored,
+};
 
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {

@@ -130,63 +130,9 @@ pub fn dump(
     on_chunk: &mut dyn FnMut(u64),
     delta: Option<&Delta>,
 ) -> Result<(Vec<MappingImage>, u64)> {
-    let mut out = Vec::new();
-    let hugetlb = |m: &Mapping| {
-        smaps
-            .iter()
-            .any(|s| s.start == m.start && s.vm_flags.iter().any(|f| f == "ht"))
-    };
-    for m in maps {
-        let kind = kind_of(m);
-        let (path, deleted) = match &m.kind {
-            ferry_sys::MapKind::File { path, deleted } if kind == MapKind::File => {
-                (Some(path.display().to_string()), *deleted)
-            }
-            ferry_sys::MapKind::Other(n) if kind == MapKind::SharedAnon => (Some(n.clone()), false),
-            _ => (None, false),
-        };
-        let mut ghost = None;
-        // hugetlbfs memory shows as an unlinked file; its pages travel like anonymous memory.
-        if kind == MapKind::File && deleted && !hugetlb(m) {
-            let shown = format!("{} (deleted)", path.clone().unwrap_or_default());
-            let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
-            ghost = Some(crate::ghost::dump(pid, &link, &shown, ghosts)?);
-        }
-        // The mapped file itself (map_files), as the path may lie in a mount namespace of
-        // the process's own.
-        let meta = path
-            .as_ref()
-            .filter(|_| kind == MapKind::File)
-            .and_then(|p| {
-                std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
-                    .or_else(|_| std::fs::metadata(p))
-                    .ok()
-            });
-        out.push(MappingImage {
-            start: m.start,
-            end: m.end,
-            read: m.read,
-            write: m.write,
-            exec: m.exec,
-            shared: m.shared,
-            kind,
-            path,
-            offset: m.offset,
-            file_size: meta.as_ref().map(|x| x.len()),
-            file_mtime: meta.as_ref().map(|x| {
-                use std::os::unix::fs::MetadataExt;
-                x.mtime()
-            }),
-            pages_saved: 0,
-            lazy: Vec::new(),
-            shmem: (kind == MapKind::SharedAnon).then_some(m.inode),
-            ghost,
-            advice: Vec::new(),
-            thp_kb: 0,
-            huge_page_kb: 0,
-        });
-    }
-    add_smaps(pid, smaps, maps, &mut out)?;
+    let mut out = describe(pid, maps, smaps, &mut |link, shown| {
+        crate::ghost::dump(pid, link, shown, ghosts)
+    })?;
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(3);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..BUFFERS {
@@ -243,6 +189,75 @@ pub fn dump(
         m.lazy = l;
     }
     Ok((out, total))
+}
+
+/// Each mapping as the image records it, without its pages. `saved_ghost(link, shown)`
+/// saves an unlinked mapped file (its map_files link, and its name as maps shows it) and
+/// returns its inode.
+pub(crate) fn describe(
+    pid: i32,
+    maps: &[Mapping],
+    smaps: &[procfs::SmapsEntry],
+    saved_ghost: &mut dyn FnMut(&str, &str) -> Result<u64>,
+) -> Result<Vec<MappingImage>> {
+    let mut out = Vec::new();
+    let hugetlb = |m: &Mapping| {
+        smaps
+            .iter()
+            .any(|s| s.start == m.start && s.vm_flags.iter().any(|f| f == "ht"))
+    };
+    for m in maps {
+        let kind = kind_of(m);
+        let (path, deleted) = match &m.kind {
+            ferry_sys::MapKind::File { path, deleted } if kind == MapKind::File => {
+                (Some(path.display().to_string()), *deleted)
+            }
+            ferry_sys::MapKind::Other(n) if kind == MapKind::SharedAnon => (Some(n.clone()), false),
+            _ => (None, false),
+        };
+        let mut ghost = None;
+        // hugetlbfs memory shows as an unlinked file; its pages travel like anonymous memory.
+        if kind == MapKind::File && deleted && !hugetlb(m) {
+            let shown = format!("{} (deleted)", path.clone().unwrap_or_default());
+            let link = format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end);
+            ghost = Some(saved_ghost(&link, &shown)?);
+        }
+        // The mapped file itself (map_files), as the path may lie in a mount namespace of
+        // the process's own.
+        let meta = path
+            .as_ref()
+            .filter(|_| kind == MapKind::File)
+            .and_then(|p| {
+                std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
+                    .or_else(|_| std::fs::metadata(p))
+                    .ok()
+            });
+        out.push(MappingImage {
+            start: m.start,
+            end: m.end,
+            read: m.read,
+            write: m.write,
+            exec: m.exec,
+            shared: m.shared,
+            kind,
+            path,
+            offset: m.offset,
+            file_size: meta.as_ref().map(|x| x.len()),
+            file_mtime: meta.as_ref().map(|x| {
+                use std::os::unix::fs::MetadataExt;
+                x.mtime()
+            }),
+            pages_saved: 0,
+            lazy: Vec::new(),
+            shmem: (kind == MapKind::SharedAnon).then_some(m.inode),
+            ghost,
+            advice: Vec::new(),
+            thp_kb: 0,
+            huge_page_kb: 0,
+        });
+    }
+    add_smaps(pid, smaps, maps, &mut out)?;
+    Ok(out)
 }
 
 /// madvise(2) advice that the kernel shows in smaps VmFlags: (code, name in the image, advice).

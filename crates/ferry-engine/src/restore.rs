@@ -180,6 +180,9 @@ pub struct RestoreReport {
     /// Milliseconds per step, summed over processes.
     #[serde(default)]
     pub steps: Steps,
+    /// A process built before the freeze (`warm`): "used", or why it was not.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub warm: Option<String>,
 }
 
 /// An image whose pages.fimg is mapped read-only: its page blocks are checked in place, with
@@ -234,6 +237,16 @@ pub fn load(dir: &Path, r: &ImageReader) -> Result<Vec<ProcessImage>> {
 /// Rebuild the tree of the image in `dir`, complete but stopped: the caller resumes it (or
 /// drops it, which kills it).
 pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
+    restore_held_with(dir, opts, None)
+}
+
+/// `restore_held`, into a process built before the freeze when it fits the image (see
+/// `warm`); when it does not, it is killed and the tree is built as without it.
+pub fn restore_held_with(
+    dir: &Path,
+    opts: &RestoreOptions,
+    warm: Option<crate::warm::WarmTree>,
+) -> Result<Restored> {
     let t0 = Instant::now();
     // Everything is checked before any process exists. pages.fimg is mapped: checked in
     // place, then written from there into the processes.
@@ -261,6 +274,26 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
         }
     }
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
+    let lazy = opts.lazy || opts.remote.is_some();
+    let mut warm_note = None;
+    let mut warm = warm.and_then(|w| {
+        let held = opts
+            .base
+            .as_ref()
+            .map(|b| b.held(w.pid()))
+            .unwrap_or_default();
+        let fits = if !lazy || opts.netns.is_some() {
+            Err("the restore fills every page before the process runs".to_string())
+        } else {
+            w.fits(&imgs, &zombies, &held)
+        };
+        warm_note = Some(match &fits {
+            Ok(()) => "used".to_string(),
+            Err(why) => format!("not used: {why}"),
+        });
+        // Not fitting, it is dropped (killed) here, and its PID is free again.
+        fits.ok().map(|_| w.take())
+    });
     let mut times = Timings::default();
     let mut lap = Lap::new();
     let root = imgs[0].pid;
@@ -296,7 +329,6 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     }
     let sockets_ms = ts.elapsed().as_secs_f64() * 1e3;
     lap.mark(&mut times.steps, "sockets");
-    let lazy = opts.lazy || opts.remote.is_some();
     if !lazy
         && imgs
             .iter()
@@ -367,25 +399,35 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
     lap.mark(&mut times.steps, "lazy_setup");
     // The tree is built on one CPU: its hundreds of ptrace round trips are plain switches
     // there. Every process and thread inherits the mask; they get ours back at the end.
-    let mut pinned = ferry_sys::sched::Pinned::here(&[]);
-    let stub = spawn_stub(Some(root))?;
+    let is_warm = warm.is_some();
+    let mut pinned =
+        ferry_sys::sched::Pinned::here(&warm.iter().map(|t| t.pid).collect::<Vec<_>>());
+    let stub = match &warm {
+        Some(t) => t.pid,
+        None => spawn_stub(Some(root))?,
+    };
     let mut targets: Vec<Target> = Vec::new();
     let mut lazy_bytes = 0u64;
     let result = (|| -> Result<u64> {
-        let frozen = Frozen::freeze_owned(stub)?;
-        targets.push(Target {
-            pid: stub,
-            frozen,
-            page: 0,
-            queued: Vec::new(),
-        });
-        let all: Vec<MappingImage> = imgs
-            .iter()
-            .flat_map(|i| i.mappings.iter().cloned())
-            .collect();
-        lap.mark(&mut times.steps, "stub");
-        prepare(&mut targets[0], &all)?;
-        lap.mark(&mut times.steps, "prepare");
+        if let Some(t) = warm.take() {
+            // Created and laid out already, stopped: the tree goes on from there.
+            targets.push(t);
+        } else {
+            let frozen = Frozen::freeze_owned(stub)?;
+            targets.push(Target {
+                pid: stub,
+                frozen,
+                page: 0,
+                queued: Vec::new(),
+            });
+            let all: Vec<MappingImage> = imgs
+                .iter()
+                .flat_map(|i| i.mappings.iter().cloned())
+                .collect();
+            lap.mark(&mut times.steps, "stub");
+            prepare(&mut targets[0], &all)?;
+            lap.mark(&mut times.steps, "prepare");
+        }
         crate::namespaces::restore(&mut targets[0], &imgs[0].namespaces)?;
         crate::attrs::restore_session(&mut targets[0], root, &imgs[0].attrs)?;
         lap.mark(&mut times.steps, "namespaces");
@@ -446,6 +488,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
                 &mut times,
                 &mut on_progress,
                 opts.base.as_deref(),
+                is_warm,
             )?;
             before += n * ferry_image::PAGE_SIZE as u64;
             pages += n;
@@ -509,6 +552,7 @@ pub fn restore_held(dir: &Path, opts: &RestoreOptions) -> Result<Restored> {
             lazy_bytes,
             fill: None,
             steps: times.steps,
+            warm: warm_note,
         },
         t0,
         filler_running: filler.as_ref().map(|f| f.running_flag()),
@@ -595,7 +639,7 @@ fn fork_child(parent: &mut Target, pid: i32) -> Result<i32> {
     Ok(pid)
 }
 
-fn kill_reap(pid: i32) {
+pub(crate) fn kill_reap(pid: i32) {
     // SAFETY: kill and waitpid have no memory effects beyond the status integer.
     unsafe {
         libc::kill(pid, libc::SIGKILL);
@@ -666,7 +710,7 @@ fn free_page(pid: i32, saved: &[MappingImage]) -> Result<u64> {
 }
 
 /// Make the root stub ready to be driven: no rseq area, our page in place.
-fn prepare(t: &mut Target, all: &[MappingImage]) -> Result<()> {
+pub(crate) fn prepare(t: &mut Target, all: &[MappingImage]) -> Result<()> {
     let tid = t.pid;
     // The stub's inherited rseq area is about to disappear: unregister it first.
     if let Some(r) = t.frozen.rseq(tid)? {
@@ -737,6 +781,7 @@ fn build(
     times: &mut Timings,
     on_progress: &mut dyn FnMut(u64),
     base_pages: Option<&dyn BasePages>,
+    warm: bool,
 ) -> Result<u64> {
     let tid = t.pid;
     let base = img
@@ -749,8 +794,11 @@ fn build(
     let tl = Instant::now();
     let mut lap = Lap::new();
     let ghosts = crate::ghost::restore(t, &img.ghosts, base)?;
-    memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
-    lap.mark(&mut times.steps, "layout");
+    // A warm process has its layout, and the pre-copied pages outside lazily filled memory.
+    if !warm {
+        memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
+        lap.mark(&mut times.steps, "layout");
+    }
     // Lazily filled memory: registered before anything is written, never written here.
     let mut lazy_maps: Vec<(u64, u64)> = Vec::new();
     if let Some(lz) = lazily {
@@ -765,7 +813,7 @@ fn build(
     }
     let in_lazy = |a: u64| lazy_maps.iter().any(|&(s, e)| s <= a && a < e);
     let tp = Instant::now();
-    if let Some(b) = base_pages {
+    if let Some(b) = base_pages.filter(|_| !warm) {
         // Older copies first: the image's pages are newer.
         let pid = t.pid;
         if lazy_maps.is_empty() {

@@ -483,6 +483,10 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         std::fs::File::create(img.join("pages.fimg")).map_err(io("creating pages.fimg"))?,
     );
     let mut store = PageStore::create(&dir.join("precopy.pages"))?;
+    // The process built ahead of the freeze, when the source sent its layout in time.
+    let mut warm: Option<ferry_engine::warm::WarmTree> = None;
+    let mut warm_note: Option<String> = None;
+    let mut pages_seen = false;
     let commit: serde_json::Value;
     let t_commit;
     // When the final image began to arrive.
@@ -516,9 +520,33 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         s.update(&id, |m| m.bytes_received += buf.len() as u64 + 12);
         let r = match kind {
             Kind::Pages => wire::page_runs(&buf).and_then(|runs| {
-                runs.into_iter()
-                    .try_for_each(|(pid, addr, data)| store.put(pid, addr, data))
+                pages_seen = true;
+                runs.into_iter().try_for_each(|(pid, addr, data)| {
+                    if let Some(Err(e)) = warm.as_mut().map(|w| w.write(pid, addr, data)) {
+                        // Only a head start lost: the rebuild at the commit does it all.
+                        warm = None;
+                        warm_note = Some(format!("not used: writing pages into it: {e}"));
+                    }
+                    store.put(pid, addr, data)
+                })
             }),
+            Kind::Layout => {
+                // Built on this thread, the one that restores it later (it traces it).
+                match wire::parse::<ferry_engine::warm::WarmLayout>(kind, &buf) {
+                    Ok(_) if pages_seen || warm.is_some() => {
+                        warm_note = Some("not used: its layout came after pages".into());
+                    }
+                    Ok(l) => match ferry_engine::warm::prebuild(l) {
+                        Ok(w) => {
+                            warm_note = Some(format!("built in {:.1} ms", w.built_ms));
+                            warm = Some(w);
+                        }
+                        Err(e) => warm_note = Some(format!("not built: {e}")),
+                    },
+                    Err(e) => warm_note = Some(format!("not built: {e}")),
+                }
+                Ok(())
+            }
             Kind::Round => {
                 s.update(&id, |m| m.rounds += 1);
                 // Everything of the round is stored: say so.
@@ -607,7 +635,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             remote,
             ..Default::default()
         };
-        Ok(ferry_engine::restore_held(&img, &opts)?)
+        Ok(ferry_engine::restore_held_with(&img, &opts, warm.take())?)
     })();
     let mut restored = restored.map_err(|e| fail(&mut conn, e))?;
     let filler = restored.take_filler();
@@ -644,6 +672,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                 "claim_ms": claim_ms,
                 "prep_ms": prep_ms,
                 "commit_to_ready_ms": t_commit.elapsed().as_secs_f64() * 1e3,
+                "warm": warm_note,
             },
         }),
     )?;

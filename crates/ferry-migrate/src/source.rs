@@ -404,6 +404,26 @@ fn migrate_inner(
         ));
     }
     let post = matches!(o.mode, Mode::Postcopy | Mode::Hybrid);
+    if o.mode != Mode::Stop {
+        // The layout goes first, so that the destination creates the process while memory
+        // crosses; the smaps read for it serves the final dump as well.
+        let h = smaps_hint(o.pid);
+        let preview = match h.get(&o.pid) {
+            _ if std::env::var_os("FERRY_NO_WARM").is_some() => Err("FERRY_NO_WARM is set".into()),
+            Some(sm) => ferry_engine::warm::preview(o.pid, sm),
+            None => Err(format!("process {} has no smaps", o.pid)),
+        };
+        match preview {
+            Ok(l) => {
+                let mut g = w.lock().unwrap();
+                wire::write_json(&mut *g, Kind::Layout, &l)?;
+            }
+            Err(why) => notes.push(format!(
+                "the destination builds the process only after the freeze: {why}"
+            )),
+        }
+        latest_hint = Some(h);
+    }
     if matches!(o.mode, Mode::Precopy | Mode::Hybrid) {
         let mut tr = ferry_engine::precopy::Tracking::start(o.pid)?;
         let mut bw = 0.0f64; // bytes per ms, measured on the first round

@@ -119,6 +119,9 @@ pub enum Kind {
     /// Agent: every page of the round is stored (the source freezes only once the agent has
     /// caught up).
     RoundAck = 15,
+    /// Source, before any Pages: the layout of the running process, for the agent to build
+    /// it ahead of the freeze (`ferry_engine::warm::WarmLayout`, JSON).
+    Layout = 16,
 }
 
 impl Kind {
@@ -140,6 +143,7 @@ impl Kind {
             13 => PageData,
             14 => Filled,
             15 => RoundAck,
+            16 => Layout,
             _ => return None,
         })
     }

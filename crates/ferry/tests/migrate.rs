@@ -233,6 +233,14 @@ fn precopy_then_stop_and_copy_keep_memory_intact() {
     );
     assert_eq!(r["restored_pid"].as_i64(), Some(pid as i64));
     assert!(!r["rounds"].as_array().unwrap().is_empty());
+    // The destination built the process while memory crossed, and the rebuild used it.
+    assert!(
+        r["restore"]["agent"]["warm"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("built in")),
+        "{r}"
+    );
+    assert_eq!(r["restore"]["warm"], "used", "{r}");
     if Path::new("/sys/kernel/btf/vmlinux").exists() {
         // The frozen process's mapping flags came from BPF, not from smaps.
         assert!(!r["notes"].to_string().contains("smaps"), "{r}");

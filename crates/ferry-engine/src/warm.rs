@@ -1,0 +1,281 @@
+//! A warm destination: the process created before the freeze, so that the frozen phase of a
+//! migration does not pay for it.
+//!
+//! While the process still runs at the source, the source reads its layout (`preview`). The
+//! destination creates a stub with the process's PID and lays out its memory (`prebuild`).
+//! Pre-copied pages of memory that is not filled lazily (private file pages a program
+//! wrote, such as its libraries' data) go straight into it as they arrive
+//! (`WarmTree::write`). At the commit, `restore::restore_held_with` uses the warm process
+//! when the final image has the same single process with the same layout; otherwise it
+//! kills the warm process and builds the tree from nothing, as without it.
+
+use crate::ctx::Target;
+use crate::lazy::RangeSet;
+use crate::schema::{MapKind, MappingImage, ProcessImage, ZombieImage};
+use crate::{EngineError, Result};
+use ferry_sys::{procfs, spawn::spawn_stub, Frozen};
+use serde::{Deserialize, Serialize};
+use std::time::Instant;
+
+/// The layout of a running process, as the source saw it before the freeze.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct WarmLayout {
+    pub pid: i32,
+    pub mappings: Vec<MappingImage>,
+}
+
+/// The layout of `root` as it runs now, built from `smaps` (read just before). Err: why it
+/// cannot be built ahead (the restore then builds it at the commit, as without it).
+pub fn preview(root: i32, smaps: &[procfs::SmapsEntry]) -> std::result::Result<WarmLayout, String> {
+    let tree = crate::precopy::tree_of(root);
+    if tree.len() != 1 {
+        return Err(format!(
+            "the tree has {} processes (only one is built ahead)",
+            tree.len()
+        ));
+    }
+    let ours = |what: &str| {
+        let a = std::fs::read_link(format!("/proc/self/{what}")).ok();
+        a.is_some() && a == std::fs::read_link(format!("/proc/{root}/{what}")).ok()
+    };
+    if !ours("ns/mnt") || !ours("root") {
+        return Err("the process has a mount namespace or root of its own".into());
+    }
+    let maps = procfs::read_maps(root).map_err(|e| e.to_string())?;
+    let mappings = crate::memory::describe(root, &maps, smaps, &mut |_, shown| {
+        Err(EngineError::Failed(format!("{shown} is mapped")))
+    })
+    .map_err(|e| format!("its layout could not be read ahead: {e}"))?;
+    if let Some(m) = mappings.iter().find(|m| !warmable(m)) {
+        return Err(format!(
+            "mapping {:#x}-{:#x} ({:?}) is rebuilt only at the commit",
+            m.start, m.end, m.kind
+        ));
+    }
+    Ok(WarmLayout {
+        pid: root,
+        mappings,
+    })
+}
+
+/// Mappings that a warm process can hold: no memory shared with another process of the tree
+/// and no saved (unlinked) file.
+fn warmable(m: &MappingImage) -> bool {
+    match m.kind {
+        MapKind::SharedAnon | MapKind::Hugetlb => false,
+        MapKind::File => m.ghost.is_none(),
+        _ => true,
+    }
+}
+
+/// Two layouts that the restore would build the same way.
+fn same_layout(a: &[MappingImage], b: &[MappingImage]) -> Option<String> {
+    if a.len() != b.len() {
+        return Some(format!("{} mappings, not {}", b.len(), a.len()));
+    }
+    a.iter().zip(b).find_map(|(x, y)| {
+        let same = x.start == y.start
+            && x.end == y.end
+            && (x.read, x.write, x.exec, x.shared) == (y.read, y.write, y.exec, y.shared)
+            && x.kind == y.kind
+            && x.path == y.path
+            && x.offset == y.offset
+            && x.shmem == y.shmem
+            && x.ghost == y.ghost
+            && x.advice == y.advice;
+        (!same).then(|| format!("mapping {:#x}-{:#x} changed", y.start, y.end))
+    })
+}
+
+/// A process created ahead of the freeze, stopped, with its memory laid out. Dropping it
+/// kills it.
+pub struct WarmTree {
+    target: Option<Target>,
+    layout: WarmLayout,
+    /// Where pre-copied pages are written in at once: memory not filled lazily.
+    direct: Vec<(u64, u64)>,
+    written: RangeSet,
+    pub built_ms: f64,
+}
+
+/// Create the process of `layout` (its PID, its mappings), stopped, traced by the calling
+/// thread (which must be the one that restores it later).
+pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
+    let t0 = Instant::now();
+    if let Some(m) = layout.mappings.iter().find(|m| !warmable(m)) {
+        return Err(EngineError::Failed(format!(
+            "mapping {:#x}-{:#x} cannot be built ahead",
+            m.start, m.end
+        )));
+    }
+    crate::memory::check_files(&layout.mappings)?;
+    let stub = spawn_stub(Some(layout.pid))?;
+    let frozen = match Frozen::freeze_owned(stub) {
+        Ok(f) => f,
+        Err(e) => {
+            crate::restore::kill_reap(stub);
+            return Err(e.into());
+        }
+    };
+    let mut tree = WarmTree {
+        target: Some(Target {
+            pid: stub,
+            frozen,
+            page: 0,
+            queued: Vec::new(),
+        }),
+        direct: layout
+            .mappings
+            .iter()
+            .filter(|m| !crate::memory::lazy_eligible(m) && m.kind == MapKind::File)
+            .map(|m| (m.start, m.end))
+            .collect(),
+        layout,
+        written: RangeSet::default(),
+        built_ms: 0.0,
+    };
+    let t = tree.target.as_mut().unwrap();
+    crate::restore::prepare(t, &tree.layout.mappings)?;
+    crate::memory::restore_layout(
+        t,
+        &tree.layout.mappings,
+        &mut Default::default(),
+        &Default::default(),
+    )?;
+    tree.built_ms = t0.elapsed().as_secs_f64() * 1e3;
+    Ok(tree)
+}
+
+impl WarmTree {
+    pub fn pid(&self) -> i32 {
+        self.layout.pid
+    }
+
+    /// Pre-copied pages of process `pid` at `addr`: the part in memory that is not filled
+    /// lazily goes into the warm process now (the rest is the page store's).
+    pub fn write(&mut self, pid: i32, addr: u64, data: &[u8]) -> Result<()> {
+        let Some(t) = &self.target else {
+            return Ok(());
+        };
+        if pid != self.layout.pid {
+            return Ok(());
+        }
+        let end = addr + data.len() as u64;
+        for &(s, e) in &self.direct {
+            let (a, b) = (s.max(addr), e.min(end));
+            if a < b {
+                let off = (a - addr) as usize;
+                ferry_sys::mem::write_mem(t.pid, a, &data[off..off + (b - a) as usize])?;
+                self.written.insert(a, b);
+            }
+        }
+        Ok(())
+    }
+
+    /// The warm process, when the final image can be rebuilt into it: one process, the same
+    /// PID and layout, and every page written into it still valid (`held`: the page store's
+    /// valid ranges of the process). Err: why not.
+    pub(crate) fn fits(
+        &self,
+        imgs: &[ProcessImage],
+        zombies: &[ZombieImage],
+        held: &[(u64, u64)],
+    ) -> std::result::Result<(), String> {
+        if imgs.len() != 1 || !zombies.is_empty() {
+            return Err("the tree has more than one process".into());
+        }
+        let img = &imgs[0];
+        if img.pid != self.layout.pid {
+            return Err(format!(
+                "it is process {}, not {}",
+                img.pid, self.layout.pid
+            ));
+        }
+        if img.namespaces.mnt {
+            return Err("the process has a mount namespace of its own".into());
+        }
+        if let Some(why) = same_layout(&self.layout.mappings, &img.mappings) {
+            return Err(format!("its layout changed since it was built: {why}"));
+        }
+        let mut stale = self.written.clone();
+        for &(s, e) in held {
+            stale.remove(s, e);
+        }
+        if !stale.is_empty() {
+            return Err(format!(
+                "{} bytes written into it are no longer valid",
+                stale.bytes()
+            ));
+        }
+        Ok(())
+    }
+
+    /// The process, for the restore to finish.
+    pub(crate) fn take(mut self) -> Target {
+        self.target.take().expect("a warm tree holds its process")
+    }
+}
+
+impl Drop for WarmTree {
+    fn drop(&mut self) {
+        if let Some(t) = self.target.take() {
+            let pid = t.pid;
+            t.frozen.kill();
+            crate::restore::kill_reap(pid);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(start: u64, kind: MapKind) -> MappingImage {
+        MappingImage {
+            start,
+            end: start + 4096,
+            read: true,
+            write: true,
+            exec: false,
+            shared: false,
+            kind,
+            path: None,
+            offset: 0,
+            file_size: None,
+            file_mtime: None,
+            pages_saved: 0,
+            lazy: Vec::new(),
+            shmem: None,
+            ghost: None,
+            advice: Vec::new(),
+            thp_kb: 0,
+            huge_page_kb: 0,
+        }
+    }
+
+    #[test]
+    fn layouts_differ_by_what_the_restore_builds() {
+        let a = vec![m(0x1000, MapKind::Anon), m(0x3000, MapKind::Heap)];
+        let mut b = a.clone();
+        // Pages saved and huge pages counted do not change what is built.
+        b[0].pages_saved = 1;
+        b[1].thp_kb = 2048;
+        assert_eq!(same_layout(&a, &b), None);
+        b[1].write = false;
+        assert!(same_layout(&a, &b).unwrap().contains("0x3000"));
+        assert!(same_layout(&a, &a[..1]).is_some());
+        let mut c = a.clone();
+        c[0].advice.push("dontfork".into());
+        assert!(same_layout(&a, &c).is_some());
+    }
+
+    #[test]
+    fn shared_and_saved_files_are_not_built_ahead() {
+        assert!(warmable(&m(0, MapKind::Anon)));
+        assert!(!warmable(&m(0, MapKind::SharedAnon)));
+        let mut f = m(0, MapKind::File);
+        assert!(warmable(&f));
+        f.ghost = Some(7);
+        assert!(!warmable(&f));
+    }
+}
