@@ -201,6 +201,8 @@ pub(crate) fn describe(
     saved_ghost: &mut dyn FnMut(&str, &str) -> Result<u64>,
 ) -> Result<Vec<MappingImage>> {
     let mut out = Vec::new();
+    let mut files: std::collections::HashMap<(String, u64), Option<std::fs::Metadata>> =
+        Default::default();
     let hugetlb = |m: &Mapping| {
         smaps
             .iter()
@@ -224,13 +226,23 @@ pub(crate) fn describe(
         }
         // The mapped file itself (map_files), as the path may lie in a mount namespace of
         // the process's own.
+        // Once per file: a library is mapped four or five times, and each lookup in
+        // map_files costs tens of microseconds while the tree is frozen.
         let meta = path
             .as_ref()
             .filter(|_| kind == MapKind::File)
             .and_then(|p| {
-                std::fs::metadata(format!("/proc/{pid}/map_files/{:x}-{:x}", m.start, m.end))
-                    .or_else(|_| std::fs::metadata(p))
-                    .ok()
+                files
+                    .entry((p.clone(), m.inode))
+                    .or_insert_with(|| {
+                        std::fs::metadata(format!(
+                            "/proc/{pid}/map_files/{:x}-{:x}",
+                            m.start, m.end
+                        ))
+                        .or_else(|_| std::fs::metadata(p))
+                        .ok()
+                    })
+                    .clone()
             });
         out.push(MappingImage {
             start: m.start,

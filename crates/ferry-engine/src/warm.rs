@@ -161,7 +161,10 @@ impl WarmTree {
             return Ok(());
         }
         let end = addr + data.len() as u64;
-        for &(s, e) in &self.direct {
+        // Sorted and disjoint: start at the first that ends after `addr` (a round sends
+        // hundreds of thousands of runs, nearly all in lazily filled memory).
+        let first = self.direct.partition_point(|&(_, e)| e <= addr);
+        for &(s, e) in self.direct[first..].iter().take_while(|&&(s, _)| s < end) {
             let (a, b) = (s.max(addr), e.min(end));
             if a < b {
                 let off = (a - addr) as usize;

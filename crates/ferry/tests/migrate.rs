@@ -207,6 +207,8 @@ fn start_dirtier(dir: &Path, mib: &str, pause_us: &str) -> (Child, PathBuf) {
     let out = dir.join("dirtier.out");
     let mut c = Command::new(bin);
     c.args([mib, pause_us]);
+    // Its private file mapping's written pages are what a warm destination takes in at once.
+    c.arg(dir.join("dirtier.map"));
     let child = start_cmd(c, &out);
     wait_for(&out, "ready");
     (child, out)
@@ -283,22 +285,70 @@ fn precopy_then_stop_and_copy_keep_memory_intact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// Without BPF (FERRY_NO_BPF), the mapping flags come from smaps: the report says so and the
-/// process moves intact.
+/// Without BPF (FERRY_NO_BPF), the mapping flags come from smaps; without a warm destination
+/// (FERRY_NO_WARM), the process is built only after the freeze: the report says both, and
+/// the process moves intact.
 #[test]
 fn without_bpf_the_flags_come_from_smaps_and_the_process_moves_intact() {
     let dir = tmpdir("nobpf");
-    let a1 = Agent::start(&dir, 1, &[]);
+    let a1 = Agent::start(&dir, 28, &[]);
     let (mut child, out) = start_dirtier(&dir, "64", "1000");
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(200));
-    let o = migrate_with_env(pid, &a1, &["--mode", "precopy"], &[("FERRY_NO_BPF", "1")]);
+    let o = migrate_with_env(
+        pid,
+        &a1,
+        &["--mode", "precopy"],
+        &[("FERRY_NO_BPF", "1"), ("FERRY_NO_WARM", "1")],
+    );
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r = json(&o);
     assert!(
         r["notes"]
             .to_string()
             .contains("mapping flags come from smaps"),
+        "{r}"
+    );
+    assert!(
+        r["notes"]
+            .to_string()
+            .contains("builds the process only after the freeze: FERRY_NO_WARM"),
+        "{r}"
+    );
+    assert!(r["restore"]["warm"].is_null(), "{r}");
+    child.wait().unwrap();
+    check_pass(a1.outer_pid(pid as i64), &out, 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A process whose layout changes while its memory crosses: the process built ahead no longer
+/// fits at the commit, so it is dropped and the tree is built after the freeze, intact.
+#[test]
+fn a_layout_changed_during_precopy_is_rebuilt_after_the_freeze() {
+    let dir = tmpdir("warmmiss");
+    let a1 = Agent::start(&dir, 29, &[]);
+    let bin = build(&dir, "dirtier");
+    let out = dir.join("dirtier.out");
+    let mut c = Command::new(bin);
+    c.args(["64", "1000"]).arg(dir.join("dirtier.map"));
+    c.env("DIRTIER_GROW", "1");
+    let mut child = start_cmd(c, &out);
+    wait_for(&out, "ready");
+    let pid = child.id();
+    std::thread::sleep(Duration::from_millis(200));
+    let o = migrate(pid, &a1, &["--mode", "precopy"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    assert!(
+        r["restore"]["agent"]["warm"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("built in")),
+        "{r}"
+    );
+    assert!(
+        r["restore"]["warm"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("not used: its layout changed")),
         "{r}"
     );
     child.wait().unwrap();
