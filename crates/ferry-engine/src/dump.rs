@@ -306,6 +306,8 @@ fn overlapping<'a>(
 /// serves (slower, as it walks the page tables): the error says why BPF cannot.
 pub fn prepare_for_freeze() -> Result<()> {
     memory::warm_buffers();
+    // Signal dispositions fall back to injected syscalls quietly: only slower.
+    let _ = ferry_sys::sighand::prepare();
     Ok(ferry_sys::vmaflags::prepare()?)
 }
 
@@ -498,6 +500,8 @@ pub fn dump_into(
     hint: Option<&SmapsHint>,
 ) -> Result<(Held, DumpStats)> {
     memory::warm_buffers();
+    // Loaded before the freeze (once per process), not during it.
+    let _ = ferry_sys::sighand::prepare();
     let t0 = Instant::now();
     procfs::check_inspectable(pid)?;
     // Any error from here on drops the Frozen processes, which resumes them untouched.

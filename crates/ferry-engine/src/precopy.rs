@@ -1,9 +1,10 @@
 //! Pre-copy: track the writes of a running tree and copy its memory in rounds while it runs,
 //! so that the final, frozen dump carries only what changed since the last round.
 //!
-//! Every private writable mapping present when tracking starts is registered for
-//! asynchronous write-protection (userfaultfd WP_ASYNC); each round's PAGEMAP_SCAN returns the
-//! pages written since the previous one and re-arms them. Mappings created later are
+//! Every private writable mapping and private file mapping present when tracking starts is
+//! registered for asynchronous write-protection (userfaultfd WP_ASYNC); each round's
+//! PAGEMAP_SCAN returns the pages written since the previous one (in a file mapping, the
+//! private copies, never the file's own pages) and re-arms them. Mappings created later are
 //! registered by the next round, which sends their present pages (a server that grows its
 //! heap or a hash table while it moves would otherwise send all of it while frozen); a
 //! mapping put where a registered one was (the kernel then refuses the scan) is registered
@@ -47,9 +48,29 @@ pub fn tree_of(pid: i32) -> Vec<i32> {
     v
 }
 
+/// Private memory that may hold pages of its own: writable, or a private file mapping made
+/// read-only after it was written (RELRO). Tracking the latter costs nothing (it is never
+/// written again) and keeps its pages out of the final copy.
 fn trackable(m: &procfs::Mapping) -> bool {
     use ferry_sys::MapKind as K;
-    m.write && !m.shared && matches!(m.kind, K::Anonymous | K::Heap | K::Stack | K::File { .. })
+    !m.shared
+        && match m.kind {
+            K::Anonymous | K::Heap | K::Stack => m.write,
+            K::File { .. } => true,
+            _ => false,
+        }
+}
+
+fn is_file(m: &procfs::Mapping) -> bool {
+    matches!(m.kind, ferry_sys::MapKind::File { .. })
+}
+
+fn register(t: &mut WriteTracker, m: &procfs::Mapping) -> ferry_sys::Result<()> {
+    if is_file(m) {
+        t.register_file(m.start, m.end)
+    } else {
+        t.register(m.start, m.end)
+    }
 }
 
 impl Tracking {
@@ -69,7 +90,7 @@ impl Tracking {
             let mut t = WriteTracker::new(&mut f)?;
             for m in procfs::read_maps(p)?.iter().filter(|m| trackable(m)) {
                 // A mapping the kernel will not track is simply sent whole at the end.
-                let _ = t.register(m.start, m.end);
+                let _ = register(&mut t, m);
             }
             trackers.insert(p, t);
         }
@@ -96,17 +117,17 @@ impl Tracking {
             let maps = procfs::read_maps(pid).unwrap_or_default();
             for m in maps.iter().filter(|m| trackable(m)) {
                 if !t.covers(m.start, m.end) {
-                    let _ = t.register(m.start, m.end);
+                    let _ = register(t, m);
                 }
             }
             let scanned = t.written_all().or_else(|_| {
                 // A mapping replaced in place is not registered, and the failed scan may have
                 // re-armed pages it never reported: start over on the current layout, which
                 // sends this process's present memory again.
-                let now: Vec<(u64, u64)> = maps
+                let now: Vec<(u64, u64, bool)> = maps
                     .iter()
                     .filter(|m| trackable(m))
-                    .map(|m| (m.start, m.end))
+                    .map(|m| (m.start, m.end, is_file(m)))
                     .collect();
                 t.reset_to(&now);
                 t.written_all()

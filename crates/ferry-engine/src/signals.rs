@@ -9,12 +9,17 @@ use crate::Result;
 use ferry_sys::Frozen;
 
 pub fn dump(frozen: &mut Frozen) -> Result<Vec<SigactionImage>> {
+    // Read with BPF in one pass where it serves; otherwise one injected rt_sigaction each.
+    let table = ferry_sys::sighand::sigactions(frozen.pid()).ok();
     let mut out = Vec::new();
     for sig in 1..=64 {
         if sig == libc::SIGKILL || sig == libc::SIGSTOP {
             continue;
         }
-        let a = frozen.sigaction(sig)?;
+        let a = match &table {
+            Some(t) => t[sig as usize - 1],
+            None => frozen.sigaction(sig)?,
+        };
         if a.handler != 0 || a.flags != 0 || a.mask != 0 {
             out.push(SigactionImage {
                 signal: sig,

@@ -634,14 +634,41 @@ fn migrate_inner(
     let mut released = Vec::new();
     let fin = (|| -> Result<i32> {
         let tf = Instant::now();
-        let summary = iw.finish()?;
-        phases.finish_ms = tf.elapsed().as_secs_f64() * 1e3;
+        // The addresses leave while the image's last frames go out (each release waits on
+        // the kernel for up to a millisecond or so).
         let ns = format!("/proc/{}/ns/net", o.pid);
-        let tr = Instant::now();
-        for a in &o.move_addresses {
-            released.push(crate::netmove::release(&ns, a)?);
+        let addrs = o.move_addresses.clone();
+        let releasing = (!addrs.is_empty()).then(|| {
+            std::thread::spawn(move || {
+                let tr = Instant::now();
+                let mut got = Vec::new();
+                let mut err = None;
+                for a in &addrs {
+                    match crate::netmove::release(&ns, a) {
+                        Ok(r) => got.push(r),
+                        Err(e) => {
+                            err = Some(e);
+                            break;
+                        }
+                    }
+                }
+                (got, err, tr.elapsed().as_secs_f64() * 1e3)
+            })
+        });
+        let summary = iw.finish();
+        phases.finish_ms = tf.elapsed().as_secs_f64() * 1e3;
+        if let Some(h) = releasing {
+            let (got, err, ms) = h.join().map_err(|_| {
+                MigrateError::Failed("the thread releasing the addresses panicked".into())
+            })?;
+            // Put back on failure, like any other released address.
+            released.extend(got);
+            phases.release_ms = ms;
+            if let Some(e) = err {
+                return Err(e);
+            }
         }
-        phases.release_ms = tr.elapsed().as_secs_f64() * 1e3;
+        let summary = summary?;
         {
             let mut g = w.lock().unwrap();
             wire::write_json(

@@ -12,6 +12,7 @@ pub mod net;
 pub mod nft;
 pub mod procfs;
 pub mod sched;
+pub mod sighand;
 pub mod spawn;
 pub mod uffd;
 pub mod vmaflags;

@@ -39,7 +39,29 @@ pub mod bits {
 /// The flags of every mapping of process `pid` (as this process's PID namespace numbers it),
 /// in address order.
 pub fn vma_flags(pid: i32) -> Result<Vec<VmaFlags>> {
-    let prog = program()?;
+    let raw = read_iter(program()?, pid, "mapping-flags")?;
+    let mut out: Vec<VmaFlags> = raw
+        .chunks_exact(24)
+        .map(|c| VmaFlags {
+            start: u64::from_ne_bytes(c[0..8].try_into().unwrap()),
+            end: u64::from_ne_bytes(c[8..16].try_into().unwrap()),
+            flags: u64::from_ne_bytes(c[16..24].try_into().unwrap()),
+        })
+        .collect();
+    // Every thread of the process may be visited with the same memory.
+    out.sort_by_key(|v| (v.start, v.end));
+    out.dedup();
+    if out.is_empty() && crate::procfs::read_maps(pid).is_ok_and(|m| !m.is_empty()) {
+        return Err(Error::Parse(format!(
+            "the mapping-flags iterator saw no mapping of process {pid}"
+        )));
+    }
+    Ok(out)
+}
+
+/// Attach iterator program `prog` to process `pid` and read all it writes. `what` names the
+/// iterator in errors.
+pub(crate) fn read_iter(prog: &OwnedFd, pid: i32, what: &str) -> Result<Vec<u8>> {
     let mut info = [0u32; 4];
     info[1] = pid as u32; // union bpf_iter_link_info.task.pid
     let mut link = [0u8; 32];
@@ -47,20 +69,12 @@ pub fn vma_flags(pid: i32) -> Result<Vec<VmaFlags>> {
     put32(&mut link, 8, BPF_TRACE_ITER);
     put64(&mut link, 16, info.as_ptr() as u64);
     put32(&mut link, 24, std::mem::size_of_val(&info) as u32);
-    let link = bpf(BPF_LINK_CREATE, &mut link).map_err(|e| {
-        Error::io(
-            format!("attaching the mapping-flags iterator to process {pid}"),
-            e,
-        )
-    })?;
+    let link = bpf(BPF_LINK_CREATE, &mut link)
+        .map_err(|e| Error::io(format!("attaching the {what} iterator to process {pid}"), e))?;
     let mut it = [0u8; 8];
     put32(&mut it, 0, link.as_raw_fd() as u32);
-    let iter = bpf(BPF_ITER_CREATE, &mut it).map_err(|e| {
-        Error::io(
-            format!("opening the mapping-flags iterator of process {pid}"),
-            e,
-        )
-    })?;
+    let iter = bpf(BPF_ITER_CREATE, &mut it)
+        .map_err(|e| Error::io(format!("opening the {what} iterator of process {pid}"), e))?;
     let mut raw = Vec::new();
     let mut buf = vec![0u8; 64 << 10];
     loop {
@@ -81,29 +95,13 @@ pub fn vma_flags(pid: i32) -> Result<Vec<VmaFlags>> {
                     continue;
                 }
                 return Err(Error::io(
-                    format!("reading the mappings of process {pid}"),
+                    format!("reading the {what} iterator of process {pid}"),
                     e,
                 ));
             }
         }
     }
-    let mut out: Vec<VmaFlags> = raw
-        .chunks_exact(24)
-        .map(|c| VmaFlags {
-            start: u64::from_ne_bytes(c[0..8].try_into().unwrap()),
-            end: u64::from_ne_bytes(c[8..16].try_into().unwrap()),
-            flags: u64::from_ne_bytes(c[16..24].try_into().unwrap()),
-        })
-        .collect();
-    // Every thread of the process may be visited with the same memory.
-    out.sort_by_key(|v| (v.start, v.end));
-    out.dedup();
-    if out.is_empty() && crate::procfs::read_maps(pid).is_ok_and(|m| !m.is_empty()) {
-        return Err(Error::Parse(format!(
-            "the mapping-flags iterator saw no mapping of process {pid}"
-        )));
-    }
-    Ok(out)
+    Ok(raw)
 }
 
 /// Off: callers use smaps (for tests of that path; FERRY_NO_BPF in the environment does the
@@ -120,10 +118,13 @@ pub fn prepare() -> Result<()> {
     program().map(|_| ())
 }
 
+/// Whether BPF readers may be used (`set_enabled`, FERRY_NO_BPF).
+pub(crate) fn enabled() -> bool {
+    ENABLED.load(std::sync::atomic::Ordering::Relaxed) && std::env::var_os("FERRY_NO_BPF").is_none()
+}
+
 fn program() -> Result<&'static OwnedFd> {
-    if !ENABLED.load(std::sync::atomic::Ordering::Relaxed)
-        || std::env::var_os("FERRY_NO_BPF").is_some()
-    {
+    if !enabled() {
         return Err(Error::Parse(
             "reading mapping flags with BPF is turned off (FERRY_NO_BPF)".into(),
         ));
@@ -135,23 +136,23 @@ fn program() -> Result<&'static OwnedFd> {
 
 static PROG: OnceLock<std::result::Result<OwnedFd, String>> = OnceLock::new();
 
-const BPF_PROG_LOAD: i32 = 5;
+pub(crate) const BPF_PROG_LOAD: i32 = 5;
 const BPF_LINK_CREATE: i32 = 28;
 const BPF_ITER_CREATE: i32 = 33;
-const BPF_PROG_TYPE_TRACING: u32 = 26;
-const BPF_TRACE_ITER: u32 = 28;
-const BPF_FUNC_SEQ_WRITE: i32 = 127;
+pub(crate) const BPF_PROG_TYPE_TRACING: u32 = 26;
+pub(crate) const BPF_TRACE_ITER: u32 = 28;
+pub(crate) const BPF_FUNC_SEQ_WRITE: i32 = 127;
 
-fn put32(b: &mut [u8], at: usize, v: u32) {
+pub(crate) fn put32(b: &mut [u8], at: usize, v: u32) {
     b[at..at + 4].copy_from_slice(&v.to_ne_bytes());
 }
 
-fn put64(b: &mut [u8], at: usize, v: u64) {
+pub(crate) fn put64(b: &mut [u8], at: usize, v: u64) {
     b[at..at + 8].copy_from_slice(&v.to_ne_bytes());
 }
 
 /// The bpf(2) system call with `attr` (a `union bpf_attr` prefix); its result is a new fd.
-fn bpf(cmd: i32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
+pub(crate) fn bpf(cmd: i32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
     // SAFETY: `attr` is a buffer of the length passed; the kernel reads (and for some commands
     // writes) only within it, and reads memory that its fields point to, which the callers
     // keep alive for the call.
@@ -164,7 +165,7 @@ fn bpf(cmd: i32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
 }
 
 /// One eBPF instruction.
-fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
+pub(crate) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
     let mut i = [0u8; 8];
     i[0] = code;
     i[1] = (src << 4) | (dst & 0xf);
@@ -217,9 +218,19 @@ fn load() -> std::result::Result<OwnedFd, String> {
         insn(MOV_K, 0, 0, 0, 0), // return 0
         insn(EXIT, 0, 0, 0, 0),
     ];
+    load_iter_prog(&prog, b"fvmaflg", l.attach_btf_id)
+}
+
+/// Load iterator program `prog` (a tracing program attached to the iterator function whose
+/// BTF id is `attach_btf_id`), named `name` (at most 15 bytes).
+pub(crate) fn load_iter_prog(
+    prog: &[[u8; 8]],
+    name: &[u8],
+    attach_btf_id: u32,
+) -> std::result::Result<OwnedFd, String> {
     let code: Vec<u8> = prog.concat();
     let license = b"GPL\0";
-    let mut log = vec![0u8; 64 << 10];
+    let mut log = vec![0u8; 256 << 10];
     let mut attr = [0u8; 128];
     put32(&mut attr, 0, BPF_PROG_TYPE_TRACING);
     put32(&mut attr, 4, prog.len() as u32);
@@ -228,9 +239,10 @@ fn load() -> std::result::Result<OwnedFd, String> {
     put32(&mut attr, 24, 1); // log_level
     put32(&mut attr, 28, log.len() as u32);
     put64(&mut attr, 32, log.as_mut_ptr() as u64);
-    attr[48..55].copy_from_slice(b"fvmaflg"); // prog_name
+    let n = name.len().min(15);
+    attr[48..48 + n].copy_from_slice(&name[..n]); // prog_name
     put32(&mut attr, 68, BPF_TRACE_ITER); // expected_attach_type
-    put32(&mut attr, 108, l.attach_btf_id);
+    put32(&mut attr, 108, attach_btf_id);
     bpf(BPF_PROG_LOAD, &mut attr).map_err(|e| {
         let end = log.iter().position(|&b| b == 0).unwrap_or(0);
         let text = String::from_utf8_lossy(&log[..end]);
@@ -265,19 +277,19 @@ fn layout(btf: &[u8]) -> std::result::Result<Layout, String> {
     })
 }
 
-const KIND_STRUCT: u32 = 4;
+pub(crate) const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
-const KIND_FUNC: u32 = 12;
+pub(crate) const KIND_FUNC: u32 = 12;
 
 /// Just enough of a BTF reader: each type's kind, name and, for structs and unions, members.
-struct Btf<'a> {
+pub(crate) struct Btf<'a> {
     strings: &'a [u8],
     /// Per type id (from 1): (kind, name offset, kind_flag, size or type, what follows).
     types: Vec<(u32, u32, bool, u32, &'a [u8])>,
 }
 
 impl<'a> Btf<'a> {
-    fn parse(b: &'a [u8]) -> std::result::Result<Btf<'a>, String> {
+    pub(crate) fn parse(b: &'a [u8]) -> std::result::Result<Btf<'a>, String> {
         let u32_at = |o: usize| -> std::result::Result<u32, String> {
             b.get(o..o + 4)
                 .map(|x| u32::from_le_bytes(x.try_into().unwrap()))
@@ -324,7 +336,7 @@ impl<'a> Btf<'a> {
     }
 
     /// The id of the type of `kind` named `name`.
-    fn find(&self, kind: u32, name: &str) -> Option<u32> {
+    pub(crate) fn find(&self, kind: u32, name: &str) -> Option<u32> {
         self.types
             .iter()
             .position(|&(k, n, _, _, _)| k == kind && self.name(n) == name.as_bytes())
@@ -333,7 +345,7 @@ impl<'a> Btf<'a> {
 
     /// The bit offset of member `name` of struct or union `id`, looking into anonymous
     /// members (a field inside an unnamed union).
-    fn member_offset(&self, id: u32, name: &str) -> Option<u32> {
+    pub(crate) fn member_offset(&self, id: u32, name: &str) -> Option<u32> {
         let &(kind, _, kflag, _, body) = self.types.get(id.checked_sub(1)? as usize)?;
         if kind != KIND_STRUCT && kind != KIND_UNION {
             return None;
@@ -352,6 +364,12 @@ impl<'a> Btf<'a> {
             }
         }
         None
+    }
+
+    /// The size in bytes of struct or union `id`.
+    pub(crate) fn size_of(&self, id: u32) -> Option<u32> {
+        let &(kind, _, _, size, _) = self.types.get(id.checked_sub(1)? as usize)?;
+        (kind == KIND_STRUCT || kind == KIND_UNION).then_some(size)
     }
 
     /// Through typedefs and qualifiers to the type itself.

@@ -8,7 +8,7 @@ use std::process::{Command, Stdio};
 
 const PY: &str = r#"
 import ctypes, sys, mmap
-m = mmap.mmap(-1, 64 << 20)
+m = mmap.mmap(-1, 64 << 20, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
 for i in range(0, 64 << 20, 4096):
     m[i] = 1
 addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
@@ -75,4 +75,64 @@ fn written_pages_of_a_running_process_are_reported_exactly() {
     assert_eq!(line.trim(), "done");
     drop(input);
     child.wait().unwrap();
+}
+
+const PY_FILE: &str = r#"
+import ctypes, sys, mmap, os
+path = sys.argv[1]
+with open(path, 'wb') as f:
+    f.write(b'x' * (1 << 20))
+fd = os.open(path, os.O_RDONLY)
+m = mmap.mmap(fd, 1 << 20, access=mmap.ACCESS_COPY)
+s = sum(m[i] for i in range(0, 1 << 20, 4096))
+m[5 * 4096] = 1
+addr = ctypes.addressof(ctypes.c_char.from_buffer(m))
+print(addr, flush=True)
+for line in sys.stdin:
+    for p in line.split():
+        m[int(p) * 4096 + 7] = 2
+    print("done", flush=True)
+"#;
+
+/// In a private file mapping only the private copies count as written: the file's own pages,
+/// present because they were read, are never reported. (1 MiB: a file mapping of 2 MiB or
+/// more may be mapped by huge page, which the kernel reports as written whole.)
+#[test]
+fn in_a_private_file_mapping_only_private_copies_are_reported() {
+    let path = std::env::temp_dir().join(format!("ferry-uffd-file-{}", std::process::id()));
+    let mut child = Command::new("python3")
+        .args(["-c", PY_FILE])
+        .arg(&path)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id() as i32;
+    let mut out = BufReader::new(child.stdout.take().unwrap());
+    let mut input = child.stdin.take().unwrap();
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let base: u64 = line.trim().parse().unwrap();
+    let (start, end) = (base, base + (1 << 20));
+    let page = |p: u64| (start + p * 4096, start + (p + 1) * 4096);
+    let mut tracker = {
+        let mut f = Frozen::freeze(pid).unwrap();
+        let mut t = WriteTracker::new(&mut f).unwrap();
+        t.register_file(start, end).unwrap();
+        assert_eq!(t.written(start, end).unwrap(), vec![page(5)]);
+        t
+    };
+    writeln!(input, "3 100").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "done");
+    assert_eq!(
+        tracker.written(start, end).unwrap(),
+        vec![page(3), page(100)]
+    );
+    assert!(tracker.written(start, end).unwrap().is_empty());
+    tracker.stop();
+    drop(input);
+    child.wait().unwrap();
+    let _ = std::fs::remove_file(&path);
 }
