@@ -81,6 +81,11 @@ impl Target {
     /// Run the queued syscalls in the main thread; the first that fails stops the batch and
     /// becomes the error.
     pub fn flush(&mut self) -> Result<()> {
+        self.flush_in(self.pid)
+    }
+
+    /// `flush`, in thread `tid`: for calls that act on the calling thread.
+    pub fn flush_in(&mut self, tid: i32) -> Result<()> {
         if self.queued.is_empty() {
             return Ok(());
         }
@@ -98,8 +103,7 @@ impl Target {
         table.resize(table.len() + 56, 0);
         let at = self.page + TABLE_OFFSET;
         ferry_sys::mem::write_mem(self.pid, at, &table)?;
-        self.frozen
-            .run_batch(self.pid, self.page + BATCH_OFFSET, at)?;
+        self.frozen.run_batch(tid, self.page + BATCH_OFFSET, at)?;
         let mut out = vec![0u8; calls.len() * 64];
         if ferry_sys::mem::read_mem(self.pid, at, &mut out)? != out.len() {
             return Err(EngineError::Failed(format!(

@@ -576,11 +576,17 @@ fn write_nonzero(w: &mut ImageWriter, addr: u64, data: &[u8], skip_zero: bool) -
 
 /// Refuse files that changed since the dump.
 pub fn check_files(maps: &[MappingImage]) -> Result<()> {
+    // Each file once (a library is mapped four or five times): the rebuild of a migration
+    // waits for this.
+    let mut seen: std::collections::HashSet<(&str, Option<u64>)> = Default::default();
     for m in maps
         .iter()
         .filter(|m| m.kind == MapKind::File && m.ghost.is_none())
     {
         let p = m.path.as_deref().unwrap_or("");
+        if !seen.insert((p, m.file_size)) {
+            continue;
+        }
         let meta = std::fs::metadata(p).map_err(|e| {
             EngineError::Failed(format!(
                 "mapped file {p} cannot be opened for the restore: {e}"

@@ -172,7 +172,7 @@ impl Tracking {
         let Some(t) = self.trackers.get_mut(&pid) else {
             return Ok(None);
         };
-        let dirty = t.written_all()?;
+        let dirty = t.written_all_last()?;
         let regs = t.ranges().to_vec();
         // Still registered: the kernel shows "uw" in VmFlags.
         let tracked = smaps

@@ -106,17 +106,20 @@ pub fn dump(frozen: &mut Frozen) -> Result<Vec<ThreadImage>> {
 /// and restores them).
 pub fn restore(t: &mut Target, th: &ThreadImage) -> Result<()> {
     let tid = th.tid;
+    // The thread's own calls, queued after what was queued for it before (its sigaltstack),
+    // run together in it: one stop instead of one per call.
     if let Some(r) = th.rseq {
         let args = [r.ptr, r.size as u64, 0, r.signature as u64, 0, 0];
-        t.sys_in(tid, "rseq registration", libc::SYS_rseq, args)?;
+        t.queue("rseq registration", libc::SYS_rseq, args)?;
     }
     let args = [th.clear_tid, 0, 0, 0, 0, 0];
-    t.sys_in(tid, "set_tid_address", libc::SYS_set_tid_address, args)?;
+    t.queue("set_tid_address", libc::SYS_set_tid_address, args)?;
     if !th.name.is_empty() {
         let p = t.put_path(&th.name)?;
         let args = [libc::PR_SET_NAME as u64, p, 0, 0, 0, 0];
-        t.sys_in(tid, "prctl(PR_SET_NAME)", libc::SYS_prctl, args)?;
+        t.queue("prctl(PR_SET_NAME)", libc::SYS_prctl, args)?;
     }
+    t.flush_in(tid)?;
     t.frozen.set_sigmask(tid, th.sigmask)?;
     t.frozen
         .set_xstate(tid, &crate::hexcodec::unhex(&th.xsave, "xsave area")?)?;

@@ -279,9 +279,9 @@ pub fn restore_thread(t: &mut Target, th: &ThreadImage) -> Result<()> {
         b.extend_from_slice(&(flags as u64).to_le_bytes());
         b.extend_from_slice(&size.to_le_bytes());
         let at = t.put(2304, &b)?;
-        t.sys_in(
-            th.tid,
-            "sigaltstack",
+        // Run in the thread with the rest of its calls (`regs::restore` flushes them there).
+        t.queue(
+            format!("sigaltstack of thread {}", th.tid),
             libc::SYS_sigaltstack,
             [at, 0, 0, 0, 0, 0],
         )?;

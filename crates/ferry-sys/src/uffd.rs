@@ -208,11 +208,11 @@ impl WriteTracker {
     /// Pages of [start, end) written since the last call (or since registration), as page
     /// ranges; they are write-protected again. Unpopulated pages count as not written.
     pub fn written(&mut self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
-        self.scan_written(start, end)
+        self.scan_written(start, end, true)
     }
 
-    fn scan_written(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
-        REGIONS.with_borrow_mut(|buf| self.scan_written_into(buf, start, end))
+    fn scan_written(&self, start: u64, end: u64, rearm: bool) -> Result<Vec<(u64, u64)>> {
+        REGIONS.with_borrow_mut(|buf| self.scan_written_into(buf, start, end, rearm))
     }
 
     fn scan_written_into(
@@ -220,6 +220,7 @@ impl WriteTracker {
         buf: &mut [PageRegion],
         start: u64,
         end: u64,
+        rearm: bool,
     ) -> Result<Vec<(u64, u64)>> {
         let mut out: Vec<(u64, u64)> = Vec::new();
         let mut at = start;
@@ -230,7 +231,11 @@ impl WriteTracker {
         while at < end {
             let mut arg = PmScanArg {
                 size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC,
+                flags: if rearm {
+                    PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+                } else {
+                    0
+                },
                 start: at,
                 end,
                 vec: buf.as_mut_ptr() as u64,
@@ -265,7 +270,14 @@ impl WriteTracker {
     /// while the process is frozen).
     pub fn written_all(&mut self) -> Result<Vec<(u64, u64)>> {
         let me = &*self;
-        scan_in_parts(&self.ranges, |s, e| me.scan_written(s, e))
+        scan_in_parts(&self.ranges, |s, e| me.scan_written(s, e, true))
+    }
+
+    /// `written_all` for the last time, with the process frozen: nothing is write-protected
+    /// again, which spares a page-table update and TLB flush for every page written. A range
+    /// no longer registered (replaced in place) shows every present page as written.
+    pub fn written_all_last(&self) -> Result<Vec<(u64, u64)>> {
+        scan_in_parts(&self.ranges, |s, e| self.scan_written(s, e, false))
     }
 
     /// Stop tracking: the process's memory behaves as before (write-protection dropped).

@@ -67,6 +67,13 @@ fn written_pages_of_a_running_process_are_reported_exactly() {
     assert_eq!(got, want, "pages written: {pages:?}");
     // Re-armed: a second scan finds nothing.
     assert!(tracker.written(start, end).unwrap().is_empty());
+    // The last scan does not re-arm: it reports the same pages each time.
+    writeln!(input, "7").unwrap();
+    line.clear();
+    out.read_line(&mut line).unwrap();
+    let seven = vec![(start + 7 * 4096, start + 8 * 4096)];
+    assert_eq!(tracker.written_all_last().unwrap(), seven);
+    assert_eq!(tracker.written_all_last().unwrap(), seven);
     tracker.stop();
     // The process runs on normally after tracking stops.
     writeln!(input, "5").unwrap();
