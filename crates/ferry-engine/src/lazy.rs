@@ -28,8 +28,10 @@ const PUSH_RUN: u64 = 1 << 20;
 
 /// Pages left in the frozen source process (post-copy).
 pub trait RemotePages: Send + Sync {
-    /// The contents of process `pid` (its PID as dumped) at [addr, addr + buf.len()).
-    fn fetch(&self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<()>;
+    /// The contents of process `pid` (its PID as dumped) at [addr, addr + buf.len()), and the
+    /// runs [start, end) of it that the source does not hold (never written, or discarded):
+    /// zero in `buf`, and best left unallocated.
+    fn fetch(&self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<Vec<(u64, u64)>>;
     /// Runs of process `pid` to fill first: the memory it used last before the freeze.
     fn hot(&self, _pid: i32) -> Vec<(u64, u64)> {
         Vec::new()
@@ -209,8 +211,11 @@ impl Sources {
         }
     }
 
-    fn read(&mut self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<()> {
+    /// The data of [addr, addr + buf.len()) into `buf`, and the runs of it (offsets in `buf`)
+    /// that the source process said it does not hold.
+    fn read(&mut self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<Vec<(usize, usize)>> {
         buf.fill(0);
+        let mut absent = Vec::new();
         let end = addr + buf.len() as u64;
         if let Some(b) = &self.base {
             b.read_into(pid, addr, buf)?;
@@ -244,10 +249,15 @@ impl Sources {
         }
         if let (Some(r), Some(runs)) = (&self.remote, self.remote_runs.get(&pid)) {
             for (s, e) in runs.within(addr, end) {
-                r.fetch(pid, s, &mut buf[(s - addr) as usize..(e - addr) as usize])?;
+                let got = r.fetch(pid, s, &mut buf[(s - addr) as usize..(e - addr) as usize])?;
+                absent.extend(
+                    got.into_iter()
+                        .filter(|&(a, b)| s <= a && a < b && b <= e)
+                        .map(|(a, b)| ((a - addr) as usize, (b - addr) as usize)),
+                );
             }
         }
-        Ok(())
+        Ok(absent)
     }
 
     /// What process `pid` has to fill inside `ranges` (its lazily restored mappings).
@@ -659,54 +669,98 @@ fn fill(
         let data = &mut buf[..len as usize];
         // Piece by piece where memory moved: each piece's data is at its old address.
         let mut done = 0u64;
+        let mut absent: Vec<(u64, u64)> = Vec::new();
         while done < len {
             let (from, n) = c.moves.source_of(at + done);
             let n = n.min(len - done);
-            src.read(
+            let gaps = src.read(
                 c.source_pid,
                 from,
                 &mut data[done as usize..(done + n) as usize],
             )?;
+            absent.extend(
+                gaps.iter()
+                    .map(|&(a, b)| (done + a as u64, done + b as u64)),
+            );
             done += n;
         }
-        let mut off = 0u64;
-        while off < len {
-            match c.uffd.copy(at + off, &data[off as usize..])? {
-                Fill::Done => {
-                    rep.bytes += len - off;
-                    off = len;
-                }
-                Fill::Exists(n) => {
-                    // Pages up to the present one went in; that one is there already.
-                    rep.bytes += n;
-                    off += n + PAGE;
-                }
-                Fill::Again => {
-                    c.missing.remove(at, at + off);
-                    return Ok(false);
-                }
-                Fill::Gone if len - off > PAGE => {
-                    // The run may cross into another mapping (one split since): page by page.
-                    for p in (off..len).step_by(PAGE as usize) {
-                        let page = &data[p as usize..(p + PAGE) as usize];
-                        match c.uffd.copy(at + p, page)? {
-                            Fill::Done => rep.bytes += PAGE,
-                            Fill::Again => {
-                                c.missing.remove(at, at + p);
-                                return Ok(false);
-                            }
-                            _ => {}
-                        }
-                    }
-                    off = len;
-                }
-                Fill::Gone => off = len,
+        // Pages the source does not hold get the zero page: no memory for them.
+        absent.sort_unstable();
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+        let mut cur = 0u64;
+        for (a, b) in absent {
+            let a = a.max(cur);
+            if a >= b {
+                continue;
+            }
+            if cur < a {
+                pieces.push((cur, a, true));
+            }
+            pieces.push((a, b, false));
+            cur = b;
+        }
+        if cur < len {
+            pieces.push((cur, len, true));
+        }
+        for (ps, pe, has_data) in pieces {
+            let piece = has_data.then(|| &data[ps as usize..pe as usize]);
+            if let Err(off) = place(c, at + ps, pe - ps, piece, rep)? {
+                c.missing.remove(at, at + ps + off);
+                return Ok(false);
             }
         }
         c.missing.remove(at, at + len);
         at += len;
     }
     Ok(true)
+}
+
+/// Put [at, at + len) in place: `data`, or the zero page (None). Err(offset): the address
+/// space is changing, and what lies before `offset` is in place.
+fn place(
+    c: &Consumer,
+    at: u64,
+    len: u64,
+    data: Option<&[u8]>,
+    rep: &mut FillReport,
+) -> Result<std::result::Result<(), u64>> {
+    let put = |off: u64, n: u64| match data {
+        Some(d) => c.uffd.copy(at + off, &d[off as usize..(off + n) as usize]),
+        None => c.uffd.zero(at + off, n),
+    };
+    let count = |n: u64, rep: &mut FillReport| {
+        if data.is_some() {
+            rep.bytes += n;
+        }
+    };
+    let mut off = 0u64;
+    while off < len {
+        match put(off, len - off)? {
+            Fill::Done => {
+                count(len - off, rep);
+                off = len;
+            }
+            Fill::Exists(n) => {
+                // Pages up to the present one went in; that one is there already.
+                count(n, rep);
+                off += n + PAGE;
+            }
+            Fill::Again => return Ok(Err(off)),
+            Fill::Gone if len - off > PAGE => {
+                // The run may cross into another mapping (one split since): page by page.
+                for p in (off..len).step_by(PAGE as usize) {
+                    match put(p, PAGE)? {
+                        Fill::Done => count(PAGE, rep),
+                        Fill::Again => return Ok(Err(p)),
+                        _ => {}
+                    }
+                }
+                off = len;
+            }
+            Fill::Gone => off = len,
+        }
+    }
+    Ok(Ok(()))
 }
 
 #[cfg(test)]

@@ -27,6 +27,10 @@ pub type SendFn<'a> = dyn FnMut(i32, u64, &[u8]) -> Result<()> + 'a;
 pub struct Tracking {
     trackers: HashMap<i32, WriteTracker>,
     buf: Vec<u8>,
+    /// Per process, the pages sent so far: a page the kernel reports written that reads as
+    /// zero is sent only if an older copy of it was (a discarded page); memory never touched
+    /// shows as written too, and sending its zeros would make the destination allocate it.
+    sent: HashMap<i32, crate::lazy::RangeSet>,
 }
 
 /// The tree of `pid` as it is now (no freezing): the root and its descendants.
@@ -73,6 +77,25 @@ fn register(t: &mut WriteTracker, m: &procfs::Mapping) -> ferry_sys::Result<()> 
     }
 }
 
+/// The runs (offset, length) of `chunk`, read at `addr`, to send: every page that holds data,
+/// and the zero pages that `sent` has an older copy of.
+fn worth_sending(chunk: &[u8], addr: u64, sent: &crate::lazy::RangeSet) -> Vec<(usize, usize)> {
+    const PAGE: usize = 4096;
+    let mut out: Vec<(usize, usize)> = Vec::new();
+    for off in (0..chunk.len()).step_by(PAGE) {
+        let page = &chunk[off..(off + PAGE).min(chunk.len())];
+        let keep = page.iter().any(|&b| b != 0) || sent.contains(addr + off as u64);
+        if !keep {
+            continue;
+        }
+        match out.last_mut() {
+            Some(l) if l.0 + l.1 == off => l.1 += page.len(),
+            _ => out.push((off, page.len())),
+        }
+    }
+    out
+}
+
 impl Tracking {
     /// Start tracking every process of the tree of `pid`. Each is frozen for the time it
     /// takes to create its userfaultfd and register its mappings (well under a millisecond
@@ -102,6 +125,7 @@ impl Tracking {
         Ok(Tracking {
             trackers,
             buf: vec![0u8; RUN as usize],
+            sent: HashMap::new(),
         })
     }
 
@@ -151,8 +175,12 @@ impl Tracking {
                         // Unmapped meanwhile: the final dump sees the new layout.
                         chunk[got..].fill(0);
                     }
-                    send(pid, a, chunk)?;
-                    total += len as u64;
+                    let sent = self.sent.entry(pid).or_default();
+                    for (off, n) in worth_sending(chunk, a, sent) {
+                        send(pid, a + off as u64, &chunk[off..off + n])?;
+                        sent.insert(a + off as u64, a + (off + n) as u64);
+                        total += n as u64;
+                    }
                     a += len as u64;
                 }
             }
@@ -193,5 +221,25 @@ impl Tracking {
         for (_, t) in self.trackers {
             t.stop();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::worth_sending;
+
+    #[test]
+    fn zero_pages_are_sent_only_over_an_older_copy() {
+        let mut chunk = vec![0u8; 5 * 4096];
+        chunk[0] = 1; // data
+        chunk[2 * 4096 + 9] = 1; // data
+        let mut sent = crate::lazy::RangeSet::default();
+        // Page 3 was sent before and reads as zero now (discarded): it goes again.
+        sent.insert(0x10000 + 3 * 4096, 0x10000 + 4 * 4096);
+        assert_eq!(
+            worth_sending(&chunk, 0x10000, &sent),
+            vec![(0, 4096), (2 * 4096, 2 * 4096)]
+        );
+        assert!(worth_sending(&[0u8; 8192], 0, &Default::default()).is_empty());
     }
 }

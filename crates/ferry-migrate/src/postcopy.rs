@@ -90,18 +90,37 @@ impl PageServer {
                     Err(_) => return Ok(()),
                 }
                 let (pid, addr, len) = parse_request(&buf)?;
-                data.resize(len, 0);
-                if ferry_sys::mem::read_mem(pid, addr, &mut data).unwrap_or(0) != len {
-                    // Unreadable (PROT_NONE) or partly unmapped: through /proc/PID/mem.
-                    ferry_sys::mem::read_mem_forced(pid, addr, &mut data).map_err(|e| {
-                        MigrateError::Failed(format!(
-                            "reading {len} bytes at {addr:#x} of process {pid}: {e}"
-                        ))
-                    })?;
+                let end = addr + len as u64;
+                // Only the pages the process holds: the rest is zero, and stays unallocated
+                // at the destination.
+                let present = ferry_sys::uffd::present_runs(pid, addr, end).map_err(|e| {
+                    MigrateError::Failed(format!(
+                        "listing the pages at {addr:#x}-{end:#x} of process {pid}: {e}"
+                    ))
+                })?;
+                let pages = len / 4096;
+                let mut map = vec![0u8; pages.div_ceil(8)];
+                data.clear();
+                for (s, e) in present {
+                    for p in (s - addr) / 4096..(e - addr) / 4096 {
+                        map[p as usize / 8] |= 1 << (p % 8);
+                    }
+                    let at = data.len();
+                    data.resize(at + (e - s) as usize, 0);
+                    let out = &mut data[at..];
+                    if ferry_sys::mem::read_mem(pid, s, out).unwrap_or(0) != out.len() {
+                        // Unreadable (PROT_NONE): through /proc/PID/mem.
+                        ferry_sys::mem::read_mem_forced(pid, s, out).map_err(|e| {
+                            MigrateError::Failed(format!(
+                                "reading {} bytes at {s:#x} of process {pid}: {e}",
+                                out.len()
+                            ))
+                        })?;
+                    }
                 }
-                wire::write_frame(&mut w, Kind::PageData, &[&data])?;
+                wire::write_frame(&mut w, Kind::PageData, &[&map, &data])?;
                 w.flush().map_err(io("sending pages"))?;
-                n.fetch_add(len as u64, Ordering::Relaxed);
+                n.fetch_add(data.len() as u64, Ordering::Relaxed);
             }
         });
         Ok(PageServer {
@@ -155,12 +174,51 @@ impl Drop for RemoteConn {
     }
 }
 
+/// A PageData payload for `len` bytes at `addr`: which pages the source holds (a bitmap,
+/// one bit per page from the first, in bytes), then those pages. Their bytes go into `out`
+/// (zeros elsewhere); returns the runs the source does not hold.
+fn parse_pages(payload: &[u8], addr: u64, out: &mut [u8]) -> Result<Vec<(u64, u64)>> {
+    let pages = out.len() / 4096;
+    let head = pages.div_ceil(8);
+    let bad = |why: String| MigrateError::Protocol(format!("bad page data: {why}"));
+    let map = payload
+        .get(..head)
+        .ok_or_else(|| bad(format!("{} bytes, shorter than its map", payload.len())))?;
+    let has = |p: usize| map[p / 8] & (1 << (p % 8)) != 0;
+    let held = (0..pages).filter(|&p| has(p)).count();
+    if payload.len() != head + held * 4096
+        || (!pages.is_multiple_of(8) && map[head - 1] >> (pages % 8) != 0)
+    {
+        return Err(bad(format!(
+            "{} bytes for {held} pages of {pages}",
+            payload.len()
+        )));
+    }
+    let mut data = &payload[head..];
+    let mut absent: Vec<(u64, u64)> = Vec::new();
+    for p in 0..pages {
+        let page = &mut out[p * 4096..(p + 1) * 4096];
+        if has(p) {
+            page.copy_from_slice(&data[..4096]);
+            data = &data[4096..];
+        } else {
+            page.fill(0);
+            let a = addr + p as u64 * 4096;
+            match absent.last_mut() {
+                Some(l) if l.1 == a => l.1 = a + 4096,
+                _ => absent.push((a, a + 4096)),
+            }
+        }
+    }
+    Ok(absent)
+}
+
 impl ferry_engine::lazy::RemotePages for RemoteConn {
-    fn fetch(&self, pid: i32, addr: u64, out: &mut [u8]) -> ferry_engine::Result<()> {
+    fn fetch(&self, pid: i32, addr: u64, out: &mut [u8]) -> ferry_engine::Result<Vec<(u64, u64)>> {
+        let want = out.len();
         let fail = |e: MigrateError| {
             ferry_engine::EngineError::Failed(format!(
-                "fetching {} bytes at {addr:#x} of process {pid} from the source: {e}",
-                out.len()
+                "fetching {want} bytes at {addr:#x} of process {pid} from the source: {e}"
             ))
         };
         let mut g = self.io.lock().unwrap();
@@ -174,7 +232,7 @@ impl ferry_engine::lazy::RemotePages for RemoteConn {
         w.flush()
             .map_err(|e| fail(io("sending a page request")(e)))?;
         match wire::read_frame(rd, buf).map_err(fail)? {
-            Kind::PageData if buf.len() == out.len() => {}
+            Kind::PageData => {}
             k => {
                 return Err(fail(MigrateError::Protocol(format!(
                     "{k:?} of {} bytes instead of the pages",
@@ -182,8 +240,33 @@ impl ferry_engine::lazy::RemotePages for RemoteConn {
                 ))))
             }
         }
-        out.copy_from_slice(buf);
-        self.fetched.fetch_add(out.len() as u64, Ordering::Relaxed);
-        Ok(())
+        let absent = parse_pages(buf, addr, out).map_err(fail)?;
+        let held = out.len() as u64 - absent.iter().map(|(a, b)| b - a).sum::<u64>();
+        self.fetched.fetch_add(held, Ordering::Relaxed);
+        Ok(absent)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_pages;
+
+    #[test]
+    fn page_data_carries_only_the_pages_the_source_holds() {
+        // Pages 0 and 2 of 3 held: map 0b101, then their bytes.
+        let mut payload = vec![0b101u8];
+        payload.extend([1u8; 4096]);
+        payload.extend([3u8; 4096]);
+        let mut out = vec![9u8; 3 * 4096];
+        let absent = parse_pages(&payload, 0x10000, &mut out).unwrap();
+        assert_eq!(absent, vec![(0x11000, 0x12000)]);
+        assert!(out[..4096].iter().all(|&b| b == 1));
+        assert!(out[4096..8192].iter().all(|&b| b == 0));
+        assert!(out[8192..].iter().all(|&b| b == 3));
+        // Hostile: too short, too long, or bits past the last page.
+        for bad in [vec![0b101u8], vec![0u8; 4097], vec![0b1000u8]] {
+            assert!(parse_pages(&bad, 0, &mut out).is_err());
+        }
+        assert!(parse_pages(&[], 0, &mut out).is_err());
     }
 }
