@@ -490,14 +490,17 @@ impl Held {
 }
 
 /// Freeze the tree of `pid` and write its image into `w` (not finished: the caller commits
-/// it). With `delta`, tracked memory contributes only its dirty pages. On error the tree runs
-/// on untouched.
+/// it). With `delta`, tracked memory contributes only its dirty pages. `on_frozen` runs as
+/// soon as the tree is frozen, before the collection (work that needs the tree frozen and
+/// can run beside it, such as the last scan of written pages). On error the tree runs on
+/// untouched.
 pub fn dump_into(
     pid: i32,
     w: &mut ImageWriter,
     progress: &crate::Progress,
     mut delta: Option<&mut DeltaFn>,
     hint: Option<&SmapsHint>,
+    on_frozen: Option<&mut dyn FnMut()>,
 ) -> Result<(Held, DumpStats)> {
     memory::warm_buffers();
     // Loaded before the freeze (once per process), not during it.
@@ -507,6 +510,9 @@ pub fn dump_into(
     // Any error from here on drops the Frozen processes, which resumes them untouched.
     let mut zombies = Vec::new();
     let mut tree = freeze_tree(pid, &mut zombies)?;
+    if let Some(f) = on_frozen {
+        f();
+    }
     let tf = Instant::now();
     let freeze_ms = (tf - t0).as_secs_f64() * 1e3;
     let tree_pids: Vec<i32> = tree.iter().map(|f| f.pid()).collect();
@@ -646,7 +652,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let t0 = Instant::now();
     procfs::check_inspectable(pid)?;
     let mut w = ImageWriter::create(dir)?;
-    let (held, st) = match dump_into(pid, &mut w, &opts.progress, None, None) {
+    let (held, st) = match dump_into(pid, &mut w, &opts.progress, None, None, None) {
         Ok(x) => x,
         Err(e) => {
             // Leave no half-written image behind; the tree has resumed.

@@ -24,6 +24,9 @@ const RUN: u64 = 4 << 20;
 /// Receives each run of pages: (pid, address, bytes).
 pub type SendFn<'a> = dyn FnMut(i32, u64, &[u8]) -> Result<()> + 'a;
 
+/// A last scan under way: the written page runs it finds.
+type LastScanJob = std::thread::JoinHandle<ferry_sys::Result<Vec<(u64, u64)>>>;
+
 pub struct Tracking {
     trackers: HashMap<i32, WriteTracker>,
     buf: Vec<u8>,
@@ -31,6 +34,8 @@ pub struct Tracking {
     /// zero is sent only if an older copy of it was (a discarded page); memory never touched
     /// shows as written too, and sending its zeros would make the destination allocate it.
     sent: HashMap<i32, crate::lazy::RangeSet>,
+    /// The last scans, started at the freeze (`start_last_scans`).
+    last: HashMap<i32, LastScanJob>,
 }
 
 /// The tree of `pid` as it is now (no freezing): the root and its descendants.
@@ -126,6 +131,7 @@ impl Tracking {
             trackers,
             buf: vec![0u8; RUN as usize],
             sent: HashMap::new(),
+            last: HashMap::new(),
         })
     }
 
@@ -200,7 +206,15 @@ impl Tracking {
         let Some(t) = self.trackers.get_mut(&pid) else {
             return Ok(None);
         };
-        let dirty = t.written_all_last()?;
+        let dirty = match self.last.remove(&pid).map(|h| h.join()) {
+            Some(Ok(r)) => r?,
+            Some(Err(_)) => {
+                return Err(EngineError::Failed(format!(
+                    "the last scan of process {pid}'s written pages panicked"
+                )))
+            }
+            None => t.written_all_last()?,
+        };
         let regs = t.ranges().to_vec();
         // Still registered: the kernel shows "uw" in VmFlags.
         let tracked = smaps
@@ -214,6 +228,19 @@ impl Tracking {
             dirty,
             lazy: false,
         }))
+    }
+
+    /// With the tree just frozen: start each process's last scan of written pages on a thread
+    /// of its own, beside the dump's collection (which runs on one CPU); `delta` takes its
+    /// result. Nothing writes the processes' memory from now on but injected syscalls,
+    /// whose output lands below the stack's red zone, where nothing lives.
+    pub fn start_last_scans(&mut self) {
+        for (&pid, t) in &self.trackers {
+            if let Ok(scan) = t.last_scan() {
+                self.last
+                    .insert(pid, std::thread::spawn(move || scan.run()));
+            }
+        }
     }
 
     /// Stop tracking (the processes' memory behaves as before).

@@ -51,9 +51,15 @@ fn every_thread_gets_its_own_cpu_mask_back_after_a_dump() {
         let mut w =
             ferry_image::ImageWriter::new(Box::new(std::io::sink()), Box::new(std::io::sink()))
                 .unwrap();
-        let (held, _) =
-            ferry_engine::dump_into(pid, &mut w, &ferry_engine::Progress::default(), None, None)
-                .unwrap();
+        let (held, _) = ferry_engine::dump_into(
+            pid,
+            &mut w,
+            &ferry_engine::Progress::default(),
+            None,
+            None,
+            None,
+        )
+        .unwrap();
         held.resume();
         assert_eq!(masks(pid), before);
     }

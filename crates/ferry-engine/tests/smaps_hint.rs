@@ -39,6 +39,7 @@ fn dump_with(
         &ferry_engine::Progress::default(),
         None,
         Some(h),
+        None,
     )
     .unwrap();
     w.finish().unwrap();

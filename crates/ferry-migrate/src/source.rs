@@ -391,7 +391,8 @@ fn migrate_inner(
     let mut rounds = Vec::new();
     let mut notes = Vec::new();
     let mut sent = 0u64;
-    let mut tracking = None;
+    // Shared by the dump's two callbacks (the last scan at the freeze, the deltas after).
+    let tracking = std::cell::RefCell::new(None);
     let mut _throttle_guard: Option<crate::throttle::Throttle> = None;
     let mut latest_hint: Option<ferry_engine::SmapsHint> = None;
     // A read of smaps still under way (one at a time).
@@ -546,7 +547,7 @@ fn migrate_inner(
             }
             prev = bytes;
         }
-        tracking = Some(tr);
+        *tracking.borrow_mut() = Some(tr);
         // Kept until the migration ends; dropping it puts the threads back.
         _throttle_guard = throttled;
     }
@@ -574,7 +575,7 @@ fn migrate_inner(
     let mut delta_fn = |pid: i32,
                         smaps: &[ferry_sys::procfs::SmapsEntry]|
      -> ferry_engine::Result<Option<ferry_engine::memory::Delta>> {
-        let d = match tracking.as_mut() {
+        let d = match tracking.borrow_mut().as_mut() {
             Some(tr) => tr.delta(pid, smaps)?,
             None => None,
         };
@@ -609,6 +610,13 @@ fn migrate_inner(
         t.lift();
     }
     let td = Instant::now();
+    // The last scan of written pages runs beside the collection (a page-table walk, ~1-2 ms
+    // per GiB).
+    let mut on_frozen = || {
+        if let Some(t) = tracking.borrow_mut().as_mut() {
+            t.start_last_scans();
+        }
+    };
     let (mut held, stats) = ferry_engine::dump_into(
         o.pid,
         &mut iw,
@@ -619,6 +627,7 @@ fn migrate_inner(
             None
         },
         hint.as_ref(),
+        Some(&mut on_frozen),
     )?;
     // From here any error drops `held`, which resumes the source copy.
     let mut phases = DowntimePhases {
@@ -790,7 +799,7 @@ fn migrate_inner(
                 if let Some(h) = held.take() {
                     h.kill_moved();
                 }
-                if let Some(t) = tracking.take() {
+                if let Some(t) = tracking.borrow_mut().take() {
                     t.stop();
                 }
                 postcopy_bytes = pages_server.take().map(|p| p.stop()).unwrap_or(0);
@@ -807,7 +816,7 @@ fn migrate_inner(
                 for r in released {
                     r.restore();
                 }
-                if let Some(t) = tracking.take() {
+                if let Some(t) = tracking.borrow_mut().take() {
                     t.stop();
                 }
                 if let Some(h) = held.take() {
@@ -834,7 +843,7 @@ fn migrate_inner(
                     for r in released {
                         r.restore();
                     }
-                    if let Some(t) = tracking.take() {
+                    if let Some(t) = tracking.borrow_mut().take() {
                         t.stop();
                     }
                     if let Some(h) = held.take() {
@@ -863,7 +872,7 @@ fn migrate_inner(
         if let Some(h) = held.take() {
             h.kill_moved();
         }
-        if let Some(t) = tracking.take() {
+        if let Some(t) = tracking.borrow_mut().take() {
             t.stop();
         }
         if o.mode == Mode::Precopy {

@@ -57,6 +57,91 @@ struct PmScanArg {
     return_mask: u64,
 }
 
+/// What a scan of written pages reads.
+struct Scan<'a> {
+    pid: i32,
+    pagemap: &'a std::fs::File,
+    files: &'a [(u64, u64)],
+}
+
+impl Scan<'_> {
+    fn written(
+        &self,
+        buf: &mut [PageRegion],
+        start: u64,
+        end: u64,
+        rearm: bool,
+    ) -> Result<Vec<(u64, u64)>> {
+        let mut out: Vec<(u64, u64)> = Vec::new();
+        let mut at = start;
+        // In a private file mapping the file's own pages are never written (a write copies
+        // them) and are not ours to send.
+        let file = self.files.iter().any(|&(a, b)| a <= start && end <= b);
+        let not_file = if file { PAGE_IS_FILE } else { 0 };
+        while at < end {
+            let mut arg = PmScanArg {
+                size: std::mem::size_of::<PmScanArg>() as u64,
+                flags: if rearm {
+                    PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+                } else {
+                    0
+                },
+                start: at,
+                end,
+                vec: buf.as_mut_ptr() as u64,
+                vec_len: buf.len() as u64,
+                category_inverted: not_file,
+                category_mask: PAGE_IS_WRITTEN | not_file,
+                return_mask: PAGE_IS_WRITTEN,
+                ..Default::default()
+            };
+            let n = ioctl(
+                self.pagemap,
+                PAGEMAP_SCAN,
+                &mut arg,
+                &format!("PAGEMAP_SCAN of process {}", self.pid),
+            )? as usize;
+            for r in &buf[..n.min(buf.len())] {
+                match out.last_mut() {
+                    Some(l) if l.1 == r.start => l.1 = r.end,
+                    _ => out.push((r.start, r.end)),
+                }
+            }
+            if arg.walk_end <= at {
+                break;
+            }
+            at = arg.walk_end;
+        }
+        Ok(out)
+    }
+}
+
+/// A tracker's last scan of written pages, owned, for a thread of its own.
+pub struct LastScan {
+    pid: i32,
+    pagemap: std::fs::File,
+    ranges: Vec<(u64, u64)>,
+    files: Vec<(u64, u64)>,
+}
+
+impl LastScan {
+    /// `WriteTracker::written_all_last`, range after range on this thread.
+    pub fn run(&self) -> Result<Vec<(u64, u64)>> {
+        let scan = Scan {
+            pid: self.pid,
+            pagemap: &self.pagemap,
+            files: &self.files,
+        };
+        REGIONS.with_borrow_mut(|buf| {
+            let mut out = Vec::new();
+            for &(s, e) in &self.ranges {
+                out.extend(scan.written(buf, s, e, false)?);
+            }
+            Ok(out)
+        })
+    }
+}
+
 std::thread_local! {
     /// Each thread's buffer for PAGEMAP_SCAN's output: a tracker scans a hundred ranges or
     /// more while the process is frozen, and a fresh 96 KiB per range cost a millisecond.
@@ -212,57 +297,26 @@ impl WriteTracker {
     }
 
     fn scan_written(&self, start: u64, end: u64, rearm: bool) -> Result<Vec<(u64, u64)>> {
-        REGIONS.with_borrow_mut(|buf| self.scan_written_into(buf, start, end, rearm))
+        let scan = Scan {
+            pid: self.pid,
+            pagemap: &self.pagemap,
+            files: &self.files,
+        };
+        REGIONS.with_borrow_mut(|buf| scan.written(buf, start, end, rearm))
     }
 
-    fn scan_written_into(
-        &self,
-        buf: &mut [PageRegion],
-        start: u64,
-        end: u64,
-        rearm: bool,
-    ) -> Result<Vec<(u64, u64)>> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut at = start;
-        // In a private file mapping the file's own pages are never written (a write copies
-        // them) and are not ours to send.
-        let file = self.files.iter().any(|&(a, b)| a <= start && end <= b);
-        let not_file = if file { PAGE_IS_FILE } else { 0 };
-        while at < end {
-            let mut arg = PmScanArg {
-                size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: if rearm {
-                    PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
-                } else {
-                    0
-                },
-                start: at,
-                end,
-                vec: buf.as_mut_ptr() as u64,
-                vec_len: buf.len() as u64,
-                category_inverted: not_file,
-                category_mask: PAGE_IS_WRITTEN | not_file,
-                return_mask: PAGE_IS_WRITTEN,
-                ..Default::default()
-            };
-            let n = ioctl(
-                &self.pagemap,
-                PAGEMAP_SCAN,
-                &mut arg,
-                &format!("PAGEMAP_SCAN of process {}", self.pid),
-            )? as usize;
-            for r in &buf[..n.min(buf.len())] {
-                match out.last_mut() {
-                    Some(l) if l.1 == r.start => l.1 = r.end,
-                    _ => out.push((r.start, r.end)),
-                }
-            }
-            if arg.walk_end <= at {
-                break;
-            }
-            at = arg.walk_end;
-        }
-        Ok(out)
+    /// The last scan (`written_all_last`), to run on a thread of its own while the process
+    /// stays frozen.
+    pub fn last_scan(&self) -> Result<LastScan> {
+        Ok(LastScan {
+            pid: self.pid,
+            pagemap: self
+                .pagemap
+                .try_clone()
+                .map_err(|e| Error::io("duplicating a pagemap fd", e))?,
+            ranges: self.ranges.clone(),
+            files: self.files.clone(),
+        })
     }
 
     /// Written pages over every registered range, in address order. A large set of ranges is

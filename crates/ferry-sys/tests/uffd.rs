@@ -74,6 +74,9 @@ fn written_pages_of_a_running_process_are_reported_exactly() {
     let seven = vec![(start + 7 * 4096, start + 8 * 4096)];
     assert_eq!(tracker.written_all_last().unwrap(), seven);
     assert_eq!(tracker.written_all_last().unwrap(), seven);
+    // The same, from a thread of its own.
+    let scan = tracker.last_scan().unwrap();
+    assert_eq!(std::thread::spawn(move || scan.run()).join().unwrap().unwrap(), seven);
     tracker.stop();
     // The process runs on normally after tracking stops.
     writeln!(input, "5").unwrap();
