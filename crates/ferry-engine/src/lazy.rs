@@ -148,6 +148,14 @@ impl RangeSet {
         }
     }
 
+    /// Whether one range holds all of [s, e).
+    pub fn covers(&self, s: u64, e: u64) -> bool {
+        self.0
+            .range(..=s)
+            .next_back()
+            .is_some_and(|(_, &end)| end >= e)
+    }
+
     pub fn contains(&self, a: u64) -> bool {
         self.0.range(..=a).next_back().is_some_and(|(_, &e)| e > a)
     }
@@ -243,6 +251,9 @@ impl Sources {
                 }
                 let s = b.vaddr.max(addr);
                 let e = (b.vaddr + b.data_len).min(end);
+                if e <= s {
+                    continue;
+                }
                 buf[(s - addr) as usize..(e - addr) as usize]
                     .copy_from_slice(&data[(s - b.vaddr) as usize..(e - b.vaddr) as usize]);
             }
@@ -800,6 +811,8 @@ mod tests {
         r.insert(0x1000, 0x3000);
         r.insert(0x5000, 0x6000);
         r.insert(0x3000, 0x4000);
+        assert!(r.covers(0x1000, 0x3000) && r.covers(0x2000, 0x2800));
+        assert!(!r.covers(0x2000, 0x3800) && !r.covers(0x4000, 0x5000));
         // Touching runs stay apart (they may be different mappings); overlapping ones merge.
         assert_eq!(
             r.runs().collect::<Vec<_>>(),

@@ -82,6 +82,19 @@ fn register(t: &mut WriteTracker, m: &procfs::Mapping) -> ferry_sys::Result<()> 
     }
 }
 
+/// `runs` sorted, overlapping and touching ones merged.
+fn normalize(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
+    runs.sort_unstable();
+    let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
+    for (s, e) in runs {
+        match out.last_mut() {
+            Some(l) if s <= l.1 => l.1 = l.1.max(e),
+            _ => out.push((s, e)),
+        }
+    }
+    out
+}
+
 /// The runs (offset, length) of `chunk`, read at `addr`, to send: every page that holds data,
 /// and the zero pages that `sent` has an older copy of.
 fn worth_sending(chunk: &[u8], addr: u64, sent: &crate::lazy::RangeSet) -> Vec<(usize, usize)> {
@@ -184,7 +197,11 @@ impl Tracking {
                     let sent = self.sent.entry(pid).or_default();
                     for (off, n) in worth_sending(chunk, a, sent) {
                         send(pid, a + off as u64, &chunk[off..off + n])?;
-                        sent.insert(a + off as u64, a + (off + n) as u64);
+                        let (s, e) = (a + off as u64, a + (off + n) as u64);
+                        // Pages sent before, mostly: nothing to add.
+                        if !sent.covers(s, e) {
+                            sent.insert(s, e);
+                        }
                         total += n as u64;
                     }
                     a += len as u64;
@@ -215,6 +232,9 @@ impl Tracking {
             }
             None => t.written_all_last()?,
         };
+        // In address order, each page once: a mapping that grew is registered again over
+        // its old range, so two registered ranges may overlap.
+        let dirty = normalize(dirty);
         let regs = t.ranges().to_vec();
         // Still registered: the kernel shows "uw" in VmFlags.
         let tracked = smaps
@@ -254,6 +274,21 @@ impl Tracking {
 #[cfg(test)]
 mod tests {
     use super::worth_sending;
+
+    #[test]
+    fn written_runs_from_overlapping_ranges_come_once_in_order() {
+        let runs = vec![
+            (0x5000, 0x6000),
+            (0x1000, 0x3000),
+            (0x2000, 0x4000),
+            (0x4000, 0x5000),
+        ];
+        assert_eq!(super::normalize(runs), vec![(0x1000, 0x6000)]);
+        assert_eq!(
+            super::normalize(vec![(0x3000, 0x4000), (0x1000, 0x2000)]),
+            vec![(0x1000, 0x2000), (0x3000, 0x4000)]
+        );
+    }
 
     #[test]
     fn zero_pages_are_sent_only_over_an_older_copy() {

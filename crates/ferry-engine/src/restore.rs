@@ -82,6 +82,13 @@ impl Restored {
         self.filler.take()
     }
 
+    /// The filler works ahead of need only once the returned flag is set (`resume` does not
+    /// set it then): for a caller with something urgent to do right after the tree runs,
+    /// such as telling the source, before the filler takes the CPUs.
+    pub fn defer_fill_ahead(&mut self) -> Option<std::sync::Arc<std::sync::atomic::AtomicBool>> {
+        self.filler_running.take()
+    }
+
     /// Connections go live, their traffic flows again, and the tree runs.
     pub fn resume(mut self) -> Result<RestoreReport> {
         let tg = Instant::now();
@@ -276,7 +283,7 @@ pub fn restore_held_with(
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     let lazy = opts.lazy || opts.remote.is_some();
     let mut warm_note = None;
-    let mut warm = warm.and_then(|w| {
+    let warm = warm.and_then(|w| {
         let held = opts
             .base
             .as_ref()
@@ -400,6 +407,10 @@ pub fn restore_held_with(
     // The tree is built on one CPU: its hundreds of ptrace round trips are plain switches
     // there. Every process and thread inherits the mask; they get ours back at the end.
     let is_warm = warm.is_some();
+    let (mut warm, mut warm_uffd) = match warm {
+        Some((t, u)) => (Some(t), u),
+        None => (None, None),
+    };
     let mut pinned =
         ferry_sys::sched::Pinned::here(&warm.iter().map(|t| t.pid).collect::<Vec<_>>());
     let stub = match &warm {
@@ -489,6 +500,7 @@ pub fn restore_held_with(
                 &mut on_progress,
                 opts.base.as_deref(),
                 is_warm,
+                warm_uffd.take(),
             )?;
             before += n * ferry_image::PAGE_SIZE as u64;
             pages += n;
@@ -782,6 +794,7 @@ fn build(
     on_progress: &mut dyn FnMut(u64),
     base_pages: Option<&dyn BasePages>,
     warm: bool,
+    warm_uffd: Option<ferry_sys::uffd::LazyUffd>,
 ) -> Result<u64> {
     let tid = t.pid;
     let base = img
@@ -802,9 +815,18 @@ fn build(
     // Lazily filled memory: registered before anything is written, never written here.
     let mut lazy_maps: Vec<(u64, u64)> = Vec::new();
     if let Some(lz) = lazily {
-        let uffd = ferry_sys::uffd::LazyUffd::new(&mut t.frozen)?;
+        let uffd = match warm_uffd {
+            // The warm process's, registered on the same layout.
+            Some(u) => u,
+            None => {
+                let u = ferry_sys::uffd::LazyUffd::new(&mut t.frozen)?;
+                for m in img.mappings.iter().filter(|m| memory::lazy_eligible(m)) {
+                    u.register(m.start, m.end)?;
+                }
+                u
+            }
+        };
         for m in img.mappings.iter().filter(|m| memory::lazy_eligible(m)) {
-            uffd.register(m.start, m.end)?;
             lazy_maps.push((m.start, m.end));
         }
         *lz.left += lz.missing.bytes();

@@ -91,6 +91,8 @@ fn same_layout(a: &[MappingImage], b: &[MappingImage]) -> Option<String> {
 /// kills it.
 pub struct WarmTree {
     target: Option<Target>,
+    /// Its lazily filled memory, registered with a userfaultfd of its own already.
+    uffd: Option<ferry_sys::uffd::LazyUffd>,
     layout: WarmLayout,
     /// Where pre-copied pages are written in at once: memory not filled lazily.
     direct: Vec<(u64, u64)>,
@@ -124,6 +126,7 @@ pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
             page: 0,
             queued: Vec::new(),
         }),
+        uffd: None,
         direct: layout
             .mappings
             .iter()
@@ -142,6 +145,17 @@ pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
         &mut Default::default(),
         &Default::default(),
     )?;
+    // Registered before anything is written there, as the restore would.
+    let uffd = ferry_sys::uffd::LazyUffd::new(&mut t.frozen)?;
+    for m in tree
+        .layout
+        .mappings
+        .iter()
+        .filter(|m| crate::memory::lazy_eligible(m))
+    {
+        uffd.register(m.start, m.end)?;
+    }
+    tree.uffd = Some(uffd);
     tree.built_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok(tree)
 }
@@ -213,9 +227,11 @@ impl WarmTree {
         Ok(())
     }
 
-    /// The process, for the restore to finish.
-    pub(crate) fn take(mut self) -> Target {
-        self.target.take().expect("a warm tree holds its process")
+    /// The process, for the restore to finish, and the userfaultfd of its lazily filled
+    /// memory.
+    pub(crate) fn take(mut self) -> (Target, Option<ferry_sys::uffd::LazyUffd>) {
+        let t = self.target.take().expect("a warm tree holds its process");
+        (t, self.uffd.take())
     }
 }
 

@@ -687,6 +687,8 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             )))
         }
     }
+    // The filler fills ahead of need only after Done is sent (faults are answered at once).
+    let fill_ahead = restored.defer_fill_ahead();
     let report = restored.resume()?;
     for c in claimed {
         c.keep();
@@ -696,6 +698,9 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         m.restore_ms = Some(report.restore_ms.max(ms));
     });
     let _ = wire::write_json(&mut conn, Kind::Done, &serde_json::json!({ "pid": pid }));
+    if let Some(f) = fill_ahead {
+        f.store(true, Ordering::Relaxed);
+    }
     if let Some(f) = filler {
         match f.wait() {
             Ok(rep) => {

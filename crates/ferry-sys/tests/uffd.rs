@@ -76,7 +76,13 @@ fn written_pages_of_a_running_process_are_reported_exactly() {
     assert_eq!(tracker.written_all_last().unwrap(), seven);
     // The same, from a thread of its own.
     let scan = tracker.last_scan().unwrap();
-    assert_eq!(std::thread::spawn(move || scan.run()).join().unwrap().unwrap(), seven);
+    assert_eq!(
+        std::thread::spawn(move || scan.run())
+            .join()
+            .unwrap()
+            .unwrap(),
+        seven
+    );
     tracker.stop();
     // The process runs on normally after tracking stops.
     writeln!(input, "5").unwrap();
