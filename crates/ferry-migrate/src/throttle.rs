@@ -90,6 +90,16 @@ impl Throttle {
 }
 
 impl Throttle {
+    /// Change the limit to `percent` of one CPU.
+    pub fn set(&self, percent: u32) -> Result<()> {
+        let quota = (percent.max(1) * 1000).to_string();
+        if self.dir.join("cpu.max").exists() {
+            write(&self.dir.join("cpu.max"), &format!("{quota} 100000"))
+        } else {
+            write(&self.dir.join("cpu.cfs_quota_us"), &quota)
+        }
+    }
+
     /// Lift the limit (the threads stay in the cgroup until drop). Before a freeze: a thread
     /// out of quota cannot stop for ptrace until its next period, up to 100 ms later.
     pub fn lift(&self) {

@@ -85,15 +85,7 @@ fn load() -> std::result::Result<Prog, String> {
     let func = t
         .find(KIND_FUNC, "bpf_iter_task")
         .ok_or("the kernel's BTF has no bpf_iter_task (no task iterator)")?;
-    let member = |s: &str, m: &str| -> std::result::Result<usize, String> {
-        let id = t
-            .find(KIND_STRUCT, s)
-            .ok_or(format!("the kernel's BTF has no struct {s}"))?;
-        let bits = t
-            .member_offset(id, m)
-            .ok_or(format!("struct {s} has no member {m} in the kernel's BTF"))?;
-        Ok(bits as usize / 8)
-    };
+    let member = |s: &str, m: &str| t.member_bytes(s, m);
     let ksa = t
         .find(KIND_STRUCT, "k_sigaction")
         .ok_or("the kernel's BTF has no struct k_sigaction")?;

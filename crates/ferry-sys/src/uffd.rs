@@ -72,47 +72,22 @@ impl Scan<'_> {
         end: u64,
         rearm: bool,
     ) -> Result<Vec<(u64, u64)>> {
-        let mut out: Vec<(u64, u64)> = Vec::new();
-        let mut at = start;
         // In a private file mapping the file's own pages are never written (a write copies
         // them) and are not ours to send.
         let file = self.files.iter().any(|&(a, b)| a <= start && end <= b);
         let not_file = if file { PAGE_IS_FILE } else { 0 };
-        while at < end {
-            let mut arg = PmScanArg {
-                size: std::mem::size_of::<PmScanArg>() as u64,
-                flags: if rearm {
-                    PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
-                } else {
-                    0
-                },
-                start: at,
-                end,
-                vec: buf.as_mut_ptr() as u64,
-                vec_len: buf.len() as u64,
-                category_inverted: not_file,
-                category_mask: PAGE_IS_WRITTEN | not_file,
-                return_mask: PAGE_IS_WRITTEN,
-                ..Default::default()
-            };
-            let n = ioctl(
-                self.pagemap,
-                PAGEMAP_SCAN,
-                &mut arg,
-                &format!("PAGEMAP_SCAN of process {}", self.pid),
-            )? as usize;
-            for r in &buf[..n.min(buf.len())] {
-                match out.last_mut() {
-                    Some(l) if l.1 == r.start => l.1 = r.end,
-                    _ => out.push((r.start, r.end)),
-                }
-            }
-            if arg.walk_end <= at {
-                break;
-            }
-            at = arg.walk_end;
-        }
-        Ok(out)
+        scan_runs(self.pagemap, self.pid, buf, start, end, |at| PmScanArg {
+            flags: if rearm {
+                PM_SCAN_WP_MATCHING | PM_SCAN_CHECK_WPASYNC
+            } else {
+                0
+            },
+            start: at,
+            category_inverted: not_file,
+            category_mask: PAGE_IS_WRITTEN | not_file,
+            return_mask: PAGE_IS_WRITTEN,
+            ..Default::default()
+        })
     }
 }
 
@@ -692,26 +667,41 @@ fn present_runs_into(
     start: u64,
     end: u64,
 ) -> Result<Vec<(u64, u64)>> {
+    scan_runs(pagemap, pid, buf, start, end, |at| PmScanArg {
+        start: at,
+        category_inverted: PAGE_IS_PFNZERO,
+        category_mask: PAGE_IS_PFNZERO,
+        category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
+        ..Default::default()
+    })
+}
+
+/// PAGEMAP_SCAN of [start, end) with the arguments `arg(at)` gives for each call (from `at`;
+/// the size, end and output vector are set here), until the walk is done: the matching page
+/// runs, touching ones joined.
+fn scan_runs(
+    pagemap: &std::fs::File,
+    pid: i32,
+    buf: &mut [PageRegion],
+    start: u64,
+    end: u64,
+    arg: impl Fn(u64) -> PmScanArg,
+) -> Result<Vec<(u64, u64)>> {
     let mut out: Vec<(u64, u64)> = Vec::new();
     let mut at = start;
     while at < end {
-        let mut arg = PmScanArg {
+        let mut a = PmScanArg {
             size: std::mem::size_of::<PmScanArg>() as u64,
-            flags: 0,
-            start: at,
             end,
             vec: buf.as_mut_ptr() as u64,
             vec_len: buf.len() as u64,
-            category_inverted: PAGE_IS_PFNZERO,
-            category_mask: PAGE_IS_PFNZERO,
-            category_anyof_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED,
-            ..Default::default()
+            ..arg(at)
         };
         let n = ioctl(
             pagemap,
             PAGEMAP_SCAN,
-            &mut arg,
+            &mut a,
             &format!("PAGEMAP_SCAN of process {pid}"),
         )? as usize;
         for r in &buf[..n.min(buf.len())] {
@@ -720,10 +710,10 @@ fn present_runs_into(
                 _ => out.push((r.start, r.end)),
             }
         }
-        if arg.walk_end <= at {
+        if a.walk_end <= at {
             break;
         }
-        at = arg.walk_end;
+        at = a.walk_end;
     }
     Ok(out)
 }

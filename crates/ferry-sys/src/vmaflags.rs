@@ -258,13 +258,7 @@ fn layout(btf: &[u8]) -> std::result::Result<Layout, String> {
         .find(KIND_FUNC, "bpf_iter_task_vma")
         .ok_or("the kernel's BTF has no bpf_iter_task_vma (no task_vma iterator)")?;
     let member = |s: &str, m: &str| -> std::result::Result<i16, String> {
-        let id = t
-            .find(KIND_STRUCT, s)
-            .ok_or(format!("the kernel's BTF has no struct {s}"))?;
-        let bits = t
-            .member_offset(id, m)
-            .ok_or(format!("struct {s} has no member {m} in the kernel's BTF"))?;
-        i16::try_from(bits / 8).map_err(|_| format!("{s}.{m} lies too far in"))
+        i16::try_from(t.member_bytes(s, m)?).map_err(|_| format!("{s}.{m} lies too far in"))
     };
     Ok(Layout {
         attach_btf_id: func,
@@ -364,6 +358,17 @@ impl<'a> Btf<'a> {
             }
         }
         None
+    }
+
+    /// The byte offset of member `m` of struct `s`, or why there is none.
+    pub(crate) fn member_bytes(&self, s: &str, m: &str) -> std::result::Result<usize, String> {
+        let id = self
+            .find(KIND_STRUCT, s)
+            .ok_or(format!("the kernel's BTF has no struct {s}"))?;
+        let bits = self
+            .member_offset(id, m)
+            .ok_or(format!("struct {s} has no member {m} in the kernel's BTF"))?;
+        Ok(bits as usize / 8)
     }
 
     /// The size in bytes of struct or union `id`.

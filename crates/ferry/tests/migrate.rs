@@ -450,7 +450,7 @@ fn tls_get(a: &Agent, ca: &Path, path: &str) -> serde_json::Value {
 #[test]
 fn tls_agent_accepts_only_sources_that_trust_its_ca() {
     let dir = tmpdir("migrate-tls");
-    let lan = Lan::new("s", 2);
+    let lan = Lan::new("t", 2);
     let ip = format!("{}.2", lan.net);
     make_pki(&dir, "agent", Some(&ip));
     make_pki(&dir, "other", None);

@@ -161,7 +161,7 @@ pub struct NetPair {
 impl NetPair {
     pub fn new(tag: &str) -> NetPair {
         let id = std::process::id();
-        let (x, y) = ((id >> 8) % 200 + 20, id % 250 + 1);
+        let (x, y) = subnet(id, tag);
         let server = format!("fs{tag}{id}");
         let client = format!("fc{tag}{id}");
         let (va, vc) = (
@@ -305,6 +305,16 @@ pub fn check_keys(
     all.len()
 }
 
+/// The X and Y of a test's 10.X.Y.0/24: the tests of one binary run side by side in one
+/// process, so the tag tells them apart (two bridges with one subnet in this namespace would
+/// route one test's traffic into the other's).
+fn subnet(id: u32, tag: &str) -> (u32, u32) {
+    let h = tag
+        .bytes()
+        .fold(0u32, |a, b| a.wrapping_mul(31).wrapping_add(b as u32));
+    (((id >> 8) + h) % 200 + 20, id % 250 + 1)
+}
+
 /// Hosts on one link: network namespaces joined by veth pairs to a bridge (which holds
 /// 10.X.Y.254, so that this namespace reaches them). Host `i` has 10.X.Y.(i+1). Removed on
 /// drop.
@@ -318,7 +328,7 @@ pub struct Lan {
 impl Lan {
     pub fn new(tag: &str, n: usize) -> Lan {
         let id = std::process::id();
-        let (x, y) = ((id >> 8) % 200 + 20, id % 250 + 1);
+        let (x, y) = subnet(id, tag);
         let net = format!("10.{x}.{y}");
         let bridge = format!("fb{tag}{}", id % 100000);
         let _ = Command::new("ip")
