@@ -274,14 +274,15 @@ impl Sources {
     /// What process `pid` has to fill inside `ranges` (its lazily restored mappings).
     pub fn missing(&self, pid: i32, ranges: &[(u64, u64)]) -> RangeSet {
         let mut set = RangeSet::default();
-        let mut sorted = ranges.to_vec();
-        sorted.sort_unstable();
+        let mut mappings = RangeSet::default();
+        for &(s, e) in ranges {
+            mappings.insert(s, e);
+        }
         // Only the ranges that overlap: the page store holds thousands of runs after a few
         // rounds of scattered writes, and this runs in the frozen phase of a migration.
         let mut add = |s: u64, e: u64| {
-            let first = sorted.partition_point(|&(_, b)| b <= s);
-            for &(a, b) in sorted[first..].iter().take_while(|&&(a, _)| a < e) {
-                set.insert(s.max(a), e.min(b));
+            for (a, b) in mappings.within(s, e) {
+                set.insert(a, b);
             }
         };
         if let Some(b) = &self.base {

@@ -407,10 +407,8 @@ pub fn restore_held_with(
     // The tree is built on one CPU: its hundreds of ptrace round trips are plain switches
     // there. Every process and thread inherits the mask; they get ours back at the end.
     let is_warm = warm.is_some();
-    let (mut warm, mut warm_uffd) = match warm {
-        Some((t, u)) => (Some(t), u),
-        None => (None, None),
-    };
+    let (mut warm, warm_uffd) = warm.unzip();
+    let mut warm_uffd = warm_uffd.flatten();
     let mut pinned =
         ferry_sys::sched::Pinned::here(&warm.iter().map(|t| t.pid).collect::<Vec<_>>());
     let stub = match &warm {

@@ -95,7 +95,7 @@ pub struct WarmTree {
     uffd: Option<ferry_sys::uffd::LazyUffd>,
     layout: WarmLayout,
     /// Where pre-copied pages are written in at once: memory not filled lazily.
-    direct: Vec<(u64, u64)>,
+    direct: RangeSet,
     written: RangeSet,
     pub built_ms: f64,
 }
@@ -127,12 +127,17 @@ pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
             queued: Vec::new(),
         }),
         uffd: None,
-        direct: layout
-            .mappings
-            .iter()
-            .filter(|m| !crate::memory::lazy_eligible(m) && m.kind == MapKind::File)
-            .map(|m| (m.start, m.end))
-            .collect(),
+        direct: {
+            let mut d = RangeSet::default();
+            for m in layout
+                .mappings
+                .iter()
+                .filter(|m| !crate::memory::lazy_eligible(m) && m.kind == MapKind::File)
+            {
+                d.insert(m.start, m.end);
+            }
+            d
+        },
         layout,
         written: RangeSet::default(),
         built_ms: 0.0,
@@ -175,16 +180,10 @@ impl WarmTree {
             return Ok(());
         }
         let end = addr + data.len() as u64;
-        // Sorted and disjoint: start at the first that ends after `addr` (a round sends
-        // hundreds of thousands of runs, nearly all in lazily filled memory).
-        let first = self.direct.partition_point(|&(_, e)| e <= addr);
-        for &(s, e) in self.direct[first..].iter().take_while(|&&(s, _)| s < end) {
-            let (a, b) = (s.max(addr), e.min(end));
-            if a < b {
-                let off = (a - addr) as usize;
-                ferry_sys::mem::write_mem(t.pid, a, &data[off..off + (b - a) as usize])?;
-                self.written.insert(a, b);
-            }
+        for (a, b) in self.direct.within(addr, end) {
+            let off = (a - addr) as usize;
+            ferry_sys::mem::write_mem(t.pid, a, &data[off..off + (b - a) as usize])?;
+            self.written.insert(a, b);
         }
         Ok(())
     }

@@ -78,6 +78,8 @@ impl PageServer {
         let thread = std::thread::spawn(move || -> Result<()> {
             let mut buf = Vec::new();
             let mut data = Vec::new();
+            // Each process's pagemap, opened once for all its requests.
+            let mut pagemaps = std::collections::HashMap::new();
             loop {
                 match wire::read_frame(&mut rd, &mut buf) {
                     Ok(Kind::PageRequest) => {}
@@ -93,7 +95,14 @@ impl PageServer {
                 let end = addr + len as u64;
                 // Only the pages the process holds: the rest is zero, and stays unallocated
                 // at the destination.
-                let present = ferry_sys::uffd::present_runs(pid, addr, end).map_err(|e| {
+                let listed = match pagemaps.entry(pid) {
+                    std::collections::hash_map::Entry::Occupied(p) => Ok(p.into_mut()),
+                    std::collections::hash_map::Entry::Vacant(v) => {
+                        ferry_sys::uffd::PresentPages::open(pid).map(|p| v.insert(p))
+                    }
+                }
+                .and_then(|p| p.runs(addr, end));
+                let present = listed.map_err(|e| {
                     MigrateError::Failed(format!(
                         "listing the pages at {addr:#x}-{end:#x} of process {pid}: {e}"
                     ))

@@ -79,9 +79,10 @@ pub fn sigactions(pid: i32) -> Result<Vec<KSigaction>> {
 }
 
 fn load() -> std::result::Result<Prog, String> {
-    let btf = std::fs::read("/sys/kernel/btf/vmlinux")
-        .map_err(|e| format!("reading /sys/kernel/btf/vmlinux: {e}"))?;
-    let t = Btf::parse(&btf)?;
+    crate::vmaflags::with_kernel_btf(load_with)
+}
+
+fn load_with(t: &Btf) -> std::result::Result<Prog, String> {
     let func = t
         .find(KIND_FUNC, "bpf_iter_task")
         .ok_or("the kernel's BTF has no bpf_iter_task (no task iterator)")?;

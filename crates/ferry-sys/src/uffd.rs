@@ -583,7 +583,28 @@ const PAGE_IS_PFNZERO: u64 = 1 << 5;
 pub fn present_runs(pid: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
     // A page-table walk costs ~4 ms per GiB: a large range is split across the CPUs (the
     // walks share the mmap lock for reading).
-    scan_in_parts(&[(start, end)], |s, e| present_runs_in(pid, s, e))
+    let p = PresentPages::open(pid)?;
+    scan_in_parts(&[(start, end)], |s, e| p.runs(s, e))
+}
+
+/// A process's pagemap kept open, for many small listings of the pages that hold data
+/// (post-copy's page server answers each request with one).
+pub struct PresentPages {
+    pid: i32,
+    pagemap: std::fs::File,
+}
+
+impl PresentPages {
+    pub fn open(pid: i32) -> Result<PresentPages> {
+        let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
+            .map_err(|e| Error::io(format!("opening /proc/{pid}/pagemap"), e))?;
+        Ok(PresentPages { pid, pagemap })
+    }
+
+    /// `present_runs` of [start, end), on this thread.
+    pub fn runs(&self, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
+        REGIONS.with_borrow_mut(|buf| present_runs_into(&self.pagemap, self.pid, buf, start, end))
+    }
 }
 
 /// `scan` over `ranges` (in address order), in one part per CPU when they are large: the
@@ -652,12 +673,6 @@ fn split_ranges(ranges: &[(u64, u64)]) -> Vec<Vec<(u64, u64)>> {
     }
     parts.retain(|p| !p.is_empty());
     parts
-}
-
-fn present_runs_in(pid: i32, start: u64, end: u64) -> Result<Vec<(u64, u64)>> {
-    let pagemap = std::fs::File::open(format!("/proc/{pid}/pagemap"))
-        .map_err(|e| Error::io(format!("opening /proc/{pid}/pagemap"), e))?;
-    REGIONS.with_borrow_mut(|buf| present_runs_into(&pagemap, pid, buf, start, end))
 }
 
 fn present_runs_into(
@@ -746,7 +761,10 @@ mod tests {
             unsafe { *((base + page * 4096) as *mut u8) = 1 };
         }
         let pid = std::process::id() as i32;
-        let whole = present_runs_in(pid, base, base + len as u64).unwrap();
+        let whole = PresentPages::open(pid)
+            .unwrap()
+            .runs(base, base + len as u64)
+            .unwrap();
         let split = present_runs(pid, base, base + len as u64).unwrap();
         assert_eq!(split, whole);
         let pages: u64 = split.iter().map(|(s, e)| (e - s) / 4096).sum();

@@ -186,10 +186,17 @@ struct Layout {
     vm_flags: i16,
 }
 
-fn load() -> std::result::Result<OwnedFd, String> {
-    let btf = std::fs::read("/sys/kernel/btf/vmlinux")
+/// `f` of the running kernel's BTF (`/sys/kernel/btf/vmlinux`), read and parsed for the call.
+pub(crate) fn with_kernel_btf<R>(
+    f: impl FnOnce(&Btf) -> std::result::Result<R, String>,
+) -> std::result::Result<R, String> {
+    let b = std::fs::read("/sys/kernel/btf/vmlinux")
         .map_err(|e| format!("reading /sys/kernel/btf/vmlinux: {e}"))?;
-    let l = layout(&btf)?;
+    f(&Btf::parse(&b)?)
+}
+
+fn load() -> std::result::Result<OwnedFd, String> {
+    let l = with_kernel_btf(layout)?;
     const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
     const STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
     const MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
@@ -252,8 +259,7 @@ pub(crate) fn load_iter_prog(
 }
 
 /// Where the program's fields lie, from the kernel's BTF.
-fn layout(btf: &[u8]) -> std::result::Result<Layout, String> {
-    let t = Btf::parse(btf)?;
+fn layout(t: &Btf) -> std::result::Result<Layout, String> {
     let func = t
         .find(KIND_FUNC, "bpf_iter_task_vma")
         .ok_or("the kernel's BTF has no bpf_iter_task_vma (no task_vma iterator)")?;
