@@ -506,10 +506,12 @@ pub fn dump_into(
     // Loaded before the freeze (once per process), not during it.
     let _ = ferry_sys::sighand::prepare();
     let t0 = Instant::now();
+    ferry_sys::timeline::mark(|| "freezing".into());
     procfs::check_inspectable(pid)?;
     // Any error from here on drops the Frozen processes, which resumes them untouched.
     let mut zombies = Vec::new();
     let mut tree = freeze_tree(pid, &mut zombies)?;
+    ferry_sys::timeline::mark(|| "frozen".into());
     if let Some(f) = on_frozen {
         f();
     }

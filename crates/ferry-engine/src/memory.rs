@@ -679,6 +679,16 @@ pub fn restore_layout(
             )?;
         }
     }
+    map_each(t, saved, shmem, ghosts)
+}
+
+/// Maps each of `saved` (not the kernel's areas) over whatever is there, with its advice.
+pub(crate) fn map_each(
+    t: &mut Target,
+    saved: &[MappingImage],
+    shmem: &mut std::collections::HashMap<u64, (i32, u64, u64)>,
+    ghosts: &std::collections::HashMap<u64, u64>,
+) -> Result<()> {
     let mut open_files: std::collections::HashMap<(&str, i32), u64> = Default::default();
     for m in saved {
         let len = m.end - m.start;

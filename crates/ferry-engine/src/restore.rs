@@ -289,13 +289,15 @@ pub fn restore_held_with(
             .as_ref()
             .map(|b| b.held(w.pid()))
             .unwrap_or_default();
+        let mut w = w;
         let fits = if !lazy || opts.netns.is_some() {
             Err("the restore fills every page before the process runs".to_string())
         } else {
-            w.fits(&imgs, &zombies, &held)
+            w.fit(&imgs, &zombies, &held)
         };
         warm_note = Some(match &fits {
-            Ok(()) => "used".to_string(),
+            Ok(0) => "used".to_string(),
+            Ok(n) => format!("used, {n} changed mappings made again"),
             Err(why) => format!("not used: {why}"),
         });
         // Not fitting, it is dropped (killed) here, and its PID is free again.
@@ -406,9 +408,10 @@ pub fn restore_held_with(
     lap.mark(&mut times.steps, "lazy_setup");
     // The tree is built on one CPU: its hundreds of ptrace round trips are plain switches
     // there. Every process and thread inherits the mask; they get ours back at the end.
-    let is_warm = warm.is_some();
-    let (mut warm, warm_uffd) = warm.unzip();
-    let mut warm_uffd = warm_uffd.flatten();
+    let (mut warm, mut warm_uffd, mut warm_written) = match warm {
+        Some((t, u, w)) => (Some(t), u, Some(w)),
+        None => (None, None, None),
+    };
     let mut pinned =
         ferry_sys::sched::Pinned::here(&warm.iter().map(|t| t.pid).collect::<Vec<_>>());
     let stub = match &warm {
@@ -497,7 +500,7 @@ pub fn restore_held_with(
                 &mut times,
                 &mut on_progress,
                 opts.base.as_deref(),
-                is_warm,
+                warm_written.take(),
                 warm_uffd.take(),
             )?;
             before += n * ferry_image::PAGE_SIZE as u64;
@@ -791,7 +794,8 @@ fn build(
     times: &mut Timings,
     on_progress: &mut dyn FnMut(u64),
     base_pages: Option<&dyn BasePages>,
-    warm: bool,
+    // A warm process: what was written into it already.
+    warm: Option<crate::lazy::RangeSet>,
     warm_uffd: Option<ferry_sys::uffd::LazyUffd>,
 ) -> Result<u64> {
     let tid = t.pid;
@@ -806,7 +810,7 @@ fn build(
     let mut lap = Lap::new();
     let ghosts = crate::ghost::restore(t, &img.ghosts, base)?;
     // A warm process has its layout, and the pre-copied pages outside lazily filled memory.
-    if !warm {
+    if warm.is_none() {
         memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
         lap.mark(&mut times.steps, "layout");
     }
@@ -833,10 +837,10 @@ fn build(
     }
     let in_lazy = |a: u64| lazy_maps.iter().any(|&(s, e)| s <= a && a < e);
     let tp = Instant::now();
-    if let Some(b) = base_pages.filter(|_| !warm) {
+    if let Some(b) = base_pages {
         // Older copies first: the image's pages are newer.
         let pid = t.pid;
-        if lazy_maps.is_empty() {
+        if lazy_maps.is_empty() && warm.is_none() {
             b.write_into(pid, &mut |a, d| Ok(ferry_sys::mem::write_mem(pid, a, d)?))?;
         } else {
             // Only held pages outside lazily filled memory (the filler does the rest): none
@@ -846,6 +850,9 @@ fn build(
                 outside.insert(s, e);
             }
             for &(s, e) in &lazy_maps {
+                outside.remove(s, e);
+            }
+            for (s, e) in warm.iter().flat_map(|w| w.runs()) {
                 outside.remove(s, e);
             }
             let mut buf = Vec::new();

@@ -18,6 +18,7 @@ impl Lap {
         let n = ferry_sys::freeze::injected_syscalls();
         *steps.entry(format!("{name}_syscalls")).or_default() += (n - self.1) as f64;
         self.1 = n;
+        ferry_sys::timeline::mark(|| name.to_string());
         let now = Instant::now();
         *steps.entry(name.to_string()).or_default() += (now - self.0).as_secs_f64() * 1e3;
         self.0 = now;

@@ -68,23 +68,45 @@ fn warmable(m: &MappingImage) -> bool {
     }
 }
 
-/// Two layouts that the restore would build the same way.
-fn same_layout(a: &[MappingImage], b: &[MappingImage]) -> Option<String> {
-    if a.len() != b.len() {
-        return Some(format!("{} mappings, not {}", b.len(), a.len()));
-    }
-    a.iter().zip(b).find_map(|(x, y)| {
-        let same = x.start == y.start
-            && x.end == y.end
-            && (x.read, x.write, x.exec, x.shared) == (y.read, y.write, y.exec, y.shared)
-            && x.kind == y.kind
-            && x.path == y.path
-            && x.offset == y.offset
-            && x.shmem == y.shmem
-            && x.ghost == y.ghost
-            && x.advice == y.advice;
-        (!same).then(|| format!("mapping {:#x}-{:#x} changed", y.start, y.end))
-    })
+/// Two mappings that the restore would build the same way.
+fn same_mapping(x: &MappingImage, y: &MappingImage) -> bool {
+    x.start == y.start
+        && x.end == y.end
+        && (x.read, x.write, x.exec, x.shared) == (y.read, y.write, y.exec, y.shared)
+        && x.kind == y.kind
+        && x.path == y.path
+        && x.offset == y.offset
+        && x.shmem == y.shmem
+        && x.ghost == y.ghost
+        && x.advice == y.advice
+}
+
+/// What changed from layout `old` to `new`: the mappings of `old` that are gone, and those
+/// of `new` that are to be made.
+fn layout_diff<'a>(
+    old: &'a [MappingImage],
+    new: &'a [MappingImage],
+) -> (Vec<&'a MappingImage>, Vec<&'a MappingImage>) {
+    let by_start = |l: &'a [MappingImage]| {
+        l.iter()
+            .map(|m| (m.start, m))
+            .collect::<std::collections::HashMap<u64, &MappingImage>>()
+    };
+    let (o, n) = (by_start(old), by_start(new));
+    let kept = |m: &MappingImage, other: &std::collections::HashMap<u64, &MappingImage>| {
+        other.get(&m.start).is_some_and(|x| same_mapping(m, x))
+    };
+    (
+        old.iter().filter(|m| !kept(m, &n)).collect(),
+        new.iter().filter(|m| !kept(m, &o)).collect(),
+    )
+}
+
+fn kernel_area(m: &MappingImage) -> bool {
+    matches!(
+        m.kind,
+        MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall
+    )
 }
 
 /// A process created ahead of the freeze, stopped, with its memory laid out. Dropping it
@@ -188,15 +210,17 @@ impl WarmTree {
         Ok(())
     }
 
-    /// The warm process, when the final image can be rebuilt into it: one process, the same
-    /// PID and layout, and every page written into it still valid (`held`: the page store's
-    /// valid ranges of the process). Err: why not.
-    pub(crate) fn fits(
-        &self,
+    /// Makes the warm process the final image's, if it can be: one process, the same PID,
+    /// every mapping that changed since it was built made again (unmapped, mapped, registered
+    /// if lazily filled), and every page written into it still valid (`held`: the page
+    /// store's valid ranges of the process). Ok: how many mappings were made again. Err: why
+    /// it cannot be used (it is then only fit to be killed).
+    pub(crate) fn fit(
+        &mut self,
         imgs: &[ProcessImage],
         zombies: &[ZombieImage],
         held: &[(u64, u64)],
-    ) -> std::result::Result<(), String> {
+    ) -> std::result::Result<usize, String> {
         if imgs.len() != 1 || !zombies.is_empty() {
             return Err("the tree has more than one process".into());
         }
@@ -210,9 +234,24 @@ impl WarmTree {
         if img.namespaces.mnt {
             return Err("the process has a mount namespace of its own".into());
         }
-        if let Some(why) = same_layout(&self.layout.mappings, &img.mappings) {
-            return Err(format!("its layout changed since it was built: {why}"));
+        // Put back below; on an error the warm tree is only fit to be killed.
+        let old = std::mem::take(&mut self.layout.mappings);
+        let (gone, made) = layout_diff(&old, &img.mappings);
+        if let Some(m) = gone.iter().chain(&made).find(|m| kernel_area(m)) {
+            return Err(format!("its {:?} area moved", m.kind));
         }
+        if let Some(m) = made.iter().find(|m| !warmable(m)) {
+            return Err(format!(
+                "mapping {:#x}-{:#x} ({:?}) appeared since it was built",
+                m.start, m.end, m.kind
+            ));
+        }
+        let changed = made.len().max(gone.len());
+        if changed > 0 {
+            self.remake(&gone, &made)
+                .map_err(|e| format!("remaking {changed} changed mappings: {e}"))?;
+        }
+        self.layout.mappings = img.mappings.clone();
         let mut stale = self.written.clone();
         for &(s, e) in held {
             stale.remove(s, e);
@@ -223,14 +262,38 @@ impl WarmTree {
                 stale.bytes()
             ));
         }
+        Ok(changed)
+    }
+
+    /// Unmaps `gone` and maps `made` (which do not overlap the mappings kept).
+    fn remake(&mut self, gone: &[&MappingImage], made: &[&MappingImage]) -> Result<()> {
+        let t = self.target.as_mut().expect("a warm tree holds its process");
+        for m in gone {
+            t.queue(
+                "munmap of a changed mapping",
+                libc::SYS_munmap,
+                [m.start, m.end - m.start, 0, 0, 0, 0],
+            )?;
+            self.written.remove(m.start, m.end);
+            self.direct.remove(m.start, m.end);
+        }
+        let made: Vec<MappingImage> = made.iter().map(|m| (*m).clone()).collect();
+        crate::memory::map_each(t, &made, &mut Default::default(), &Default::default())?;
+        for m in &made {
+            if crate::memory::lazy_eligible(m) {
+                if let Some(u) = &self.uffd {
+                    u.register(m.start, m.end)?;
+                }
+            }
+        }
         Ok(())
     }
 
-    /// The process, for the restore to finish, and the userfaultfd of its lazily filled
-    /// memory.
-    pub(crate) fn take(mut self) -> (Target, Option<ferry_sys::uffd::LazyUffd>) {
+    /// The process, for the restore to finish, the userfaultfd of its lazily filled memory,
+    /// and the ranges already written into it.
+    pub(crate) fn take(mut self) -> (Target, Option<ferry_sys::uffd::LazyUffd>, RangeSet) {
         let t = self.target.take().expect("a warm tree holds its process");
-        (t, self.uffd.take())
+        (t, self.uffd.take(), std::mem::take(&mut self.written))
     }
 }
 
@@ -278,13 +341,27 @@ mod tests {
         // Pages saved and huge pages counted do not change what is built.
         b[0].pages_saved = 1;
         b[1].thp_kb = 2048;
-        assert_eq!(same_layout(&a, &b), None);
+        let starts = |l: Vec<&MappingImage>| l.iter().map(|m| m.start).collect::<Vec<_>>();
+        let (gone, made) = layout_diff(&a, &b);
+        assert!(gone.is_empty() && made.is_empty());
         b[1].write = false;
-        assert!(same_layout(&a, &b).unwrap().contains("0x3000"));
-        assert!(same_layout(&a, &a[..1]).is_some());
+        let (gone, made) = layout_diff(&a, &b);
+        assert_eq!((starts(gone), starts(made)), (vec![0x3000], vec![0x3000]));
+        let (gone, made) = layout_diff(&a, &a[..1]);
+        assert_eq!((starts(gone), starts(made)), (vec![0x3000], vec![]));
         let mut c = a.clone();
         c[0].advice.push("dontfork".into());
-        assert!(same_layout(&a, &c).is_some());
+        c.push(m(0x9000, MapKind::Anon));
+        let (gone, made) = layout_diff(&a, &c);
+        assert_eq!(
+            (starts(gone), starts(made)),
+            (vec![0x1000], vec![0x1000, 0x9000])
+        );
+        // A heap that grew is made again.
+        let mut d = a.clone();
+        d[1].end += 0x4000;
+        let (gone, made) = layout_diff(&a, &d);
+        assert_eq!((starts(gone), starts(made)), (vec![0x3000], vec![0x3000]));
     }
 
     #[test]

@@ -475,13 +475,16 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     let dir = s.cfg.state_dir.join(&id);
     let img = dir.join("image");
     std::fs::create_dir_all(&img).map_err(io(format!("creating {}", img.display())))?;
-    let mut meta = std::io::BufWriter::new(
-        std::fs::File::create(img.join("meta.fimg")).map_err(io("creating meta.fimg"))?,
-    );
-    let mut pages = std::io::BufWriter::with_capacity(
-        1 << 20,
-        std::fs::File::create(img.join("pages.fimg")).map_err(io("creating pages.fimg"))?,
-    );
+    // Frames arrive whole (up to 1 MiB each): written as they come, unbuffered.
+    let mut meta =
+        std::fs::File::create(img.join("meta.fimg")).map_err(io("creating meta.fimg"))?;
+    let mut pages =
+        std::fs::File::create(img.join("pages.fimg")).map_err(io("creating pages.fimg"))?;
+    // The final image arrives frozen: its files' memory is allocated ahead (on tmpfs, fresh
+    // pages cost several ms per MiB on a busy VM).
+    let (mut reserved, mut round_bytes) = (16u64 << 20, 0u64);
+    reserve(&meta, 4 << 20);
+    reserve(&pages, reserved);
     let mut store = PageStore::create(&dir.join("precopy.pages"))?;
     // The process built ahead of the freeze, when the source sent its layout in time.
     let mut warm: Option<ferry_engine::warm::WarmTree> = None;
@@ -512,6 +515,9 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         }
         let tr = Instant::now();
         let kind = wire::read_frame(&mut rd, &mut buf)?;
+        if last_ack.is_some() {
+            ferry_sys::timeline::mark(|| format!("rx {kind:?} {}", buf.len()));
+        }
         if t_final.is_some() {
             final_read_ms += tr.elapsed().as_secs_f64() * 1e3;
         }
@@ -521,6 +527,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         let r = match kind {
             Kind::Pages => wire::page_runs(&buf).and_then(|runs| {
                 pages_seen = true;
+                round_bytes += buf.len() as u64;
                 runs.into_iter().try_for_each(|(pid, addr, data)| {
                     if let Some(Err(e)) = warm.as_mut().map(|w| w.write(pid, addr, data)) {
                         // Only a head start lost: the rebuild at the commit does it all.
@@ -551,6 +558,14 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                 s.update(&id, |m| m.rounds += 1);
                 // Everything of the round is stored: say so.
                 last_ack = Some(Instant::now());
+                // The final copy is about the size of the last round, often smaller.
+                let want = (2 * round_bytes + (16 << 20)).min(1 << 30);
+                if want > reserved {
+                    reserve(&pages, want);
+                    reserved = want;
+                }
+                round_bytes = 0;
+                ferry_sys::timeline::take();
                 wire::write_frame(&mut conn, Kind::RoundAck, &[])
             }
             Kind::ImageMeta => {
@@ -577,9 +592,8 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         // A full state directory, a bad frame: say so, and the source resumes.
         r.map_err(|e| fail(&mut conn, e))?;
     }
-    meta.flush().map_err(io("writing meta.fimg"))?;
-    pages.flush().map_err(io("writing pages.fimg"))?;
     drop((meta, pages));
+    ferry_sys::timeline::mark(|| "flushed".into());
     s.update(&id, |m| m.state = "restoring".into());
     // Addresses that move with the process: ours before its sockets are rebuilt.
     let flush_ms = t_commit.elapsed().as_secs_f64() * 1e3;
@@ -673,6 +687,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                 "prep_ms": prep_ms,
                 "commit_to_ready_ms": t_commit.elapsed().as_secs_f64() * 1e3,
                 "warm": warm_note,
+                "timeline": ferry_sys::timeline::take(),
             },
         }),
     )?;
@@ -722,4 +737,10 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     }
     s.update(&id, |m| m.state = "exited".into());
     Ok(())
+}
+
+/// Allocates `bytes` of `f` ahead of its writes, its size unchanged. Best effort: without it
+/// the writes allocate as they go, and fail themselves on a full disk.
+fn reserve(f: &std::fs::File, bytes: u64) {
+    let _ = ferry_sys::files::preallocate(f, bytes);
 }

@@ -87,6 +87,10 @@ pub struct MigrateReport {
     /// The destination's restore report (its phases: verify, layout, pages, rest, sockets).
     pub restore: serde_json::Value,
     pub notes: Vec<String>,
+    /// With `FERRY_TIMELINE` set: this side's marks of the final phase, on the monotonic
+    /// clock (ms) that the agent's marks (`restore.agent.timeline`) share.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub timeline: Vec<(String, f64)>,
 }
 
 /// The downtime, phase by phase (ms).
@@ -590,6 +594,8 @@ fn migrate_inner(
     let sink = |k| Box::new(FramedSink::new(w.clone(), k)) as Box<dyn Write + Send>;
     let mut iw = ferry_image::ImageWriter::new(sink(Kind::ImageMeta), sink(Kind::ImagePages))?;
     let tracked: Arc<Mutex<Vec<PrecopyRecord>>> = Arc::default();
+    // The rounds' marks are not wanted.
+    ferry_sys::timeline::take();
     let mut delta_fn = |pid: i32,
                         smaps: &[ferry_sys::procfs::SmapsEntry]|
      -> ferry_engine::Result<Option<ferry_engine::memory::Delta>> {
@@ -657,6 +663,7 @@ fn migrate_inner(
         ..Default::default()
     };
     let tc = Instant::now();
+    ferry_sys::timeline::mark(|| "dumped".into());
     let mut restore_report = serde_json::Value::Null;
     let mut released = Vec::new();
     let fin = (|| -> Result<i32> {
@@ -709,6 +716,7 @@ fn migrate_inner(
             g.flush().map_err(io("sending the image"))?;
         }
         phases.commit_sent_ms = tc.elapsed().as_secs_f64() * 1e3;
+        ferry_sys::timeline::mark(|| "commit sent".into());
         sent += summary.page_bytes;
         progress("final", sent, rounds.len() as u32);
         let mut buf = Vec::new();
@@ -716,6 +724,7 @@ fn migrate_inner(
             .set_read_timeout(Some(o.io_timeout.max(Duration::from_secs(120))))
             .map_err(io("socket timeout"))?;
         let answer = wire::read_frame(&mut rd, &mut buf);
+        ferry_sys::timeline::mark(|| "answer".into());
         // The smaps the image used are still the frozen tree's: checked on a thread since
         // the dump's collection; only what is left of it is waited for here.
         let tk = Instant::now();
@@ -773,6 +782,7 @@ fn migrate_inner(
         }
     }
     phases.to_ready_ms = tc.elapsed().as_secs_f64() * 1e3;
+    ferry_sys::timeline::mark(|| "doomed".into());
     let tg = Instant::now();
     let done = (|| -> Result<()> {
         let mut g = w.lock().unwrap();
@@ -786,6 +796,8 @@ fn migrate_inner(
         }
     })();
     let downtime_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
+    ferry_sys::timeline::mark(|| "done".into());
+    let timeline = ferry_sys::timeline::take();
     phases.go_to_done_ms = tg.elapsed().as_secs_f64() * 1e3;
     // What the destination says once its memory is whole (lazily filled modes).
     let mut read_filled = || -> Result<ferry_engine::lazy::FillReport> {
@@ -920,6 +932,7 @@ fn migrate_inner(
         phases,
         restore: restore_report,
         notes,
+        timeline,
     })
 }
 

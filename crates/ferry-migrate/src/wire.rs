@@ -245,6 +245,7 @@ impl<W: Write> FramedSink<W> {
         let mut c = self.conn.lock().unwrap();
         write_frame(&mut *c, self.kind, &[&self.buf])
             .map_err(|e| std::io::Error::other(e.to_string()))?;
+        ferry_sys::timeline::mark(|| format!("sent {:?} {}", self.kind, self.buf.len()));
         self.buf.clear();
         Ok(())
     }

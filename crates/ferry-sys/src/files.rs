@@ -103,3 +103,10 @@ pub fn pipe_with(
     }
     Ok((r, w))
 }
+
+/// Allocates the first `bytes` of `f` (fallocate with FALLOC_FL_KEEP_SIZE): its size stays,
+/// later writes there find their blocks or pages already allocated.
+pub fn preallocate(f: &std::fs::File, bytes: u64) -> nix::Result<()> {
+    use nix::fcntl::{fallocate, FallocateFlags};
+    fallocate(f, FallocateFlags::FALLOC_FL_KEEP_SIZE, 0, bytes as i64)
+}

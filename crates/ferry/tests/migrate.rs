@@ -321,38 +321,73 @@ fn without_bpf_the_flags_come_from_smaps_and_the_process_moves_intact() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
-/// A process whose layout changes while its memory crosses: the process built ahead no longer
-/// fits at the commit, so it is dropped and the tree is built after the freeze, intact.
+/// A process whose layout changes while its memory crosses. Mappings that grew or appeared
+/// are made again in the process built ahead, which is used; a mapping it cannot hold (shared
+/// memory, made once the source has sent the layout) makes the agent drop it and build the
+/// tree after the freeze. Either way every page, the new mappings' too, reads back.
 #[test]
-fn a_layout_changed_during_precopy_is_rebuilt_after_the_freeze() {
+fn a_layout_changed_during_precopy_is_remade_or_rebuilt_after_the_freeze() {
     let dir = tmpdir("warmmiss");
     let a1 = Agent::start(&dir, 29, &[]);
     let bin = build(&dir, "dirtier");
-    let out = dir.join("dirtier.out");
-    let mut c = Command::new(bin);
-    c.args(["64", "1000"]).arg(dir.join("dirtier.map"));
-    c.env("DIRTIER_GROW", "1");
-    let mut child = start_cmd(c, &out);
-    wait_for(&out, "ready");
-    let pid = child.id();
-    std::thread::sleep(Duration::from_millis(200));
-    let o = migrate(pid, &a1, &["--mode", "precopy"]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r = json(&o);
-    assert!(
-        r["restore"]["agent"]["warm"]
-            .as_str()
-            .is_some_and(|w| w.starts_with("built in")),
-        "{r}"
-    );
-    assert!(
-        r["restore"]["warm"]
-            .as_str()
-            .is_some_and(|w| w.starts_with("not used: its layout changed")),
-        "{r}"
-    );
-    child.wait().unwrap();
-    check_pass(a1.outer_pid(pid as i64), &out, 1);
+    for (grow, warm) in [("1", "used, "), ("shared", "not used: mapping ")] {
+        let out = dir.join(format!("dirtier-{grow}.out"));
+        let mut c = Command::new(&bin);
+        c.args(["128", "1000"])
+            .arg(dir.join(format!("dirtier-{grow}.map")));
+        c.env("DIRTIER_GROW", grow);
+        let mut child = start_cmd(c, &out);
+        wait_for(&out, "ready");
+        let pid = child.id();
+        std::thread::sleep(Duration::from_millis(200));
+        let (url, tok) = (a1.url.clone(), a1.tok.clone());
+        let h = std::thread::spawn(move || {
+            ferry(&[
+                "migrate",
+                "--pid",
+                &pid.to_string(),
+                "--to",
+                &url,
+                "--token-file",
+                tok.to_str().unwrap(),
+                "--json",
+            ])
+        });
+        if grow == "shared" {
+            // The layout has left once the agent has bytes: the shared mapping comes after.
+            let end = Instant::now() + Duration::from_secs(20);
+            loop {
+                let m = a1.try_get("/v1/migrations").unwrap_or_default();
+                let now = m.as_array().into_iter().flatten().any(|x| {
+                    x["state"] == "receiving" && x["bytes_received"].as_u64().unwrap_or(0) > 0
+                });
+                if now {
+                    break;
+                }
+                assert!(Instant::now() < end, "migration never started: {m}");
+                std::thread::sleep(Duration::from_millis(1));
+            }
+            kill(pid, "USR2");
+        }
+        let o = h.join().unwrap();
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = json(&o);
+        assert!(
+            r["restore"]["agent"]["warm"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("built in")),
+            "{r}"
+        );
+        assert!(
+            r["restore"]["warm"]
+                .as_str()
+                .is_some_and(|w| w.starts_with(warm)),
+            "DIRTIER_GROW={grow}: {}",
+            r["restore"]["warm"]
+        );
+        child.wait().unwrap();
+        check_pass(a1.outer_pid(pid as i64), &out, 1);
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
