@@ -369,6 +369,12 @@ impl Watch {
 }
 
 impl Filler {
+    /// Prepares what `start` needs that costs time (its guardian process), ahead of a frozen
+    /// phase.
+    pub fn prepare() {
+        ferry_sys::guard::prepare();
+    }
+
     pub fn start(sources: Sources) -> Result<Filler> {
         let (tx, rx) = std::sync::mpsc::channel();
         let stop = Arc::new(AtomicBool::new(false));

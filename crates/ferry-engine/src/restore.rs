@@ -258,16 +258,21 @@ pub fn restore_held_with(
     // Everything is checked before any process exists. pages.fimg is mapped: checked in
     // place, then written from there into the processes.
     let (mut reader, map) = open_mapped(dir)?;
+    ferry_sys::timeline::mark(|| "verify: opened".into());
     let imgs = load(dir, &reader)?;
     let zombies: Vec<ZombieImage> = reader.find(TAG_ZOMBIE)?;
+    ferry_sys::timeline::mark(|| "verify: loaded".into());
     // The headers are walked in order; the data's checksums are checked on every CPU.
     let (summary, index) = reader.index_pages()?;
     let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
     ferry_image::check_blocks(map.bytes(), &index, threads)?;
+    ferry_sys::timeline::mark(|| "verify: blocks checked".into());
     // Paths on mounts the tree made are checked where they are now (or not, when the restore
     // makes them).
     let mounts = crate::namespaces::MountView::new(&imgs[0].namespaces);
     mounts.check()?;
+    ferry_sys::timeline::mark(|| "verify: mounts".into());
+
     for img in &imgs {
         memory::check_files(&mounts.mappings(&img.mappings))?;
         files::check(&img.fds, opts.allow_changed_files, &mounts)?;
@@ -281,6 +286,8 @@ pub fn restore_held_with(
         }
     }
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
+    ferry_sys::timeline::mark(|| "verify: files".into());
+
     let lazy = opts.lazy || opts.remote.is_some();
     let mut warm_note = None;
     let warm = warm.and_then(|w| {
@@ -303,6 +310,7 @@ pub fn restore_held_with(
         // Not fitting, it is dropped (killed) here, and its PID is free again.
         fits.ok().map(|_| w.take())
     });
+    ferry_sys::timeline::mark(|| "warm fit".into());
     let mut times = Timings::default();
     let mut lap = Lap::new();
     let root = imgs[0].pid;
@@ -403,6 +411,7 @@ pub fn restore_held_with(
             let ranges: Vec<(u64, u64)> = lazy_maps.iter().map(|m| (m.start, m.end)).collect();
             missing.insert(img.pid, src.missing(img.pid, &ranges));
         }
+    ferry_sys::timeline::mark(|| "lazy: missing".into());
         filler = Some(crate::lazy::Filler::start(src)?);
     }
     lap.mark(&mut times.steps, "lazy_setup");
@@ -516,6 +525,7 @@ pub fn restore_held_with(
                 .collect();
             pinned.adopt(&tids);
             drop(pinned);
+            ferry_sys::timeline::mark(|| "unpinned".into());
             p
         }
         Err(e) => {

@@ -538,6 +538,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                 })
             }),
             Kind::Layout => {
+                ferry_engine::lazy::Filler::prepare();
                 // Built on this thread, the one that restores it later (it traces it).
                 match wire::parse::<ferry_engine::warm::WarmLayout>(kind, &buf) {
                     Ok(_) if pages_seen || warm.is_some() => {
@@ -556,6 +557,8 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             }
             Kind::Round => {
                 s.update(&id, |m| m.rounds += 1);
+                // The rebuild's filler needs a guardian process: forked now, not frozen.
+                ferry_engine::lazy::Filler::prepare();
                 // Everything of the round is stored: say so.
                 last_ack = Some(Instant::now());
                 // The final copy is about the size of the last round, often smaller.
@@ -652,6 +655,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         Ok(ferry_engine::restore_held_with(&img, &opts, warm.take())?)
     })();
     let mut restored = restored.map_err(|e| fail(&mut conn, e))?;
+    ferry_sys::timeline::mark(|| "restored".into());
     let filler = restored.take_filler();
     let (pid, ms) = (restored.report.pid, restored.report.restore_ms);
     // A cancel that came during the rebuild still wins: the rebuilt tree is dropped (killed)
