@@ -30,6 +30,19 @@ pub struct RestoreOptions {
     /// Post-copy: where the pages the image lists as left behind (`MappingImage::lazy`) are
     /// fetched from. Implies `lazy`.
     pub remote: Option<std::sync::Arc<dyn crate::lazy::RemotePages>>,
+    /// Called before the sockets are rebuilt: the addresses they bind are in place once it
+    /// returns (a migration takes them on a thread of its own meanwhile).
+    pub before_sockets: Option<Hook>,
+}
+
+/// A step of the caller's that the restore runs at a given point.
+#[derive(Clone)]
+pub struct Hook(pub std::sync::Arc<dyn Fn() -> Result<()> + Send + Sync>);
+
+impl std::fmt::Debug for Hook {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Hook")
+    }
 }
 
 /// Pages of the restored processes that are not in the image: what pre-copy rounds sent.
@@ -332,6 +345,9 @@ pub fn restore_held_with(
     let all_socks: Vec<&crate::sockets::SocketImage> =
         imgs.iter().flat_map(|i| i.sockets.iter()).collect();
     let mut built = crate::sockets::Built::default();
+    if let Some(f) = &opts.before_sockets {
+        (f.0)()?;
+    }
     let ts = Instant::now();
     for s in &all_socks {
         crate::sockets::build(&mut built, s, &all_socks).map_err(|e| {
@@ -411,7 +427,7 @@ pub fn restore_held_with(
             let ranges: Vec<(u64, u64)> = lazy_maps.iter().map(|m| (m.start, m.end)).collect();
             missing.insert(img.pid, src.missing(img.pid, &ranges));
         }
-    ferry_sys::timeline::mark(|| "lazy: missing".into());
+        ferry_sys::timeline::mark(|| "lazy: missing".into());
         filler = Some(crate::lazy::Filler::start(src)?);
     }
     lap.mark(&mut times.steps, "lazy_setup");

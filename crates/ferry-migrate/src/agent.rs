@@ -598,15 +598,27 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     drop((meta, pages));
     ferry_sys::timeline::mark(|| "flushed".into());
     s.update(&id, |m| m.state = "restoring".into());
-    // Addresses that move with the process: ours before its sockets are rebuilt.
     let flush_ms = t_commit.elapsed().as_secs_f64() * 1e3;
-    let tclaim = Instant::now();
-    let mut claimed = Vec::new();
-    for a in commit["addresses"].as_array().into_iter().flatten() {
-        let c = crate::netmove::claim(a.as_str().unwrap_or("")).map_err(|e| fail(&mut conn, e))?;
-        claimed.push(c);
+    // Addresses that move with the process: ours before its sockets are rebuilt. Taken on a
+    // thread while the restore checks the image (each takes the kernel ~0.2-0.5 ms).
+    let addrs: Vec<String> = commit["addresses"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|a| a.as_str().unwrap_or("").to_string())
+        .collect();
+    let claims = Arc::new(Claims::default());
+    if !addrs.is_empty() {
+        let c = claims.clone();
+        *claims.job.lock().unwrap() = Some(std::thread::spawn(move || {
+            let t = Instant::now();
+            for a in &addrs {
+                let got = crate::netmove::claim(a)?;
+                c.got.lock().unwrap().push(got);
+            }
+            Ok(t.elapsed().as_secs_f64() * 1e3)
+        }));
     }
-    let claim_ms = tclaim.elapsed().as_secs_f64() * 1e3;
     let mode = s
         .migrations
         .lock()
@@ -644,8 +656,13 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         } else {
             None
         };
+        let c = claims.clone();
         let opts = ferry_engine::RestoreOptions {
             detach: true,
+            before_sockets: Some(ferry_engine::restore::Hook(Arc::new(move || {
+                c.wait()
+                    .map_err(|e| ferry_engine::EngineError::Failed(e.to_string()))
+            }))),
             base: Some(Arc::new(store)),
             // Everything but stop-and-copy runs before its memory is filled in.
             lazy: mode != "stop",
@@ -654,7 +671,12 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         };
         Ok(ferry_engine::restore_held_with(&img, &opts, warm.take())?)
     })();
+    // Taken (or failed) whatever became of the restore: what was taken is given back on error.
+    let claimed_ok = claims.wait();
+    let claimed = std::mem::take(&mut *claims.got.lock().unwrap());
+    let claim_ms = *claims.ms.lock().unwrap();
     let mut restored = restored.map_err(|e| fail(&mut conn, e))?;
+    claimed_ok.map_err(|e| fail(&mut conn, e))?;
     ferry_sys::timeline::mark(|| "restored".into());
     let filler = restored.take_filler();
     let (pid, ms) = (restored.report.pid, restored.report.restore_ms);
@@ -747,4 +769,26 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
 /// the writes allocate as they go, and fail themselves on a full disk.
 fn reserve(f: &std::fs::File, bytes: u64) {
     let _ = ferry_sys::files::preallocate(f, bytes);
+}
+
+/// Addresses being taken for a migrating tree, on a thread of their own.
+#[derive(Default)]
+struct Claims {
+    job: Mutex<Option<std::thread::JoinHandle<Result<f64>>>>,
+    got: Mutex<Vec<crate::netmove::Claimed>>,
+    ms: Mutex<f64>,
+}
+
+impl Claims {
+    /// Waits until every address is taken (at once if there are none, or on later calls).
+    fn wait(&self) -> Result<()> {
+        let Some(h) = self.job.lock().unwrap().take() else {
+            return Ok(());
+        };
+        let ms = h.join().map_err(|_| {
+            MigrateError::Failed("the thread taking the moved addresses panicked".into())
+        })??;
+        *self.ms.lock().unwrap() = ms;
+        Ok(())
+    }
 }

@@ -16,6 +16,59 @@ pub struct Guardian {
     sock: OwnedFd,
     pid: i32,
     done: bool,
+    /// What the child uses of our memory: dropped after it is reaped.
+    _child: Box<Child>,
+}
+
+const CHILD_STACK: usize = 64 << 10;
+
+struct Child {
+    sock: i32,
+    pids: Box<[i32]>,
+    stack: Stack,
+}
+
+/// An anonymous mapping for a child's stack.
+struct Stack {
+    ptr: *mut libc::c_void,
+    len: usize,
+}
+
+// SAFETY: the mapping is owned by this value alone.
+unsafe impl Send for Stack {}
+
+impl Stack {
+    fn new(len: usize) -> Result<Stack> {
+        // SAFETY: a new private anonymous mapping at an address the kernel chooses.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_STACK,
+                -1,
+                0,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(Error::io(
+                "mapping the guardian's stack",
+                std::io::Error::last_os_error(),
+            ));
+        }
+        Ok(Stack { ptr, len })
+    }
+
+    fn top(&self) -> *mut libc::c_void {
+        (self.ptr as usize + self.len) as *mut libc::c_void
+    }
+}
+
+impl Drop for Stack {
+    fn drop(&mut self) {
+        // SAFETY: unmapping our own mapping, which nothing uses any more.
+        unsafe { libc::munmap(self.ptr, self.len) };
+    }
 }
 
 /// A guardian forked ahead of need (`prepare`).
@@ -59,25 +112,34 @@ impl Guardian {
         }
         // SAFETY: both fds were just created and are ours.
         let (ours, theirs) = unsafe { (OwnedFd::from_raw_fd(sv[0]), OwnedFd::from_raw_fd(sv[1])) };
-        // Allocated before the fork: the child must not allocate.
-        let mut pids = vec![0i32; MAX_PIDS];
-        // SAFETY: the child runs only async-signal-safe system calls on memory it owns (its
-        // copy of `pids` and locals) and leaves with _exit.
-        let child = unsafe { libc::fork() };
-        if child < 0 {
+        // The child shares our memory (CLONE_VM): a fork would copy the page tables of the
+        // whole process, and every page we wrote afterwards would be copied again on its first
+        // write (a millisecond and more, in an agent's frozen phase). Its stack, its PID list
+        // and its arguments are ours, freed only once it is reaped; it makes raw system calls
+        // only (no libc: it shares our thread's TLS, errno included).
+        let mut child = Box::new(Child {
+            sock: theirs.as_raw_fd(),
+            pids: vec![0i32; MAX_PIDS].into_boxed_slice(),
+            stack: Stack::new(CHILD_STACK)?,
+        });
+        let top = child.stack.top();
+        let arg = &mut *child as *mut Child as *mut libc::c_void;
+        // SAFETY: the child runs `guardian_main` on its own stack (`top`, 16-byte aligned, of
+        // a live mapping), reading only `*arg`, both owned by the Guardian and freed only after
+        // the child is reaped; SIGCHLD makes it a child we can wait for.
+        let pid = unsafe { libc::clone(guardian_main, top, libc::CLONE_VM | libc::SIGCHLD, arg) };
+        if pid < 0 {
             return Err(Error::io(
-                "fork of the guardian",
+                "clone of the guardian",
                 std::io::Error::last_os_error(),
             ));
-        }
-        if child == 0 {
-            guard_loop(theirs.as_raw_fd(), &mut pids);
         }
         drop(theirs);
         Ok(Guardian {
             sock: ours,
-            pid: child,
+            pid,
             done: false,
+            _child: child,
         })
     }
 
@@ -146,15 +208,63 @@ impl Drop for Guardian {
     }
 }
 
-/// The guardian's whole life (in the forked child).
-fn guard_loop(sock: i32, pids: &mut [i32]) -> ! {
-    // SAFETY: raw system calls on the child's own fds and memory.
+/// A system call without libc (which would set errno in the TLS the child shares with the
+/// thread that made it). Returns the kernel's result: negative is -errno.
+#[cfg(target_arch = "x86_64")]
+unsafe fn raw_syscall(n: libc::c_long, a: [usize; 4]) -> isize {
+    let ret: isize;
+    // SAFETY: the caller passes a system call and arguments valid for it; the kernel
+    // clobbers only rcx and r11.
     unsafe {
-        // Keep nothing of the parent's but our socket (its listeners must die with it).
-        libc::dup2(sock, 3);
-        libc::syscall(libc::SYS_close_range, 0u32, 2u32, 0u32);
-        libc::syscall(libc::SYS_close_range, 4u32, u32::MAX, 0u32);
-        let sock = 3;
+        std::arch::asm!(
+            "syscall",
+            inlateout("rax") n as isize => ret,
+            in("rdi") a[0],
+            in("rsi") a[1],
+            in("rdx") a[2],
+            in("r10") a[3],
+            lateout("rcx") _,
+            lateout("r11") _,
+            options(nostack)
+        );
+    }
+    ret
+}
+
+#[cfg(target_arch = "aarch64")]
+unsafe fn raw_syscall(n: libc::c_long, a: [usize; 4]) -> isize {
+    let ret: isize;
+    // SAFETY: the caller passes a system call and arguments valid for it.
+    unsafe {
+        std::arch::asm!(
+            "svc 0",
+            in("x8") n,
+            inlateout("x0") a[0] as isize => ret,
+            in("x1") a[1],
+            in("x2") a[2],
+            in("x3") a[3],
+            options(nostack)
+        );
+    }
+    ret
+}
+
+/// The guardian's whole life, in the child that shares our memory (`Guardian::spawn`).
+extern "C" fn guardian_main(arg: *mut libc::c_void) -> libc::c_int {
+    // SAFETY: `arg` is the Child that the parent keeps alive until this process is reaped;
+    // only raw system calls are made, on this process's own fd table, its own stack, and
+    // the PID list lent to it.
+    unsafe {
+        let child = &mut *(arg as *mut Child);
+        let (pids, cap) = (child.pids.as_mut_ptr(), child.pids.len());
+        // Keep nothing of the parent's fds but our socket (its listeners must die with it).
+        let mut sock = child.sock;
+        if sock != 3 {
+            raw_syscall(libc::SYS_dup3, [sock as usize, 3, 0, 0]);
+            sock = 3;
+        }
+        raw_syscall(libc::SYS_close_range, [0, 2, 0, 0]);
+        raw_syscall(libc::SYS_close_range, [4, u32::MAX as usize, 0, 0]);
         let mut n = 0usize;
         let mut done = false;
         loop {
@@ -169,8 +279,11 @@ fn guard_loop(sock: i32, pids: &mut [i32]) -> ! {
             mh.msg_iovlen = 1;
             mh.msg_control = cbuf.as_mut_ptr() as *mut libc::c_void;
             mh.msg_controllen = std::mem::size_of_val(&cbuf);
-            let got = libc::recvmsg(sock, &mut mh, 0);
-            if got < 0 && *libc::__errno_location() == libc::EINTR {
+            let got = raw_syscall(
+                libc::SYS_recvmsg,
+                [sock as usize, &mut mh as *mut libc::msghdr as usize, 0, 0],
+            );
+            if got == -(libc::EINTR as isize) {
                 continue;
             }
             if got <= 0 {
@@ -181,16 +294,20 @@ fn guard_loop(sock: i32, pids: &mut [i32]) -> ! {
                 break;
             }
             // The received fd (if any) stays open in this process: that is the point.
-            if got == 4 && n < pids.len() {
-                pids[n] = i32::from_ne_bytes(msg);
+            if got == 4 && n < cap {
+                *pids.add(n) = i32::from_ne_bytes(msg);
                 n += 1;
             }
         }
         if !done {
-            for &p in &pids[..n] {
-                libc::kill(p, libc::SIGKILL);
+            for k in 0..n {
+                raw_syscall(
+                    libc::SYS_kill,
+                    [*pids.add(k) as usize, libc::SIGKILL as usize, 0, 0],
+                );
             }
         }
-        libc::_exit(0);
+        raw_syscall(libc::SYS_exit, [0, 0, 0, 0]);
     }
+    0
 }

@@ -249,10 +249,8 @@ pub fn restore(a: RestoreArgs) -> Result<u8> {
                 detach: true,
                 allow_changed_files: a.allow_changed_files,
                 netns: a.netns.clone(),
-                base: None,
-                progress: Default::default(),
                 lazy: a.lazy,
-                remote: None,
+                ..Default::default()
             },
         )?;
         println!("{}", serde_json::to_string(&r)?);
@@ -266,10 +264,9 @@ pub fn restore(a: RestoreArgs) -> Result<u8> {
             detach: a.detach,
             allow_changed_files: a.allow_changed_files,
             netns: a.netns.clone(),
-            base: None,
             progress: progress_bar(a.quiet).1,
             lazy: a.lazy,
-            remote: None,
+            ..Default::default()
         },
     )?;
     if a.json {
