@@ -533,6 +533,7 @@ pub fn dump_into(
         table: crate::netblock::table_name(pid),
     };
     crate::sockets::plan_blocks(&mut net.st, &tree_pids)?;
+    ferry_sys::timeline::mark(|| "netblock: planned".into());
     crate::netblock::apply(&mut net.st.blocks, &net.table)?;
     lap.mark(&mut steps, "netblock");
     let mut seen = files::Seen::default();

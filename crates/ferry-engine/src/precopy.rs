@@ -232,6 +232,7 @@ impl Tracking {
             }
             None => t.written_all_last()?,
         };
+        ferry_sys::timeline::mark(|| "last scan joined".into());
         // In address order, each page once: a mapping that grew is registered again over
         // its old range, so two registered ranges may overlap.
         let dirty = normalize(dirty);

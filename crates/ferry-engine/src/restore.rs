@@ -33,6 +33,9 @@ pub struct RestoreOptions {
     /// Called before the sockets are rebuilt: the addresses they bind are in place once it
     /// returns (a migration takes them on a thread of its own meanwhile).
     pub before_sockets: Option<Hook>,
+    /// The page data's checksums were checked as it arrived (a migration's stream, checked
+    /// frame by frame, written here moments ago): the blocks' own are not checked again.
+    pub data_checked: bool,
 }
 
 /// A step of the caller's that the restore runs at a given point.
@@ -268,6 +271,7 @@ pub fn restore_held_with(
     warm: Option<crate::warm::WarmTree>,
 ) -> Result<Restored> {
     let t0 = Instant::now();
+    ferry_sys::timeline::mark(|| "restore: start".into());
     // Everything is checked before any process exists. pages.fimg is mapped: checked in
     // place, then written from there into the processes.
     let (mut reader, map) = open_mapped(dir)?;
@@ -277,8 +281,10 @@ pub fn restore_held_with(
     ferry_sys::timeline::mark(|| "verify: loaded".into());
     // The headers are walked in order; the data's checksums are checked on every CPU.
     let (summary, index) = reader.index_pages()?;
-    let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
-    ferry_image::check_blocks(map.bytes(), &index, threads)?;
+    if !opts.data_checked {
+        let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
+        ferry_image::check_blocks(map.bytes(), &index, threads)?;
+    }
     ferry_sys::timeline::mark(|| "verify: blocks checked".into());
     // Paths on mounts the tree made are checked where they are now (or not, when the restore
     // makes them).

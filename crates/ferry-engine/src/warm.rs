@@ -269,6 +269,12 @@ impl WarmTree {
     fn remake(&mut self, gone: &[&MappingImage], made: &[&MappingImage]) -> Result<()> {
         let t = self.target.as_mut().expect("a warm tree holds its process");
         for m in gone {
+            // Registered memory: unmapped, it would wait for a reader of the event.
+            if crate::memory::lazy_eligible(m) {
+                if let Some(u) = &self.uffd {
+                    u.unregister(m.start, m.end)?;
+                }
+            }
             t.queue(
                 "munmap of a changed mapping",
                 libc::SYS_munmap,

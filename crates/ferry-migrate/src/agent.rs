@@ -619,6 +619,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             Ok(t.elapsed().as_secs_f64() * 1e3)
         }));
     }
+    ferry_sys::timeline::mark(|| "claiming".into());
     let mode = s
         .migrations
         .lock()
@@ -657,8 +658,11 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             None
         };
         let c = claims.clone();
+        ferry_sys::timeline::mark(|| "prepared".into());
         let opts = ferry_engine::RestoreOptions {
             detach: true,
+            // Every frame's checksum was checked on arrival.
+            data_checked: true,
             before_sockets: Some(ferry_engine::restore::Hook(Arc::new(move || {
                 c.wait()
                     .map_err(|e| ferry_engine::EngineError::Failed(e.to_string()))

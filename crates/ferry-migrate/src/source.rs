@@ -412,11 +412,23 @@ fn migrate_inner(
     if o.mode != Mode::Stop {
         // The layout goes first, so that the destination creates the process while memory
         // crosses; the smaps read for it serves the final dump as well.
-        let h = smaps_hint(o.pid);
-        let preview = match h.get(&o.pid) {
-            _ if std::env::var_os("FERRY_NO_WARM").is_some() => Err("FERRY_NO_WARM is set".into()),
-            Some(sm) => ferry_engine::warm::preview(o.pid, sm),
-            None => Err(format!("process {} has no smaps", o.pid)),
+        // A process that maps or unmaps between the smaps read and the maps read gets a
+        // second and a third try.
+        let mut tries = 0;
+        let (h, preview) = loop {
+            let h = smaps_hint(o.pid);
+            let preview = match h.get(&o.pid) {
+                _ if std::env::var_os("FERRY_NO_WARM").is_some() => {
+                    Err("FERRY_NO_WARM is set".into())
+                }
+                Some(sm) => ferry_engine::warm::preview(o.pid, sm),
+                None => Err(format!("process {} has no smaps", o.pid)),
+            };
+            tries += 1;
+            match preview {
+                Err(why) if tries < 3 && why.contains("is not in its smaps") => continue,
+                p => break (h, p),
+            }
         };
         match preview {
             Ok(l) => {

@@ -477,6 +477,22 @@ impl LazyUffd {
         Ok(())
     }
 
+    /// Stop reporting [start, end): before it is unmapped while nothing reads the events (an
+    /// unmap of registered memory waits until its event is read).
+    pub fn unregister(&self, start: u64, end: u64) -> Result<()> {
+        let mut r = [start, end - start];
+        ioctl(
+            &self.uffd,
+            UFFDIO_UNREGISTER,
+            &mut r,
+            &format!(
+                "UFFDIO_UNREGISTER of {start:#x}-{end:#x} in process {}",
+                self.pid
+            ),
+        )?;
+        Ok(())
+    }
+
     /// Events waiting now (none when there are none: the fd is non-blocking).
     pub fn events(&self) -> Result<Vec<UffdEvent>> {
         let mut buf = [0u8; 32 * 16];
