@@ -82,10 +82,16 @@ fn collect(
 ) -> Result<(ProcessImage, Vec<procfs::Mapping>)> {
     let pid = frozen.pid();
     let mut lap = Lap::new();
-    let mut threads = regs::dump(frozen)?;
+    // Where BPF serves: every thread's clear-child-tid address and alternate stack in one
+    // pass, not two injected syscalls per thread.
+    let known: std::collections::HashMap<i32, ferry_sys::taskstate::TaskState> =
+        ferry_sys::taskstate::threads(pid)
+            .map(|v| v.into_iter().map(|t| (t.tid, t)).collect())
+            .unwrap_or_default();
+    let mut threads = regs::dump(frozen, &known)?;
     lap.mark(steps, "registers");
     for th in threads.iter_mut() {
-        (th.sigaltstack, th.pending) = signals::dump_thread(frozen, th.tid)?;
+        (th.sigaltstack, th.pending) = signals::dump_thread(frozen, th.tid, known.get(&th.tid))?;
     }
     let (shared_pending, itimers) = signals::dump_process(frozen)?;
     let posix_timers = signals::dump_timers(frozen)?;
@@ -308,6 +314,7 @@ pub fn prepare_for_freeze() -> Result<()> {
     memory::warm_buffers();
     // Signal dispositions fall back to injected syscalls quietly: only slower.
     let _ = ferry_sys::sighand::prepare();
+    let _ = ferry_sys::taskstate::prepare();
     Ok(ferry_sys::vmaflags::prepare()?)
 }
 
@@ -505,6 +512,7 @@ pub fn dump_into(
     memory::warm_buffers();
     // Loaded before the freeze (once per process), not during it.
     let _ = ferry_sys::sighand::prepare();
+    let _ = ferry_sys::taskstate::prepare();
     let t0 = Instant::now();
     ferry_sys::timeline::mark(|| "freezing".into());
     procfs::check_inspectable(pid)?;

@@ -73,11 +73,19 @@ fn restart_fixup(r: &mut Regs) {
     }
 }
 
-pub fn dump(frozen: &mut Frozen) -> Result<Vec<ThreadImage>> {
+/// `known`: the threads' state read by BPF (`taskstate`), where it could be; the others'
+/// clear-child-tid address is read by an injected prctl.
+pub fn dump(
+    frozen: &mut Frozen,
+    known: &std::collections::HashMap<i32, ferry_sys::taskstate::TaskState>,
+) -> Result<Vec<ThreadImage>> {
     let mut out = Vec::new();
     let pid = frozen.pid();
     for t in frozen.threads().to_vec() {
-        let clear_tid = frozen.tid_address(t.tid)?;
+        let clear_tid = match known.get(&t.tid) {
+            Some(k) => k.clear_tid,
+            None => frozen.tid_address(t.tid)?,
+        };
         let name = std::fs::read_to_string(format!("/proc/{pid}/task/{}/comm", t.tid))
             .map(|s| s.trim_end().to_string())
             .unwrap_or_default();

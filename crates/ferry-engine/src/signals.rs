@@ -109,23 +109,33 @@ fn siginfo(s: &str) -> Result<Vec<u8>> {
 pub type AltStack = (u64, u32, u64);
 
 /// Per thread: alternate signal stack and thread-directed pending signals.
-pub fn dump_thread(frozen: &mut Frozen, tid: i32) -> Result<(Option<AltStack>, Vec<String>)> {
-    let b = inject_read(
-        frozen,
-        tid,
-        "sigaltstack",
-        libc::SYS_sigaltstack,
-        |s| [0, s, 0, 0, 0, 0],
-        24,
-    )?;
-    let flags = u32::from_le_bytes(b[8..12].try_into().unwrap());
-    let ss = (flags & libc::SS_DISABLE as u32 == 0).then(|| {
-        (
-            u64_at(&b, 0),
-            flags & !(libc::SS_ONSTACK as u32),
-            u64_at(&b, 16),
-        )
-    });
+/// `known`: the thread's alternate stack as BPF read it (`taskstate`); without it, an
+/// injected sigaltstack reads it.
+pub fn dump_thread(
+    frozen: &mut Frozen,
+    tid: i32,
+    known: Option<&ferry_sys::taskstate::TaskState>,
+) -> Result<(Option<AltStack>, Vec<String>)> {
+    let (sp, flags, size) = match known {
+        Some(k) => k.altstack,
+        None => {
+            let b = inject_read(
+                frozen,
+                tid,
+                "sigaltstack",
+                libc::SYS_sigaltstack,
+                |s| [0, s, 0, 0, 0, 0],
+                24,
+            )?;
+            let flags = u32::from_le_bytes(b[8..12].try_into().unwrap());
+            (u64_at(&b, 0), flags, u64_at(&b, 16))
+        }
+    };
+    let ss = (flags & libc::SS_DISABLE as u32 == 0).then_some((
+        sp,
+        flags & !(libc::SS_ONSTACK as u32),
+        size,
+    ));
     let pending = frozen
         .pending_siginfo(tid, false)?
         .iter()

@@ -14,6 +14,7 @@ pub mod procfs;
 pub mod sched;
 pub mod sighand;
 pub mod spawn;
+pub mod taskstate;
 pub mod timeline;
 pub mod uffd;
 pub mod vmaflags;
