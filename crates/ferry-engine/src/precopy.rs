@@ -36,6 +36,8 @@ pub struct Tracking {
     sent: HashMap<i32, crate::lazy::RangeSet>,
     /// The last scans, started at the freeze (`start_last_scans`).
     last: HashMap<i32, LastScanJob>,
+    /// Only private file mappings are tracked (`start_files`).
+    files_only: bool,
 }
 
 /// The tree of `pid` as it is now (no freezing): the root and its descendants.
@@ -119,6 +121,21 @@ impl Tracking {
     /// takes to create its userfaultfd and register its mappings (well under a millisecond
     /// per process), then runs on.
     pub fn start(pid: i32) -> Result<Tracking> {
+        Self::start_with(pid, false)
+    }
+
+    /// Track only the private file mappings of the tree of `pid` (their pages that the
+    /// program wrote: its libraries' data and relocations): post-copy sends them ahead of the
+    /// freeze, as they are not filled lazily, and leaves the rest for later.
+    pub fn start_files(pid: i32) -> Result<Tracking> {
+        Self::start_with(pid, true)
+    }
+
+    fn tracks(&self, m: &procfs::Mapping) -> bool {
+        trackable(m) && (!self.files_only || is_file(m))
+    }
+
+    fn start_with(pid: i32, files_only: bool) -> Result<Tracking> {
         let mut trackers = HashMap::new();
         for p in tree_of(pid) {
             let mut f = match Frozen::freeze(p) {
@@ -129,7 +146,10 @@ impl Tracking {
                 Err(e) => return Err(e.into()),
             };
             let mut t = WriteTracker::new(&mut f)?;
-            for m in procfs::read_maps(p)?.iter().filter(|m| trackable(m)) {
+            for m in procfs::read_maps(p)?
+                .iter()
+                .filter(|m| trackable(m) && (!files_only || is_file(m)))
+            {
                 // A mapping the kernel will not track is simply sent whole at the end.
                 let _ = register(&mut t, m);
             }
@@ -145,6 +165,7 @@ impl Tracking {
             buf: vec![0u8; RUN as usize],
             sent: HashMap::new(),
             last: HashMap::new(),
+            files_only,
         })
     }
 
@@ -155,10 +176,11 @@ impl Tracking {
         let mut total = 0;
         let pids: Vec<i32> = self.trackers.keys().copied().collect();
         for pid in pids {
-            let t = self.trackers.get_mut(&pid).unwrap();
             // New mappings since the last round: tracked from now on, sent whole by this scan.
             let maps = procfs::read_maps(pid).unwrap_or_default();
-            for m in maps.iter().filter(|m| trackable(m)) {
+            let maps: Vec<&procfs::Mapping> = maps.iter().filter(|m| self.tracks(m)).collect();
+            let t = self.trackers.get_mut(&pid).unwrap();
+            for m in maps.iter().copied() {
                 if !t.covers(m.start, m.end) {
                     let _ = register(t, m);
                 }
@@ -167,11 +189,8 @@ impl Tracking {
                 // A mapping replaced in place is not registered, and the failed scan may have
                 // re-armed pages it never reported: start over on the current layout, which
                 // sends this process's present memory again.
-                let now: Vec<(u64, u64, bool)> = maps
-                    .iter()
-                    .filter(|m| trackable(m))
-                    .map(|m| (m.start, m.end, is_file(m)))
-                    .collect();
+                let now: Vec<(u64, u64, bool)> =
+                    maps.iter().map(|m| (m.start, m.end, is_file(m))).collect();
                 t.reset_to(&now);
                 t.written_all()
             });

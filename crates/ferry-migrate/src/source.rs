@@ -441,15 +441,27 @@ fn migrate_inner(
         }
         latest_hint = Some(h);
     }
-    if matches!(o.mode, Mode::Precopy | Mode::Hybrid) {
-        let mut tr = ferry_engine::precopy::Tracking::start(o.pid)?;
+    // Post-copy too makes one round, of the private file mappings only (not filled lazily,
+    // they would otherwise cross while frozen, ~1 MB for Redis); its acknowledgement also
+    // says that the agent has built the process from the layout.
+    if o.mode != Mode::Stop {
+        let mut tr = if o.mode == Mode::Postcopy {
+            ferry_engine::precopy::Tracking::start_files(o.pid)?
+        } else {
+            ferry_engine::precopy::Tracking::start(o.pid)?
+        };
+        let max_rounds = if o.mode == Mode::Postcopy {
+            1
+        } else {
+            o.max_rounds
+        };
         let mut bw = 0.0f64; // bytes per ms, measured on the first round
         let mut prev = u64::MAX;
         let mut growing = 0;
         let mut throttled: Option<crate::throttle::Throttle> = None;
         let mut tightened = false;
         let mut base_spent = 0u64;
-        for round in 0..o.max_rounds {
+        for round in 0..max_rounds {
             let tr0 = Instant::now();
             // smaps for the final dump, read beside the round (not after it, when every ms
             // of reading is a ms more for the process to dirty pages before the freeze).
@@ -488,22 +500,7 @@ fn migrate_inner(
             }
             // The agent has stored the round: no backlog of it is left to pay for while the
             // process is frozen, and the round's time is the real transfer time.
-            let mut ack = Vec::new();
-            match wire::read_frame(&mut rd, &mut ack)? {
-                Kind::RoundAck => {}
-                Kind::Failed => {
-                    let v: serde_json::Value = wire::parse(Kind::Failed, &ack)?;
-                    return Err(MigrateError::Failed(format!(
-                        "the destination failed: {}",
-                        v["error"].as_str().unwrap_or("?")
-                    )));
-                }
-                k => {
-                    return Err(MigrateError::Protocol(format!(
-                        "expected RoundAck, got {k:?}"
-                    )))
-                }
-            }
+            round_ack(&mut rd)?;
             // A read that outlasts the round is not waited for: every ms here is a ms more
             // of writes for the final copy. An older hint serves as well while the layout
             // stays the same (the dump checks that it covers every mapping).
@@ -946,6 +943,24 @@ fn migrate_inner(
         notes,
         timeline,
     })
+}
+
+/// Waits for the agent's RoundAck.
+fn round_ack(rd: &mut impl std::io::BufRead) -> Result<()> {
+    let mut ack = Vec::new();
+    match wire::read_frame(rd, &mut ack)? {
+        Kind::RoundAck => Ok(()),
+        Kind::Failed => {
+            let v: serde_json::Value = wire::parse(Kind::Failed, &ack)?;
+            Err(MigrateError::Failed(format!(
+                "the destination failed: {}",
+                v["error"].as_str().unwrap_or("?")
+            )))
+        }
+        k => Err(MigrateError::Protocol(format!(
+            "expected RoundAck, got {k:?}"
+        ))),
+    }
 }
 
 /// smaps of `root` and its descendants, read now.
