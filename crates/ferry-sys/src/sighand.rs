@@ -112,14 +112,7 @@ fn load_with(t: &Btf) -> std::result::Result<Prog, String> {
     let task_sighand = off16(member("task_struct", "sighand")?)?;
     let action = member("sighand_struct", "action")?;
 
-    const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
-    const MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
-    const MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
-    const ADD_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
-    const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const JA: u8 = 0x05; // BPF_JMP | BPF_JA
-    const CALL: u8 = 0x85;
-    const EXIT: u8 = 0x95;
+    use crate::vmaflags::op::*;
     const PROBE_READ_KERNEL: i32 = 113;
     let table = NSIG * entry.size;
     let mut prog: Vec<[u8; 8]> = vec![

@@ -87,15 +87,7 @@ fn load(t: &Btf) -> std::result::Result<OwnedFd, String> {
     let size = m("task_struct", "sas_ss_size")?;
     let flags = m("task_struct", "sas_ss_flags")?;
 
-    const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
-    const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
-    const STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
-    const MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
-    const MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
-    const ADD_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
-    const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const CALL: u8 = 0x85;
-    const EXIT: u8 = 0x95;
+    use crate::vmaflags::op::*;
     let r = -(RECORD as i16);
     let prog: Vec<[u8; 8]> = vec![
         insn(MOV_X, 6, 1, 0, 0),             // r6 = ctx

@@ -164,6 +164,20 @@ pub(crate) fn bpf(cmd: i32, attr: &mut [u8]) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
+/// BPF instruction opcodes used by the iterator programs.
+pub(crate) mod op {
+    pub const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
+    pub const LDX_W: u8 = 0x61; // BPF_LDX | BPF_MEM | BPF_W
+    pub const STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
+    pub const MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
+    pub const MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
+    pub const ADD_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
+    pub const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
+    pub const JA: u8 = 0x05; // BPF_JMP | BPF_JA
+    pub const CALL: u8 = 0x85;
+    pub const EXIT: u8 = 0x95;
+}
+
 /// One eBPF instruction.
 pub(crate) fn insn(code: u8, dst: u8, src: u8, off: i16, imm: i32) -> [u8; 8] {
     let mut i = [0u8; 8];
@@ -197,14 +211,7 @@ pub(crate) fn with_kernel_btf<R>(
 
 fn load() -> std::result::Result<OwnedFd, String> {
     let l = with_kernel_btf(layout)?;
-    const LDX_DW: u8 = 0x79; // BPF_LDX | BPF_MEM | BPF_DW
-    const STX_DW: u8 = 0x7b; // BPF_STX | BPF_MEM | BPF_DW
-    const MOV_X: u8 = 0xbf; // BPF_ALU64 | BPF_MOV | BPF_X
-    const MOV_K: u8 = 0xb7; // BPF_ALU64 | BPF_MOV | BPF_K
-    const ADD_K: u8 = 0x07; // BPF_ALU64 | BPF_ADD | BPF_K
-    const JEQ_K: u8 = 0x15; // BPF_JMP | BPF_JEQ | BPF_K
-    const CALL: u8 = 0x85;
-    const EXIT: u8 = 0x95;
+    use op::*;
     let prog: Vec<[u8; 8]> = vec![
         insn(MOV_X, 6, 1, 0, 0),           // r6 = ctx
         insn(LDX_DW, 7, 6, l.ctx_vma, 0),  // r7 = ctx->vma

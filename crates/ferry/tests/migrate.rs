@@ -167,6 +167,21 @@ fn migrate_with_env(pid: u32, a: &Agent, extra: &[&str], env: &[(&str, &str)]) -
         .expect("run ferry")
 }
 
+/// `ferry migrate` of `pid` to `a` on a thread of its own, for a test that acts meanwhile.
+fn migrate_in_background(pid: u32, a: &Agent, extra: &[&str]) -> std::thread::JoinHandle<Output> {
+    let mut args = vec![
+        "migrate".to_string(),
+        "--pid".into(),
+        pid.to_string(),
+        "--to".into(),
+        a.url.clone(),
+        "--token-file".into(),
+        a.tok.display().to_string(),
+    ];
+    args.extend(extra.iter().map(|s| s.to_string()));
+    std::thread::spawn(move || ferry(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>()))
+}
+
 fn json(o: &Output) -> serde_json::Value {
     serde_json::from_slice(&o.stdout).unwrap_or_else(|_| {
         panic!(
@@ -340,19 +355,7 @@ fn a_layout_changed_during_precopy_is_remade_or_rebuilt_after_the_freeze() {
         wait_for(&out, "ready");
         let pid = child.id();
         std::thread::sleep(Duration::from_millis(200));
-        let (url, tok) = (a1.url.clone(), a1.tok.clone());
-        let h = std::thread::spawn(move || {
-            ferry(&[
-                "migrate",
-                "--pid",
-                &pid.to_string(),
-                "--to",
-                &url,
-                "--token-file",
-                tok.to_str().unwrap(),
-                "--json",
-            ])
-        });
+        let h = migrate_in_background(pid, &a1, &["--json"]);
         if grow == "shared" {
             // The layout has left once the agent has bytes: the shared mapping comes after.
             let end = Instant::now() + Duration::from_secs(20);
@@ -694,19 +697,7 @@ fn failures_leave_the_process_running_at_the_source() {
     // The destination agent killed during pre-copy.
     {
         let mut a = Agent::start(&dir, 6, &[]);
-        let url = a.url.clone();
-        let tok = a.tok.clone();
-        let h = std::thread::spawn(move || {
-            ferry(&[
-                "migrate",
-                "--pid",
-                &pid.to_string(),
-                "--to",
-                &url,
-                "--token-file",
-                tok.to_str().unwrap(),
-            ])
-        });
+        let h = migrate_in_background(pid, &a, &[]);
         let end = Instant::now() + Duration::from_secs(20);
         loop {
             let m = a.try_get("/v1/migrations").unwrap_or_default();
@@ -1006,20 +997,7 @@ fn a_link_down_during_precopy_leaves_the_process_at_the_source() {
     );
     let (mut child, out) = start_dirtier(&dir, "256", "1000");
     let pid = child.id();
-    let (url, tok) = (agent.url.clone(), agent.tok.clone());
-    let h = std::thread::spawn(move || {
-        ferry(&[
-            "migrate",
-            "--pid",
-            &pid.to_string(),
-            "--to",
-            &url,
-            "--token-file",
-            tok.to_str().unwrap(),
-            "--timeout",
-            "3",
-        ])
-    });
+    let h = migrate_in_background(pid, &agent, &["--timeout", "3"]);
     let end = Instant::now() + Duration::from_secs(20);
     loop {
         let m = agent.try_get("/v1/migrations").unwrap_or_default();
@@ -1142,20 +1120,7 @@ fn the_destination_killed_during_postcopy_leaves_the_process_at_the_source() {
     let mut a = Agent::start(&dir, 26, &[]);
     let (mut child, out) = start_dirtier(&dir, "512", "1000");
     let pid = child.id();
-    let (url, tok) = (a.url.clone(), a.tok.clone());
-    let h = std::thread::spawn(move || {
-        ferry(&[
-            "migrate",
-            "--pid",
-            &pid.to_string(),
-            "--to",
-            &url,
-            "--mode",
-            "postcopy",
-            "--token-file",
-            tok.to_str().unwrap(),
-        ])
-    });
+    let h = migrate_in_background(pid, &a, &["--mode", "postcopy"]);
     // Running on the destination, its memory still crossing.
     let end = Instant::now() + Duration::from_secs(30);
     loop {
