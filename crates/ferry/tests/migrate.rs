@@ -147,8 +147,8 @@ fn migrate(pid: u32, a: &Agent, extra: &[&str]) -> Output {
     migrate_with_env(pid, a, extra, &[])
 }
 
-/// `ferry migrate` with variables `env` set in its environment.
-fn migrate_with_env(pid: u32, a: &Agent, extra: &[&str], env: &[(&str, &str)]) -> Output {
+/// The arguments of `ferry migrate` of `pid` to `a`, then `extra`.
+fn migrate_args(pid: u32, a: &Agent, extra: &[&str]) -> Vec<String> {
     let mut args = vec![
         "migrate".to_string(),
         "--pid".into(),
@@ -157,11 +157,15 @@ fn migrate_with_env(pid: u32, a: &Agent, extra: &[&str], env: &[(&str, &str)]) -
         a.url.clone(),
         "--token-file".into(),
         a.tok.display().to_string(),
-        "--json".into(),
     ];
     args.extend(extra.iter().map(|s| s.to_string()));
+    args
+}
+
+/// `ferry migrate --json` with variables `env` set in its environment.
+fn migrate_with_env(pid: u32, a: &Agent, extra: &[&str], env: &[(&str, &str)]) -> Output {
     Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(&args)
+        .args(migrate_args(pid, a, &[&["--json"], extra].concat()))
         .envs(env.iter().copied())
         .output()
         .expect("run ferry")
@@ -169,16 +173,7 @@ fn migrate_with_env(pid: u32, a: &Agent, extra: &[&str], env: &[(&str, &str)]) -
 
 /// `ferry migrate` of `pid` to `a` on a thread of its own, for a test that acts meanwhile.
 fn migrate_in_background(pid: u32, a: &Agent, extra: &[&str]) -> std::thread::JoinHandle<Output> {
-    let mut args = vec![
-        "migrate".to_string(),
-        "--pid".into(),
-        pid.to_string(),
-        "--to".into(),
-        a.url.clone(),
-        "--token-file".into(),
-        a.tok.display().to_string(),
-    ];
-    args.extend(extra.iter().map(|s| s.to_string()));
+    let args = migrate_args(pid, a, extra);
     std::thread::spawn(move || ferry(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>()))
 }
 
