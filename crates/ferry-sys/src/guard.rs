@@ -124,10 +124,20 @@ impl Guardian {
         });
         let top = child.stack.top();
         let arg = &mut *child as *mut Child as *mut libc::c_void;
+        // The child starts with every signal blocked (it inherits this thread's mask): none of
+        // our handlers may run on its stack before it blocks them itself.
+        use nix::sys::signal::{pthread_sigmask, SigSet, SigmaskHow};
+        let mut old = SigSet::empty();
+        let _ = pthread_sigmask(
+            SigmaskHow::SIG_SETMASK,
+            Some(&SigSet::all()),
+            Some(&mut old),
+        );
         // SAFETY: the child runs `guardian_main` on its own stack (`top`, 16-byte aligned, of
         // a live mapping), reading only `*arg`, both owned by the Guardian and freed only after
         // the child is reaped; SIGCHLD makes it a child we can wait for.
         let pid = unsafe { libc::clone(guardian_main, top, libc::CLONE_VM | libc::SIGCHLD, arg) };
+        let _ = pthread_sigmask(SigmaskHow::SIG_SETMASK, Some(&old), None);
         if pid < 0 {
             return Err(Error::io(
                 "clone of the guardian",
@@ -255,6 +265,18 @@ extern "C" fn guardian_main(arg: *mut libc::c_void) -> libc::c_int {
     // only raw system calls are made, on this process's own fd table, its own stack, and
     // the PID list lent to it.
     unsafe {
+        // Every signal blocked: a handler of the parent's would run here, on our memory (only
+        // SIGKILL and SIGSTOP, which cannot be blocked, reach this process).
+        let all: u64 = !0;
+        raw_syscall(
+            libc::SYS_rt_sigprocmask,
+            [
+                libc::SIG_SETMASK as usize,
+                &all as *const u64 as usize,
+                0,
+                8,
+            ],
+        );
         let child = &mut *(arg as *mut Child);
         let (pids, cap) = (child.pids.as_mut_ptr(), child.pids.len());
         // Keep nothing of the parent's fds but our socket (its listeners must die with it).
