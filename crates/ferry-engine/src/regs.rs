@@ -128,6 +128,7 @@ pub fn restore(t: &mut Target, th: &ThreadImage) -> Result<()> {
         t.queue("prctl(PR_SET_NAME)", libc::SYS_prctl, args)?;
     }
     t.flush_in(tid)?;
+    ferry_sys::timeline::mark(|| format!("thread {tid}: calls"));
     t.frozen.set_sigmask(tid, th.sigmask)?;
     t.frozen
         .set_xstate(tid, &crate::hexcodec::unhex(&th.xsave, "xsave area")?)?;
@@ -135,5 +136,6 @@ pub fn restore(t: &mut Target, th: &ThreadImage) -> Result<()> {
     // The restart was resolved at dump time; the kernel must not restart anything again.
     regs.orig_rax = u64::MAX;
     t.frozen.set_regs(tid, regs)?;
+    ferry_sys::timeline::mark(|| format!("thread {tid}: registers"));
     Ok(())
 }
