@@ -282,7 +282,7 @@ const ADVICE: [(&str, &str, i32); 6] = [
     ("mg", "mergeable", libc::MADV_MERGEABLE),
 ];
 
-fn kernel_area(k: MapKind) -> bool {
+pub(crate) fn kernel_area(k: MapKind) -> bool {
     matches!(
         k,
         MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall
@@ -683,9 +683,9 @@ pub fn restore_layout(
 }
 
 /// Maps each of `saved` (not the kernel's areas) over whatever is there, with its advice.
-pub(crate) fn map_each(
+pub(crate) fn map_each<'a>(
     t: &mut Target,
-    saved: &[MappingImage],
+    saved: impl IntoIterator<Item = &'a MappingImage>,
     shmem: &mut std::collections::HashMap<u64, (i32, u64, u64)>,
     ghosts: &std::collections::HashMap<u64, u64>,
 ) -> Result<()> {

@@ -72,6 +72,11 @@ fn trackable(m: &procfs::Mapping) -> bool {
         }
 }
 
+/// What a tracking follows: every trackable mapping, or only the file ones.
+fn tracks(files_only: bool, m: &procfs::Mapping) -> bool {
+    trackable(m) && (!files_only || is_file(m))
+}
+
 fn is_file(m: &procfs::Mapping) -> bool {
     matches!(m.kind, ferry_sys::MapKind::File { .. })
 }
@@ -131,10 +136,6 @@ impl Tracking {
         Self::start_with(pid, true)
     }
 
-    fn tracks(&self, m: &procfs::Mapping) -> bool {
-        trackable(m) && (!self.files_only || is_file(m))
-    }
-
     fn start_with(pid: i32, files_only: bool) -> Result<Tracking> {
         let mut trackers = HashMap::new();
         for p in tree_of(pid) {
@@ -148,7 +149,7 @@ impl Tracking {
             let mut t = WriteTracker::new(&mut f)?;
             for m in procfs::read_maps(p)?
                 .iter()
-                .filter(|m| trackable(m) && (!files_only || is_file(m)))
+                .filter(|m| tracks(files_only, m))
             {
                 // A mapping the kernel will not track is simply sent whole at the end.
                 let _ = register(&mut t, m);
@@ -178,7 +179,8 @@ impl Tracking {
         for pid in pids {
             // New mappings since the last round: tracked from now on, sent whole by this scan.
             let maps = procfs::read_maps(pid).unwrap_or_default();
-            let maps: Vec<&procfs::Mapping> = maps.iter().filter(|m| self.tracks(m)).collect();
+            let maps: Vec<&procfs::Mapping> =
+                maps.iter().filter(|m| tracks(self.files_only, m)).collect();
             let t = self.trackers.get_mut(&pid).unwrap();
             for m in maps.iter().copied() {
                 if !t.covers(m.start, m.end) {

@@ -291,7 +291,6 @@ pub fn restore_held_with(
     let mounts = crate::namespaces::MountView::new(&imgs[0].namespaces);
     mounts.check()?;
     ferry_sys::timeline::mark(|| "verify: mounts".into());
-
     for img in &imgs {
         memory::check_files(&mounts.mappings(&img.mappings))?;
         files::check(&img.fds, opts.allow_changed_files, &mounts)?;
@@ -306,16 +305,14 @@ pub fn restore_held_with(
     }
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     ferry_sys::timeline::mark(|| "verify: files".into());
-
     let lazy = opts.lazy || opts.remote.is_some();
     let mut warm_note = None;
-    let warm = warm.and_then(|w| {
+    let warm = warm.and_then(|mut w| {
         let held = opts
             .base
             .as_ref()
             .map(|b| b.held(w.pid()))
             .unwrap_or_default();
-        let mut w = w;
         let fits = if !lazy || opts.netns.is_some() {
             Err("the restore fills every page before the process runs".to_string())
         } else {

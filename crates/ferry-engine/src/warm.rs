@@ -102,13 +102,6 @@ fn layout_diff<'a>(
     )
 }
 
-fn kernel_area(m: &MappingImage) -> bool {
-    matches!(
-        m.kind,
-        MapKind::Vdso | MapKind::Vvar | MapKind::VvarVclock | MapKind::Vsyscall
-    )
-}
-
 /// A process created ahead of the freeze, stopped, with its memory laid out. Dropping it
 /// kills it.
 pub struct WarmTree {
@@ -237,7 +230,11 @@ impl WarmTree {
         // Put back below; on an error the warm tree is only fit to be killed.
         let old = std::mem::take(&mut self.layout.mappings);
         let (gone, made) = layout_diff(&old, &img.mappings);
-        if let Some(m) = gone.iter().chain(&made).find(|m| kernel_area(m)) {
+        if let Some(m) = gone
+            .iter()
+            .chain(&made)
+            .find(|m| crate::memory::kernel_area(m.kind))
+        {
             return Err(format!("its {:?} area moved", m.kind));
         }
         if let Some(m) = made.iter().find(|m| !warmable(m)) {
@@ -283,9 +280,13 @@ impl WarmTree {
             self.written.remove(m.start, m.end);
             self.direct.remove(m.start, m.end);
         }
-        let made: Vec<MappingImage> = made.iter().map(|m| (*m).clone()).collect();
-        crate::memory::map_each(t, &made, &mut Default::default(), &Default::default())?;
-        for m in &made {
+        crate::memory::map_each(
+            t,
+            made.iter().copied(),
+            &mut Default::default(),
+            &Default::default(),
+        )?;
+        for m in made {
             if crate::memory::lazy_eligible(m) {
                 if let Some(u) = &self.uffd {
                     u.register(m.start, m.end)?;

@@ -412,23 +412,22 @@ fn migrate_inner(
     if o.mode != Mode::Stop {
         // The layout goes first, so that the destination creates the process while memory
         // crosses; the smaps read for it serves the final dump as well.
-        // A process that maps or unmaps between the smaps read and the maps read gets a
-        // second and a third try.
+        let no_warm = std::env::var_os("FERRY_NO_WARM").is_some();
         let mut tries = 0;
         let (h, preview) = loop {
             let h = smaps_hint(o.pid);
             let preview = match h.get(&o.pid) {
-                _ if std::env::var_os("FERRY_NO_WARM").is_some() => {
-                    Err("FERRY_NO_WARM is set".into())
-                }
+                _ if no_warm => Err("FERRY_NO_WARM is set".into()),
                 Some(sm) => ferry_engine::warm::preview(o.pid, sm),
                 None => Err(format!("process {} has no smaps", o.pid)),
             };
             tries += 1;
-            match preview {
-                Err(why) if tries < 3 && why.contains("is not in its smaps") => continue,
-                p => break (h, p),
+            // A process that mapped or unmapped while its smaps were read gets a second and
+            // a third try.
+            if preview.is_err() && !no_warm && tries < 3 && !hint_current(o.pid, &h) {
+                continue;
             }
+            break (h, preview);
         };
         match preview {
             Ok(l) => {
@@ -748,13 +747,10 @@ fn migrate_inner(
                 }
                 Ok(v["pid"].as_i64().unwrap_or(0) as i32)
             }
-            Kind::Failed => {
-                let v: serde_json::Value = wire::parse(Kind::Failed, &buf)?;
-                Err(MigrateError::Failed(format!(
-                    "the destination could not rebuild the process: {}",
-                    v["error"].as_str().unwrap_or("?")
-                )))
-            }
+            Kind::Failed => Err(agent_failed(
+                &buf,
+                "the destination could not rebuild the process",
+            )?),
             k => Err(MigrateError::Protocol(format!(
                 "unexpected {k:?} from the agent"
             ))),
@@ -817,13 +813,7 @@ fn migrate_inner(
         let mut buf = Vec::new();
         match wire::read_frame(&mut rd, &mut buf)? {
             Kind::Filled => wire::parse(Kind::Filled, &buf),
-            Kind::Failed => {
-                let v: serde_json::Value = wire::parse(Kind::Failed, &buf)?;
-                Err(MigrateError::Failed(format!(
-                    "the destination failed: {}",
-                    v["error"].as_str().unwrap_or("?")
-                )))
-            }
+            Kind::Failed => Err(agent_failed(&buf, "the destination failed")?),
             k => Err(MigrateError::Protocol(format!(
                 "expected Filled, got {k:?}"
             ))),
@@ -950,17 +940,20 @@ fn round_ack(rd: &mut impl std::io::BufRead) -> Result<()> {
     let mut ack = Vec::new();
     match wire::read_frame(rd, &mut ack)? {
         Kind::RoundAck => Ok(()),
-        Kind::Failed => {
-            let v: serde_json::Value = wire::parse(Kind::Failed, &ack)?;
-            Err(MigrateError::Failed(format!(
-                "the destination failed: {}",
-                v["error"].as_str().unwrap_or("?")
-            )))
-        }
+        Kind::Failed => Err(agent_failed(&ack, "the destination failed")?),
         k => Err(MigrateError::Protocol(format!(
             "expected RoundAck, got {k:?}"
         ))),
     }
+}
+
+/// The error an agent's Failed frame (`buf`) reports, after `what`.
+fn agent_failed(buf: &[u8], what: &str) -> Result<MigrateError> {
+    let v: serde_json::Value = wire::parse(Kind::Failed, buf)?;
+    Ok(MigrateError::Failed(format!(
+        "{what}: {}",
+        v["error"].as_str().unwrap_or("?")
+    )))
 }
 
 /// smaps of `root` and its descendants, read now.

@@ -33,22 +33,14 @@ struct Prog {
     entry: Entry,
 }
 
-static PROG: OnceLock<std::result::Result<Prog, String>> = OnceLock::new();
-
 /// Load the program now, so that the first read of a frozen process does not pay for it.
 pub fn prepare() -> Result<()> {
     program().map(|_| ())
 }
 
 fn program() -> Result<&'static Prog> {
-    if !crate::vmaflags::enabled() {
-        return Err(Error::Parse(
-            "reading signal dispositions with BPF is turned off (FERRY_NO_BPF)".into(),
-        ));
-    }
-    PROG.get_or_init(load)
-        .as_ref()
-        .map_err(|e| Error::Parse(format!("reading signal dispositions with BPF: {e}")))
+    static PROG: OnceLock<std::result::Result<Prog, String>> = OnceLock::new();
+    crate::vmaflags::loaded_once(&PROG, "signal dispositions", load)
 }
 
 /// The disposition of signals 1 to 64 of process `pid`, in order.

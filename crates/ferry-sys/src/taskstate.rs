@@ -22,22 +22,16 @@ pub struct TaskState {
 /// Bytes of one record: tid, clear_tid, sas_ss_sp, sas_ss_size, sas_ss_flags (8 each).
 const RECORD: usize = 40;
 
-static PROG: OnceLock<std::result::Result<OwnedFd, String>> = OnceLock::new();
-
 /// Load the program now, so that the first read of a frozen process does not pay for it.
 pub fn prepare() -> Result<()> {
     program().map(|_| ())
 }
 
 fn program() -> Result<&'static OwnedFd> {
-    if !crate::vmaflags::enabled() {
-        return Err(Error::Parse(
-            "reading thread state with BPF is turned off (FERRY_NO_BPF)".into(),
-        ));
-    }
-    PROG.get_or_init(|| crate::vmaflags::with_kernel_btf(load))
-        .as_ref()
-        .map_err(|e| Error::Parse(format!("reading thread state with BPF: {e}")))
+    static PROG: OnceLock<std::result::Result<OwnedFd, String>> = OnceLock::new();
+    crate::vmaflags::loaded_once(&PROG, "thread state", || {
+        crate::vmaflags::with_kernel_btf(load)
+    })
 }
 
 /// Every thread of process `pid`.

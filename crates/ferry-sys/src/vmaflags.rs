@@ -124,17 +124,26 @@ pub(crate) fn enabled() -> bool {
 }
 
 fn program() -> Result<&'static OwnedFd> {
-    if !enabled() {
-        return Err(Error::Parse(
-            "reading mapping flags with BPF is turned off (FERRY_NO_BPF)".into(),
-        ));
-    }
-    PROG.get_or_init(|| load().map_err(|e| e.to_string()))
-        .as_ref()
-        .map_err(|e| Error::Parse(format!("reading mapping flags with BPF: {e}")))
+    static PROG: OnceLock<std::result::Result<OwnedFd, String>> = OnceLock::new();
+    loaded_once(&PROG, "mapping flags", load)
 }
 
-static PROG: OnceLock<std::result::Result<OwnedFd, String>> = OnceLock::new();
+/// A BPF program of this process, loaded by `load` the first time (a failure is kept too):
+/// `what` is what it reads, for the errors.
+pub(crate) fn loaded_once<T>(
+    cell: &'static OnceLock<std::result::Result<T, String>>,
+    what: &str,
+    load: impl FnOnce() -> std::result::Result<T, String>,
+) -> Result<&'static T> {
+    if !enabled() {
+        return Err(Error::Parse(format!(
+            "reading {what} with BPF is turned off (FERRY_NO_BPF)"
+        )));
+    }
+    cell.get_or_init(load)
+        .as_ref()
+        .map_err(|e| Error::Parse(format!("reading {what} with BPF: {e}")))
+}
 
 pub(crate) const BPF_PROG_LOAD: i32 = 5;
 const BPF_LINK_CREATE: i32 = 28;
