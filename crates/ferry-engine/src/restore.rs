@@ -61,6 +61,17 @@ pub trait BasePages: Send + Sync {
     fn read_into(&self, _pid: i32, _addr: u64, _buf: &mut [u8]) -> Result<()> {
         Ok(())
     }
+    /// Runs [start, end) of process `pid` whose pre-copied pages are still valid, wherever
+    /// they are held (here, or in a warm process).
+    fn valid(&self, pid: i32) -> Vec<(u64, u64)> {
+        self.held(pid)
+    }
+    /// Take pages of process `pid` that a warm process held alone, before it is dropped.
+    fn absorb(&self, pid: i32, _addr: u64, _data: &[u8]) -> Result<()> {
+        Err(EngineError::Failed(format!(
+            "nowhere to keep the pre-copied pages of process {pid} held by its warm process"
+        )))
+    }
 }
 
 impl std::fmt::Debug for dyn crate::lazy::RemotePages {
@@ -307,25 +318,53 @@ pub fn restore_held_with(
     ferry_sys::timeline::mark(|| "verify: files".into());
     let lazy = opts.lazy || opts.remote.is_some();
     let mut warm_note = None;
-    let warm = warm.and_then(|mut w| {
-        let held = opts
-            .base
-            .as_ref()
-            .map(|b| b.held(w.pid()))
-            .unwrap_or_default();
-        let fits = if !lazy || opts.netns.is_some() {
-            Err("the restore fills every page before the process runs".to_string())
-        } else {
-            w.fit(&imgs, &zombies, &held)
-        };
-        warm_note = Some(match &fits {
-            Ok(0) => "used".to_string(),
-            Ok(n) => format!("used, {n} changed mappings made again"),
-            Err(why) => format!("not used: {why}"),
-        });
-        // Not fitting, it is dropped (killed) here, and its PID is free again.
-        fits.ok().map(|_| w.take())
-    });
+    let warm = match warm {
+        None => None,
+        Some(mut w) => {
+            let valid = opts
+                .base
+                .as_ref()
+                .map(|b| b.valid(w.pid()))
+                .unwrap_or_default();
+            let fits = if !lazy || opts.netns.is_some() {
+                Err("the restore fills every page before the process runs".to_string())
+            } else {
+                let bytes = map.bytes();
+                let newer: Vec<(u64, &[u8])> = index
+                    .iter()
+                    .filter_map(|b| {
+                        let at = b.data_offset as usize;
+                        Some((b.vaddr, bytes.get(at..at + b.data_len as usize)?))
+                    })
+                    .collect();
+                w.fit(&imgs, &zombies, &valid, &newer)
+            };
+            let mut note = match &fits {
+                Ok(0) => "used".to_string(),
+                Ok(n) => format!("used, {n} changed mappings made again"),
+                Err(why) => format!("not used: {why}"),
+            };
+            if fits.is_err() && w.holds_alone() > 0 {
+                // Its pages exist nowhere else: into the page store before it is killed.
+                let pid = w.pid();
+                let base = opts.base.as_ref().ok_or_else(|| {
+                    EngineError::Failed(format!(
+                        "the warm process is not used ({note}) and nothing can keep its pages"
+                    ))
+                })?;
+                let t = Instant::now();
+                let n = w.salvage(&mut |a, d| base.absorb(pid, a, d))?;
+                note += &format!(
+                    "; its {} MiB read back in {:.0} ms",
+                    n >> 20,
+                    t.elapsed().as_secs_f64() * 1e3
+                );
+            }
+            warm_note = Some(note);
+            // Not fitting, it is dropped (killed) here, and its PID is free again.
+            fits.ok().map(|_| w.take())
+        }
+    };
     ferry_sys::timeline::mark(|| "warm fit".into());
     let mut times = Timings::default();
     let mut lap = Lap::new();
@@ -365,7 +404,7 @@ pub fn restore_held_with(
     }
     let sockets_ms = ts.elapsed().as_secs_f64() * 1e3;
     lap.mark(&mut times.steps, "sockets");
-    if !lazy
+    if opts.remote.is_none()
         && imgs
             .iter()
             .any(|i| i.mappings.iter().any(|m| !m.lazy.is_empty()))
@@ -428,7 +467,16 @@ pub fn restore_held_with(
             }
             src.remote_runs.insert(img.pid, runs);
             let ranges: Vec<(u64, u64)> = lazy_maps.iter().map(|m| (m.start, m.end)).collect();
-            missing.insert(img.pid, src.missing(img.pid, &ranges));
+            let mut m = src.missing(img.pid, &ranges);
+            // What pre-copy wrote into the warm process is in place.
+            if let Some((t, _, written)) = &warm {
+                if t.pid == img.pid {
+                    for (s, e) in written.runs() {
+                        m.remove(s, e);
+                    }
+                }
+            }
+            missing.insert(img.pid, m);
         }
         ferry_sys::timeline::mark(|| "lazy: missing".into());
         filler = Some(crate::lazy::Filler::start(src)?);

@@ -3,11 +3,15 @@
 //!
 //! While the process still runs at the source, the source reads its layout (`preview`). The
 //! destination creates a stub with the process's PID and lays out its memory (`prebuild`).
-//! Pre-copied pages of memory that is not filled lazily (private file pages a program
-//! wrote, such as its libraries' data) go straight into it as they arrive
-//! (`WarmTree::write`). At the commit, `restore::restore_held_with` uses the warm process
-//! when the final image has the same single process with the same layout; otherwise it
-//! kills the warm process and builds the tree from nothing, as without it.
+//! Pre-copied pages go straight into it as they arrive (`WarmTree::write`): private file
+//! pages the program wrote (its libraries' data) by /proc/PID/mem, and the lazily filled
+//! memory by UFFDIO_COPY (first copy) or /proc/PID/mem (pages sent again). Fresh memory is
+//! so paid for once, while the source runs, and the filler has little left after the
+//! freeze. At the commit, `restore::restore_held_with` uses the warm process when the final
+//! image has the same single process with a layout it can be brought to: stale pages are
+//! dropped (MADV_DONTNEED), changed mappings made again. Otherwise the pages that only it
+//! holds are read out into the page store (`salvage`), it is killed, and the tree is built
+//! from nothing, as without it.
 
 use crate::ctx::Target;
 use crate::lazy::RangeSet;
@@ -102,6 +106,24 @@ fn layout_diff<'a>(
     )
 }
 
+/// The parts of gone mappings that stay in place: where a made mapping of lazily filled
+/// memory is built like a gone one but for its bounds (an arena that grew, shrank or merged
+/// with a neighbour), their overlap keeps its pages.
+fn kept_in_place(gone: &[&MappingImage], made: &[&MappingImage]) -> RangeSet {
+    let mut keep = RangeSet::default();
+    for g in gone.iter().filter(|g| crate::memory::lazy_eligible(g)) {
+        for m in made {
+            let mut bounds = (*g).clone();
+            (bounds.start, bounds.end) = (m.start, m.end);
+            let (a, b) = (g.start.max(m.start), g.end.min(m.end));
+            if a < b && same_mapping(&bounds, m) {
+                keep.insert(a, b);
+            }
+        }
+    }
+    keep
+}
+
 /// A process created ahead of the freeze, stopped, with its memory laid out. Dropping it
 /// kills it.
 pub struct WarmTree {
@@ -111,7 +133,14 @@ pub struct WarmTree {
     layout: WarmLayout,
     /// Where pre-copied pages are written in at once: memory not filled lazily.
     direct: RangeSet,
+    /// The lazily filled memory (one range per mapping).
+    lazy: RangeSet,
+    /// Every page written into it.
     written: RangeSet,
+    /// The pages written into lazily filled memory: held nowhere else.
+    took: RangeSet,
+    /// /proc/PID/mem of the process, for pages written again.
+    mem: Option<std::fs::File>,
     pub built_ms: f64,
 }
 
@@ -153,8 +182,21 @@ pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
             }
             d
         },
+        lazy: {
+            let mut l = RangeSet::default();
+            for m in layout
+                .mappings
+                .iter()
+                .filter(|m| crate::memory::lazy_eligible(m))
+            {
+                l.insert(m.start, m.end);
+            }
+            l
+        },
         layout,
         written: RangeSet::default(),
+        took: RangeSet::default(),
+        mem: None,
         built_ms: 0.0,
     };
     let t = tree.target.as_mut().unwrap();
@@ -176,6 +218,14 @@ pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
         uffd.register(m.start, m.end)?;
     }
     tree.uffd = Some(uffd);
+    let path = format!("/proc/{stub}/mem");
+    tree.mem = Some(
+        std::fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .open(&path)
+            .map_err(|e| EngineError::Failed(format!("opening {path}: {e}")))?,
+    );
     tree.built_ms = t0.elapsed().as_secs_f64() * 1e3;
     Ok(tree)
 }
@@ -185,34 +235,149 @@ impl WarmTree {
         self.layout.pid
     }
 
-    /// Pre-copied pages of process `pid` at `addr`: the part in memory that is not filled
-    /// lazily goes into the warm process now (the rest is the page store's).
-    pub fn write(&mut self, pid: i32, addr: u64, data: &[u8]) -> Result<()> {
-        let Some(t) = &self.target else {
-            return Ok(());
-        };
-        if pid != self.layout.pid {
-            return Ok(());
-        }
+    /// Pre-copied pages of process `pid` at `addr`, written into the warm process where its
+    /// layout has memory for them. With `lazy_too`, that includes its lazily filled memory,
+    /// whose pages are then held only here. Returns the parts of [addr, end) that the page
+    /// store must hold: all but those.
+    pub fn write(
+        &mut self,
+        pid: i32,
+        addr: u64,
+        data: &[u8],
+        lazy_too: bool,
+    ) -> Result<Vec<(u64, u64)>> {
         let end = addr + data.len() as u64;
+        if self.target.is_none() || pid != self.layout.pid {
+            return Ok(vec![(addr, end)]);
+        }
         for (a, b) in self.direct.within(addr, end) {
             let off = (a - addr) as usize;
-            ferry_sys::mem::write_mem(t.pid, a, &data[off..off + (b - a) as usize])?;
+            self.write_mem(a, &data[off..off + (b - a) as usize])?;
+            self.written.insert(a, b);
+        }
+        if !lazy_too {
+            return Ok(vec![(addr, end)]);
+        }
+        let mut rest = RangeSet::default();
+        rest.insert(addr, end);
+        for (a, b) in self.lazy.within(addr, end) {
+            self.write_lazy(a, &data[(a - addr) as usize..(b - addr) as usize])?;
+            rest.remove(a, b);
+        }
+        Ok(rest.runs().collect())
+    }
+
+    fn write_mem(&self, at: u64, data: &[u8]) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let f = self.mem.as_ref().expect("a warm tree has its memory open");
+        f.write_all_at(data, at).map_err(|e| {
+            EngineError::Failed(format!(
+                "writing {} bytes at {at:#x} of the warm process {}: {e}",
+                data.len(),
+                self.layout.pid
+            ))
+        })
+    }
+
+    /// Pages of one lazily filled mapping: copied in where absent (which also maps them),
+    /// written over where sent before.
+    fn write_lazy(&mut self, at: u64, data: &[u8]) -> Result<()> {
+        let end = at + data.len() as u64;
+        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
+        let mut cur = at;
+        for (a, b) in self.took.within(at, end) {
+            if cur < a {
+                pieces.push((cur, a, false));
+            }
+            pieces.push((a, b, true));
+            cur = b;
+        }
+        if cur < end {
+            pieces.push((cur, end, false));
+        }
+        let uffd = self.uffd.as_ref().expect("a warm tree has its userfaultfd");
+        for (a, b, present) in pieces {
+            let d = &data[(a - at) as usize..(b - at) as usize];
+            if present {
+                self.write_mem(a, d)?;
+                continue;
+            }
+            let mut off = 0u64;
+            while off < b - a {
+                match uffd.copy(a + off, &d[off as usize..])? {
+                    ferry_sys::uffd::Fill::Done => off = b - a,
+                    ferry_sys::uffd::Fill::Exists(n) => {
+                        // Present although never written here: written over, as any page
+                        // sent again.
+                        let p = a + off + n;
+                        let o = (off + n) as usize;
+                        self.write_mem(p, &d[o..o + 4096])?;
+                        off += n + 4096;
+                    }
+                    f => {
+                        return Err(EngineError::Failed(format!(
+                            "UFFDIO_COPY at {:#x} of the warm process {}: {f:?}",
+                            a + off,
+                            self.layout.pid
+                        )))
+                    }
+                }
+            }
+            self.took.insert(a, b);
             self.written.insert(a, b);
         }
         Ok(())
     }
 
+    /// Bytes held only by the warm process (pages of its lazily filled memory).
+    pub fn holds_alone(&self) -> u64 {
+        self.took.bytes()
+    }
+
+    /// Read out the pages held only here, for `put(address, bytes)` to keep, before the warm
+    /// process is dropped. Returns the bytes read.
+    pub fn salvage(&self, put: &mut dyn FnMut(u64, &[u8]) -> Result<()>) -> Result<u64> {
+        use std::os::unix::fs::FileExt;
+        let (Some(f), Some(_)) = (&self.mem, &self.target) else {
+            return Ok(0);
+        };
+        const MAX: u64 = 1 << 20;
+        let mut buf = vec![0u8; MAX as usize];
+        let mut n = 0;
+        for (s, e) in self.took.runs() {
+            let mut a = s;
+            while a < e {
+                let len = (e - a).min(MAX);
+                let b = &mut buf[..len as usize];
+                f.read_exact_at(b, a).map_err(|err| {
+                    EngineError::Failed(format!(
+                        "reading pages at {a:#x} back from the warm process {}: {err}",
+                        self.layout.pid
+                    ))
+                })?;
+                put(a, b)?;
+                a += len;
+                n += len;
+            }
+        }
+        Ok(n)
+    }
+
     /// Makes the warm process the final image's, if it can be: one process, the same PID,
     /// every mapping that changed since it was built made again (unmapped, mapped, registered
-    /// if lazily filled), and every page written into it still valid (`held`: the page
-    /// store's valid ranges of the process). Ok: how many mappings were made again. Err: why
-    /// it cannot be used (it is then only fit to be killed).
+    /// if lazily filled), every page written into it that the image has a newer copy of
+    /// (`newer`: its blocks of pages, address and bytes) written over, and dropped: those
+    /// that `valid` (the memory whose pre-copied pages still hold: the mappings the source
+    /// still tracked) does not cover, and those left in the source to fetch (post-copy's
+    /// `MappingImage::lazy`). Ok: how many
+    /// mappings were made again. Err: why it cannot be used (it is then only fit to be
+    /// killed, after `salvage`).
     pub(crate) fn fit(
         &mut self,
         imgs: &[ProcessImage],
         zombies: &[ZombieImage],
-        held: &[(u64, u64)],
+        valid: &[(u64, u64)],
+        newer: &[(u64, &[u8])],
     ) -> std::result::Result<usize, String> {
         if imgs.len() != 1 || !zombies.is_empty() {
             return Err("the tree has more than one process".into());
@@ -227,8 +392,12 @@ impl WarmTree {
         if img.namespaces.mnt {
             return Err("the process has a mount namespace of its own".into());
         }
-        // Put back below; on an error the warm tree is only fit to be killed.
-        let old = std::mem::take(&mut self.layout.mappings);
+        let mut valid_set = RangeSet::default();
+        for &(s, e) in valid {
+            valid_set.insert(s, e);
+        }
+        ferry_sys::timeline::mark(|| format!("fit: valid set of {} ranges", valid.len()));
+        let old = self.layout.mappings.clone();
         let (gone, made) = layout_diff(&old, &img.mappings);
         if let Some(m) = gone
             .iter()
@@ -243,55 +412,169 @@ impl WarmTree {
                 m.start, m.end, m.kind
             ));
         }
+        let keep = kept_in_place(&gone, &made);
+        let mut unmap = RangeSet::default();
+        for g in &gone {
+            unmap.insert(g.start, g.end);
+        }
+        for (s, e) in keep.runs() {
+            unmap.remove(s, e);
+        }
+        // Pages held only here and still valid at the source must not be unmapped.
+        for (s, e) in unmap.runs() {
+            for (a, b) in self.took.within(s, e) {
+                if !valid_set.within(a, b).is_empty() {
+                    return Err(format!(
+                        "mapping {s:#x}-{e:#x} changed in a way that would lose its pre-copied \
+                         pages"
+                    ));
+                }
+            }
+        }
+        // From here on, an error leaves it only fit to be killed.
         let changed = made.len().max(gone.len());
         if changed > 0 {
-            self.remake(&gone, &made)
+            self.remake(&gone, &made, &keep)
                 .map_err(|e| format!("remaking {changed} changed mappings: {e}"))?;
         }
         self.layout.mappings = img.mappings.clone();
         let mut stale = self.written.clone();
-        for &(s, e) in held {
+        for (s, e) in valid_set.runs() {
             stale.remove(s, e);
         }
+        for m in &img.mappings {
+            for &(s, e) in &m.lazy {
+                for (a, b) in self.written.within(s, e) {
+                    stale.insert(a, b);
+                }
+            }
+        }
+        // The image's pages are the newest: written over what pre-copy sent.
+        let mut over: Vec<(u64, &[u8])> = Vec::new();
+        for &(s, d) in newer {
+            for (a, b) in self.written.within(s, s + d.len() as u64) {
+                over.push((a, &d[(a - s) as usize..(b - s) as usize]));
+            }
+        }
+        if !over.is_empty() {
+            ferry_sys::mem::write_mem_runs(self.layout.pid, &over)
+                .map_err(|e| format!("writing newer pages over stale ones: {e}"))?;
+            for &(a, d) in &over {
+                stale.remove(a, a + d.len() as u64);
+            }
+        }
+        ferry_sys::timeline::mark(|| {
+            format!(
+                "fit: {} stale runs, {} bytes; written {} runs",
+                stale.runs().count(),
+                stale.bytes(),
+                self.written.runs().count()
+            )
+        });
         if !stale.is_empty() {
-            return Err(format!(
-                "{} bytes written into it are no longer valid",
-                stale.bytes()
-            ));
+            self.drop_pages(&stale)
+                .map_err(|e| format!("dropping {} stale bytes: {e}", stale.bytes()))?;
         }
         Ok(changed)
     }
 
-    /// Unmaps `gone` and maps `made` (which do not overlap the mappings kept).
-    fn remake(&mut self, gone: &[&MappingImage], made: &[&MappingImage]) -> Result<()> {
+    /// Drop the pages of `stale` (MADV_DONTNEED): lazily filled memory becomes missing again
+    /// (the filler puts the final image's pages there, or zeros), file pages read the file's.
+    fn drop_pages(&mut self, stale: &RangeSet) -> Result<()> {
         let t = self.target.as_mut().expect("a warm tree holds its process");
-        for m in gone {
-            // Registered memory: unmapped, it would wait for a reader of the event.
-            if crate::memory::lazy_eligible(m) {
-                if let Some(u) = &self.uffd {
-                    u.unregister(m.start, m.end)?;
-                }
+        let uffd = self.uffd.as_ref();
+        // An madvise of registered memory waits until its event is read.
+        let done = std::sync::atomic::AtomicBool::new(false);
+        let r = std::thread::scope(|s| {
+            if let Some(u) = uffd {
+                let done = &done;
+                s.spawn(move || {
+                    while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                        if u.wait(1) {
+                            let _ = u.events();
+                        }
+                    }
+                });
             }
-            t.queue(
-                "munmap of a changed mapping",
-                libc::SYS_munmap,
-                [m.start, m.end - m.start, 0, 0, 0, 0],
-            )?;
-            self.written.remove(m.start, m.end);
-            self.direct.remove(m.start, m.end);
+            let r = (|| -> Result<()> {
+                for (a, b) in stale.runs() {
+                    t.queue(
+                        "madvise(MADV_DONTNEED) of a stale pre-copied page",
+                        libc::SYS_madvise,
+                        [a, b - a, libc::MADV_DONTNEED as u64, 0, 0, 0],
+                    )?;
+                }
+                t.flush()
+            })();
+            done.store(true, std::sync::atomic::Ordering::Relaxed);
+            r
+        });
+        for (a, b) in stale.runs() {
+            self.written.remove(a, b);
+            self.took.remove(a, b);
+        }
+        r
+    }
+
+    /// Unmaps `gone` and maps `made` (which do not overlap the mappings kept), but for
+    /// `keep`: memory that stays where it is.
+    fn remake(
+        &mut self,
+        gone: &[&MappingImage],
+        made: &[&MappingImage],
+        keep: &RangeSet,
+    ) -> Result<()> {
+        let t = self.target.as_mut().expect("a warm tree holds its process");
+        let outside = |s: u64, e: u64| {
+            let mut r = RangeSet::default();
+            r.insert(s, e);
+            for (a, b) in keep.within(s, e) {
+                r.remove(a, b);
+            }
+            r.runs().collect::<Vec<_>>()
+        };
+        for m in gone {
+            for (s, e) in outside(m.start, m.end) {
+                // Registered memory: unmapped, it would wait for a reader of the event.
+                if crate::memory::lazy_eligible(m) {
+                    if let Some(u) = &self.uffd {
+                        u.unregister(s, e)?;
+                    }
+                }
+                t.queue(
+                    "munmap of a changed mapping",
+                    libc::SYS_munmap,
+                    [s, e - s, 0, 0, 0, 0],
+                )?;
+                self.written.remove(s, e);
+                self.took.remove(s, e);
+                self.direct.remove(s, e);
+                self.lazy.remove(s, e);
+            }
+        }
+        let mut pieces: Vec<MappingImage> = Vec::new();
+        for m in made {
+            for (s, e) in outside(m.start, m.end) {
+                let mut p = (*m).clone();
+                if p.kind == MapKind::File {
+                    p.offset += s - m.start;
+                }
+                (p.start, p.end) = (s, e);
+                pieces.push(p);
+            }
         }
         crate::memory::map_each(
             t,
-            made.iter().copied(),
+            pieces.iter(),
             &mut Default::default(),
             &Default::default(),
         )?;
-        for m in made {
-            if crate::memory::lazy_eligible(m) {
-                if let Some(u) = &self.uffd {
-                    u.register(m.start, m.end)?;
-                }
+        t.flush()?;
+        for p in pieces.iter().filter(|p| crate::memory::lazy_eligible(p)) {
+            if let Some(u) = &self.uffd {
+                u.register(p.start, p.end)?;
             }
+            self.lazy.insert(p.start, p.end);
         }
         Ok(())
     }
@@ -369,6 +652,41 @@ mod tests {
         d[1].end += 0x4000;
         let (gone, made) = layout_diff(&a, &d);
         assert_eq!((starts(gone), starts(made)), (vec![0x3000], vec![0x3000]));
+    }
+
+    #[test]
+    fn memory_that_grew_or_merged_stays_in_place() {
+        let grown = |s: u64, e: u64, kind| {
+            let mut x = m(s, kind);
+            x.end = e;
+            x
+        };
+        let old = [
+            grown(0x10000, 0x20000, MapKind::Anon),
+            grown(0x40000, 0x50000, MapKind::Heap),
+            grown(0x80000, 0x90000, MapKind::Anon),
+        ];
+        let mut ro = grown(0x80000, 0x90000, MapKind::Anon);
+        ro.write = false;
+        let new = [
+            // Grew at both ends: the old range stays.
+            grown(0x8000, 0x28000, MapKind::Anon),
+            // Shrank: its remaining part stays.
+            grown(0x40000, 0x48000, MapKind::Heap),
+            // Made read-only: built again.
+            ro,
+        ];
+        let (gone, made) = layout_diff(&old, &new);
+        let keep = kept_in_place(&gone, &made);
+        assert_eq!(
+            keep.runs().collect::<Vec<_>>(),
+            vec![(0x10000, 0x20000), (0x40000, 0x48000)]
+        );
+        // A file mapping is never kept: its pages are the file's.
+        let f = [grown(0x10000, 0x20000, MapKind::File)];
+        let g = [grown(0x10000, 0x30000, MapKind::File)];
+        let (gone, made) = layout_diff(&f, &g);
+        assert!(kept_in_place(&gone, &made).is_empty());
     }
 
     #[test]

@@ -471,7 +471,12 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     }
     let id = hello.id.clone();
     *id_out = id.clone();
-    s.update(&id, |m| m.state = "receiving".into());
+    s.update(&id, |m| {
+        m.state = "receiving".into();
+        if let Some(mode) = &hello.mode {
+            m.mode = mode.clone();
+        }
+    });
     let dir = s.cfg.state_dir.join(&id);
     let img = dir.join("image");
     std::fs::create_dir_all(&img).map_err(io(format!("creating {}", img.display())))?;
@@ -490,6 +495,16 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     let mut warm: Option<ferry_engine::warm::WarmTree> = None;
     let mut warm_note: Option<String> = None;
     let mut pages_seen = false;
+    let mode = s
+        .migrations
+        .lock()
+        .unwrap()
+        .get(&id)
+        .map(|m| m.mode.clone())
+        .unwrap_or_default();
+    // Lazily filled memory is written into the warm process only when the restore fills
+    // lazily (it does but with stop-and-copy): there its pages are held nowhere else.
+    let lazy_too = mode != "stop";
     let commit: serde_json::Value;
     let t_commit;
     // When the final image began to arrive.
@@ -529,12 +544,26 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                 pages_seen = true;
                 round_bytes += buf.len() as u64;
                 runs.into_iter().try_for_each(|(pid, addr, data)| {
-                    if let Some(Err(e)) = warm.as_mut().map(|w| w.write(pid, addr, data)) {
-                        // Only a head start lost: the rebuild at the commit does it all.
-                        warm = None;
-                        warm_note = Some(format!("not used: writing pages into it: {e}"));
-                    }
-                    store.put(pid, addr, data)
+                    let rest = match warm.as_mut().map(|w| w.write(pid, addr, data, lazy_too)) {
+                        None => vec![(addr, addr + data.len() as u64)],
+                        Some(Ok(rest)) => rest,
+                        Some(Err(e)) => {
+                            // Only a head start lost: the rebuild at the commit does it all,
+                            // from the store, which takes back what only the warm process held.
+                            let w = warm.take().unwrap();
+                            let wpid = w.pid();
+                            w.salvage(&mut |a, d| {
+                                store
+                                    .put(wpid, a, d)
+                                    .map_err(|e| ferry_engine::EngineError::Failed(e.to_string()))
+                            })?;
+                            warm_note = Some(format!("not used: writing pages into it: {e}"));
+                            vec![(addr, addr + data.len() as u64)]
+                        }
+                    };
+                    rest.into_iter().try_for_each(|(s, e)| {
+                        store.put(pid, s, &data[(s - addr) as usize..(e - addr) as usize])
+                    })
                 })
             }),
             Kind::Layout => {
@@ -620,13 +649,6 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         }));
     }
     ferry_sys::timeline::mark(|| "claiming".into());
-    let mode = s
-        .migrations
-        .lock()
-        .unwrap()
-        .get(&id)
-        .map(|m| m.mode.clone())
-        .unwrap_or_default();
     let restored = (|| -> Result<ferry_engine::Restored> {
         let tp = Instant::now();
         // Stored pages count only where listed: a list we cannot read fails the migration.
@@ -667,7 +689,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                 c.wait()
                     .map_err(|e| ferry_engine::EngineError::Failed(e.to_string()))
             }))),
-            base: Some(Arc::new(store)),
+            base: Some(Arc::new(crate::store::Shared::new(store))),
             // Everything but stop-and-copy runs before its memory is filled in.
             lazy: mode != "stop",
             remote,

@@ -95,6 +95,10 @@ pub struct Hello {
     /// the pages left in the frozen source process. Absent: the main stream.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub role: Option<String>,
+    /// The main stream's mode ("precopy", "postcopy", "hybrid", "stop"): it overrides the one
+    /// given when the migration was prepared, which may differ.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mode: Option<String>,
 }
 
 /// In the Commit frame: memory of process `pid` the agent holds from pre-copy rounds and that

@@ -74,6 +74,11 @@ pub struct MigrateReport {
     /// From the freeze on the source to the process running on the destination.
     pub downtime_ms: f64,
     pub total_ms: f64,
+    /// Parts of `total_ms` before memory moves: the compatibility gate (reading the
+    /// process's code), and everything from the start until the first round began (the gate,
+    /// the agent's API, the connection, the layout, write tracking set up).
+    pub gate_ms: f64,
+    pub setup_ms: f64,
     pub restored_pid: i32,
     /// After the process ran on the destination: filling its memory there (post-copy pages
     /// from here, or pre-copied pages held there), until nothing was missing.
@@ -335,7 +340,10 @@ fn migrate_inner(
     tls::check_address(&o.to, o.tls.as_ref())?;
     let http = Http::new(o);
     let host: HostInfo = http.get("/v1/host")?;
+    let tg0 = Instant::now();
     let verdict = gate(o.pid, &host.profile, o.force)?;
+    let gate_ms = tg0.elapsed().as_secs_f64() * 1e3;
+    let mut setup_ms = 0.0;
     let created: Created = match &o.prepared {
         Some(id) => {
             let m: MigrationInfo = http.get(&format!("/v1/migrations/{id}"))?;
@@ -389,6 +397,7 @@ fn migrate_inner(
                 id: created.id.clone(),
                 token: o.token.clone().unwrap_or_default(),
                 role: None,
+                mode: Some(format!("{:?}", o.mode).to_lowercase()),
             },
         )?;
     }
@@ -462,6 +471,9 @@ fn migrate_inner(
         let mut base_spent = 0u64;
         for round in 0..max_rounds {
             let tr0 = Instant::now();
+            if round == 0 {
+                setup_ms = (tr0 - t0).as_secs_f64() * 1e3;
+            }
             // smaps for the final dump, read beside the round (not after it, when every ms
             // of reading is a ms more for the process to dirty pages before the freeze).
             let pid = o.pid;
@@ -590,6 +602,7 @@ fn migrate_inner(
                 id: created.id.clone(),
                 token: o.token.clone().unwrap_or_default(),
                 role: Some("pages".into()),
+                mode: None,
             },
             o.io_timeout,
             o.tls.as_ref(),
@@ -924,6 +937,8 @@ fn migrate_inner(
         bytes_sent: sent,
         downtime_ms,
         total_ms: t0.elapsed().as_secs_f64() * 1e3,
+        gate_ms,
+        setup_ms,
         restored_pid,
         fill_ms: fill.as_ref().map(|f| f.fill_ms),
         postcopy_bytes,

@@ -150,16 +150,25 @@ impl PageStore {
             r.sort_unstable();
         }
         self.held.clear();
-        for (&pid, ranges) in &self.tracked {
-            let mut runs: Vec<(u64, u64)> = Vec::new();
-            for (s, e) in self.valid(pid, 0, u64::MAX, ranges) {
-                match runs.last_mut() {
-                    Some(l) if l.1 == s.0 => l.1 = e,
-                    _ => runs.push((s.0, e)),
-                }
-            }
-            self.held.insert(pid, runs);
+        let pids: Vec<i32> = self.tracked.keys().copied().collect();
+        for pid in pids {
+            self.update_held(pid);
         }
+    }
+
+    /// Runs of the valid pages of `pid` held, again (after `set_tracked` or more pages).
+    fn update_held(&mut self, pid: i32) {
+        let Some(ranges) = self.tracked.get(&pid) else {
+            return;
+        };
+        let mut runs: Vec<(u64, u64)> = Vec::new();
+        for (s, e) in self.valid(pid, 0, u64::MAX, ranges) {
+            match runs.last_mut() {
+                Some(l) if l.1 == s.0 => l.1 = e,
+                _ => runs.push((s.0, e)),
+            }
+        }
+        self.held.insert(pid, runs);
     }
 
     /// Valid stored pieces of `pid` inside [from, to), in address order: ((start, slot), end).
@@ -193,6 +202,52 @@ impl PageStore {
                 self.path.display()
             ))
         })
+    }
+}
+
+/// The store as the restore uses it: it may take back pages that a warm process held alone
+/// (`BasePages::absorb`), after the valid ranges were set.
+pub struct Shared(std::sync::Mutex<PageStore>);
+
+impl Shared {
+    pub fn new(s: PageStore) -> Shared {
+        Shared(std::sync::Mutex::new(s))
+    }
+}
+
+impl BasePages for Shared {
+    fn held(&self, pid: i32) -> Vec<(u64, u64)> {
+        self.0.lock().unwrap().held(pid)
+    }
+
+    fn valid(&self, pid: i32) -> Vec<(u64, u64)> {
+        self.0
+            .lock()
+            .unwrap()
+            .tracked
+            .get(&pid)
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn read_into(&self, pid: i32, addr: u64, buf: &mut [u8]) -> ferry_engine::Result<()> {
+        self.0.lock().unwrap().read_into(pid, addr, buf)
+    }
+
+    fn write_into(
+        &self,
+        pid: i32,
+        write: &mut dyn FnMut(u64, &[u8]) -> ferry_engine::Result<()>,
+    ) -> ferry_engine::Result<u64> {
+        self.0.lock().unwrap().write_into(pid, write)
+    }
+
+    fn absorb(&self, pid: i32, addr: u64, data: &[u8]) -> ferry_engine::Result<()> {
+        let mut s = self.0.lock().unwrap();
+        s.put(pid, addr, data)
+            .map_err(|e| ferry_engine::EngineError::Failed(e.to_string()))?;
+        s.update_held(pid);
+        Ok(())
     }
 }
 

@@ -62,6 +62,41 @@ pub fn read_mem_runs(pid: i32, runs: &[(u64, usize)], buf: &mut [u8]) -> Result<
     Ok(done)
 }
 
+/// Write scattered runs `(address, bytes)` into process `pid`, with as few
+/// process_vm_writev calls as the kernel allows (1024 runs each); a group it refuses (a
+/// read-only mapping) is written run by run through /proc/PID/mem.
+pub fn write_mem_runs(pid: i32, runs: &[(u64, &[u8])]) -> Result<()> {
+    use nix::sys::uio::process_vm_writev;
+    use std::io::IoSlice;
+    for group in runs.chunks(1024) {
+        let want: usize = group.iter().map(|r| r.1.len()).sum();
+        let remote: Vec<RemoteIoVec> = group
+            .iter()
+            .map(|&(a, d)| RemoteIoVec {
+                base: a as usize,
+                len: d.len(),
+            })
+            .collect();
+        let local: Vec<IoSlice> = group.iter().map(|r| IoSlice::new(r.1)).collect();
+        match process_vm_writev(Pid::from_raw(pid), &local, &remote) {
+            Ok(n) if n == want => {}
+            Ok(_) | Err(nix::Error::EFAULT) => {
+                for &(a, d) in group {
+                    write_mem(pid, a, d)?;
+                }
+            }
+            Err(nix::Error::ESRCH) => return Err(Error::NoSuchProcess(pid)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("process_vm_writev of process {pid} ({} runs)", group.len()),
+                    e.into(),
+                ))
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Read a range that may contain unreadable pages: unreadable 4 KiB pages are left zeroed and
 /// reported in the returned count of missing pages.
 pub fn read_mem_lossy(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize> {

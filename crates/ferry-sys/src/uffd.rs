@@ -493,6 +493,17 @@ impl LazyUffd {
         Ok(())
     }
 
+    /// Wait up to `timeout_ms` for an event or a fault to read; whether one is there.
+    pub fn wait(&self, timeout_ms: i32) -> bool {
+        let mut p = libc::pollfd {
+            fd: self.uffd.as_raw_fd(),
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for the call.
+        unsafe { libc::poll(&mut p, 1, timeout_ms) > 0 }
+    }
+
     /// Events waiting now (none when there are none: the fd is non-blocking).
     pub fn events(&self) -> Result<Vec<UffdEvent>> {
         let mut buf = [0u8; 32 * 16];
