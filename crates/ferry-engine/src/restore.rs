@@ -318,6 +318,7 @@ pub fn restore_held_with(
     ferry_sys::timeline::mark(|| "verify: files".into());
     let lazy = opts.lazy || opts.remote.is_some();
     let mut warm_note = None;
+    let mut over_job: Option<std::thread::JoinHandle<Result<()>>> = None;
     let warm = match warm {
         None => None,
         Some(mut w) => {
@@ -329,19 +330,15 @@ pub fn restore_held_with(
             let fits = if !lazy || opts.netns.is_some() {
                 Err("the restore fills every page before the process runs".to_string())
             } else {
-                let bytes = map.bytes();
-                let newer: Vec<(u64, &[u8])> = index
+                let newer: Vec<(u64, u64, u64)> = index
                     .iter()
-                    .filter_map(|b| {
-                        let at = b.data_offset as usize;
-                        Some((b.vaddr, bytes.get(at..at + b.data_len as usize)?))
-                    })
+                    .map(|b| (b.vaddr, b.data_offset, b.data_len))
                     .collect();
                 w.fit(&imgs, &zombies, &valid, &newer)
             };
             let mut note = match &fits {
-                Ok(0) => "used".to_string(),
-                Ok(n) => format!("used, {n} changed mappings made again"),
+                Ok((0, _)) => "used".to_string(),
+                Ok((n, _)) => format!("used, {n} changed mappings made again"),
                 Err(why) => format!("not used: {why}"),
             };
             if fits.is_err() && w.holds_alone() > 0 {
@@ -362,7 +359,35 @@ pub fn restore_held_with(
             }
             warm_note = Some(note);
             // Not fitting, it is dropped (killed) here, and its PID is free again.
-            fits.ok().map(|_| w.take())
+            fits.ok().map(|(_, over)| {
+                // Newer pages over older ones, on a thread: done before the tree is held.
+                if !over.is_empty() {
+                    let (map, pid) = (map.clone(), w.pid());
+                    over_job = Some(std::thread::spawn(move || -> Result<()> {
+                        let bytes = map.bytes();
+                        let runs = over
+                            .iter()
+                            .map(|&(a, off, len)| {
+                                bytes
+                                    .get(off as usize..(off + len) as usize)
+                                    .map(|d| (a, d))
+                                    .ok_or_else(|| {
+                                        EngineError::Failed(format!(
+                                            "pages.fimg is shorter than it was verified \
+                                             (pages at {a:#x})"
+                                        ))
+                                    })
+                            })
+                            .collect::<Result<Vec<_>>>()?;
+                        ferry_sys::mem::write_mem_runs(pid, &runs)?;
+                        ferry_sys::timeline::mark(|| {
+                            format!("newer pages written over: {}", runs.len())
+                        });
+                        Ok(())
+                    }));
+                }
+                w.take()
+            })
         }
     };
     ferry_sys::timeline::mark(|| "warm fit".into());
@@ -581,6 +606,11 @@ pub fn restore_held_with(
             )?;
             before += n * ferry_image::PAGE_SIZE as u64;
             pages += n;
+        }
+        if let Some(j) = over_job.take() {
+            j.join().map_err(|_| {
+                EngineError::Failed("writing the image's newer pages panicked".into())
+            })??;
         }
         Ok(pages)
     })();

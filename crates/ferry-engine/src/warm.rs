@@ -365,20 +365,20 @@ impl WarmTree {
 
     /// Makes the warm process the final image's, if it can be: one process, the same PID,
     /// every mapping that changed since it was built made again (unmapped, mapped, registered
-    /// if lazily filled), every page written into it that the image has a newer copy of
-    /// (`newer`: its blocks of pages, address and bytes) written over, and dropped: those
-    /// that `valid` (the memory whose pre-copied pages still hold: the mappings the source
-    /// still tracked) does not cover, and those left in the source to fetch (post-copy's
-    /// `MappingImage::lazy`). Ok: how many
-    /// mappings were made again. Err: why it cannot be used (it is then only fit to be
-    /// killed, after `salvage`).
+    /// if lazily filled), and dropped: the pages written into it that `valid` (the memory
+    /// whose pre-copied pages still hold: the mappings the source still tracked) does not
+    /// cover, and those left in the source to fetch (post-copy's `MappingImage::lazy`). Ok:
+    /// how many mappings were made again, and the pages written into it that the image has
+    /// newer copies of (`newer`: its blocks, as address, offset in pages.fimg and length),
+    /// as (address, offset, length): the caller writes them over before the process runs.
+    /// Err: why it cannot be used (it is then only fit to be killed, after `salvage`).
     pub(crate) fn fit(
         &mut self,
         imgs: &[ProcessImage],
         zombies: &[ZombieImage],
         valid: &[(u64, u64)],
-        newer: &[(u64, &[u8])],
-    ) -> std::result::Result<usize, String> {
+        newer: &[(u64, u64, u64)],
+    ) -> std::result::Result<(usize, Vec<(u64, u64, u64)>), String> {
         if imgs.len() != 1 || !zombies.is_empty() {
             return Err("the tree has more than one process".into());
         }
@@ -449,18 +449,13 @@ impl WarmTree {
                 }
             }
         }
-        // The image's pages are the newest: written over what pre-copy sent.
-        let mut over: Vec<(u64, &[u8])> = Vec::new();
-        for &(s, d) in newer {
-            for (a, b) in self.written.within(s, s + d.len() as u64) {
-                over.push((a, &d[(a - s) as usize..(b - s) as usize]));
-            }
-        }
-        if !over.is_empty() {
-            ferry_sys::mem::write_mem_runs(self.layout.pid, &over)
-                .map_err(|e| format!("writing newer pages over stale ones: {e}"))?;
-            for &(a, d) in &over {
-                stale.remove(a, a + d.len() as u64);
+        // The image's pages are the newest: written over what pre-copy sent (by the caller,
+        // beside the rest of the restore), not dropped.
+        let mut over: Vec<(u64, u64, u64)> = Vec::new();
+        for &(s, off, len) in newer {
+            for (a, b) in self.written.within(s, s + len) {
+                over.push((a, off + (a - s), b - a));
+                stale.remove(a, b);
             }
         }
         ferry_sys::timeline::mark(|| {
@@ -475,7 +470,7 @@ impl WarmTree {
             self.drop_pages(&stale)
                 .map_err(|e| format!("dropping {} stale bytes: {e}", stale.bytes()))?;
         }
-        Ok(changed)
+        Ok((changed, over))
     }
 
     /// Drop the pages of `stale` (MADV_DONTNEED): lazily filled memory becomes missing again
