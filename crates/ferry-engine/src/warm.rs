@@ -124,6 +124,9 @@ fn kept_in_place(gone: &[&MappingImage], made: &[&MappingImage]) -> RangeSet {
     keep
 }
 
+/// Pages at an address, from an offset of pages.fimg: (address, offset, length).
+pub(crate) type PageCopy = (u64, u64, u64);
+
 /// A process created ahead of the freeze, stopped, with its memory laid out. Dropping it
 /// kills it.
 pub struct WarmTree {
@@ -378,7 +381,7 @@ impl WarmTree {
         zombies: &[ZombieImage],
         valid: &[(u64, u64)],
         newer: &[(u64, u64, u64)],
-    ) -> std::result::Result<(usize, Vec<(u64, u64, u64)>), String> {
+    ) -> std::result::Result<(usize, Vec<PageCopy>), String> {
         if imgs.len() != 1 || !zombies.is_empty() {
             return Err("the tree has more than one process".into());
         }
@@ -451,7 +454,7 @@ impl WarmTree {
         }
         // The image's pages are the newest: written over what pre-copy sent (by the caller,
         // beside the rest of the restore), not dropped.
-        let mut over: Vec<(u64, u64, u64)> = Vec::new();
+        let mut over: Vec<PageCopy> = Vec::new();
         for &(s, off, len) in newer {
             for (a, b) in self.written.within(s, s + len) {
                 over.push((a, off + (a - s), b - a));
