@@ -53,7 +53,7 @@ impl Default for PageBatch {
 impl PageBatch {
     pub fn add(&mut self, w: &mut impl Write, pid: i32, addr: u64, data: &[u8]) -> Result<()> {
         // A long run goes out as a frame of its own, from where it lies: no copy.
-        if data.len() >= 1 << 20 && data.len() <= 4 << 20 && data.len() % 4096 == 0 {
+        if data.len() >= 1 << 20 && data.len() <= 4 << 20 && data.len().is_multiple_of(4096) {
             self.flush(w)?;
             let mut head = [0u8; 16];
             head[..4].copy_from_slice(&(pid as u32).to_le_bytes());
