@@ -337,12 +337,17 @@ fn add_process_roots(
         ) {
             continue;
         }
-        let mut a = m.start;
-        while a < m.end {
-            let n = ((m.end - a) as usize).min(buf.len());
-            read_mem_lossy(pid, a, &mut buf[..n])?;
-            sc.scan_words(a, &buf[..n], RootKind::DataPointer);
-            a += n as u64;
+        // Only pages that hold data: the others read as zero and hold no pointer.
+        let runs = ferry_sys::uffd::present_runs(pid, m.start, m.end)
+            .unwrap_or_else(|_| vec![(m.start, m.end)]);
+        for (s, e) in runs {
+            let mut a = s;
+            while a < e {
+                let n = ((e - a) as usize).min(buf.len());
+                read_mem_lossy(pid, a, &mut buf[..n])?;
+                sc.scan_words(a, &buf[..n], RootKind::DataPointer);
+                a += n as u64;
+            }
         }
     }
     Ok(())

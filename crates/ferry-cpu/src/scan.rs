@@ -107,6 +107,16 @@ pub struct Scanner<'s> {
     formatter: IntelFormatter,
     code_lo: u64,
     code_hi: u64,
+    /// One bit per 2 MiB of address space (modulo 128 GiB), set where code lies: most words
+    /// that look like addresses (heap pointers) are turned away by one lookup.
+    code_granules: Box<[u64; GRANULE_WORDS]>,
+}
+
+const GRANULE_WORDS: usize = 1024;
+
+fn granule(addr: u64) -> (usize, u64) {
+    let g = (addr >> 21) as usize % (GRANULE_WORDS * 64);
+    (g / 64, 1 << (g % 64))
 }
 
 const MAX_UNKNOWN_EXAMPLES: usize = 32;
@@ -114,6 +124,15 @@ const MAX_UNKNOWN_EXAMPLES: usize = 32;
 impl<'s> Scanner<'s> {
     pub fn new(space: &'s Space) -> Self {
         let (code_lo, code_hi) = space.code_bounds();
+        let mut code_granules = Box::new([0u64; GRANULE_WORDS]);
+        for r in &space.regions {
+            let (first, last) = (r.start >> 21, (r.end.max(r.start + 1) - 1) >> 21);
+            // Past 128 GiB of code every bit is set anyway.
+            for g in first..=last.min(first + (GRANULE_WORDS as u64) * 64) {
+                let (w, b) = granule(g << 21);
+                code_granules[w] |= b;
+            }
+        }
         Scanner {
             space,
             work: Vec::new(),
@@ -128,6 +147,7 @@ impl<'s> Scanner<'s> {
             formatter: IntelFormatter::new(),
             code_lo,
             code_hi,
+            code_granules,
         }
     }
 
@@ -172,12 +192,33 @@ impl<'s> Scanner<'s> {
         if skip >= data.len() {
             return;
         }
-        for w in data[skip..].chunks_exact(8) {
-            let v = u64::from_le_bytes(w.try_into().unwrap());
-            if v >= self.code_lo && v < self.code_hi && self.is_code(v) {
-                *self.counts.roots.entry(kind_name(kind)).or_default() += 1;
-                self.push(v, false);
+        let (lo, span) = (self.code_lo, self.code_hi.saturating_sub(self.code_lo));
+        let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap());
+        let name = kind_name(kind);
+        let mut found = 0u64;
+        // Blocks of 64 words: most hold no word in the code's range, which a branch-free
+        // pass tells.
+        for block in data[skip..].chunks(512) {
+            let any = block
+                .chunks_exact(8)
+                .fold(false, |acc, w| acc | (word(w).wrapping_sub(lo) < span));
+            if !any {
+                continue;
             }
+            for w in block.chunks_exact(8) {
+                let v = word(w);
+                if v.wrapping_sub(lo) >= span {
+                    continue;
+                }
+                let (gw, gb) = granule(v);
+                if self.code_granules[gw] & gb != 0 && self.is_code(v) {
+                    found += 1;
+                    self.push(v, false);
+                }
+            }
+        }
+        if found > 0 {
+            *self.counts.roots.entry(name).or_default() += found;
         }
     }
 
@@ -491,5 +532,87 @@ fn example(
             .map(|_| format!("{:#x}", ip.wrapping_sub(m.bias))),
         instruction: text,
         bytes: raw.iter().map(|b| format!("{b:02x}")).collect(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::space::{Memory, Module, Region, Space};
+
+    struct NoMem;
+    impl Memory for NoMem {
+        fn read(&self, _addr: u64, _buf: &mut [u8]) -> usize {
+            0
+        }
+    }
+
+    #[test]
+    fn words_pointing_into_code_and_only_those_become_roots() {
+        let module = |kernel| Module {
+            name: "m".into(),
+            path: None,
+            bias: 0,
+            elf: None,
+            anon: true,
+            kernel,
+        };
+        let region = |start: u64, end: u64, module| Region {
+            start,
+            end,
+            module,
+            bytes: vec![0x90; (end - start) as usize],
+        };
+        let space = Space::new(
+            vec![module(false), module(true)],
+            vec![
+                region(0x5555_0000_0000, 0x5555_0000_4000, 0),
+                region(0x7f00_0000_0000, 0x7f00_0000_2000, 0),
+                region(0x7fff_0000_0000, 0x7fff_0000_1000, 1),
+            ],
+            Box::new(NoMem),
+        );
+        // Heap pointers between the code regions, code pointers, kernel code, small numbers,
+        // the regions' edges; spread over several 64-word blocks.
+        let mut words = vec![0u64; 1000];
+        let mut expect = Vec::new();
+        let mut x = 0x1234_5678u64;
+        for (i, w) in words.iter_mut().enumerate() {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            *w = match i % 7 {
+                0 => 0x5555_0000_0000 + (x % 0x4000),
+                1 => 0x5555_0001_0000 + (x % 0x100_0000),
+                2 => 0x7f00_0000_0000 + (x % 0x3000),
+                3 => 0x7fff_0000_0000 + (x % 0x1000),
+                4 => x % 1000,
+                5 if i < 500 => 0x5555_0000_4000,
+                _ => 0x7eff_ffff_f000 + (x % 0x2000),
+            };
+            let v = *w;
+            let code = (0x5555_0000_0000..0x5555_0000_4000).contains(&v)
+                || (0x7f00_0000_0000..0x7f00_0000_2000).contains(&v);
+            if code {
+                expect.push(v);
+            }
+        }
+        let bytes: Vec<u8> = words.iter().flat_map(|w| w.to_le_bytes()).collect();
+        let mut sc = Scanner::new(&space);
+        sc.scan_words(0x1000, &bytes, RootKind::StackWord);
+        let mut got: Vec<u64> = sc.work.iter().map(|w| w.addr).collect();
+        got.sort_unstable();
+        expect.sort_unstable();
+        expect.dedup();
+        assert!(!expect.is_empty());
+        assert_eq!(got, expect);
+        assert_eq!(
+            sc.counts.roots.get("stack_word").copied().unwrap_or(0) as usize,
+            words
+                .iter()
+                .filter(|&&v| (0x5555_0000_0000..0x5555_0000_4000).contains(&v)
+                    || (0x7f00_0000_0000..0x7f00_0000_2000).contains(&v))
+                .count()
+        );
     }
 }
