@@ -78,6 +78,46 @@ struct Chunk {
     /// Further runs of the same mapping, their data after the first's in `buf`: scattered
     /// dirty pages travel many to a chunk, not one chunk (and one thread handoff) per page.
     more: Vec<(u64, usize)>,
+    /// The blocks to write (address, offset in `buf`, length, checksum of the data), found
+    /// by the reading thread (`Chunk::prepare`) so that the writing one only writes.
+    blocks: Vec<(u64, usize, usize, ferry_image::PageHasher)>,
+}
+
+impl Chunk {
+    /// Split the chunk's runs into blocks of pages to save (all-zero pages left out where
+    /// `skip_zero`) and checksum each.
+    fn prepare(&mut self) {
+        let mut off = 0;
+        let runs: Vec<(u64, usize)> = std::iter::once((self.addr, self.len))
+            .chain(self.more.iter().copied())
+            .collect();
+        for (a, len) in runs {
+            let data = &self.buf[off..off + len];
+            let zero = |p: &[u8]| self.skip_zero && p.iter().all(|&b| b == 0);
+            let n = len / PAGE_SIZE;
+            let mut j = 0;
+            while j < n {
+                if zero(&data[j * PAGE_SIZE..(j + 1) * PAGE_SIZE]) {
+                    j += 1;
+                    continue;
+                }
+                let mut k = j + 1;
+                while k < n && !zero(&data[k * PAGE_SIZE..(k + 1) * PAGE_SIZE]) {
+                    k += 1;
+                }
+                let mut h = ferry_image::PageHasher::new();
+                h.update(&data[j * PAGE_SIZE..k * PAGE_SIZE]);
+                self.blocks.push((
+                    a + (j * PAGE_SIZE) as u64,
+                    off + j * PAGE_SIZE,
+                    (k - j) * PAGE_SIZE,
+                    h,
+                ));
+                j = k;
+            }
+            off += len;
+        }
+    }
 }
 
 const CHUNK: usize = 4 << 20;
@@ -164,12 +204,12 @@ pub fn dump(
                 }
                 continue;
             }
-            let mut n = write_nonzero(w, c.addr, &c.buf[..c.len], c.skip_zero)?;
-            let mut off = c.len;
-            for &(a, l) in &c.more {
-                n += write_nonzero(w, a, &c.buf[off..off + l], c.skip_zero)?;
-                off += l;
+            let mut n = 0;
+            for (a, off, len, h) in &c.blocks {
+                w.pages_hashed(*a, &c.buf[*off..off + len], h)?;
+                n += (len / PAGE_SIZE) as u64;
             }
+            let off = c.len + c.more.iter().map(|m| m.1).sum::<usize>();
             per[c.mapping] += n;
             total += n;
             on_chunk(off as u64);
@@ -400,6 +440,7 @@ fn read_all(
                 mapping: mi,
                 buf: Vec::new(),
                 more: rest.iter().map(|&(a, e)| (a, (e - a) as usize)).collect(),
+                blocks: Vec::new(),
             }))
             .is_ok()
         };
@@ -420,6 +461,7 @@ fn read_all(
                     if cur.as_ref().is_some_and(|(_, used)| used + len > CHUNK) {
                         let (mut c, used) = cur.take().unwrap();
                         read_chunk(pid, m.read, &mut c, used)?;
+                        c.prepare();
                         if tx.send(Ok(c)).is_err() {
                             return Ok(());
                         }
@@ -439,6 +481,7 @@ fn read_all(
                                     mapping: mi,
                                     buf,
                                     more: Vec::new(),
+                                    blocks: Vec::new(),
                                 },
                                 0,
                             ))
@@ -454,6 +497,7 @@ fn read_all(
             }
             if let Some((mut c, used)) = cur {
                 read_chunk(pid, m.read, &mut c, used)?;
+                c.prepare();
                 if tx.send(Ok(c)).is_err() {
                     return Ok(());
                 }
@@ -509,7 +553,7 @@ fn read_all(
                 if !m.read || read_mem(pid, a, chunk)? != len {
                     read_mem_forced(pid, a, chunk)?;
                 }
-                let c = Chunk {
+                let mut c = Chunk {
                     addr: a,
                     len,
                     skip_zero: kind != MapKind::File,
@@ -517,7 +561,9 @@ fn read_all(
                     mapping: mi,
                     buf,
                     more: Vec::new(),
+                    blocks: Vec::new(),
                 };
+                c.prepare();
                 if tx.send(Ok(c)).is_err() {
                     return Ok(());
                 }
@@ -548,32 +594,6 @@ fn read_chunk(pid: i32, readable: bool, c: &mut Chunk, used: usize) -> Result<()
         off += len;
     }
     Ok(())
-}
-
-/// Write the pages of `data`, skipping all-zero pages when `skip_zero` (fresh anonymous memory
-/// is zero already).
-fn write_nonzero(w: &mut ImageWriter, addr: u64, data: &[u8], skip_zero: bool) -> Result<u64> {
-    let mut saved = 0;
-    let pages: Vec<&[u8]> = data.chunks(PAGE_SIZE).collect();
-    let mut j = 0;
-    while j < pages.len() {
-        let zero = |p: &[u8]| skip_zero && p.iter().all(|&b| b == 0);
-        if zero(pages[j]) {
-            j += 1;
-            continue;
-        }
-        let mut k = j;
-        while k < pages.len() && !zero(pages[k]) {
-            k += 1;
-        }
-        w.pages(
-            addr + (j * PAGE_SIZE) as u64,
-            &data[j * PAGE_SIZE..k * PAGE_SIZE],
-        )?;
-        saved += (k - j) as u64;
-        j = k;
-    }
-    Ok(saved)
 }
 
 /// Refuse files that changed since the dump.

@@ -35,6 +35,8 @@ mod writer;
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
+/// The checksum state of a block's page data, for `ImageWriter::pages_hashed`.
+pub use crc32fast::Hasher as PageHasher;
 pub use error::{ImageError, ImageFile};
 pub use reader::{check_blocks, ImageReader};
 pub use writer::ImageWriter;

@@ -267,12 +267,50 @@ impl ImageWriter {
         Ok(())
     }
 
+    /// `pages`, for one block's worth of data (at most 16384 pages) whose checksum state
+    /// (`crc32fast::Hasher` over `data` alone) was computed elsewhere, such as on the thread
+    /// that read the pages: the writing thread then only writes.
+    pub fn pages_hashed(
+        &mut self,
+        vaddr: u64,
+        data: &[u8],
+        data_crc: &crc32fast::Hasher,
+    ) -> Result<(), ImageError> {
+        if data.len() > MAX_BLOCK_PAGES as usize * PAGE_SIZE {
+            return self.pages(vaddr, data);
+        }
+        if data.is_empty() {
+            return Ok(());
+        }
+        self.usable()?;
+        if !data.len().is_multiple_of(PAGE_SIZE) || !vaddr.is_multiple_of(PAGE_SIZE as u64) {
+            return Err(self.pages.invalid(format!(
+                "page data at {vaddr:#x} ({} bytes) is not whole aligned pages",
+                data.len()
+            )));
+        }
+        let r = self.write_block_with(vaddr, data, Some(data_crc));
+        self.track(r)
+    }
+
     fn write_block(&mut self, vaddr: u64, chunk: &[u8]) -> Result<(), ImageError> {
+        self.write_block_with(vaddr, chunk, None)
+    }
+
+    fn write_block_with(
+        &mut self,
+        vaddr: u64,
+        chunk: &[u8],
+        chunk_crc: Option<&crc32fast::Hasher>,
+    ) -> Result<(), ImageError> {
         let count = (chunk.len() / PAGE_SIZE) as u32;
         let prefix = encode_block_prefix(vaddr, count);
         let mut h = crc32fast::Hasher::new();
         h.update(&prefix);
-        h.update(chunk);
+        match chunk_crc {
+            Some(c) => h.combine(c),
+            None => h.update(chunk),
+        }
         let crc = h.finalize();
         let header = encode_record_header(
             KIND_PAGE_BLOCK,

@@ -604,3 +604,24 @@ fn check_blocks_on_several_threads_finds_a_flipped_byte_in_a_large_image() {
         .to_string();
     assert!(e.contains("checksum mismatch"), "{e}");
 }
+
+/// Pages checksummed elsewhere (`pages_hashed`, the dump's reading thread) make the same
+/// bytes as pages checksummed by the writer; a wrong checksum state is caught on reading.
+#[test]
+fn pages_hashed_elsewhere_write_the_same_image() {
+    let a = pattern(5, 3);
+    let plain = write_image(|w| w.pages(0x7f00_0000_0000, &a).unwrap());
+    let hashed = write_image(|w| {
+        let mut h = PageHasher::new();
+        h.update(&a);
+        w.pages_hashed(0x7f00_0000_0000, &a, &h).unwrap();
+    });
+    assert_eq!(plain.pages, hashed.pages);
+    assert_eq!(plain.meta, hashed.meta);
+    let wrong = write_image(|w| {
+        let mut h = PageHasher::new();
+        h.update(&a[4096..]);
+        w.pages_hashed(0x7f00_0000_0000, &a, &h).unwrap();
+    });
+    assert_ne!(plain.pages, wrong.pages);
+}
