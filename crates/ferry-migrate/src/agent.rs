@@ -502,9 +502,11 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         .get(&id)
         .map(|m| m.mode.clone())
         .unwrap_or_default();
-    // Lazily filled memory is written into the warm process only when the restore fills
-    // lazily (it does but with stop-and-copy): there its pages are held nowhere else.
-    let lazy_too = mode != "stop";
+    // Lazily filled memory is written into the warm process with pre-copy only. Hybrid
+    // leaves what was written since the last round in the source: in the warm process those
+    // pages would be stale and have to be dropped while frozen (1 GiB written flat out:
+    // 10857 runs, 580 ms); from the page store the filler simply takes the newer copy.
+    let lazy_too = mode == "precopy";
     let commit: serde_json::Value;
     let t_commit;
     // When the final image began to arrive.
