@@ -253,6 +253,17 @@ fn precopy_then_stop_and_copy_keep_memory_intact() {
         "{r}"
     );
     assert_eq!(r["restore"]["warm"], "used", "{r}");
+    // Pre-copied pages went straight into it: after it ran, only the final copy's pages
+    // were left to fill, not the 64 MiB the rounds sent.
+    let sent: u64 = r["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["bytes"].as_u64().unwrap())
+        .sum();
+    let left = r["restore"]["lazy_bytes"].as_u64().unwrap();
+    assert!(sent >= 64 << 20, "{r}");
+    assert!(left < 8 << 20, "{left} bytes left to fill: {r}");
     if Path::new("/sys/kernel/btf/vmlinux").exists() {
         // The frozen process's mapping flags came from BPF, not from smaps.
         assert!(!r["notes"].to_string().contains("smaps"), "{r}");
