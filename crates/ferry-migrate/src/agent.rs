@@ -592,8 +592,10 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                 ferry_engine::lazy::Filler::prepare();
                 // Everything of the round is stored: say so.
                 last_ack = Some(Instant::now());
-                // The final copy is about the size of the last round, often smaller.
-                let want = (2 * round_bytes + (16 << 20)).min(1 << 30);
+                // The final copy is about the size of the last round, often smaller, and
+                // what crosses in a few ms: 64 MiB at most. Round 0 (all of memory) must not
+                // make this allocate a GiB of fresh memory before its RoundAck.
+                let want = (2 * round_bytes + (16 << 20)).min(64 << 20);
                 if want > reserved {
                     reserve(&pages, want);
                     reserved = want;
