@@ -43,6 +43,16 @@ pub trait RemotePages: Send + Sync {
 #[derive(Debug, Clone, Default)]
 pub struct RangeSet(BTreeMap<u64, u64>);
 
+impl FromIterator<(u64, u64)> for RangeSet {
+    fn from_iter<I: IntoIterator<Item = (u64, u64)>>(runs: I) -> Self {
+        let mut r = RangeSet::default();
+        for (s, e) in runs {
+            r.insert(s, e);
+        }
+        r
+    }
+}
+
 /// Where memory moved by mremap after the restore came from: runs of the live address
 /// space, each with the address its contents had in the image. What is not listed did not
 /// move. The data for a page that moved before it was filled is the image's at its old
@@ -171,6 +181,22 @@ impl RangeSet {
             .collect();
         v.reverse();
         v
+    }
+
+    /// The parts of [s, e) that the set does not hold.
+    pub fn gaps(&self, s: u64, e: u64) -> Vec<(u64, u64)> {
+        let mut out = Vec::new();
+        let mut cur = s;
+        for (a, b) in self.within(s, e) {
+            if cur < a {
+                out.push((cur, a));
+            }
+            cur = cur.max(b);
+        }
+        if cur < e {
+            out.push((cur, e));
+        }
+        out
     }
 
     pub fn is_empty(&self) -> bool {
@@ -841,6 +867,11 @@ mod tests {
             [(0x1800, 0x2000), (0x5800, 0x5900)]
         );
         assert_eq!(r.bytes(), 0x1800);
+        assert_eq!(r.gaps(0x1800, 0x6800), [(0x2000, 0x5800), (0x6000, 0x6800)]);
+        assert_eq!(r.gaps(0x1800, 0x1c00), []);
+        assert_eq!(r.gaps(0x3000, 0x4000), [(0x3000, 0x4000)]);
+        let t: RangeSet = [(0x1000, 0x2000), (0x2000, 0x3000)].into_iter().collect();
+        assert_eq!(t.gaps(0, 0x4000), [(0, 0x1000), (0x3000, 0x4000)]);
         r.insert(0, 0x10000);
         assert_eq!(r.runs().collect::<Vec<_>>(), [(0, 0x10000)]);
     }

@@ -362,29 +362,7 @@ pub fn restore_held_with(
             fits.ok().map(|(_, over)| {
                 // Newer pages over older ones, on a thread: done before the tree is held.
                 if !over.is_empty() {
-                    let (map, pid) = (map.clone(), w.pid());
-                    over_job = Some(std::thread::spawn(move || -> Result<()> {
-                        let bytes = map.bytes();
-                        let runs = over
-                            .iter()
-                            .map(|&(a, off, len)| {
-                                bytes
-                                    .get(off as usize..(off + len) as usize)
-                                    .map(|d| (a, d))
-                                    .ok_or_else(|| {
-                                        EngineError::Failed(format!(
-                                            "pages.fimg is shorter than it was verified \
-                                             (pages at {a:#x})"
-                                        ))
-                                    })
-                            })
-                            .collect::<Result<Vec<_>>>()?;
-                        ferry_sys::mem::write_mem_runs(pid, &runs)?;
-                        ferry_sys::timeline::mark(|| {
-                            format!("newer pages written over: {}", runs.len())
-                        });
-                        Ok(())
-                    }));
+                    over_job = Some(crate::warm::write_over(w.pid(), map.clone(), over));
                 }
                 w.take()
             })

@@ -127,6 +127,34 @@ fn kept_in_place(gone: &[&MappingImage], made: &[&MappingImage]) -> RangeSet {
 /// Pages at an address, from an offset of pages.fimg: (address, offset, length).
 pub(crate) type PageCopy = (u64, u64, u64);
 
+/// Write the image's newer pages (`over`, from `fit`) into process `pid` on a thread of its
+/// own, beside the rest of the restore; join it before the process runs.
+pub(crate) fn write_over(
+    pid: i32,
+    map: std::sync::Arc<ferry_sys::mem::MappedFile>,
+    over: Vec<PageCopy>,
+) -> std::thread::JoinHandle<Result<()>> {
+    std::thread::spawn(move || {
+        let bytes = map.bytes();
+        let runs = over
+            .iter()
+            .map(|&(a, off, len)| {
+                bytes
+                    .get(off as usize..(off + len) as usize)
+                    .map(|d| (a, d))
+                    .ok_or_else(|| {
+                        EngineError::Failed(format!(
+                            "pages.fimg is shorter than it was verified (pages at {a:#x})"
+                        ))
+                    })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        ferry_sys::mem::write_mem_runs(pid, &runs)?;
+        ferry_sys::timeline::mark(|| format!("newer pages written over: {}", runs.len()));
+        Ok(())
+    })
+}
+
 /// A process created ahead of the freeze, stopped, with its memory laid out. Dropping it
 /// kills it.
 pub struct WarmTree {
@@ -174,28 +202,18 @@ pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
             queued: Vec::new(),
         }),
         uffd: None,
-        direct: {
-            let mut d = RangeSet::default();
-            for m in layout
-                .mappings
-                .iter()
-                .filter(|m| !crate::memory::lazy_eligible(m) && m.kind == MapKind::File)
-            {
-                d.insert(m.start, m.end);
-            }
-            d
-        },
-        lazy: {
-            let mut l = RangeSet::default();
-            for m in layout
-                .mappings
-                .iter()
-                .filter(|m| crate::memory::lazy_eligible(m))
-            {
-                l.insert(m.start, m.end);
-            }
-            l
-        },
+        direct: layout
+            .mappings
+            .iter()
+            .filter(|m| !crate::memory::lazy_eligible(m) && m.kind == MapKind::File)
+            .map(|m| (m.start, m.end))
+            .collect(),
+        lazy: layout
+            .mappings
+            .iter()
+            .filter(|m| crate::memory::lazy_eligible(m))
+            .map(|m| (m.start, m.end))
+            .collect(),
         layout,
         written: RangeSet::default(),
         took: RangeSet::default(),
@@ -261,13 +279,10 @@ impl WarmTree {
         if !lazy_too {
             return Ok(vec![(addr, end)]);
         }
-        let mut rest = RangeSet::default();
-        rest.insert(addr, end);
         for (a, b) in self.lazy.within(addr, end) {
             self.write_lazy(a, &data[(a - addr) as usize..(b - addr) as usize])?;
-            rest.remove(a, b);
         }
-        Ok(rest.runs().collect())
+        Ok(self.lazy.gaps(addr, end))
     }
 
     fn write_mem(&self, at: u64, data: &[u8]) -> Result<()> {
@@ -286,18 +301,18 @@ impl WarmTree {
     /// written over where sent before.
     fn write_lazy(&mut self, at: u64, data: &[u8]) -> Result<()> {
         let end = at + data.len() as u64;
-        let mut pieces: Vec<(u64, u64, bool)> = Vec::new();
-        let mut cur = at;
-        for (a, b) in self.took.within(at, end) {
-            if cur < a {
-                pieces.push((cur, a, false));
-            }
-            pieces.push((a, b, true));
-            cur = b;
-        }
-        if cur < end {
-            pieces.push((cur, end, false));
-        }
+        let pieces = (self
+            .took
+            .within(at, end)
+            .into_iter()
+            .map(|(a, b)| (a, b, true)))
+        .chain(
+            self.took
+                .gaps(at, end)
+                .into_iter()
+                .map(|(a, b)| (a, b, false)),
+        )
+        .collect::<Vec<_>>();
         let uffd = self.uffd.as_ref().expect("a warm tree has its userfaultfd");
         for (a, b, present) in pieces {
             let d = &data[(a - at) as usize..(b - at) as usize];
@@ -395,11 +410,7 @@ impl WarmTree {
         if img.namespaces.mnt {
             return Err("the process has a mount namespace of its own".into());
         }
-        let mut valid_set = RangeSet::default();
-        for &(s, e) in valid {
-            valid_set.insert(s, e);
-        }
-        ferry_sys::timeline::mark(|| format!("fit: valid set of {} ranges", valid.len()));
+        let valid_set: RangeSet = valid.iter().copied().collect();
         let old = self.layout.mappings.clone();
         let (gone, made) = layout_diff(&old, &img.mappings);
         if let Some(m) = gone
@@ -416,10 +427,7 @@ impl WarmTree {
             ));
         }
         let keep = kept_in_place(&gone, &made);
-        let mut unmap = RangeSet::default();
-        for g in &gone {
-            unmap.insert(g.start, g.end);
-        }
+        let mut unmap: RangeSet = gone.iter().map(|g| (g.start, g.end)).collect();
         for (s, e) in keep.runs() {
             unmap.remove(s, e);
         }
@@ -523,16 +531,8 @@ impl WarmTree {
         keep: &RangeSet,
     ) -> Result<()> {
         let t = self.target.as_mut().expect("a warm tree holds its process");
-        let outside = |s: u64, e: u64| {
-            let mut r = RangeSet::default();
-            r.insert(s, e);
-            for (a, b) in keep.within(s, e) {
-                r.remove(a, b);
-            }
-            r.runs().collect::<Vec<_>>()
-        };
         for m in gone {
-            for (s, e) in outside(m.start, m.end) {
+            for (s, e) in keep.gaps(m.start, m.end) {
                 // Registered memory: unmapped, it would wait for a reader of the event.
                 if crate::memory::lazy_eligible(m) {
                     if let Some(u) = &self.uffd {
@@ -552,7 +552,7 @@ impl WarmTree {
         }
         let mut pieces: Vec<MappingImage> = Vec::new();
         for m in made {
-            for (s, e) in outside(m.start, m.end) {
+            for (s, e) in keep.gaps(m.start, m.end) {
                 let mut p = (*m).clone();
                 if p.kind == MapKind::File {
                     p.offset += s - m.start;

@@ -28,6 +28,13 @@ pub enum Mode {
     Hybrid,
 }
 
+impl Mode {
+    /// As the agent's API and the page stream name it (the serde name).
+    fn name(self) -> String {
+        format!("{self:?}").to_lowercase()
+    }
+}
+
 #[derive(Debug, Clone)]
 pub struct MigrateOptions {
     pub pid: i32,
@@ -290,7 +297,7 @@ pub fn prepare(o: &MigrateOptions) -> Result<Created> {
         "/v1/prepare",
         &Prepare {
             pid: o.pid,
-            mode: format!("{:?}", o.mode).to_lowercase(),
+            mode: o.mode.name(),
             source: hostname(),
             memory_bytes: tree_rss(o.pid),
             scan: scan.result,
@@ -364,7 +371,7 @@ fn migrate_inner(
             "/v1/migrations",
             &NewMigration {
                 pid: o.pid,
-                mode: format!("{:?}", o.mode).to_lowercase(),
+                mode: o.mode.name(),
                 source: hostname(),
             },
         )?,
@@ -397,7 +404,7 @@ fn migrate_inner(
                 id: created.id.clone(),
                 token: o.token.clone().unwrap_or_default(),
                 role: None,
-                mode: Some(format!("{:?}", o.mode).to_lowercase()),
+                mode: Some(o.mode.name()),
             },
         )?;
     }

@@ -42,6 +42,9 @@ pub struct PageStore {
     tracked: HashMap<i32, Vec<(u64, u64)>>,
     /// Per process, runs of the valid pages held (computed once, at `set_tracked`).
     held: HashMap<i32, Vec<(u64, u64)>>,
+    /// Processes given pages after `set_tracked` (`Shared::absorb`): their `held` is computed
+    /// again when next asked, once, not after every put.
+    late: std::collections::HashSet<i32>,
 }
 
 impl PageStore {
@@ -61,6 +64,7 @@ impl PageStore {
             next: 0,
             tracked: HashMap::new(),
             held: HashMap::new(),
+            late: Default::default(),
         })
     }
 
@@ -217,7 +221,11 @@ impl Shared {
 
 impl BasePages for Shared {
     fn held(&self, pid: i32) -> Vec<(u64, u64)> {
-        self.0.lock().unwrap().held(pid)
+        let mut s = self.0.lock().unwrap();
+        if s.late.remove(&pid) {
+            s.update_held(pid);
+        }
+        s.held(pid)
     }
 
     fn valid(&self, pid: i32) -> Vec<(u64, u64)> {
@@ -246,7 +254,7 @@ impl BasePages for Shared {
         let mut s = self.0.lock().unwrap();
         s.put(pid, addr, data)
             .map_err(|e| ferry_engine::EngineError::Failed(e.to_string()))?;
-        s.update_held(pid);
+        s.late.insert(pid);
         Ok(())
     }
 }
