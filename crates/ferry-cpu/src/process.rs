@@ -328,8 +328,10 @@ fn add_process_roots(
             "{lazy} PLT slots are not bound yet (lazy binding): they resolve after migration with the source's cached CPU view; their targets are included"
         ));
     }
-    // Code pointers in data: every readable, non-executable mapping.
-    let mut buf = vec![0u8; 1 << 20];
+    // Code pointers in data: every readable, non-executable mapping. Copying the data out
+    // of the process is most of the gate's time, so it runs on a thread per CPU; the roots
+    // are added in address order, as one thread would.
+    let mut pieces = Vec::new();
     for m in cap.maps.iter().filter(|m| m.read && !m.exec) {
         if matches!(
             m.kind,
@@ -343,15 +345,50 @@ fn add_process_roots(
         for (s, e) in runs {
             let mut a = s;
             while a < e {
-                let n = ((e - a) as usize).min(buf.len());
-                read_mem_lossy(pid, a, &mut buf[..n])?;
-                sc.scan_words(a, &buf[..n], RootKind::DataPointer);
-                a += n as u64;
+                let b = e.min(a + DATA_PIECE);
+                pieces.push((a, b));
+                a = b;
             }
         }
     }
+    let words = sc.code_words();
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get().min(4));
+    let mut found: Vec<(usize, Vec<u64>, u64)> = std::thread::scope(|s| {
+        let workers: Vec<_> = (0..threads)
+            .map(|_| {
+                s.spawn(|| -> Result<Vec<(usize, Vec<u64>, u64)>, ScanError> {
+                    let mut buf = vec![0u8; DATA_PIECE as usize];
+                    let mut out = Vec::new();
+                    loop {
+                        let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let Some(&(a, b)) = pieces.get(i) else {
+                            return Ok(out);
+                        };
+                        let n = (b - a) as usize;
+                        read_mem_lossy(pid, a, &mut buf[..n])?;
+                        let mut hits = Vec::new();
+                        words.find(a, &buf[..n], &mut hits);
+                        out.push((i, hits, n as u64));
+                    }
+                })
+            })
+            .collect();
+        let mut all = Vec::new();
+        for w in workers {
+            all.extend(w.join().expect("a data scanning thread panicked")?);
+        }
+        Ok::<_, ScanError>(all)
+    })?;
+    found.sort_unstable_by_key(|f| f.0);
+    for (_, hits, bytes) in found {
+        sc.data_roots(&hits, bytes, RootKind::DataPointer);
+    }
     Ok(())
 }
+
+/// Data is read and scanned in pieces of at most this many bytes.
+const DATA_PIECE: u64 = 1 << 20;
 
 /// Find the definition of a lazily bound symbol, in load order, and root what the source
 /// would bind it to.

@@ -105,11 +105,81 @@ pub struct Scanner<'s> {
     counts: ScanStats,
     notes: Vec<String>,
     formatter: IntelFormatter,
-    code_lo: u64,
-    code_hi: u64,
+    code: CodeWords,
+}
+
+/// Tells which words of data hold addresses of scannable code. It holds no reference to the
+/// process, so several threads can scan data with it at once.
+pub struct CodeWords {
+    lo: u64,
+    span: u64,
     /// One bit per 2 MiB of address space (modulo 128 GiB), set where code lies: most words
     /// that look like addresses (heap pointers) are turned away by one lookup.
-    code_granules: Box<[u64; GRANULE_WORDS]>,
+    granules: Box<[u64; GRANULE_WORDS]>,
+    /// The code regions that are not the kernel's, sorted.
+    regions: Vec<(u64, u64)>,
+}
+
+impl CodeWords {
+    fn new(space: &Space) -> Self {
+        let (lo, hi) = space.code_bounds();
+        let mut granules = Box::new([0u64; GRANULE_WORDS]);
+        for r in &space.regions {
+            let (first, last) = (r.start >> 21, (r.end.max(r.start + 1) - 1) >> 21);
+            // Past 128 GiB of code every bit is set anyway.
+            for g in first..=last.min(first + (GRANULE_WORDS as u64) * 64) {
+                let (w, b) = granule(g << 21);
+                granules[w] |= b;
+            }
+        }
+        let regions = space
+            .regions
+            .iter()
+            .filter(|r| !space.modules[r.module].kernel)
+            .map(|r| (r.start, r.end))
+            .collect();
+        CodeWords {
+            lo,
+            span: hi.saturating_sub(lo),
+            granules,
+            regions,
+        }
+    }
+
+    fn is_code(&self, v: u64) -> bool {
+        let i = self.regions.partition_point(|r| r.0 <= v);
+        i > 0 && v < self.regions[i - 1].1
+    }
+
+    /// Append to `out` every aligned word of `data` (at `addr`) that holds a code address.
+    pub fn find(&self, addr: u64, data: &[u8], out: &mut Vec<u64>) {
+        let skip = ((8 - (addr % 8)) % 8) as usize;
+        if skip >= data.len() {
+            return;
+        }
+        let (lo, span) = (self.lo, self.span);
+        let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap());
+        // Blocks of 64 words: most hold no word in the code's range, which a branch-free
+        // pass tells.
+        for block in data[skip..].chunks(512) {
+            let any = block
+                .chunks_exact(8)
+                .fold(false, |acc, w| acc | (word(w).wrapping_sub(lo) < span));
+            if !any {
+                continue;
+            }
+            for w in block.chunks_exact(8) {
+                let v = word(w);
+                if v.wrapping_sub(lo) >= span {
+                    continue;
+                }
+                let (gw, gb) = granule(v);
+                if self.granules[gw] & gb != 0 && self.is_code(v) {
+                    out.push(v);
+                }
+            }
+        }
+    }
 }
 
 const GRANULE_WORDS: usize = 1024;
@@ -123,16 +193,6 @@ const MAX_UNKNOWN_EXAMPLES: usize = 32;
 
 impl<'s> Scanner<'s> {
     pub fn new(space: &'s Space) -> Self {
-        let (code_lo, code_hi) = space.code_bounds();
-        let mut code_granules = Box::new([0u64; GRANULE_WORDS]);
-        for r in &space.regions {
-            let (first, last) = (r.start >> 21, (r.end.max(r.start + 1) - 1) >> 21);
-            // Past 128 GiB of code every bit is set anyway.
-            for g in first..=last.min(first + (GRANULE_WORDS as u64) * 64) {
-                let (w, b) = granule(g << 21);
-                code_granules[w] |= b;
-            }
-        }
         Scanner {
             space,
             work: Vec::new(),
@@ -145,9 +205,7 @@ impl<'s> Scanner<'s> {
             counts: ScanStats::default(),
             notes: Vec::new(),
             formatter: IntelFormatter::new(),
-            code_lo,
-            code_hi,
-            code_granules,
+            code: CodeWords::new(space),
         }
     }
 
@@ -157,13 +215,7 @@ impl<'s> Scanner<'s> {
 
     /// Is `addr` inside scannable code (not kernel-provided)?
     pub fn is_code(&self, addr: u64) -> bool {
-        if addr < self.code_lo || addr >= self.code_hi {
-            return false;
-        }
-        match self.space.region_of(addr) {
-            Some(i) => !self.space.modules[self.space.regions[i].module].kernel,
-            None => false,
-        }
+        self.code.is_code(addr)
     }
 
     /// Add a root. `strong` roots come from execution evidence or exact metadata; weak ones
@@ -187,38 +239,24 @@ impl<'s> Scanner<'s> {
 
     /// Scan every aligned word of a buffer at `addr` for code addresses.
     pub fn scan_words(&mut self, addr: u64, data: &[u8], kind: RootKind) {
-        self.counts.data_bytes_scanned += data.len() as u64;
-        let skip = ((8 - (addr % 8)) % 8) as usize;
-        if skip >= data.len() {
-            return;
+        let mut found = Vec::new();
+        self.code.find(addr, data, &mut found);
+        self.data_roots(&found, data.len() as u64, kind);
+    }
+
+    /// What scans data on other threads uses to find code addresses.
+    pub fn code_words(&self) -> &CodeWords {
+        &self.code
+    }
+
+    /// Root the code addresses found in `bytes` of data by [`CodeWords::find`].
+    pub fn data_roots(&mut self, found: &[u64], bytes: u64, kind: RootKind) {
+        self.counts.data_bytes_scanned += bytes;
+        if !found.is_empty() {
+            *self.counts.roots.entry(kind_name(kind)).or_default() += found.len() as u64;
         }
-        let (lo, span) = (self.code_lo, self.code_hi.saturating_sub(self.code_lo));
-        let word = |w: &[u8]| u64::from_le_bytes(w.try_into().unwrap());
-        let name = kind_name(kind);
-        let mut found = 0u64;
-        // Blocks of 64 words: most hold no word in the code's range, which a branch-free
-        // pass tells.
-        for block in data[skip..].chunks(512) {
-            let any = block
-                .chunks_exact(8)
-                .fold(false, |acc, w| acc | (word(w).wrapping_sub(lo) < span));
-            if !any {
-                continue;
-            }
-            for w in block.chunks_exact(8) {
-                let v = word(w);
-                if v.wrapping_sub(lo) >= span {
-                    continue;
-                }
-                let (gw, gb) = granule(v);
-                if self.code_granules[gw] & gb != 0 && self.is_code(v) {
-                    found += 1;
-                    self.push(v, false);
-                }
-            }
-        }
-        if found > 0 {
-            *self.counts.roots.entry(name).or_default() += found;
+        for &v in found {
+            self.push(v, false);
         }
     }
 

@@ -79,6 +79,11 @@ fn program(name: &str) -> PathBuf {
             &["-static", "-O2"],
         ),
         "unknown-jit" => ("gcc", format!("{FIXTURES}/unknown_jit.c"), &["-O2"]),
+        "heapptr" => (
+            "musl-gcc",
+            format!("{FIXTURES}/heapptr.c"),
+            &["-static", "-O2"],
+        ),
         other => panic!("no recipe for {other}"),
     };
     let tmp = build_dir().join(format!(
@@ -105,7 +110,11 @@ struct Proc {
 impl Proc {
     /// Start a program and wait for its "ready" line.
     fn start(bin: &Path) -> Proc {
+        Proc::start_with(bin, &[])
+    }
+    fn start_with(bin: &Path, args: &[&str]) -> Proc {
         let mut child = Command::new(bin)
+            .args(args)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -336,6 +345,41 @@ fn lzcnt_is_a_needed_feature_and_the_process_is_left_as_it_was() {
         "the scanned process is running as before, untraced"
     );
     assert_eq!(p.finish(), "result=64063032");
+}
+
+/// The address of a symbol of a program, from its symbol table.
+fn symbol(bin: &Path, name: &str) -> u64 {
+    let o = Command::new("nm").arg(bin).output().expect("run nm");
+    let text = String::from_utf8_lossy(&o.stdout);
+    let line = text
+        .lines()
+        .find(|l| l.split_whitespace().nth(2) == Some(name))
+        .unwrap_or_else(|| panic!("{name} in nm's output"));
+    u64::from_str_radix(line.split_whitespace().next().unwrap(), 16).unwrap()
+}
+
+#[test]
+fn a_code_pointer_found_only_deep_in_the_heap_counts() {
+    // The data scan runs on several threads over pieces of memory: the one word that
+    // reaches the AVX2 function lies 48 MiB into the heap, and only there.
+    let bin = program("heapptr");
+    let off = symbol(&bin, "avx2_fn") - symbol(&bin, "plain_fn");
+    let avx2 = |p: &Proc| {
+        let v = json_of(&ferry(&["cpu", "scan", "--pid", &p.pid(), "--json"]));
+        assert!(v["stats"]["data_bytes_scanned"].as_u64().unwrap() > 48 << 20);
+        v["features"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["feature"] == "AVX2")
+            .map(|f| f["example"]["instruction"].as_str().unwrap().to_string())
+    };
+    let with = Proc::start_with(&bin, &[&off.to_string()]);
+    assert!(avx2(&with).expect("AVX2 found").starts_with("vp"));
+    assert_eq!(with.finish(), "result=39", "the call through the heap ran");
+    let without = Proc::start_with(&bin, &["0"]);
+    assert_eq!(avx2(&without), None, "no AVX2 where no word points to it");
+    assert_eq!(without.finish(), "result=42");
 }
 
 #[test]
