@@ -287,6 +287,12 @@ impl WarmTree {
 
     fn write_mem(&self, at: u64, data: &[u8]) -> Result<()> {
         use std::os::unix::fs::FileExt;
+        // Read-only memory (relocated library data) takes /proc/PID/mem.
+        let n = ferry_sys::mem::write_mem_vm(self.layout.pid, at, data)?;
+        let (at, data) = (at + n as u64, &data[n..]);
+        if data.is_empty() {
+            return Ok(());
+        }
         let f = self.mem.as_ref().expect("a warm tree has its memory open");
         f.write_all_at(data, at).map_err(|e| {
             EngineError::Failed(format!(

@@ -147,13 +147,14 @@ fn main() {
     let bw = loopback_gbps();
     println!("loopback TCP, one stream: {bw:.2} GB/s (measured now)");
     println!(
-        "{:>6} {:>8} {:>9} {:>7} {:>12} {:>9} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "{:>6} {:>8} {:>9} {:>7} {:>12} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10}",
         "MiB",
         "dirty",
         "mode",
         "rounds",
         "downtime ms",
         "total ms",
+        "gate ms",
         "sent MiB",
         "final MiB",
         "post MiB",
@@ -161,12 +162,14 @@ fn main() {
         "total/bound"
     );
     let mut port = 46000 + (std::process::id() % 1000) as u16 * 4;
-    // Pause between groups of 16 page writes, in microseconds: 0 is as fast as it can.
+    // The writer's pace: a pause between groups of 16 page writes in microseconds (0: as
+    // fast as it can), or rN for N MB/s of page writes.
     for &mib in &sizes {
         for (rate, pause) in [
             ("idle", "10000000"),
-            ("~65MB/s", "1000"),
-            ("~200MB/s", "300"),
+            ("50MB/s", "r50"),
+            ("200MB/s", "r200"),
+            ("800MB/s", "r800"),
             ("max", "0"),
         ] {
             if !wanted("FERRY_BENCH_RATES", rate) {
@@ -214,13 +217,14 @@ fn main() {
                         }
                         let bound_ms = (mib << 20) as f64 / (bw * 1e9) * 1e3;
                         println!(
-                            "{:>6} {:>8} {:>9} {:>7} {:>12.1} {:>9.0} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>10.2}",
+                            "{:>6} {:>8} {:>9} {:>7} {:>12.1} {:>9.0} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>10.2}",
                             mib,
                             rate,
                             format!("{mode:?}").to_lowercase(),
                             r.rounds.len(),
                             r.downtime_ms,
                             r.total_ms,
+                            r.gate_ms,
                             (r.bytes_sent + r.postcopy_bytes) as f64 / 1048576.0,
                             r.final_bytes as f64 / 1048576.0,
                             r.postcopy_bytes as f64 / 1048576.0,

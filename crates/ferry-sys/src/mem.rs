@@ -97,6 +97,33 @@ pub fn write_mem_runs(pid: i32, runs: &[(u64, &[u8])]) -> Result<()> {
     Ok(())
 }
 
+/// Write `data` at `addr` of process `pid` with process_vm_writev, which is about twice as
+/// fast as /proc/PID/mem but writes only writable memory. Returns the bytes written: short
+/// where the range meets memory it cannot write (the caller writes the rest another way).
+pub fn write_mem_vm(pid: i32, addr: u64, data: &[u8]) -> Result<usize> {
+    use nix::sys::uio::process_vm_writev;
+    use std::io::IoSlice;
+    let mut done = 0usize;
+    while done < data.len() {
+        let remote = [RemoteIoVec {
+            base: (addr + done as u64) as usize,
+            len: data.len() - done,
+        }];
+        match process_vm_writev(Pid::from_raw(pid), &[IoSlice::new(&data[done..])], &remote) {
+            Ok(0) | Err(nix::Error::EFAULT) | Err(nix::Error::EIO) => break,
+            Ok(n) => done += n,
+            Err(nix::Error::ESRCH) => return Err(Error::NoSuchProcess(pid)),
+            Err(e) => {
+                return Err(Error::io(
+                    format!("process_vm_writev of process {pid} at {addr:#x}"),
+                    e.into(),
+                ))
+            }
+        }
+    }
+    Ok(done)
+}
+
 /// Read a range that may contain unreadable pages: unreadable 4 KiB pages are left zeroed and
 /// reported in the returned count of missing pages.
 pub fn read_mem_lossy(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize> {
