@@ -93,7 +93,7 @@ impl Chunk {
             .collect();
         for (a, len) in runs {
             let data = &self.buf[off..off + len];
-            let zero = |p: &[u8]| self.skip_zero && p.iter().all(|&b| b == 0);
+            let zero = |p: &[u8]| self.skip_zero && ferry_sys::mem::is_zero(p);
             let n = len / PAGE_SIZE;
             let mut j = 0;
             while j < n {

@@ -109,7 +109,7 @@ fn worth_sending(chunk: &[u8], addr: u64, sent: &crate::lazy::RangeSet) -> Vec<(
     let mut out: Vec<(usize, usize)> = Vec::new();
     for off in (0..chunk.len()).step_by(PAGE) {
         let page = &chunk[off..(off + PAGE).min(chunk.len())];
-        let keep = page.iter().any(|&b| b != 0) || sent.contains(addr + off as u64);
+        let keep = !ferry_sys::mem::is_zero(page) || sent.contains(addr + off as u64);
         if !keep {
             continue;
         }

@@ -124,6 +124,16 @@ pub fn write_mem_vm(pid: i32, addr: u64, data: &[u8]) -> Result<usize> {
     Ok(done)
 }
 
+/// Is every byte of `data` zero? Checked 64 bytes at a time: a byte at a time (what
+/// `iter().all` compiles to, as it may stop early) manages under 2 GB/s, a third of the
+/// speed at which pages are read out of a process.
+pub fn is_zero(data: &[u8]) -> bool {
+    let mut blocks = data.chunks_exact(64);
+    let word = |w: &[u8]| u64::from_ne_bytes(w.try_into().expect("8 bytes"));
+    blocks.all(|b| b.chunks_exact(8).fold(0, |acc, w| acc | word(w)) == 0)
+        && blocks.remainder().iter().all(|&b| b == 0)
+}
+
 /// Read a range that may contain unreadable pages: unreadable 4 KiB pages are left zeroed and
 /// reported in the returned count of missing pages.
 pub fn read_mem_lossy(pid: i32, addr: u64, buf: &mut [u8]) -> Result<usize> {
@@ -283,6 +293,19 @@ pub const PM_FILE: u64 = 1 << 61;
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn is_zero_sees_any_nonzero_byte() {
+        let mut page = vec![0u8; 4096 + 13];
+        assert!(is_zero(&page));
+        assert!(is_zero(&[]));
+        for i in [0, 7, 63, 64, 4095, 4096, 4108] {
+            page[i] = 1;
+            assert!(!is_zero(&page), "byte {i}");
+            assert!(is_zero(&page[..i]), "before byte {i}");
+            page[i] = 0;
+        }
+    }
 
     #[test]
     fn maps_a_file() {
