@@ -52,9 +52,9 @@ struct Out {
 }
 
 impl Out {
-    fn new(target: Target, file: ImageFile) -> Self {
+    fn new(target: Target, file: ImageFile, buffer: usize) -> Self {
         Out {
-            w: BufWriter::with_capacity(IO_BUFFER, target),
+            w: BufWriter::with_capacity(buffer, target),
             offset: 0,
             file,
         }
@@ -143,7 +143,7 @@ impl ImageWriter {
                 return Err(e);
             }
         };
-        let mut w = Self::with_targets(Target::File(meta), Target::File(pages))?;
+        let mut w = Self::with_targets(Target::File(meta), Target::File(pages), IO_BUFFER)?;
         w.dir = Some(dir.to_path_buf());
         Ok(w)
     }
@@ -153,13 +153,24 @@ impl ImageWriter {
         meta: Box<dyn Write + Send>,
         pages: Box<dyn Write + Send>,
     ) -> Result<Self, ImageError> {
-        Self::with_targets(Target::Stream(meta), Target::Stream(pages))
+        Self::with_buffer(meta, pages, IO_BUFFER)
     }
 
-    fn with_targets(meta: Target, pages: Target) -> Result<Self, ImageError> {
+    /// Like [`new`](Self::new), each stream passed on to its sink `buffer` bytes at a time
+    /// (or in larger writes): a sink on a network connection gets its data sooner, and sends
+    /// it while the rest is being read.
+    pub fn with_buffer(
+        meta: Box<dyn Write + Send>,
+        pages: Box<dyn Write + Send>,
+        buffer: usize,
+    ) -> Result<Self, ImageError> {
+        Self::with_targets(Target::Stream(meta), Target::Stream(pages), buffer)
+    }
+
+    fn with_targets(meta: Target, pages: Target, buffer: usize) -> Result<Self, ImageError> {
         let mut w = ImageWriter {
-            meta: Out::new(meta, ImageFile::Meta),
-            pages: Out::new(pages, ImageFile::Pages),
+            meta: Out::new(meta, ImageFile::Meta, buffer),
+            pages: Out::new(pages, ImageFile::Pages, buffer),
             dir: None,
             stats: Summary::default(),
             pages_crc: crc32fast::Hasher::new(),

@@ -14,6 +14,9 @@ use std::net::TcpStream;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+/// A final copy this small crosses in well under a millisecond: no round more is worth it.
+const SMALL_FINAL: u64 = 256 << 10;
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -476,6 +479,7 @@ fn migrate_inner(
         let mut throttled: Option<crate::throttle::Throttle> = None;
         let mut tightened = false;
         let mut base_spent = 0u64;
+        let mut short_rounds = 0;
         for round in 0..max_rounds {
             let tr0 = Instant::now();
             if round == 0 {
@@ -534,7 +538,16 @@ fn migrate_inner(
             rounds.push(RoundReport { round, bytes, ms });
             // Stop when what is left fits the downtime at the measured rate, or stops shrinking.
             if bw > 0.0 && bytes as f64 / bw <= o.max_downtime_ms && round > 0 {
-                break;
+                // The final copy carries what is written during the last round, and a round
+                // of a few MiB takes several ms: while rounds still shrink by a third, a few
+                // more short ones leave less for the freeze.
+                let shrinking = (bytes as f64) < 0.67 * prev as f64;
+                if !(shrinking && bytes > SMALL_FINAL && short_rounds < 3) {
+                    break;
+                }
+                short_rounds += 1;
+                prev = bytes;
+                continue;
             }
             // Not shrinking by a tenth any more, twice in a row, or three times the memory
             // sent already: more rounds would not help.
@@ -619,8 +632,15 @@ fn migrate_inner(
         None
     };
     // The final phase: frozen from here until the agent says Done.
-    let sink = |k| Box::new(FramedSink::new(w.clone(), k)) as Box<dyn Write + Send>;
-    let mut iw = ferry_image::ImageWriter::new(sink(Kind::ImageMeta), sink(Kind::ImagePages))?;
+    // Frames of 256 KiB: the final image crosses while its pages are read, and what is
+    // left to send after the last read is small.
+    const FRAME: usize = 256 << 10;
+    let sink = |k| Box::new(FramedSink::new(w.clone(), k, FRAME)) as Box<dyn Write + Send>;
+    let mut iw = ferry_image::ImageWriter::with_buffer(
+        sink(Kind::ImageMeta),
+        sink(Kind::ImagePages),
+        FRAME,
+    )?;
     let tracked: Arc<Mutex<Vec<PrecopyRecord>>> = Arc::default();
     // The rounds' marks are not wanted.
     ferry_sys::timeline::take();

@@ -236,14 +236,18 @@ pub struct FramedSink<W: Write> {
     pub conn: std::sync::Arc<std::sync::Mutex<W>>,
     pub kind: Kind,
     buf: Vec<u8>,
+    /// A frame leaves once it holds this many bytes.
+    frame: usize,
 }
 
 impl<W: Write> FramedSink<W> {
-    pub fn new(conn: std::sync::Arc<std::sync::Mutex<W>>, kind: Kind) -> Self {
+    /// Frames of `frame` bytes (the last one smaller).
+    pub fn new(conn: std::sync::Arc<std::sync::Mutex<W>>, kind: Kind, frame: usize) -> Self {
         FramedSink {
             conn,
             kind,
-            buf: Vec::with_capacity(1 << 20),
+            buf: Vec::with_capacity(frame),
+            frame,
         }
     }
 
@@ -262,10 +266,10 @@ impl<W: Write> FramedSink<W> {
 
 impl<W: Write> Write for FramedSink<W> {
     fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
-        let room = (1 << 20) - self.buf.len();
+        let room = self.frame - self.buf.len();
         let n = data.len().min(room);
         self.buf.extend_from_slice(&data[..n]);
-        if self.buf.len() >= 1 << 20 {
+        if self.buf.len() >= self.frame {
             self.ship()?;
         }
         Ok(n)
