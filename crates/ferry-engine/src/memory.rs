@@ -121,6 +121,8 @@ impl Chunk {
 }
 
 const CHUNK: usize = 4 << 20;
+/// Post-copy fetches 64 KiB around a fault: lazy runs closer than that are joined.
+const LAZY_GAP: u64 = 64 << 10;
 const BUFFERS: usize = 4;
 
 /// Chunk buffers kept between dumps, their pages already faulted in: reading into a fresh
@@ -198,7 +200,12 @@ pub fn dump(
                 let runs = &mut lazy_runs[c.mapping];
                 for (a, len) in std::iter::once((c.addr, c.len)).chain(c.more) {
                     match runs.last_mut() {
-                        Some(l) if l.1 == a => l.1 += len as u64,
+                        // A gap smaller than a post-copy fetch (pages the destination holds
+                        // a current copy of, or holes) joins the runs: memory written all
+                        // over in small pieces is left in the source as a few runs, not as
+                        // hundreds of thousands that the image must list and the
+                        // destination register while the process is frozen.
+                        Some(l) if a >= l.1 && a - l.1 < LAZY_GAP => l.1 = a + len as u64,
                         _ => runs.push((a, a + len as u64)),
                     }
                 }
