@@ -123,6 +123,18 @@ impl Chunk {
 const CHUNK: usize = 4 << 20;
 /// Post-copy fetches 64 KiB around a fault: lazy runs closer than that are joined.
 const LAZY_GAP: u64 = 64 << 10;
+
+/// Add the run [a, a + len) to the lazy runs of a mapping, which come in address order. A gap
+/// smaller than a post-copy fetch (pages the destination holds a current copy of, or holes)
+/// joins the runs: memory written all over in small pieces is left in the source as a few
+/// runs, not as hundreds of thousands that the image must list and the destination register
+/// while the process is frozen.
+fn push_lazy(runs: &mut Vec<(u64, u64)>, a: u64, len: u64) {
+    match runs.last_mut() {
+        Some(l) if a >= l.1 && a - l.1 < LAZY_GAP => l.1 = l.1.max(a + len),
+        _ => runs.push((a, a + len)),
+    }
+}
 const BUFFERS: usize = 4;
 
 /// Chunk buffers kept between dumps, their pages already faulted in: reading into a fresh
@@ -199,15 +211,7 @@ pub fn dump(
             if c.lazy {
                 let runs = &mut lazy_runs[c.mapping];
                 for (a, len) in std::iter::once((c.addr, c.len)).chain(c.more) {
-                    match runs.last_mut() {
-                        // A gap smaller than a post-copy fetch (pages the destination holds
-                        // a current copy of, or holes) joins the runs: memory written all
-                        // over in small pieces is left in the source as a few runs, not as
-                        // hundreds of thousands that the image must list and the
-                        // destination register while the process is frozen.
-                        Some(l) if a >= l.1 && a - l.1 < LAZY_GAP => l.1 = a + len as u64,
-                        _ => runs.push((a, a + len as u64)),
-                    }
+                    push_lazy(runs, a, len as u64);
                 }
                 continue;
             }
@@ -1076,6 +1080,21 @@ pub fn restore_pages(
 
 #[cfg(test)]
 mod tests {
+    use super::{push_lazy, LAZY_GAP};
+
+    #[test]
+    fn lazy_runs_closer_than_a_fetch_are_joined() {
+        let mut runs = Vec::new();
+        push_lazy(&mut runs, 0x10000, 0x1000);
+        push_lazy(&mut runs, 0x11000, 0x1000); // touching
+        push_lazy(&mut runs, 0x13000, 0x2000); // 8 KiB apart
+        push_lazy(&mut runs, 0x15000 + LAZY_GAP - 0x1000, 0x1000); // just under 64 KiB apart
+        assert_eq!(runs, vec![(0x10000, 0x15000 + LAZY_GAP)]);
+        push_lazy(&mut runs, 0x15000 + 2 * LAZY_GAP, 0x1000); // 64 KiB apart: a run of its own
+        assert_eq!(runs.len(), 2);
+        assert_eq!(runs[1], (0x15000 + 2 * LAZY_GAP, 0x16000 + 2 * LAZY_GAP));
+    }
+
     #[test]
     fn range_of_finds_the_range_holding_an_address() {
         let r = [(0x1000, 0x3000), (0x5000, 0x6000)];

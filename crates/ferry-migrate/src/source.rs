@@ -17,6 +17,14 @@ use std::time::{Duration, Instant};
 /// A final copy this small crosses in well under a millisecond: no round more is worth it.
 const SMALL_FINAL: u64 = 256 << 10;
 
+/// A round of `bytes` (after one of `prev`) fits the downtime already: is one more worth it?
+/// The final copy carries what is written during the last round, and a round of a few MiB
+/// takes several ms: while rounds still shrink by a third, a few more short ones (at most
+/// three, `short` made so far) leave less for the freeze.
+fn one_more_short_round(bytes: u64, prev: u64, short: u32) -> bool {
+    (bytes as f64) < 0.67 * prev as f64 && bytes > SMALL_FINAL && short < 3
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Mode {
@@ -538,11 +546,7 @@ fn migrate_inner(
             rounds.push(RoundReport { round, bytes, ms });
             // Stop when what is left fits the downtime at the measured rate, or stops shrinking.
             if bw > 0.0 && bytes as f64 / bw <= o.max_downtime_ms && round > 0 {
-                // The final copy carries what is written during the last round, and a round
-                // of a few MiB takes several ms: while rounds still shrink by a third, a few
-                // more short ones leave less for the freeze.
-                let shrinking = (bytes as f64) < 0.67 * prev as f64;
-                if !(shrinking && bytes > SMALL_FINAL && short_rounds < 3) {
+                if !one_more_short_round(bytes, prev, short_rounds) {
                     break;
                 }
                 short_rounds += 1;
@@ -1037,4 +1041,25 @@ fn smaps_hint(root: i32) -> ferry_engine::SmapsHint {
         todo.extend(ferry_sys::procfs::children(p));
     }
     h
+}
+
+#[cfg(test)]
+mod tests {
+    use super::one_more_short_round;
+
+    #[test]
+    fn short_rounds_go_on_while_they_shrink_by_a_third() {
+        const MIB: u64 = 1 << 20;
+        // Redis written flat out: 21 -> 3 -> 0.9 -> 0.6 MiB.
+        assert!(one_more_short_round(3 * MIB, 21 * MIB, 0));
+        assert!(one_more_short_round(MIB, 3 * MIB, 1));
+        // Not a third smaller: the rounds have found their level.
+        assert!(!one_more_short_round(7 * MIB / 10, MIB, 2));
+        // Small enough to send frozen.
+        assert!(!one_more_short_round(200 << 10, MIB, 0));
+        // Three made already.
+        assert!(!one_more_short_round(MIB, 3 * MIB, 3));
+        // Round 0 was all of memory; nothing written since.
+        assert!(!one_more_short_round(0, 1 << 30, 0));
+    }
 }
