@@ -44,6 +44,7 @@ fn kind_of(m: &Mapping) -> MapKind {
 #[derive(Debug, Clone, Default)]
 pub struct Delta {
     pub tracked: Vec<(u64, u64)>,
+    /// Sorted, none overlapping another.
     pub dirty: Vec<(u64, u64)>,
     /// Post-copy: private anonymous memory is not read at all; the runs it would have
     /// contributed are listed in `MappingImage::lazy` and fetched from the frozen process on
@@ -56,11 +57,13 @@ impl Delta {
         self.tracked.iter().any(|&(s, e)| s <= start && end <= e)
     }
 
-    /// Dirty page runs inside [start, end).
+    /// Dirty page runs inside [start, end), found by binary search: a process written all
+    /// over has hundreds of thousands of runs, and this is asked once per mapping.
     fn dirty_in(&self, start: u64, end: u64) -> Vec<(u64, u64)> {
-        self.dirty
+        let first = self.dirty.partition_point(|&(_, e)| e <= start);
+        self.dirty[first..]
             .iter()
-            .filter(|&&(s, e)| s < end && e > start)
+            .take_while(|&&(s, _)| s < end)
             .map(|&(s, e)| (s.max(start), e.min(end)))
             .collect()
     }
@@ -1080,7 +1083,29 @@ pub fn restore_pages(
 
 #[cfg(test)]
 mod tests {
-    use super::{push_lazy, LAZY_GAP};
+    use super::{push_lazy, Delta, LAZY_GAP};
+
+    #[test]
+    fn dirty_runs_of_a_mapping_are_found_and_clipped() {
+        let d = Delta {
+            tracked: vec![(0x1000, 0x20000)],
+            dirty: vec![
+                (0x1000, 0x3000),
+                (0x5000, 0x6000),
+                (0x8000, 0xa000),
+                (0xf000, 0x11000),
+            ],
+            lazy: false,
+        };
+        assert_eq!(
+            d.dirty_in(0x2000, 0x9000),
+            vec![(0x2000, 0x3000), (0x5000, 0x6000), (0x8000, 0x9000)]
+        );
+        assert_eq!(d.dirty_in(0x3000, 0x5000), vec![]);
+        assert_eq!(d.dirty_in(0x10000, 0x20000), vec![(0x10000, 0x11000)]);
+        assert_eq!(d.dirty_in(0x0, 0x1000), vec![]);
+        assert_eq!(d.dirty_in(0x0, 0x100000).len(), 4);
+    }
 
     #[test]
     fn lazy_runs_closer_than_a_fetch_are_joined() {

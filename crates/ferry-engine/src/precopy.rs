@@ -91,7 +91,10 @@ fn register(t: &mut WriteTracker, m: &procfs::Mapping) -> ferry_sys::Result<()> 
 
 /// `runs` sorted, overlapping and touching ones merged.
 fn normalize(mut runs: Vec<(u64, u64)>) -> Vec<(u64, u64)> {
-    runs.sort_unstable();
+    // Each registered range's runs come in order: most often, all of them do.
+    if !runs.is_sorted() {
+        runs.sort_unstable();
+    }
     let mut out: Vec<(u64, u64)> = Vec::with_capacity(runs.len());
     for (s, e) in runs {
         match out.last_mut() {
