@@ -153,18 +153,17 @@ impl ImageWriter {
         meta: Box<dyn Write + Send>,
         pages: Box<dyn Write + Send>,
     ) -> Result<Self, ImageError> {
-        Self::with_buffer(meta, pages, IO_BUFFER)
+        Self::with_targets(Target::Stream(meta), Target::Stream(pages), IO_BUFFER)
     }
 
-    /// Like [`new`](Self::new), each stream passed on to its sink `buffer` bytes at a time
-    /// (or in larger writes): a sink on a network connection gets its data sooner, and sends
-    /// it while the rest is being read.
-    pub fn with_buffer(
+    /// Like [`new`](Self::new), for sinks that buffer what they are given themselves (a
+    /// framed network connection): every write goes straight to them, not copied into a
+    /// buffer of ours first.
+    pub fn to_buffering_sinks(
         meta: Box<dyn Write + Send>,
         pages: Box<dyn Write + Send>,
-        buffer: usize,
     ) -> Result<Self, ImageError> {
-        Self::with_targets(Target::Stream(meta), Target::Stream(pages), buffer)
+        Self::with_targets(Target::Stream(meta), Target::Stream(pages), 0)
     }
 
     fn with_targets(meta: Target, pages: Target, buffer: usize) -> Result<Self, ImageError> {

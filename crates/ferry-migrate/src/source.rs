@@ -637,13 +637,13 @@ fn migrate_inner(
     };
     // The final phase: frozen from here until the agent says Done.
     // Frames of 256 KiB: the final image crosses while its pages are read, and what is
-    // left to send after the last read is small.
+    // left to send after the last read is small. The sinks gather the frames: the image
+    // writer passes everything straight to them.
     const FRAME: usize = 256 << 10;
     let sink = |k| Box::new(FramedSink::new(w.clone(), k, FRAME)) as Box<dyn Write + Send>;
-    let mut iw = ferry_image::ImageWriter::with_buffer(
+    let mut iw = ferry_image::ImageWriter::to_buffering_sinks(
         sink(Kind::ImageMeta),
         sink(Kind::ImagePages),
-        FRAME,
     )?;
     let tracked: Arc<Mutex<Vec<PrecopyRecord>>> = Arc::default();
     // The rounds' marks are not wanted.
