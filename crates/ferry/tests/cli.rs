@@ -35,7 +35,10 @@ fn json_of(o: &Output) -> Value {
 fn build_dir() -> &'static Path {
     static DIR: OnceLock<PathBuf> = OnceLock::new();
     DIR.get_or_init(|| {
-        let d = std::env::temp_dir().join(format!("ferry-cli-tests-{}", std::process::id()));
+        // Under the target directory: a clean build starts without them, /tmp keeps none.
+        let d = Path::new(env!("CARGO_TARGET_TMPDIR"))
+            .join(format!("ferry-cli-tests-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();
         d
     })

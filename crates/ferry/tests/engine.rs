@@ -13,7 +13,7 @@ fn start(bin: &Path, out: &Path) -> Child {
 
 /// A fixture started and at its ready point.
 struct Ready {
-    dir: PathBuf,
+    dir: TestDir,
     bin: PathBuf,
     out: PathBuf,
     child: Child,

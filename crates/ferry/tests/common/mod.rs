@@ -18,11 +18,51 @@ pub fn ferry(args: &[&str]) -> Output {
         .expect("run ferry")
 }
 
-pub fn tmpdir(tag: &str) -> PathBuf {
+/// A test's scratch directory. Removed when the test passes (images of a GiB add up over
+/// many runs); kept when it fails, so that what it left can be looked at.
+pub struct TestDir(PathBuf);
+
+impl std::ops::Deref for TestDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<Path> for TestDir {
+    fn as_ref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl AsRef<std::ffi::OsStr> for TestDir {
+    fn as_ref(&self) -> &std::ffi::OsStr {
+        self.0.as_os_str()
+    }
+}
+
+impl Drop for TestDir {
+    fn drop(&mut self) {
+        // Whatever a test mounted below (a small tmpfs to fill) goes too, failed or not.
+        let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
+        for m in mounts.lines().filter_map(|l| l.split(' ').nth(1)) {
+            if Path::new(m).starts_with(&self.0) {
+                let _ = Command::new("umount").arg("-l").arg(m).status();
+            }
+        }
+        if std::thread::panicking() {
+            eprintln!("test failed; its files are kept in {}", self.0.display());
+        } else {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+}
+
+pub fn tmpdir(tag: &str) -> TestDir {
     let d = std::env::temp_dir().join(format!("ferry-test-{tag}-{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&d);
     std::fs::create_dir_all(&d).unwrap();
-    d
+    TestDir(d)
 }
 
 /// Build fixture `name` (tests/fixtures/NAME.c) as a static musl binary in `dir`.
