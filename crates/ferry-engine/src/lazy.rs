@@ -32,6 +32,9 @@ pub trait RemotePages: Send + Sync {
     /// runs [start, end) of it that the source does not hold (never written, or discarded):
     /// zero in `buf`, and best left unallocated.
     fn fetch(&self, pid: i32, addr: u64, buf: &mut [u8]) -> Result<Vec<(u64, u64)>>;
+    /// A hint: `fetch` will soon want `len` bytes at `addr` of `pid` (exactly that). Asking
+    /// now lets the source read them while the filler writes the pages before them.
+    fn prefetch(&self, _pid: i32, _addr: u64, _len: usize) {}
     /// Runs of process `pid` to fill first: the memory it used last before the freeze.
     fn hot(&self, _pid: i32) -> Vec<(u64, u64)> {
         Vec::new()
@@ -214,6 +217,15 @@ impl RangeSet {
     fn first_run(&self, max: u64) -> Option<(u64, u64)> {
         self.0.iter().next().map(|(&a, &b)| (a, b.min(a + max)))
     }
+
+    /// The first run at or after `a`, cut at `a` and to at most `max` bytes.
+    fn first_from(&self, a: u64, max: u64) -> Option<(u64, u64)> {
+        let (s, e) = match self.0.range(..=a).next_back() {
+            Some((_, &e)) if e > a => (a, e),
+            _ => self.0.range(a..).next().map(|(&s, &e)| (s, e))?,
+        };
+        Some((s, e.min(s + max)))
+    }
 }
 
 /// Where the pages of lazily restored memory come from. Later sources override earlier ones:
@@ -295,6 +307,16 @@ impl Sources {
             }
         }
         Ok(absent)
+    }
+
+    /// Ask the source process ahead for the parts of [addr, addr + len) that `read` will
+    /// fetch from it.
+    fn prefetch(&self, pid: i32, addr: u64, len: u64) {
+        if let (Some(r), Some(runs)) = (&self.remote, self.remote_runs.get(&pid)) {
+            for (s, e) in runs.within(addr, addr + len) {
+                r.prefetch(pid, s, (e - s) as usize);
+            }
+        }
     }
 
     /// What process `pid` has to fill inside `ranges` (its lazily restored mappings).
@@ -637,6 +659,14 @@ fn run(
             let c = &mut cons[i];
             let run = next_run(c);
             if let Some((s, e)) = run {
+                // Filling goes on in order: the run after this one is asked for now, so the
+                // source reads it while this one is written (post-copy: 1 GiB filled in
+                // ~1.0 s one request at a time).
+                if let Some((ns, ne)) = c.missing.first_from(e, PUSH_RUN) {
+                    for (from, _, n) in source_pieces(&c.moves, ns, ne - ns) {
+                        src.prefetch(c.source_pid, from, n);
+                    }
+                }
                 fill(&mut src, c, s, e, &mut buf, &mut rep)?;
             }
         }
@@ -712,11 +742,8 @@ fn fill(
         let len = (e - at).min(buf.len() as u64);
         let data = &mut buf[..len as usize];
         // Piece by piece where memory moved: each piece's data is at its old address.
-        let mut done = 0u64;
         let mut absent: Vec<(u64, u64)> = Vec::new();
-        while done < len {
-            let (from, n) = c.moves.source_of(at + done);
-            let n = n.min(len - done);
+        for (from, done, n) in source_pieces(&c.moves, at, len) {
             let gaps = src.read(
                 c.source_pid,
                 from,
@@ -726,7 +753,6 @@ fn fill(
                 gaps.iter()
                     .map(|&(a, b)| (done + a as u64, done + b as u64)),
             );
-            done += n;
         }
         // Pages the source does not hold get the zero page: no memory for them.
         absent.sort_unstable();
@@ -757,6 +783,20 @@ fn fill(
         at += len;
     }
     Ok(true)
+}
+
+/// Where the data of [at, at + len) is read (`fill` reads at most a buffer at a time): pieces
+/// (image address, offset from `at`, length), split where memory moved.
+fn source_pieces(moves: &Moves, at: u64, len: u64) -> Vec<(u64, u64, u64)> {
+    let mut v = Vec::new();
+    let mut done = 0u64;
+    while done < len {
+        let (from, n) = moves.source_of(at + done);
+        let n = n.min(len - done);
+        v.push((from, done, n));
+        done += n;
+    }
+    v
 }
 
 /// Put [at, at + len) in place: `data`, or the zero page (None). Err(offset): the address
@@ -872,6 +912,11 @@ mod tests {
         assert_eq!(r.gaps(0x3000, 0x4000), [(0x3000, 0x4000)]);
         let t: RangeSet = [(0x1000, 0x2000), (0x2000, 0x3000)].into_iter().collect();
         assert_eq!(t.gaps(0, 0x4000), [(0, 0x1000), (0x3000, 0x4000)]);
+        // The next run to fill from an address on: cut there, and to the most asked for.
+        assert_eq!(r.first_from(0x1800, 0x10000), Some((0x1800, 0x2000)));
+        assert_eq!(r.first_from(0x2000, 0x10000), Some((0x5800, 0x6000)));
+        assert_eq!(r.first_from(0x1000, 0x400), Some((0x1000, 0x1400)));
+        assert_eq!(r.first_from(0x6000, 0x10000), None);
         r.insert(0, 0x10000);
         assert_eq!(r.runs().collect::<Vec<_>>(), [(0, 0x10000)]);
     }

@@ -1,7 +1,8 @@
 //! Post-copy's page connection: a second stream to the agent on which it asks for pages left
-//! in the frozen source process, and the source answers from that process's memory. Requests
-//! come from the agent's filler one at a time (faults first, then runs ahead of need), so the
-//! connection needs no multiplexing.
+//! in the frozen source process, and the source answers from that process's memory, in the
+//! order asked. Requests come from the agent's filler (faults first, then runs ahead of need);
+//! filling ahead asks for the next run before it writes the current one, so a few requests
+//! may be on their way at once, and the source reads while the agent writes.
 
 use crate::api::Hello;
 use crate::tls::{ClientTls, Conn, ConnReader, ConnWriter};
@@ -155,9 +156,66 @@ impl Drop for PageServer {
     }
 }
 
+/// Requests asked ahead that may be on their way at once.
+const AHEAD: usize = 3;
+/// Answers read while waiting for another one, kept for their fetch.
+const KEPT: usize = 8;
+
+/// A request: process, address, length.
+type Key = (i32, u64, usize);
+
+/// The agent's end of the page connection.
+struct Link {
+    rd: BufReader<ConnReader>,
+    w: BufWriter<ConnWriter>,
+    buf: Vec<u8>,
+    /// Requests sent whose answers are not read yet, oldest first (answers come in order).
+    asked: std::collections::VecDeque<Key>,
+    /// Answers read before their fetch, oldest first.
+    kept: std::collections::VecDeque<(Key, Vec<u8>)>,
+}
+
+impl Link {
+    fn ask(&mut self, key: Key) -> Result<()> {
+        wire::write_frame(
+            &mut self.w,
+            Kind::PageRequest,
+            &[&request(key.0, key.1, key.2 as u32)],
+        )?;
+        self.w.flush().map_err(io("sending a page request"))?;
+        self.asked.push_back(key);
+        Ok(())
+    }
+
+    /// Read answers up to the one for `key` (asked before), into `self.buf`; those before it
+    /// are kept for their fetch.
+    fn read_until(&mut self, key: Key) -> Result<()> {
+        while let Some(k) = self.asked.pop_front() {
+            match wire::read_frame(&mut self.rd, &mut self.buf)? {
+                Kind::PageData => {}
+                kind => {
+                    return Err(MigrateError::Protocol(format!(
+                        "{kind:?} of {} bytes instead of the pages",
+                        self.buf.len()
+                    )))
+                }
+            }
+            if k == key {
+                return Ok(());
+            }
+            if self.kept.len() == KEPT {
+                // Never fetched: filling went elsewhere (a fault, an event).
+                self.kept.pop_front();
+            }
+            self.kept.push_back((k, std::mem::take(&mut self.buf)));
+        }
+        Err(MigrateError::Protocol("an answer to no request".into()))
+    }
+}
+
 /// The agent's side: fetches pages for the filler.
 pub struct RemoteConn {
-    io: Mutex<(BufReader<ConnReader>, BufWriter<ConnWriter>, Vec<u8>)>,
+    io: Mutex<Link>,
     conn: Conn,
     pub fetched: AtomicU64,
 }
@@ -170,7 +228,13 @@ impl RemoteConn {
             .map_err(io("socket timeout"))?;
         let w = BufWriter::new(conn.writer().map_err(io("dup"))?);
         Ok(RemoteConn {
-            io: Mutex::new((rd, w, Vec::new())),
+            io: Mutex::new(Link {
+                rd,
+                w,
+                buf: Vec::new(),
+                asked: Default::default(),
+                kept: Default::default(),
+            }),
             conn,
             fetched: AtomicU64::new(0),
         })
@@ -230,35 +294,100 @@ impl ferry_engine::lazy::RemotePages for RemoteConn {
                 "fetching {want} bytes at {addr:#x} of process {pid} from the source: {e}"
             ))
         };
+        let key = (pid, addr, want);
         let mut g = self.io.lock().unwrap();
-        let (rd, w, buf) = &mut *g;
-        wire::write_frame(
-            w,
-            Kind::PageRequest,
-            &[&request(pid, addr, out.len() as u32)],
-        )
-        .map_err(fail)?;
-        w.flush()
-            .map_err(|e| fail(io("sending a page request")(e)))?;
-        match wire::read_frame(rd, buf).map_err(fail)? {
-            Kind::PageData => {}
-            k => {
-                return Err(fail(MigrateError::Protocol(format!(
-                    "{k:?} of {} bytes instead of the pages",
-                    buf.len()
-                ))))
+        let l = &mut *g;
+        let absent = match l.kept.iter().position(|(k, _)| *k == key) {
+            Some(i) => {
+                let (_, payload) = l.kept.remove(i).unwrap();
+                parse_pages(&payload, addr, out)
+            }
+            None => {
+                if !l.asked.contains(&key) {
+                    l.ask(key).map_err(fail)?;
+                }
+                l.read_until(key).map_err(fail)?;
+                parse_pages(&l.buf, addr, out)
             }
         }
-        let absent = parse_pages(buf, addr, out).map_err(fail)?;
+        .map_err(fail)?;
         let held = out.len() as u64 - absent.iter().map(|(a, b)| b - a).sum::<u64>();
         self.fetched.fetch_add(held, Ordering::Relaxed);
         Ok(absent)
+    }
+
+    fn prefetch(&self, pid: i32, addr: u64, len: usize) {
+        let key = (pid, addr, len);
+        let mut g = self.io.lock().unwrap();
+        if g.asked.len() < AHEAD
+            && !g.asked.contains(&key)
+            && !g.kept.iter().any(|(k, _)| *k == key)
+        {
+            // A request that cannot be sent fails its fetch the same way.
+            let _ = g.ask(key);
+        }
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::parse_pages;
+    use super::*;
+    use ferry_engine::lazy::RemotePages;
+    use std::io::Read;
+
+    /// Asked ahead, fetched in another order, or never asked: each fetch gets its own pages,
+    /// served by a real page server from this process's memory over loopback.
+    #[test]
+    fn answers_asked_ahead_are_kept_until_fetched_in_any_order() {
+        const P: usize = 4096;
+        let mut mem = vec![0u8; 9 * P];
+        let off = mem.as_ptr().align_offset(P);
+        let base = mem.as_ptr() as u64 + off as u64;
+        for p in 0..8 {
+            mem[off + p * P..off + (p + 1) * P].fill(p as u8 + 1);
+        }
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let hello = Hello {
+            id: "m".into(),
+            token: "t".into(),
+            role: Some("pages".into()),
+            mode: None,
+        };
+        let server = std::thread::spawn(move || {
+            PageServer::start(addr, hello, Duration::from_secs(5), None, "127.0.0.1")
+        });
+        let conn = Conn::accept(l.accept().unwrap().0, None).unwrap();
+        let mut rd = BufReader::new(conn.reader().unwrap());
+        let mut greeting = [0u8; 8];
+        rd.read_exact(&mut greeting).unwrap();
+        let mut buf = Vec::new();
+        assert_eq!(wire::read_frame(&mut rd, &mut buf).unwrap(), Kind::Hello);
+        let server = server.join().unwrap().unwrap();
+        let remote = RemoteConn::new(conn, rd).unwrap();
+
+        let pid = std::process::id() as i32;
+        let at = |p: u64| base + p * P as u64;
+        for p in [0, 2, 4] {
+            remote.prefetch(pid, at(p), 2 * P);
+        }
+        let mut out = vec![0u8; 2 * P];
+        // The last asked first (the two answers before it are kept), then the first, then one
+        // never asked, then the middle one.
+        for p in [4usize, 0, 6, 2] {
+            out.fill(0xee);
+            assert!(remote
+                .fetch(pid, at(p as u64), &mut out)
+                .unwrap()
+                .is_empty());
+            assert!(out[..P].iter().all(|&b| b == p as u8 + 1), "page {p}");
+            assert!(out[P..].iter().all(|&b| b == p as u8 + 2), "page {}", p + 1);
+        }
+        assert_eq!(remote.fetched.load(Ordering::Relaxed), 8 * P as u64);
+        drop(remote);
+        assert_eq!(server.stop(), 8 * P as u64);
+        drop(mem);
+    }
 
     #[test]
     fn page_data_carries_only_the_pages_the_source_holds() {
