@@ -159,7 +159,7 @@ impl Drop for PageServer {
 /// Requests asked ahead that may be on their way at once.
 const AHEAD: usize = 3;
 /// Answers read while waiting for another one, kept for their fetch.
-const KEPT: usize = 8;
+const KEPT: usize = 32;
 
 /// A request: process, address, length.
 type Key = (i32, u64, usize);
@@ -203,13 +203,18 @@ impl Link {
             if k == key {
                 return Ok(());
             }
-            if self.kept.len() == KEPT {
-                // Never fetched: filling went elsewhere (a fault, an event).
-                self.kept.pop_front();
-            }
-            self.kept.push_back((k, std::mem::take(&mut self.buf)));
+            self.keep(k);
         }
         Err(MigrateError::Protocol("an answer to no request".into()))
+    }
+
+    /// Keep the answer just read (in `self.buf`) for `k`.
+    fn keep(&mut self, k: Key) {
+        if self.kept.len() == KEPT {
+            // Never fetched: filling went elsewhere (a fault, an event).
+            self.kept.pop_front();
+        }
+        self.kept.push_back((k, std::mem::take(&mut self.buf)));
     }
 }
 
@@ -247,11 +252,17 @@ impl Drop for RemoteConn {
     }
 }
 
-/// A PageData payload for `len` bytes at `addr`: which pages the source holds (a bitmap,
-/// one bit per page from the first, in bytes), then those pages. Their bytes go into `out`
-/// (zeros elsewhere); returns the runs the source does not hold.
-fn parse_pages(payload: &[u8], addr: u64, out: &mut [u8]) -> Result<Vec<(u64, u64)>> {
-    let pages = out.len() / 4096;
+/// A PageData payload, the answer to a request for `asked` (address, length): which pages
+/// the source holds (a bitmap, one bit per page from the first, in bytes), then those pages.
+/// The bytes of [want, want + out.len()), a part of it, go into `out` (zeros where the source
+/// holds nothing); returns the runs of that part the source does not hold.
+fn parse_pages(
+    payload: &[u8],
+    asked: (u64, usize),
+    want: u64,
+    out: &mut [u8],
+) -> Result<Vec<(u64, u64)>> {
+    let pages = asked.1 / 4096;
     let head = pages.div_ceil(8);
     let bad = |why: String| MigrateError::Protocol(format!("bad page data: {why}"));
     let map = payload
@@ -267,16 +278,23 @@ fn parse_pages(payload: &[u8], addr: u64, out: &mut [u8]) -> Result<Vec<(u64, u6
             payload.len()
         )));
     }
-    let mut data = &payload[head..];
+    let first = (want.wrapping_sub(asked.0) / 4096) as usize;
+    if want < asked.0 || first + out.len() / 4096 > pages {
+        return Err(bad(format!(
+            "{want:#x} is not in the answer for {:#x}",
+            asked.0
+        )));
+    }
+    // The held pages before the part come first in the data.
+    let mut at = head + (0..first).filter(|&p| has(p)).count() * 4096;
     let mut absent: Vec<(u64, u64)> = Vec::new();
-    for p in 0..pages {
-        let page = &mut out[p * 4096..(p + 1) * 4096];
-        if has(p) {
-            page.copy_from_slice(&data[..4096]);
-            data = &data[4096..];
+    for (i, page) in out.chunks_exact_mut(4096).enumerate() {
+        if has(first + i) {
+            page.copy_from_slice(&payload[at..at + 4096]);
+            at += 4096;
         } else {
             page.fill(0);
-            let a = addr + p as u64 * 4096;
+            let a = want + i as u64 * 4096;
             match absent.last_mut() {
                 Some(l) if l.1 == a => l.1 = a + 4096,
                 _ => absent.push((a, a + 4096)),
@@ -295,22 +313,29 @@ impl ferry_engine::lazy::RemotePages for RemoteConn {
             ))
         };
         let key = (pid, addr, want);
+        // An answer read or asked for already may hold it: filling ahead asks for whole runs,
+        // and a fault or a run cut by one wants part of one.
+        let holds = |k: &Key| k.0 == pid && k.1 <= addr && addr + want as u64 <= k.1 + k.2 as u64;
         let mut g = self.io.lock().unwrap();
         let l = &mut *g;
-        let absent = match l.kept.iter().position(|(k, _)| *k == key) {
-            Some(i) => {
-                let (_, payload) = l.kept.remove(i).unwrap();
-                parse_pages(&payload, addr, out)
-            }
-            None => {
-                if !l.asked.contains(&key) {
+        if !l.kept.iter().any(|(k, _)| holds(k)) {
+            let k = match l.asked.iter().find(|k| holds(k)) {
+                Some(&k) => k,
+                None => {
                     l.ask(key).map_err(fail)?;
+                    key
                 }
-                l.read_until(key).map_err(fail)?;
-                parse_pages(&l.buf, addr, out)
-            }
+            };
+            l.read_until(k).map_err(fail)?;
+            l.keep(k);
         }
-        .map_err(fail)?;
+        let i = l.kept.iter().rposition(|(k, _)| holds(k)).unwrap();
+        let k = l.kept[i].0;
+        let absent = parse_pages(&l.kept[i].1, (k.1, k.2), addr, out).map_err(fail)?;
+        if k == key {
+            // All of it taken.
+            l.kept.remove(i);
+        }
         let held = out.len() as u64 - absent.iter().map(|(a, b)| b - a).sum::<u64>();
         self.fetched.fetch_add(held, Ordering::Relaxed);
         Ok(absent)
@@ -384,8 +409,17 @@ mod tests {
             assert!(out[P..].iter().all(|&b| b == p as u8 + 2), "page {}", p + 1);
         }
         assert_eq!(remote.fetched.load(Ordering::Relaxed), 8 * P as u64);
+        // Parts of an answer asked ahead: the second page of four, then the rest, which are
+        // served by the one answer.
+        remote.prefetch(pid, at(0), 4 * P);
+        let mut one = vec![0u8; P];
+        assert!(remote.fetch(pid, at(1), &mut one).unwrap().is_empty());
+        assert!(one.iter().all(|&b| b == 2));
+        let mut two = vec![0u8; 2 * P];
+        assert!(remote.fetch(pid, at(2), &mut two).unwrap().is_empty());
+        assert!(two[..P].iter().all(|&b| b == 3) && two[P..].iter().all(|&b| b == 4));
         drop(remote);
-        assert_eq!(server.stop(), 8 * P as u64);
+        assert_eq!(server.stop(), 12 * P as u64);
         drop(mem);
     }
 
@@ -396,15 +430,20 @@ mod tests {
         payload.extend([1u8; 4096]);
         payload.extend([3u8; 4096]);
         let mut out = vec![9u8; 3 * 4096];
-        let absent = parse_pages(&payload, 0x10000, &mut out).unwrap();
+        let absent = parse_pages(&payload, (0x10000, 3 * 4096), 0x10000, &mut out).unwrap();
         assert_eq!(absent, vec![(0x11000, 0x12000)]);
         assert!(out[..4096].iter().all(|&b| b == 1));
         assert!(out[4096..8192].iter().all(|&b| b == 0));
         assert!(out[8192..].iter().all(|&b| b == 3));
         // Hostile: too short, too long, or bits past the last page.
         for bad in [vec![0b101u8], vec![0u8; 4097], vec![0b1000u8]] {
-            assert!(parse_pages(&bad, 0, &mut out).is_err());
+            assert!(parse_pages(&bad, (0, 3 * 4096), 0, &mut out).is_err());
         }
-        assert!(parse_pages(&[], 0, &mut out).is_err());
+        assert!(parse_pages(&[], (0, 3 * 4096), 0, &mut out).is_err());
+        // A part of the answer: the last two pages.
+        let mut two = vec![9u8; 2 * 4096];
+        let absent = parse_pages(&payload, (0x10000, 3 * 4096), 0x11000, &mut two).unwrap();
+        assert_eq!(absent, vec![(0x11000, 0x12000)]);
+        assert!(two[..4096].iter().all(|&b| b == 0) && two[4096..].iter().all(|&b| b == 3));
     }
 }
