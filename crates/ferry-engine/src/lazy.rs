@@ -304,6 +304,19 @@ impl Sources {
         Ok(absent)
     }
 
+    /// The part of `missing` (process `pid`'s) whose pages are in the source process.
+    fn remote_part(&self, pid: i32, missing: &RangeSet) -> RangeSet {
+        let mut part = RangeSet::default();
+        if let (Some(_), Some(runs)) = (&self.remote, self.remote_runs.get(&pid)) {
+            for (s, e) in runs.runs() {
+                for (a, b) in missing.within(s, e) {
+                    part.insert(a, b);
+                }
+            }
+        }
+        part
+    }
+
     /// Ask the source process ahead for the parts of [addr, addr + len) that `read` will
     /// fetch from it.
     fn prefetch(&self, pid: i32, addr: u64, len: u64) {
@@ -356,6 +369,9 @@ struct Consumer {
     live_pid: i32,
     uffd: LazyUffd,
     missing: RangeSet,
+    /// The part of `missing` whose pages are in the source process (post-copy): filled
+    /// before the rest, which is here already, so that the source can go sooner.
+    remote: RangeSet,
     /// Filled first (hot memory), in this order.
     hot: Vec<(u64, u64)>,
     /// Faults that could not be answered yet (the address space was changing).
@@ -365,6 +381,14 @@ struct Consumer {
     cursor: Option<u64>,
     /// Memory moved since the restore, and where its data was in the image.
     moves: Moves,
+}
+
+impl Consumer {
+    /// [s, e) is missing no more (filled, or dropped by the process).
+    fn done(&mut self, s: u64, e: u64) {
+        self.missing.remove(s, e);
+        self.remote.remove(s, e);
+    }
 }
 
 /// What filling took.
@@ -381,6 +405,10 @@ pub struct FillReport {
     pub fill_ms: f64,
     /// Longest wait of a faulting thread on a fetch, in ms.
     pub max_fault_ms: f64,
+    /// Told when no page was left in the source process, before the end (`fill_ms` is then
+    /// the time until that point): the bytes still to fill from here.
+    #[serde(default)]
+    pub local_left_bytes: u64,
 }
 
 /// The filler thread. Dropping it (or `abort`) stops it; processes still missing pages are
@@ -393,6 +421,7 @@ pub struct Filler {
     /// Set once the tree runs: filling ahead of need waits until then, so that it does not
     /// take the CPU from the rest of the restore (the downtime) on a small machine.
     running: Arc<AtomicBool>,
+    released: Arc<Released>,
 }
 
 /// The processes being filled, and the guardian that kills them if Ferry dies meanwhile.
@@ -426,11 +455,17 @@ impl Filler {
             guardian: Mutex::new(Some(ferry_sys::guard::Guardian::spawn()?)),
         });
         let running = Arc::new(AtomicBool::new(false));
-        let (st, w, go) = (stop.clone(), watch.clone(), running.clone());
+        let released: Arc<Released> = Arc::default();
+        let (st, w, go, rel) = (
+            stop.clone(),
+            watch.clone(),
+            running.clone(),
+            released.clone(),
+        );
         let handle = std::thread::Builder::new()
             .name("ferry-filler".into())
             .spawn(move || {
-                let r = run(sources, rx, &st, &w, &go);
+                let r = run(sources, rx, &st, &w, &go, &rel);
                 if r.is_err() || st.load(Ordering::Relaxed) {
                     kill_all(&w.pids.lock().unwrap());
                     // Dropped without "done": it kills what it watches too.
@@ -438,6 +473,9 @@ impl Filler {
                 } else if let Some(g) = w.guardian.lock().unwrap().take() {
                     g.done();
                 }
+                // Whoever waits for the source's release hears the end as well.
+                let _held = rel.0.lock().unwrap();
+                rel.1.notify_all();
                 r
             })
             .map_err(|e| EngineError::Failed(format!("starting the page filler: {e}")))?;
@@ -447,6 +485,7 @@ impl Filler {
             stop,
             watch,
             running,
+            released,
         })
     }
 
@@ -473,6 +512,30 @@ impl Filler {
     /// Every process is added: once nothing is missing the filler ends.
     pub fn seal(&mut self) {
         self.tx = None;
+    }
+
+    /// Wait until no page is left in the source process (post-copy; seals the filler): from
+    /// then on the tree needs nothing of the source, which can go while the rest fills from
+    /// here. What was filled by then; None when filling ended first (`wait` tells how).
+    pub fn wait_released(&mut self) -> Option<FillReport> {
+        self.seal();
+        let mut g = self.released.0.lock().unwrap();
+        loop {
+            if let Some(r) = g.as_ref() {
+                return Some(r.clone());
+            }
+            if self.is_finished() {
+                return None;
+            }
+            // The filler thread notifies at the release and at its end; the timeout only
+            // bounds a wake-up missed between its check and this wait.
+            g = self
+                .released
+                .1
+                .wait_timeout(g, std::time::Duration::from_millis(50))
+                .unwrap()
+                .0;
+        }
     }
 
     /// Wait until every page is in place (or filling failed, which killed the tree).
@@ -521,15 +584,20 @@ fn kill_all(pids: &[i32]) {
 
 type NewConsumer = (i32, LazyUffd, RangeSet, Vec<(u64, u64)>);
 
+/// What was filled when nothing was left in the source process, once told.
+type Released = (Mutex<Option<FillReport>>, std::sync::Condvar);
+
 fn run(
     mut src: Sources,
     rx: Receiver<NewConsumer>,
     stop: &AtomicBool,
     watch: &Watch,
     running: &AtomicBool,
+    released: &Released,
 ) -> Result<FillReport> {
     let t0 = Instant::now();
     let mut rep = FillReport::default();
+    let mut told = false;
     let mut cons: Vec<Consumer> = Vec::new();
     let mut open = true;
     let mut buf = vec![0u8; PUSH_RUN as usize];
@@ -546,6 +614,7 @@ fn run(
                     source_pid: pid,
                     live_pid: pid,
                     uffd,
+                    remote: src.remote_part(pid, &missing),
                     missing,
                     hot,
                     retry: Vec::new(),
@@ -558,6 +627,15 @@ fn run(
         }
         // Nothing missing: closing the userfaultfd hands the memory back to the kernel.
         cons.retain(|c| !c.missing.is_empty() || !c.retry.is_empty());
+        if !open && !told && cons.iter().all(|c| c.remote.is_empty()) {
+            // Nothing more will come from the source process.
+            told = true;
+            let mut r = rep.clone();
+            r.fill_ms = t0.elapsed().as_secs_f64() * 1e3;
+            r.local_left_bytes = cons.iter().map(|c| c.missing.bytes()).sum();
+            *released.0.lock().unwrap() = Some(r);
+            released.1.notify_all();
+        }
         if cons.is_empty() && !open {
             rep.fill_ms = t0.elapsed().as_secs_f64() * 1e3;
             return Ok(rep);
@@ -611,6 +689,7 @@ fn run(
                                 live_pid: child,
                                 uffd,
                                 missing: c.missing.clone(),
+                                remote: c.remote.clone(),
                                 hot: c.hot.clone(),
                                 retry: Vec::new(),
                                 cursor: None,
@@ -618,14 +697,16 @@ fn run(
                             });
                         }
                         UffdEvent::Remap { from, to, len } => {
-                            let moved = c.missing.within(from, from + len);
-                            c.missing.remove(from, from + len);
-                            for (s, e) in moved {
-                                c.missing.insert(s - from + to, e - from + to);
+                            for set in [&mut c.missing, &mut c.remote] {
+                                let moved = set.within(from, from + len);
+                                set.remove(from, from + len);
+                                for (s, e) in moved {
+                                    set.insert(s - from + to, e - from + to);
+                                }
                             }
                             c.moves.remap(from, to, len);
                         }
-                        UffdEvent::Remove { start, end } => c.missing.remove(start, end),
+                        UffdEvent::Remove { start, end } => c.done(start, end),
                     }
                 }
             }
@@ -659,7 +740,7 @@ fn run(
             .find(|&i| !cons[i].missing.is_empty())
         {
             let c = &mut cons[i];
-            let run = next_run(&c.missing, &mut c.hot, &mut c.cursor);
+            let run = next_run(&c.missing, &c.remote, &mut c.hot, &mut c.cursor);
             if let Some((s, e)) = run {
                 // The run after this one is asked for now, so that the source reads it while
                 // this one is written (post-copy, 1 GiB: filled in ~1.0 s one request at a
@@ -667,7 +748,9 @@ fn run(
                 // was asked ahead would cross for nothing (1 GiB written at 50 MB/s: half
                 // as much again).
                 if quiet > 1 {
-                    if let Some((ns, ne)) = run_after(&c.missing, &c.hot, c.cursor, (s, e)) {
+                    if let Some((ns, ne)) =
+                        run_after(&c.missing, &c.remote, &c.hot, c.cursor, (s, e))
+                    {
                         for (from, _, n) in source_pieces(&c.moves, ns, ne - ns) {
                             src.prefetch(c.source_pid, from, n);
                         }
@@ -686,10 +769,12 @@ fn in_cell((a, b): (u64, u64)) -> (u64, u64) {
     (a, b.min((a / PUSH_RUN + 1) * PUSH_RUN))
 }
 
-/// The next run to fill ahead of need: after the last fault, then hot memory, then in order.
-/// (A consumer's `missing`, `hot` and `cursor`; what is done with drops out of the last two.)
+/// The next run to fill ahead of need: after the last fault, then hot memory, then what is
+/// in the source process, then the rest, in address order. (A consumer's `missing`, `remote`,
+/// `hot` and `cursor`; what is done with drops out of the last two.)
 fn next_run(
     missing: &RangeSet,
+    remote: &RangeSet,
     hot: &mut Vec<(u64, u64)>,
     cursor: &mut Option<u64>,
 ) -> Option<(u64, u64)> {
@@ -706,13 +791,17 @@ fn next_run(
         }
         hot.remove(0);
     }
-    missing.first_from(0).map(in_cell)
+    remote
+        .first_from(0)
+        .or_else(|| missing.first_from(0))
+        .map(in_cell)
 }
 
 /// What `next_run` will give once the run it gave, [s, e), is filled (unless a fault or an
 /// event comes first).
 fn run_after(
     missing: &RangeSet,
+    remote: &RangeSet,
     hot: &[(u64, u64)],
     cursor: Option<u64>,
     (s, e): (u64, u64),
@@ -737,10 +826,15 @@ fn run_after(
             return Some(r);
         }
     }
-    match missing.first_from(0) {
-        Some(r) if r.0 == s => from(e, u64::MAX),
-        r => r.map(in_cell),
-    }
+    // In address order: what is in the source, then the rest.
+    let first_without = |set: &RangeSet| match set.first_from(0)? {
+        (a, b) if a < s => Some((a, b.min(s))),
+        (a, _) if a == s => set.first_from(e),
+        r => Some(r),
+    };
+    first_without(remote)
+        .or_else(|| first_without(missing))
+        .map(in_cell)
 }
 
 /// Answer a fault at page `a`; false when it must be tried again after the events.
@@ -827,11 +921,11 @@ fn fill(
         for (ps, pe, has_data) in pieces {
             let piece = has_data.then(|| &data[ps as usize..pe as usize]);
             if let Err(off) = place(c, at + ps, pe - ps, piece, rep)? {
-                c.missing.remove(at, at + ps + off);
+                c.done(at, at + ps + off);
                 return Ok(false);
             }
         }
-        c.missing.remove(at, at + len);
+        c.done(at, at + len);
         at += len;
     }
     Ok(true)
@@ -917,20 +1011,35 @@ mod tests {
         ]
         .into_iter()
         .collect();
-        for (hot, cursor) in [
-            (vec![], None),
-            (vec![], Some(5 * M)),
-            (vec![(20 * M + 4096, 21 * M + 8192), (0, M / 2)], None),
-            (vec![(40 * M, 50 * M)], Some(M)),
+        let in_source: RangeSet = [(M, 3 * M / 2), (20 * M, 21 * M + 4096)]
+            .into_iter()
+            .collect();
+        for (hot, cursor, remote) in [
+            (vec![], None, RangeSet::default()),
+            (vec![], Some(5 * M), RangeSet::default()),
+            (
+                vec![(20 * M + 4096, 21 * M + 8192), (0, M / 2)],
+                None,
+                RangeSet::default(),
+            ),
+            (vec![(40 * M, 50 * M)], Some(M), RangeSet::default()),
+            (vec![], None, in_source.clone()),
+            (vec![(40 * M, 50 * M)], Some(5 * M), in_source.clone()),
         ] {
-            let (mut missing, mut hot, mut cursor) = (missing.clone(), hot, cursor);
+            let (mut missing, mut remote, mut hot, mut cursor) =
+                (missing.clone(), remote, hot, cursor);
             let mut runs = 0;
-            while let Some(r) = next_run(&missing, &mut hot, &mut cursor) {
+            while let Some(r) = next_run(&missing, &remote, &mut hot, &mut cursor) {
                 // Within one aligned MiB.
                 assert!(r.0 < r.1 && (r.1 - 1) / M == r.0 / M, "{r:x?}");
-                let told = run_after(&missing, &hot, cursor, r);
+                let told = run_after(&missing, &remote, &hot, cursor, r);
                 missing.remove(r.0, r.1);
-                let next = next_run(&missing, &mut hot.clone(), &mut cursor.clone());
+                remote.remove(r.0, r.1);
+                let next = next_run(&missing, &remote, &mut hot.clone(), &mut cursor.clone());
+                // What is in the source goes before the rest (after faults and hot memory).
+                if hot.is_empty() && cursor.is_none() && !remote.is_empty() {
+                    assert!(next.is_some_and(|n| remote.contains(n.0)), "{next:x?}");
+                }
                 // Leaving a neighbourhood is not foretold.
                 if told.is_some() || cursor.is_none() {
                     assert_eq!(told, next, "after {r:x?}");

@@ -772,14 +772,36 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     if let Some(f) = fill_ahead {
         f.store(true, Ordering::Relaxed);
     }
-    if let Some(f) = filler {
+    if let Some(mut f) = filler {
+        // Once nothing is left in the source, the source is told at once (it may go: hybrid's
+        // window ends there); what the rounds brought fills on from here.
+        let released = if mode == "precopy" {
+            None
+        } else {
+            f.wait_released()
+        };
+        if let Some(rep) = &released {
+            let _ = wire::write_json(&mut conn, Kind::Filled, rep);
+        }
         match f.wait() {
             Ok(rep) => {
-                let _ = wire::write_json(&mut conn, Kind::Filled, &rep);
+                if released.is_none() {
+                    let _ = wire::write_json(&mut conn, Kind::Filled, &rep);
+                }
+                s.update(&id, |m| m.fill_ms = Some(rep.fill_ms));
             }
             Err(e) => {
-                // The filler killed the tree: nothing of it runs here.
+                // The filler killed the tree: nothing of it runs here. Told before its
+                // release, the source resumes its copy; after, the process is lost.
                 let e = MigrateError::Failed(format!("filling the memory of the tree: {e}"));
+                if released.is_some() {
+                    eprintln!("ferry agent: migration {id}: {e}; the source was released already");
+                    s.update(&id, |m| {
+                        m.state = "failed".into();
+                        m.error = Some(e.to_string());
+                    });
+                    return Err(e);
+                }
                 return Err(fail(&mut conn, e));
             }
         }

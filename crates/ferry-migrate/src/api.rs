@@ -37,6 +37,9 @@ pub struct MigrationInfo {
     pub rounds: u32,
     pub bytes_received: u64,
     pub restore_ms: Option<f64>,
+    /// Lazily filled modes: from the process running here until its memory was whole, ms.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fill_ms: Option<f64>,
     pub error: Option<String>,
     pub created_unix: u64,
     /// For a migration prepared ahead (`POST /v1/prepare`): what was checked and reserved.

@@ -103,6 +103,10 @@ pub struct MigrateReport {
     pub fill_ms: Option<f64>,
     /// Post-copy: bytes the destination fetched from the frozen source.
     pub postcopy_bytes: u64,
+    /// Hybrid: what the destination still had to fill from the pages the rounds brought when
+    /// nothing was left to fetch here and it let this source go (`fill_ms` ends there).
+    #[serde(default)]
+    pub fill_left_bytes: u64,
     /// Faults the destination answered while filling (threads that waited for a page).
     pub faults: u64,
     /// Where the downtime went.
@@ -973,6 +977,7 @@ fn migrate_inner(
         restored_pid,
         fill_ms: fill.as_ref().map(|f| f.fill_ms),
         postcopy_bytes,
+        fill_left_bytes: fill.as_ref().map(|f| f.local_left_bytes).unwrap_or(0),
         faults: fill.as_ref().map(|f| f.faults).unwrap_or(0),
         phases,
         restore: restore_report,

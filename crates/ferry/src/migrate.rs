@@ -233,13 +233,25 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
             r.final_bytes as f64 / 1048576.0
         );
         if let Some(f) = r.fill_ms {
-            println!(
-                "  memory filled on the destination {:.0} ms after it ran ({} faults waited; \
-                 {:.1} MiB fetched from here on demand)",
-                f,
-                r.faults,
-                r.postcopy_bytes as f64 / 1048576.0
-            );
+            if r.fill_left_bytes > 0 {
+                println!(
+                    "  nothing left here {:.0} ms after it ran on the destination ({} faults \
+                     waited; {:.1} MiB fetched from here); it fills the last {:.1} MiB from \
+                     the pre-copied pages it holds",
+                    f,
+                    r.faults,
+                    r.postcopy_bytes as f64 / 1048576.0,
+                    r.fill_left_bytes as f64 / 1048576.0
+                );
+            } else {
+                println!(
+                    "  memory filled on the destination {:.0} ms after it ran ({} faults \
+                     waited; {:.1} MiB fetched from here on demand)",
+                    f,
+                    r.faults,
+                    r.postcopy_bytes as f64 / 1048576.0
+                );
+            }
         }
         for rd in &r.rounds {
             println!(

@@ -1119,6 +1119,19 @@ fn postcopy_and_hybrid_keep_memory_intact() {
     eprintln!("hybrid: {r}");
     assert!(!r["rounds"].as_array().unwrap().is_empty(), "{r}");
     assert!(r["fill_ms"].as_f64().is_some(), "{r}");
+    // The source was let go once nothing was left in it, while the destination still filled
+    // the pages the rounds brought from its own copy; it tells when the memory was whole.
+    assert!(r["fill_left_bytes"].as_u64().unwrap() > 0, "{r}");
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        let m = a2.try_get("/v1/migrations").unwrap_or_default();
+        if m[0]["fill_ms"].as_f64().is_some() {
+            assert_eq!(m[0]["state"], "running", "{m}");
+            break;
+        }
+        assert!(Instant::now() < end, "never filled: {m}");
+        std::thread::sleep(Duration::from_millis(10));
+    }
     let p2 = a2.outer_pid(pid as i64);
     assert!(!alive(p1), "the first copy still runs");
     check_pass(p2, &out, 2);
