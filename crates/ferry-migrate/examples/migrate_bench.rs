@@ -1,7 +1,9 @@
 //! Live-migration benchmark: a process rewriting its memory at a set rate is moved to an
 //! agent on this machine (in a PID namespace of its own), by stop-and-copy and by pre-copy,
 //! for several sizes and dirty rates. Prints downtime, total time, rounds and bytes beside
-//! the loopback TCP bandwidth measured in the same run.
+//! the loopback TCP bandwidth measured in the same run, and beside the least work any
+//! migration does with that memory (read out of a process, sent over loopback, written into
+//! fresh memory), also measured in the same run.
 //!
 //! `cargo build --release && cargo run --release -p ferry-migrate --example migrate_bench
 //! [-- SIZE_MIB ...]` (default 256 1024). `FERRY_BENCH_MODES` and `FERRY_BENCH_RATES` pick
@@ -37,6 +39,38 @@ fn loopback_gbps() -> f64 {
     }
     h.join().unwrap();
     total as f64 / t.elapsed().as_secs_f64() / 1e9
+}
+
+/// The least work any live migration does with `mib` MiB of memory, timed on this machine
+/// now: read it out of a process (process_vm_readv), send it over loopback TCP, and write it
+/// into fresh memory on the far side, on two threads as a source and its agent do. Returns
+/// GB/s. On this VM the fresh memory, not the link, sets the pace.
+fn pipeline_gbps(mib: usize) -> f64 {
+    let total = mib << 20;
+    let src = vec![1u8; total];
+    let l = TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = l.local_addr().unwrap().port();
+    let h = std::thread::spawn(move || {
+        let (mut s, _) = l.accept().unwrap();
+        // Zeroed by the kernel on first touch, not by the allocator: fresh memory.
+        let mut dst = vec![0u8; total];
+        for chunk in dst.chunks_mut(1 << 20) {
+            s.read_exact(chunk).unwrap();
+        }
+        dst
+    });
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    let me = std::process::id() as i32;
+    let mut buf = vec![0u8; 1 << 20];
+    let t = Instant::now();
+    for at in (0..total).step_by(1 << 20) {
+        let n = ferry_sys::mem::read_mem(me, src.as_ptr() as u64 + at as u64, &mut buf).unwrap();
+        c.write_all(&buf[..n]).unwrap();
+    }
+    let dst = h.join().unwrap();
+    let gbps = total as f64 / t.elapsed().as_secs_f64() / 1e9;
+    assert!(dst[total - 1] == 1);
+    gbps
 }
 
 struct Agent {
@@ -147,7 +181,7 @@ fn main() {
     let bw = loopback_gbps();
     println!("loopback TCP, one stream: {bw:.2} GB/s (measured now)");
     println!(
-        "{:>6} {:>8} {:>9} {:>7} {:>12} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>10}",
+        "{:>6} {:>8} {:>9} {:>7} {:>12} {:>9} {:>8} {:>9} {:>9} {:>9} {:>9} {:>11} {:>10}",
         "MiB",
         "dirty",
         "mode",
@@ -159,12 +193,18 @@ fn main() {
         "final MiB",
         "post MiB",
         "fill ms",
-        "total/bound"
+        "total/bound",
+        "total/pipe"
     );
     let mut port = 46000 + (std::process::id() % 1000) as u16 * 4;
     // The writer's pace: a pause between groups of 16 page writes in microseconds (0: as
     // fast as it can), or rN for N MB/s of page writes.
     for &mib in &sizes {
+        let pipe = pipeline_gbps(mib as usize);
+        println!(
+            "{mib} MiB read from a process, sent over loopback and written into fresh memory: \
+             {pipe:.2} GB/s (measured now; total/pipe is the total over that time)"
+        );
         for (rate, pause) in [
             ("idle", "10000000"),
             ("50MB/s", "r50"),
@@ -217,7 +257,7 @@ fn main() {
                         }
                         let bound_ms = (mib << 20) as f64 / (bw * 1e9) * 1e3;
                         println!(
-                            "{:>6} {:>8} {:>9} {:>7} {:>12.1} {:>9.0} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>10.2}",
+                            "{:>6} {:>8} {:>9} {:>7} {:>12.1} {:>9.0} {:>8.0} {:>9.1} {:>9.1} {:>9.1} {:>9.0} {:>11.2} {:>10.2}",
                             mib,
                             rate,
                             format!("{mode:?}").to_lowercase(),
@@ -229,7 +269,8 @@ fn main() {
                             r.final_bytes as f64 / 1048576.0,
                             r.postcopy_bytes as f64 / 1048576.0,
                             r.fill_ms.unwrap_or(0.0),
-                            r.total_ms / bound_ms
+                            r.total_ms / bound_ms,
+                            r.total_ms / ((mib << 20) as f64 / (pipe * 1e9) * 1e3)
                         );
                     }
                     Err(e) => println!("{mib:>6} {rate:>8} {mode:?}: failed: {e}"),

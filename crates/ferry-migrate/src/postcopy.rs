@@ -81,57 +81,69 @@ impl PageServer {
             let mut data = Vec::new();
             // Each process's pagemap, opened once for all its requests.
             let mut pagemaps = std::collections::HashMap::new();
-            loop {
-                match wire::read_frame(&mut rd, &mut buf) {
-                    Ok(Kind::PageRequest) => {}
-                    Ok(k) => {
-                        return Err(MigrateError::Protocol(format!(
-                            "unexpected {k:?} on the page connection"
-                        )))
+            let r = (|| -> Result<()> {
+                loop {
+                    match wire::read_frame(&mut rd, &mut buf) {
+                        Ok(Kind::PageRequest) => {}
+                        Ok(k) => {
+                            return Err(MigrateError::Protocol(format!(
+                                "unexpected {k:?} on the page connection"
+                            )))
+                        }
+                        // The agent closed it (done, or gone): nothing more to serve.
+                        Err(_) => return Ok(()),
                     }
-                    // The agent closed it (done, or gone): nothing more to serve.
-                    Err(_) => return Ok(()),
+                    let (pid, addr, len) = parse_request(&buf)?;
+                    let end = addr + len as u64;
+                    // Only the pages the process holds: the rest is zero, and stays unallocated
+                    // at the destination.
+                    let listed = match pagemaps.entry(pid) {
+                        std::collections::hash_map::Entry::Occupied(p) => Ok(p.into_mut()),
+                        std::collections::hash_map::Entry::Vacant(v) => {
+                            ferry_sys::uffd::PresentPages::open(pid).map(|p| v.insert(p))
+                        }
+                    }
+                    .and_then(|p| p.runs(addr, end));
+                    let present = listed.map_err(|e| {
+                        MigrateError::Failed(format!(
+                            "listing the pages at {addr:#x}-{end:#x} of process {pid}: {e}"
+                        ))
+                    })?;
+                    let pages = len / 4096;
+                    let mut map = vec![0u8; pages.div_ceil(8)];
+                    data.clear();
+                    for (s, e) in present {
+                        for p in (s - addr) / 4096..(e - addr) / 4096 {
+                            map[p as usize / 8] |= 1 << (p % 8);
+                        }
+                        let at = data.len();
+                        data.resize(at + (e - s) as usize, 0);
+                        let out = &mut data[at..];
+                        if ferry_sys::mem::read_mem(pid, s, out).unwrap_or(0) != out.len() {
+                            // Unreadable (PROT_NONE): through /proc/PID/mem.
+                            ferry_sys::mem::read_mem_forced(pid, s, out).map_err(|e| {
+                                MigrateError::Failed(format!(
+                                    "reading {} bytes at {s:#x} of process {pid}: {e}",
+                                    out.len()
+                                ))
+                            })?;
+                        }
+                    }
+                    wire::write_frame(&mut w, Kind::PageData, &[&map, &data])?;
+                    w.flush().map_err(io("sending pages"))?;
+                    n.fetch_add(data.len() as u64, Ordering::Relaxed);
                 }
-                let (pid, addr, len) = parse_request(&buf)?;
-                let end = addr + len as u64;
-                // Only the pages the process holds: the rest is zero, and stays unallocated
-                // at the destination.
-                let listed = match pagemaps.entry(pid) {
-                    std::collections::hash_map::Entry::Occupied(p) => Ok(p.into_mut()),
-                    std::collections::hash_map::Entry::Vacant(v) => {
-                        ferry_sys::uffd::PresentPages::open(pid).map(|p| v.insert(p))
-                    }
-                }
-                .and_then(|p| p.runs(addr, end));
-                let present = listed.map_err(|e| {
-                    MigrateError::Failed(format!(
-                        "listing the pages at {addr:#x}-{end:#x} of process {pid}: {e}"
-                    ))
-                })?;
-                let pages = len / 4096;
-                let mut map = vec![0u8; pages.div_ceil(8)];
-                data.clear();
-                for (s, e) in present {
-                    for p in (s - addr) / 4096..(e - addr) / 4096 {
-                        map[p as usize / 8] |= 1 << (p % 8);
-                    }
-                    let at = data.len();
-                    data.resize(at + (e - s) as usize, 0);
-                    let out = &mut data[at..];
-                    if ferry_sys::mem::read_mem(pid, s, out).unwrap_or(0) != out.len() {
-                        // Unreadable (PROT_NONE): through /proc/PID/mem.
-                        ferry_sys::mem::read_mem_forced(pid, s, out).map_err(|e| {
-                            MigrateError::Failed(format!(
-                                "reading {} bytes at {s:#x} of process {pid}: {e}",
-                                out.len()
-                            ))
-                        })?;
-                    }
-                }
-                wire::write_frame(&mut w, Kind::PageData, &[&map, &data])?;
-                w.flush().map_err(io("sending pages"))?;
-                n.fetch_add(data.len() as u64, Ordering::Relaxed);
+            })();
+            if let Err(e) = &r {
+                // The agent hears why at once, instead of waiting out its fetch timeout.
+                let _ = wire::write_json(
+                    &mut w,
+                    Kind::Failed,
+                    &serde_json::json!({ "error": e.to_string() }),
+                );
+                let _ = w.flush();
             }
+            r
         });
         Ok(PageServer {
             conn,
@@ -193,6 +205,13 @@ impl Link {
         while let Some(k) = self.asked.pop_front() {
             match wire::read_frame(&mut self.rd, &mut self.buf)? {
                 Kind::PageData => {}
+                Kind::Failed => {
+                    let v: serde_json::Value = wire::parse(Kind::Failed, &self.buf)?;
+                    return Err(MigrateError::Failed(format!(
+                        "the source could not serve pages: {}",
+                        v["error"].as_str().unwrap_or("?")
+                    )));
+                }
                 kind => {
                     return Err(MigrateError::Protocol(format!(
                         "{kind:?} of {} bytes instead of the pages",
