@@ -379,17 +379,8 @@ mod tests {
     use ferry_engine::lazy::RemotePages;
     use std::io::Read;
 
-    /// Asked ahead, fetched in another order, or never asked: each fetch gets its own pages,
-    /// served by a real page server from this process's memory over loopback.
-    #[test]
-    fn answers_asked_ahead_are_kept_until_fetched_in_any_order() {
-        const P: usize = 4096;
-        let mut mem = vec![0u8; 9 * P];
-        let off = mem.as_ptr().align_offset(P);
-        let base = mem.as_ptr() as u64 + off as u64;
-        for p in 0..8 {
-            mem[off + p * P..off + (p + 1) * P].fill(p as u8 + 1);
-        }
+    /// A page server on loopback and the agent's end of its connection.
+    fn page_link() -> (RemoteConn, PageServer) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let hello = Hello {
@@ -408,8 +399,38 @@ mod tests {
         let mut buf = Vec::new();
         assert_eq!(wire::read_frame(&mut rd, &mut buf).unwrap(), Kind::Hello);
         let server = server.join().unwrap().unwrap();
-        let remote = RemoteConn::new(conn, rd).unwrap();
+        (RemoteConn::new(conn, rd).unwrap(), server)
+    }
 
+    /// A source that cannot serve says why at once (not after the fetch timeout).
+    #[test]
+    fn a_page_server_that_fails_says_why() {
+        let (remote, server) = page_link();
+        let t = std::time::Instant::now();
+        let mut out = vec![0u8; 4096];
+        let e = remote
+            .fetch(i32::MAX, 0x10000, &mut out)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("the source could not serve pages"), "{e}");
+        assert!(e.contains(&i32::MAX.to_string()), "{e}");
+        assert!(t.elapsed() < FETCH_TIMEOUT / 2, "{:?}", t.elapsed());
+        drop(remote);
+        server.stop();
+    }
+
+    /// Asked ahead, fetched in another order, or never asked: each fetch gets its own pages,
+    /// served by a real page server from this process's memory over loopback.
+    #[test]
+    fn answers_asked_ahead_are_kept_until_fetched_in_any_order() {
+        const P: usize = 4096;
+        let mut mem = vec![0u8; 9 * P];
+        let off = mem.as_ptr().align_offset(P);
+        let base = mem.as_ptr() as u64 + off as u64;
+        for p in 0..8 {
+            mem[off + p * P..off + (p + 1) * P].fill(p as u8 + 1);
+        }
+        let (remote, server) = page_link();
         let pid = std::process::id() as i32;
         let at = |p: u64| base + p * P as u64;
         for p in [0, 2, 4] {
