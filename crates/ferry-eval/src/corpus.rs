@@ -32,6 +32,8 @@ const FILES: &[(&str, &str)] = files!(
 
 pub struct Entry {
     pub name: String,
+    /// CPU features the native run cannot do without (manifest `needs=`).
+    pub needs: Vec<String>,
     pub bin: PathBuf,
     pub dir: PathBuf,
 }
@@ -72,6 +74,13 @@ pub fn build(dir: &Path) -> Result<Vec<Box<dyn Workload>>> {
         }
         let (name, compiler, cflags, sources) = (f[0], f[1], f[2], f[3]);
         let extra = f.get(4).copied().unwrap_or("");
+        let needs: Vec<String> = extra
+            .split(';')
+            .filter_map(|s| s.strip_prefix("needs="))
+            .flat_map(|s| s.split(','))
+            .filter(|s| !s.is_empty())
+            .map(str::to_string)
+            .collect();
         for item in extra.split(';').filter(|s| !s.is_empty()) {
             if let Some(lib) = item.strip_prefix("lib=") {
                 let mut p = lib.splitn(3, ':');
@@ -117,6 +126,7 @@ pub fn build(dir: &Path) -> Result<Vec<Box<dyn Workload>>> {
         )?;
         out.push(Box::new(Entry {
             name: name.to_string(),
+            needs,
             bin: dir.join(name),
             dir: dir.to_path_buf(),
         }));
@@ -127,6 +137,10 @@ pub fn build(dir: &Path) -> Result<Vec<Box<dyn Workload>>> {
 impl Workload for Entry {
     fn name(&self) -> String {
         self.name.clone()
+    }
+
+    fn needs(&self) -> Vec<String> {
+        self.needs.clone()
     }
 
     fn start(&self) -> Result<Running> {

@@ -70,11 +70,19 @@ pub struct Score {
     pub recall: Option<f64>,
 }
 
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub workload: String,
+    pub reason: String,
+}
+
 #[derive(Debug, Serialize)]
 pub struct Report {
     pub host: String,
     pub models: Vec<String>,
     pub workloads: Vec<String>,
+    /// Workloads this host cannot run natively, and why: they have no reference here.
+    pub skipped: Vec<Skipped>,
     pub pairs: Vec<Pair>,
     /// predictor -> destination (or "overall") -> score
     pub scores: BTreeMap<String, BTreeMap<String, Score>>,
@@ -94,6 +102,11 @@ pub(crate) struct Running {
 
 pub(crate) trait Workload {
     fn name(&self) -> String;
+    /// CPU features the native run needs (its output is the reference): without them on
+    /// this host the workload is skipped.
+    fn needs(&self) -> Vec<String> {
+        Vec::new()
+    }
     /// Start natively and return at the ready point.
     fn start(&self) -> Result<Running>;
     /// Let the native run finish its work phase; return its output (the reference).
@@ -160,6 +173,23 @@ pub fn evaluate(a: &EvalArgs) -> Result<Report> {
     if !a.only.is_empty() {
         workloads.retain(|w| a.only.contains(&w.name()));
     }
+    let mut skipped = Vec::new();
+    workloads.retain(|w| {
+        let lacking: Vec<String> = w.needs().into_iter().filter(|f| !host.has(f)).collect();
+        if lacking.is_empty() {
+            return true;
+        }
+        let reason = format!(
+            "this host lacks {} (the native run is the reference)",
+            lacking.join(", ")
+        );
+        eprintln!("eval: {} skipped: {reason}", w.name());
+        skipped.push(Skipped {
+            workload: w.name(),
+            reason,
+        });
+        false
+    });
     let mut pairs = Vec::new();
     for w in &workloads {
         eprintln!("eval: {}", w.name());
@@ -258,6 +288,7 @@ pub fn evaluate(a: &EvalArgs) -> Result<Report> {
         host: host.name.clone(),
         models: models.iter().map(|m| m.name.clone()).collect(),
         workloads: workloads.iter().map(|w| w.name()).collect(),
+        skipped,
         pairs,
         scores,
         seconds: t0.elapsed().as_secs_f64(),
@@ -327,6 +358,9 @@ fn print_report(r: &Report) {
                 fmt_ratio(s.recall)
             );
         }
+    }
+    for sk in &r.skipped {
+        println!("skipped {}: {}", sk.workload, sk.reason);
     }
     println!("truth: {}", r.truth_rule);
 }

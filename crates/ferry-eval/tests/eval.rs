@@ -29,6 +29,18 @@ fn ferry_is_never_wrong_when_it_says_compatible() {
         "LZCNT as BSR gives another result"
     );
     assert_eq!(truth("avx512-never", "Nehalem-v1"), Outcome::Compatible);
+    // An x86-64-v4 build has no native reference on a host without AVX-512: skipped, and said.
+    let host = ferry_cpu::CpuProfile::host().unwrap();
+    assert_eq!(
+        r.skipped.iter().any(|s| s.workload == "march-v4"),
+        !host.has("AVX512F"),
+        "{:?}",
+        r.skipped
+    );
+    assert_eq!(
+        r.workloads.iter().any(|w| w == "march-v4"),
+        host.has("AVX512F")
+    );
     // Code that nothing reaches: `paths` sees it is dead, `full` cannot.
     let dead = r
         .pairs

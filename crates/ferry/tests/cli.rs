@@ -526,13 +526,38 @@ fn criu_policy_compares_hosts() {
     ]);
     let v = json_of(&o);
     assert_eq!(v["check"]["policy"], "criu");
-    // This host's xsave area differs in size from Haswell's: CRIU refuses.
+    // CRIU refuses: this host's xsave area differs in size from Haswell's (AVX-512 hosts),
+    // or its CPUID has features Haswell lacks (every AMD host: SSE4A, and more).
     assert_eq!(v["verdict"], "incompatible");
-    assert!(v["check"]["reasons"]
+    let reasons: Vec<&str> = v["check"]["reasons"]
         .as_array()
         .unwrap()
         .iter()
-        .any(|r| r.as_str().unwrap().contains("xsave size")));
+        .map(|r| r.as_str().unwrap())
+        .collect();
+    let size = |p: &Value| p["xsave"]["size_enabled"].as_u64().unwrap();
+    let host = json_of(&ferry(&["cpu", "host", "--json"]));
+    let hsw: Value =
+        serde_json::from_slice(&std::fs::read(profile("Haswell-v1")).unwrap()).unwrap();
+    if size(&host) != size(&hsw) {
+        assert!(
+            reasons.iter().any(|r| r.contains("xsave size")),
+            "{reasons:?}"
+        );
+    }
+    // Each feature it names is in this host's CPUID and not in Haswell's.
+    let has = |p: &Value, f: &Value| p["cpuid_features"].as_array().unwrap().contains(f);
+    let missing = v["check"]["missing"].as_array().unwrap();
+    for m in missing {
+        assert!(
+            has(&host, &m["feature"]) && !has(&hsw, &m["feature"]),
+            "{m}"
+        );
+    }
+    assert!(
+        size(&host) != size(&hsw) || !missing.is_empty(),
+        "{reasons:?}"
+    );
     // Ferry looks at the workload: baseline code runs there.
     let o = ferry(&[
         "cpu",
