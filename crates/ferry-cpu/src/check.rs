@@ -60,6 +60,11 @@ pub struct Verdict {
     pub target: String,
     pub source: Option<String>,
     pub missing: Vec<Missing>,
+    /// Features reachable code uses that neither the source nor the target offers: the
+    /// process cannot run that code on the source either (it would fault there, or CPU
+    /// dispatch never sends it there), so the move changes nothing for it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub neither: Vec<Missing>,
     pub unknown: Vec<Example>,
     pub xsave: XsaveVerdict,
     pub reasons: Vec<String>,
@@ -94,16 +99,29 @@ pub fn check_ferry(
     source: Option<&CpuProfile>,
 ) -> Verdict {
     let mut missing = Vec::new();
+    let mut neither = Vec::new();
     for f in features {
         if let Err(reason) = has_label(target, &f.feature) {
-            missing.push(Missing {
+            // Code for a feature the source lacks too behaves the same on both: it faults on
+            // both, runs with the same (silent) meaning on both, or is never dispatched to.
+            let on_source = source.map(|s| has_label(s, &f.feature).is_ok());
+            let m = Missing {
                 feature: f.feature.clone(),
-                reason,
+                reason: if on_source == Some(false) {
+                    format!("{reason}, nor does the source: no change for the process")
+                } else {
+                    reason
+                },
                 instructions: f.instructions,
                 modules: f.modules.clone(),
                 example: Some(f.example.clone()),
                 silent: f.silent.clone(),
-            });
+            };
+            if on_source == Some(false) {
+                neither.push(m);
+            } else {
+                missing.push(m);
+            }
         }
     }
     let xsave = xsave_verdict(xstate_in_use, target);
@@ -127,6 +145,20 @@ pub fn check_ferry(
         s.usable_features.is_subset(&target.usable_features)
             && s.xsave.xcr0 & !target.xsave.xcr0 == 0
     });
+    if !neither.is_empty() {
+        reasons.push(format!(
+            "{} feature(s) used by reachable code are offered by neither {} nor the source {}: \
+             not counted ({})",
+            neither.len(),
+            target.name,
+            source.map(|s| s.name.as_str()).unwrap_or(""),
+            neither
+                .iter()
+                .map(|m| m.feature.as_str())
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+    }
     let verdict = if superset && xsave.ok && (!missing.is_empty() || !unknown.is_empty()) {
         reasons.push(format!(
             "{} offers every feature and state component of the source {}: whatever runs there \
@@ -155,6 +187,7 @@ pub fn check_ferry(
         target: target.name.clone(),
         source: source.map(|s| s.name.clone()),
         missing,
+        neither,
         unknown,
         xsave,
         reasons,
@@ -317,6 +350,7 @@ pub fn check_criu(source: &CpuProfile, target: &CpuProfile) -> Verdict {
         target: target.name.clone(),
         source: Some(source.name.clone()),
         missing,
+        neither: Vec::new(),
         unknown: vec![],
         xsave: XsaveVerdict {
             ok: xs_ok,
@@ -327,5 +361,58 @@ pub fn check_criu(source: &CpuProfile, target: &CpuProfile) -> Verdict {
             detail: "CRIU compares the hosts' XCR0 and xsave sizes".into(),
         },
         reasons,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const DUMP: &str = include_str!("../../ferry-eval/data/qemu72_user_cpu_models_cpuid_dump.txt");
+
+    fn model(m: &str, xcr0: u64) -> CpuProfile {
+        CpuProfile::from_cpuid_dump(DUMP, m, "test", Some(xcr0)).unwrap()
+    }
+
+    fn uses(feature: &str) -> FeatureUse {
+        FeatureUse {
+            feature: feature.into(),
+            instructions: 1,
+            modules: vec!["m".into()],
+            example: Example::default(),
+            silent: None,
+        }
+    }
+
+    #[test]
+    fn features_neither_cpu_offers_are_not_counted_against_the_target() {
+        let (nehalem, haswell) = (model("Nehalem-v1", 0x3), model("Haswell-v1", 0x7));
+        // qemu's models report no AVX-512: a Haswell that has it stands for a newer source.
+        let mut newer = haswell.clone();
+        newer.usable_features.insert("AVX512F".into());
+        assert!(!haswell.has("AVX512F") && newer.has("AVX512F") && !nehalem.has("AVX2"));
+        // AVX-512 code is reachable; the source (Haswell) cannot run it either.
+        let v = check_ferry(&[uses("AVX512F")], &[], Some(0x3), &nehalem, Some(&haswell));
+        assert_eq!(v.verdict, Outcome::Compatible, "{:?}", v.reasons);
+        assert_eq!(v.neither.len(), 1);
+        assert!(v.missing.is_empty());
+        // AVX2 the source has and the target lacks still counts, beside it.
+        let v = check_ferry(
+            &[uses("AVX512F"), uses("AVX2")],
+            &[],
+            Some(0x3),
+            &nehalem,
+            Some(&haswell),
+        );
+        assert_eq!(v.verdict, Outcome::Incompatible);
+        assert_eq!(v.missing.len(), 1);
+        assert_eq!(v.missing[0].feature, "AVX2");
+        // From a source that has AVX-512, it counts.
+        let v = check_ferry(&[uses("AVX512F")], &[], Some(0x7), &haswell, Some(&newer));
+        assert_eq!(v.verdict, Outcome::Incompatible);
+        // With no source known, everything the target lacks counts.
+        let v = check_ferry(&[uses("AVX512F")], &[], Some(0x3), &nehalem, None);
+        assert_eq!(v.verdict, Outcome::Incompatible);
+        assert!(v.neither.is_empty());
     }
 }

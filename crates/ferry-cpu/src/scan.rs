@@ -40,7 +40,7 @@ pub enum RootKind {
     Export,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, Default)]
 pub struct Example {
     pub module: String,
     pub address: String,

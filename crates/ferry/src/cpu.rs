@@ -351,6 +351,12 @@ fn print_verdict(v: &Verdict, s: Option<&Scanned>) {
             None => println!("  missing {:<18} -- {}", m.feature, m.reason),
         }
     }
+    for m in &v.neither {
+        println!(
+            "  not counted {:<14} {:>6} insns  -- {}",
+            m.feature, m.instructions, m.reason
+        );
+    }
     println!("  xsave: {}", v.xsave.detail);
     for u in v.unknown.iter().take(5) {
         println!(
