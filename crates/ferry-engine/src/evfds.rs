@@ -216,25 +216,32 @@ pub fn create_epoll(t: &mut Target, fd: i32, flags: u32) -> Result<u64> {
     Ok(e)
 }
 
-/// Register the saved items; every fd of the process exists by now.
+/// Register the saved items; every fd of the process exists by now. The events go into the
+/// batch data area together, and the calls run in one stop of the target per 1024 items.
 pub fn fill_epoll(t: &mut Target, fd: i32, items: &[EpollItem]) -> Result<()> {
-    for it in items {
-        // struct epoll_event is packed on x86-64: u32 events, u64 data.
-        let mut ev = it.events.to_le_bytes().to_vec();
-        ev.extend_from_slice(&it.data.to_le_bytes());
-        let at = t.put(2944, &ev)?;
-        t.sys(
-            &format!("epoll_ctl(ADD) of fd {} to epoll fd {fd}", it.fd),
-            libc::SYS_epoll_ctl,
-            [
-                fd as u64,
-                libc::EPOLL_CTL_ADD as u64,
-                it.fd as u64,
-                at,
-                0,
-                0,
-            ],
-        )?;
+    // struct epoll_event is packed on x86-64: u32 events, u64 data.
+    const EV: usize = 12;
+    for part in items.chunks(1024) {
+        let mut evs = Vec::with_capacity(part.len() * EV);
+        for it in part {
+            evs.extend_from_slice(&it.events.to_le_bytes());
+            evs.extend_from_slice(&it.data.to_le_bytes());
+        }
+        let base = t.put_batch_data(&evs)?;
+        for (i, it) in part.iter().enumerate() {
+            t.queue(
+                format!("epoll_ctl(ADD) of fd {} to epoll fd {fd}", it.fd),
+                libc::SYS_epoll_ctl,
+                [
+                    fd as u64,
+                    libc::EPOLL_CTL_ADD as u64,
+                    it.fd as u64,
+                    base + (i * EV) as u64,
+                    0,
+                    0,
+                ],
+            )?;
+        }
     }
-    Ok(())
+    t.flush()
 }

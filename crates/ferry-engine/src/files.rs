@@ -299,12 +299,14 @@ fn cloexec(f: &FdImage) -> u64 {
 }
 
 /// Put a freshly opened fd at the saved number `f.fd` (dup3 with its close-on-exec flag).
+/// Queued: calls whose result is only checked run together in one stop of the target (each
+/// stop costs more than the call), before the next call whose result is needed.
 pub(crate) fn move_to(t: &mut Target, fd: u64, f: &FdImage) -> Result<()> {
     let target = f.fd as u64;
     if fd != target {
         let args = [fd, target, cloexec(f), 0, 0, 0];
-        t.sys(&format!("dup3 to fd {}", f.fd), libc::SYS_dup3, args)?;
-        t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        t.queue(format!("dup3 to fd {}", f.fd), libc::SYS_dup3, args)?;
+        t.queue("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
     }
     Ok(())
 }
@@ -313,8 +315,11 @@ pub(crate) fn move_to(t: &mut Target, fd: u64, f: &FdImage) -> Result<()> {
 fn set_status_flags(t: &mut Target, f: &FdImage) -> Result<()> {
     let fl = f.flags & (libc::O_NONBLOCK | libc::O_APPEND) as u32;
     let args = [f.fd as u64, libc::F_SETFL as u64, fl as u64, 0, 0, 0];
-    t.sys("fcntl(F_SETFL)", libc::SYS_fcntl, args)?;
-    Ok(())
+    t.queue(
+        format!("fcntl(F_SETFL) of fd {}", f.fd),
+        libc::SYS_fcntl,
+        args,
+    )
 }
 
 /// Move a temporary fd above every saved fd number, so it cannot be clobbered.
@@ -324,7 +329,7 @@ pub(crate) fn move_high(t: &mut Target, fd: u64, base: u64) -> Result<u64> {
         libc::SYS_fcntl,
         [fd, libc::F_DUPFD_CLOEXEC as u64, base, 0, 0, 0],
     )?;
-    t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+    t.queue("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
     Ok(hi)
 }
 
@@ -409,8 +414,8 @@ pub fn restore(
     for f in fds {
         let target = f.fd as u64;
         if let Some(src) = f.same_as {
-            t.sys(
-                &format!("dup3 of fd {src} to fd {}", f.fd),
+            t.queue(
+                format!("dup3 of fd {src} to fd {}", f.fd),
                 libc::SYS_dup3,
                 [src as u64, target, cloexec(f), 0, 0, 0],
             )?;
@@ -508,13 +513,13 @@ pub fn restore(
                     f.fd
                 ))
             })?;
-            t.sys(
-                &format!("dup3 to fd {}", f.fd),
+            t.queue(
+                format!("dup3 to fd {}", f.fd),
                 libc::SYS_dup3,
                 [src, target, cloexec(f), 0, 0, 0],
             )?;
-            t.sys(
-                &format!("lseek on fd {}", f.fd),
+            t.queue(
+                format!("lseek on fd {}", f.fd),
                 libc::SYS_lseek,
                 [target, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
             )?;
@@ -573,8 +578,8 @@ pub fn restore(
             let &(_, r, w) = made.iter().find(|m| m.0 == inode).unwrap();
             let write_end = f.flags & libc::O_ACCMODE as u32 == libc::O_WRONLY as u32;
             let src = if write_end { w } else { r };
-            t.sys(
-                &format!("dup3 to fd {}", f.fd),
+            t.queue(
+                format!("dup3 to fd {}", f.fd),
                 libc::SYS_dup3,
                 [src, target, cloexec(f), 0, 0, 0],
             )?;
@@ -595,8 +600,8 @@ pub fn restore(
             [libc::AT_FDCWD as u64, p, flags as u64, 0, 0, 0],
         )?;
         if f.pos != 0 {
-            t.sys(
-                &format!("lseek on fd {}", f.fd),
+            t.queue(
+                format!("lseek on fd {}", f.fd),
                 libc::SYS_lseek,
                 [fd, f.pos, libc::SEEK_SET as u64, 0, 0, 0],
             )?;
@@ -614,14 +619,14 @@ pub fn restore(
         .chain(ferry_pidfd.iter())
         .chain(fifo_holders.iter().map(|h| &h.1))
     {
-        t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+        t.queue("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
     }
     for (_, r, w) in made {
         for fd in [r, w] {
             if !fds.iter().any(|f| f.fd as u64 == fd) {
-                t.sys("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
+                t.queue("close", libc::SYS_close, [fd, 0, 0, 0, 0, 0])?;
             }
         }
     }
-    Ok(())
+    t.flush()
 }
