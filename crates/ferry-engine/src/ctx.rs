@@ -11,8 +11,19 @@ pub struct Target {
     /// Our area in the target (`AREA` bytes): `syscall; int3` at its start, scratch space
     /// after, and from `BATCH_OFFSET` the batch runner and its table.
     pub page: u64,
-    /// Syscalls queued for the next batch: (what, nr, args).
-    pub queued: Vec<(String, i64, [u64; 6])>,
+    /// Syscalls queued for the next batch.
+    pub queued: Vec<Queued>,
+    /// Bytes of the batch data area taken by what the queued syscalls point to.
+    pub staged: u64,
+}
+
+/// A syscall waiting for the next batch.
+pub struct Queued {
+    what: String,
+    nr: i64,
+    args: [u64; 6],
+    /// The result it must return (an fd number foretold), when that matters.
+    expect: Option<u64>,
 }
 
 pub const SCRATCH_OFFSET: u64 = 64;
@@ -49,23 +60,51 @@ impl Target {
     /// Queue a syscall whose result is only checked: queued ones run together, in one stop of
     /// the target (`flush`, or before the next `sys`). Only after `install_batch_code`.
     pub fn queue(&mut self, what: impl Into<String>, nr: i64, args: [u64; 6]) -> Result<()> {
-        self.queued.push((what.into(), nr, args));
+        self.queue_expect(what, nr, args, None)
+    }
+
+    /// `queue`, for a call whose result is known in advance and must be that (the lowest free
+    /// fd number, which the kernel always hands out): later calls can use it before it runs.
+    pub fn queue_expect(
+        &mut self,
+        what: impl Into<String>,
+        nr: i64,
+        args: [u64; 6],
+        expect: Option<u64>,
+    ) -> Result<()> {
+        self.queued.push(Queued {
+            what: what.into(),
+            nr,
+            args,
+            expect,
+        });
         if self.queued.len() == TABLE_LEN - 1 {
             self.flush()?;
         }
         Ok(())
     }
 
+    /// Put data for queued syscalls after what is already staged for them, without running
+    /// anything unless the area is full; its address.
+    pub fn stage(&mut self, data: &[u8]) -> Result<u64> {
+        let len = (data.len() as u64).next_multiple_of(8);
+        if len > AREA - DATA_OFFSET {
+            return Err(EngineError::Failed("batch data area overflow".into()));
+        }
+        if DATA_OFFSET + self.staged + len > AREA {
+            self.flush()?;
+        }
+        let at = self.page + DATA_OFFSET + self.staged;
+        ferry_sys::mem::write_mem(self.pid, at, data)?;
+        self.staged += len;
+        Ok(at)
+    }
+
     /// Put data for queued syscalls into the target (what was queued before runs first, as
     /// it may point to the same place); its address.
     pub fn put_batch_data(&mut self, data: &[u8]) -> Result<u64> {
         self.flush()?;
-        if data.len() as u64 > AREA - DATA_OFFSET {
-            return Err(EngineError::Failed("batch data area overflow".into()));
-        }
-        let at = self.page + DATA_OFFSET;
-        ferry_sys::mem::write_mem(self.pid, at, data)?;
-        Ok(at)
+        self.stage(data)
     }
 
     /// Put the batch runner into our area (once, after the area is mapped).
@@ -87,11 +126,13 @@ impl Target {
     /// `flush`, in thread `tid`: for calls that act on the calling thread.
     pub fn flush_in(&mut self, tid: i32) -> Result<()> {
         if self.queued.is_empty() {
+            self.staged = 0;
             return Ok(());
         }
         let calls = std::mem::take(&mut self.queued);
+        self.staged = 0;
         let mut table = Vec::with_capacity((calls.len() + 1) * 64);
-        for (_, nr, args) in &calls {
+        for Queued { nr, args, .. } in &calls {
             table.extend_from_slice(&nr.to_ne_bytes());
             for a in args {
                 table.extend_from_slice(&a.to_ne_bytes());
@@ -111,7 +152,7 @@ impl Target {
                 self.pid
             )));
         }
-        for (i, (what, _, _)) in calls.iter().enumerate() {
+        for (i, Queued { what, expect, .. }) in calls.iter().enumerate() {
             let rc = i64::from_ne_bytes(out[i * 64 + 56..i * 64 + 64].try_into().unwrap());
             if rc == i64::MIN {
                 return Err(EngineError::Failed(format!(
@@ -124,6 +165,12 @@ impl Target {
                     "{what} in the restored process {}: {}",
                     self.pid,
                     std::io::Error::from_raw_os_error(-rc as i32)
+                )));
+            }
+            if let Some(e) = expect.filter(|&e| e as i64 != rc) {
+                return Err(EngineError::Failed(format!(
+                    "{what} in the restored process {}: gave {rc} where {e} was foretold",
+                    self.pid
                 )));
             }
         }

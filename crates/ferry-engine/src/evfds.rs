@@ -205,19 +205,8 @@ pub fn build_inotify(watches: &[InotifyWatch], flags: u32) -> Result<OwnedFd> {
     Ok(fd)
 }
 
-/// Create the epoll set in the process (empty, at its fd number).
-pub fn create_epoll(t: &mut Target, fd: i32, flags: u32) -> Result<u64> {
-    let cloexec = (flags & libc::O_CLOEXEC as u32) as u64;
-    let e = t.sys(
-        &format!("epoll_create1 for fd {fd}"),
-        libc::SYS_epoll_create1,
-        [cloexec, 0, 0, 0, 0, 0],
-    )?;
-    Ok(e)
-}
-
-/// Register the saved items; every fd of the process exists by now. The events go into the
-/// batch data area together, and the calls run in one stop of the target per 1024 items.
+/// Register the saved items; every fd of the process exists by now. The calls are queued,
+/// the events staged in the batch data area: the caller runs them with what else it queued.
 pub fn fill_epoll(t: &mut Target, fd: i32, items: &[EpollItem]) -> Result<()> {
     // struct epoll_event is packed on x86-64: u32 events, u64 data.
     const EV: usize = 12;
@@ -227,7 +216,7 @@ pub fn fill_epoll(t: &mut Target, fd: i32, items: &[EpollItem]) -> Result<()> {
             evs.extend_from_slice(&it.events.to_le_bytes());
             evs.extend_from_slice(&it.data.to_le_bytes());
         }
-        let base = t.put_batch_data(&evs)?;
+        let base = t.stage(&evs)?;
         for (i, it) in part.iter().enumerate() {
             t.queue(
                 format!("epoll_ctl(ADD) of fd {} to epoll fd {fd}", it.fd),
@@ -243,5 +232,5 @@ pub fn fill_epoll(t: &mut Target, fd: i32, items: &[EpollItem]) -> Result<()> {
             )?;
         }
     }
-    t.flush()
+    Ok(())
 }

@@ -264,6 +264,7 @@ pub fn apply(blocks: &mut [Block], table: &str) -> Result<()> {
     {
         let t = batch(b, table);
         in_ns(&b.ns, || {
+            ferry_sys::timeline::mark(|| "netblock: in netns".into());
             Ok(t.commit(&format!(
                 "blocking the tree's TCP traffic (table inet {table})"
             ))?)

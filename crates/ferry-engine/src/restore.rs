@@ -510,6 +510,7 @@ pub fn restore_held_with(
                 frozen,
                 page: 0,
                 queued: Vec::new(),
+                staged: 0,
             });
             let all: Vec<MappingImage> = imgs
                 .iter()
@@ -537,6 +538,7 @@ pub fn restore_held_with(
                 frozen,
                 page,
                 queued: Vec::new(),
+                staged: 0,
             };
             crate::attrs::restore_session(&mut ct, img.pid, &img.attrs)?;
             targets.push(ct);

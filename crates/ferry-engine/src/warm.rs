@@ -200,6 +200,7 @@ pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
             frozen,
             page: 0,
             queued: Vec::new(),
+            staged: 0,
         }),
         uffd: None,
         direct: layout

@@ -374,12 +374,14 @@ impl Batch {
         self.set_res_id(at);
         self.finish(at);
         let nl = socket(what)?;
+        crate::timeline::mark(|| "nft: socket".into());
         // A large batch (thousands of connections) in one sendmsg.
         let size = (self.buf.len() + 65536) as i32;
         let _ = crate::net::set_int(&nl, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size);
         let _ = crate::net::set_int(&nl, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 1 << 20);
         crate::net::send_all(&nl, &self.buf, 0)
             .map_err(|e| Error::Parse(format!("{what}: sending to nf_tables: {e}")))?;
+        crate::timeline::mark(|| "nft: sent".into());
         let mut seen = 0u32;
         let mut first_err: Option<(u32, i32)> = None;
         let mut buf = vec![0u8; 64 << 10];
