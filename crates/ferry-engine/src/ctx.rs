@@ -125,12 +125,12 @@ impl Target {
 
     /// `flush`, in thread `tid`: for calls that act on the calling thread.
     pub fn flush_in(&mut self, tid: i32) -> Result<()> {
+        // What was staged is used by the calls run now (or by none): the area is free after.
+        self.staged = 0;
         if self.queued.is_empty() {
-            self.staged = 0;
             return Ok(());
         }
         let calls = std::mem::take(&mut self.queued);
-        self.staged = 0;
         let mut table = Vec::with_capacity((calls.len() + 1) * 64);
         for Queued { nr, args, .. } in &calls {
             table.extend_from_slice(&nr.to_ne_bytes());

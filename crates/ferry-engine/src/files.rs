@@ -320,15 +320,17 @@ impl<'a> FdPlan<'a> {
         Ok(FdPlan { t, used })
     }
 
-    fn lowest_free(&self, floor: u64) -> u64 {
-        lowest_free(&self.used, floor)
+    /// The number the next call that makes an fd (at or above `floor`) will get; taken.
+    fn take(&mut self, floor: u64) -> u64 {
+        let fd = lowest_free(&self.used, floor);
+        self.used.insert(fd);
+        fd
     }
 
     /// A call that makes one new fd; its number.
     fn create(&mut self, what: String, nr: i64, args: [u64; 6]) -> Result<u64> {
-        let fd = self.lowest_free(0);
+        let fd = self.take(0);
         self.t.queue_expect(what, nr, args, Some(fd))?;
-        self.used.insert(fd);
         Ok(fd)
     }
 
@@ -354,14 +356,13 @@ impl<'a> FdPlan<'a> {
 
     /// Move a temporary fd above every saved fd number, so it cannot be clobbered.
     fn move_high(&mut self, fd: u64, base: u64) -> Result<u64> {
-        let hi = self.lowest_free(base);
+        let hi = self.take(base);
         self.t.queue_expect(
             "fcntl(F_DUPFD)",
             libc::SYS_fcntl,
             [fd, libc::F_DUPFD_CLOEXEC as u64, base, 0, 0, 0],
             Some(hi),
         )?;
-        self.used.insert(hi);
         self.close(fd)?;
         Ok(hi)
     }
@@ -628,13 +629,19 @@ pub fn restore(
                 let saved = pipes.iter().find(|s| s.inode == inode).ok_or_else(|| {
                     EngineError::Failed(format!("fd {}: pipe {inode} is not in the image", f.fd))
                 })?;
-                // pipe2 makes two fds, the read end first: both foretold.
-                let r = p.lowest_free(0);
-                p.used.insert(r);
-                let w = p.lowest_free(0);
-                p.used.insert(w);
+                // pipe2 makes two fds, the read end first: both foretold. It returns 0, so
+                // each end's access mode is checked in their place.
+                let (r, w) = (p.take(0), p.take(0));
                 let at = p.t.stage(&[0u8; 8])?;
                 p.t.queue("pipe2", libc::SYS_pipe2, [at, 0, 0, 0, 0, 0])?;
+                for (fd, mode) in [(r, libc::O_RDONLY), (w, libc::O_WRONLY)] {
+                    p.t.queue_expect(
+                        format!("fcntl(F_GETFL) of the new pipe's fd {fd}"),
+                        libc::SYS_fcntl,
+                        [fd, libc::F_GETFL as u64, 0, 0, 0, 0],
+                        Some(mode as u64),
+                    )?;
+                }
                 let r = p.move_high(r, base)?;
                 let w = p.move_high(w, base)?;
                 p.t.queue(
