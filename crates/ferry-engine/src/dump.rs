@@ -615,10 +615,16 @@ pub fn dump_into(
             }
             (None, None) => procfs::read_smaps(img.pid)?,
         };
-        let d = match delta.as_mut() {
+        let mut d = match delta.as_mut() {
             Some(f) => f(img.pid, &smaps)?,
             None => None,
         };
+        if let Some(d) = d.as_mut().filter(|d| d.lazy) {
+            d.eager = img.threads.iter().flat_map(regs::first_touched).collect();
+            d.eager.sort_unstable();
+            d.eager.dedup();
+            ferry_sys::timeline::mark(|| format!("eager pages: {}", d.eager.len()));
+        }
         lap.mark(&mut steps, "smaps_delta");
         let (mappings, _) = memory::dump(
             img.pid,

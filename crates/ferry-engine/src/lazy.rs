@@ -409,6 +409,10 @@ pub struct FillReport {
     /// the time until that point): the bytes still to fill from here.
     #[serde(default)]
     pub local_left_bytes: u64,
+    /// Faults answered before the tree ran (the restore's own calls touching missing pages,
+    /// such as a thread's rseq registration): each was a fetch inside the downtime.
+    #[serde(default)]
+    pub frozen_faults: u64,
 }
 
 /// The filler thread. Dropping it (or `abort`) stops it; processes still missing pages are
@@ -421,6 +425,9 @@ pub struct Filler {
     /// Set once the tree runs: filling ahead of need waits until then, so that it does not
     /// take the CPU from the rest of the restore (the downtime) on a small machine.
     running: Arc<AtomicBool>,
+    /// Set just before the tree is let go: faults answered until then count as the
+    /// restore's own (`FillReport::frozen_faults`).
+    resumed: Arc<AtomicBool>,
     released: Arc<Released>,
 }
 
@@ -455,17 +462,19 @@ impl Filler {
             guardian: Mutex::new(Some(ferry_sys::guard::Guardian::spawn()?)),
         });
         let running = Arc::new(AtomicBool::new(false));
+        let resumed = Arc::new(AtomicBool::new(false));
         let released: Arc<Released> = Arc::default();
-        let (st, w, go, rel) = (
+        let (st, w, go, rel, up) = (
             stop.clone(),
             watch.clone(),
             running.clone(),
             released.clone(),
+            resumed.clone(),
         );
         let handle = std::thread::Builder::new()
             .name("ferry-filler".into())
             .spawn(move || {
-                let r = run(sources, rx, &st, &w, &go, &rel);
+                let r = run(sources, rx, &st, &w, &go, &up, &rel);
                 if r.is_err() || st.load(Ordering::Relaxed) {
                     kill_all(&w.pids.lock().unwrap());
                     // Dropped without "done": it kills what it watches too.
@@ -485,6 +494,7 @@ impl Filler {
             stop,
             watch,
             running,
+            resumed,
             released,
         })
     }
@@ -492,6 +502,11 @@ impl Filler {
     /// The flag that lets filling ahead of need begin (faults are answered at once anyway).
     pub fn running_flag(&self) -> Arc<AtomicBool> {
         self.running.clone()
+    }
+
+    /// The flag to set just before the tree runs.
+    pub fn resumed_flag(&self) -> Arc<AtomicBool> {
+        self.resumed.clone()
     }
 
     /// Fill process `pid` (PID as dumped, also its PID now) through `uffd`.
@@ -593,6 +608,7 @@ fn run(
     stop: &AtomicBool,
     watch: &Watch,
     running: &AtomicBool,
+    resumed: &AtomicBool,
     released: &Released,
 ) -> Result<FillReport> {
     let t0 = Instant::now();
@@ -718,9 +734,14 @@ fn run(
             for a in faults {
                 handled = true;
                 let tf = Instant::now();
+                let before = rep.faults;
                 match answer_fault(&mut src, c, a, &mut buf, &mut rep)? {
                     true => {}
                     false => c.retry.push(a),
+                }
+                // A fault of the restore blocks it: it is answered before the tree is let go.
+                if !resumed.load(Ordering::Relaxed) {
+                    rep.frozen_faults += rep.faults - before;
                 }
                 rep.max_fault_ms = rep.max_fault_ms.max(tf.elapsed().as_secs_f64() * 1e3);
             }
@@ -858,6 +879,7 @@ fn answer_fault(
         };
     }
     rep.faults += 1;
+    ferry_sys::timeline::mark(|| format!("fault at {a:#x}"));
     let blk = a & !(FAULT_BLOCK - 1);
     c.cursor = Some(blk + FAULT_BLOCK);
     let runs = c.missing.within(blk, blk + FAULT_BLOCK);

@@ -50,11 +50,39 @@ pub struct Delta {
     /// contributed are listed in `MappingImage::lazy` and fetched from the frozen process on
     /// demand after the restored copy runs.
     pub lazy: bool,
+    /// With `lazy`: pages read now all the same (sorted page addresses), those the restored
+    /// threads touch before anything else (`regs::first_touched`).
+    pub eager: Vec<u64>,
 }
 
 impl Delta {
     fn covers(&self, start: u64, end: u64) -> bool {
         self.tracked.iter().any(|&(s, e)| s <= start && end <= e)
+    }
+
+    /// Split lazy `runs` (sorted) into those left lazy and the eager pages inside them.
+    fn split_eager(&self, runs: &[(u64, u64)]) -> (Runs, Runs) {
+        let page = PAGE_SIZE as u64;
+        let (mut lazy, mut eager) = (Vec::new(), Vec::new());
+        for &(s, e) in runs {
+            let mut a = s;
+            let first = self.eager.partition_point(|&p| p + page <= s);
+            for &p in self.eager[first..].iter().take_while(|&&p| p < e) {
+                let (ps, pe) = (p.max(s), (p + page).min(e));
+                if ps > a {
+                    lazy.push((a, ps));
+                }
+                match eager.last_mut() {
+                    Some((_, last)) if *last == ps => *last = pe,
+                    _ => eager.push((ps, pe)),
+                }
+                a = pe;
+            }
+            if a < e {
+                lazy.push((a, e));
+            }
+        }
+        (lazy, eager)
     }
 
     /// Dirty page runs inside [start, end), found by binary search: a process written all
@@ -68,6 +96,9 @@ impl Delta {
             .collect()
     }
 }
+
+/// Page runs [start, end), sorted.
+type Runs = Vec<(u64, u64)>;
 
 /// A run of pages read from the process, on its way to the image.
 struct Chunk {
@@ -218,14 +249,15 @@ pub fn dump(
                 }
                 continue;
             }
-            let mut n = 0;
             for (a, off, len, h) in &c.blocks {
                 w.pages_hashed(*a, &c.buf[*off..off + len], h)?;
-                n += (len / PAGE_SIZE) as u64;
+                let n = (len / PAGE_SIZE) as u64;
+                // A chunk of eager pages spans mappings: each block counts for its own.
+                let mi = out_ref.partition_point(|m| m.start <= *a).saturating_sub(1);
+                per[mi] += n;
+                total += n;
             }
             let off = c.len + c.more.iter().map(|m| m.1).sum::<usize>();
-            per[c.mapping] += n;
-            total += n;
             on_chunk(off as u64);
             let _ = free_tx.send(c.buf);
         }
@@ -435,6 +467,9 @@ fn read_all(
     delta: Option<&Delta>,
 ) -> Result<()> {
     let per = CHUNK / PAGE_SIZE;
+    // Eager pages of lazy memory, of unreadable and readable mappings: read together at the
+    // end, a chunk each, not a chunk (a buffer and a handoff) per mapping.
+    let mut eager_runs: [Vec<(u64, u64)>; 2] = Default::default();
     for (mi, (m, img)) in maps.iter().zip(imgs).enumerate() {
         if !saves_pages(img) {
             continue;
@@ -459,62 +494,18 @@ fn read_all(
             .is_ok()
         };
         if let Some(d) = delta.filter(|d| d.covers(m.start, m.end)) {
-            // The chunk being filled, and how much of its buffer is used.
-            let mut cur: Option<(Chunk, usize)> = None;
             let dirty = d.dirty_in(m.start, m.end);
             if lazy {
-                if !send_lazy(&dirty) {
+                let (left, _) = d.split_eager(&dirty);
+                if !send_lazy(&left) {
                     return Ok(());
                 }
-                continue;
-            }
-            for (s, e) in dirty {
-                let mut a = s;
-                while a < e {
-                    let len = ((e - a) as usize).min(CHUNK);
-                    if cur.as_ref().is_some_and(|(_, used)| used + len > CHUNK) {
-                        let (mut c, used) = cur.take().unwrap();
-                        read_chunk(pid, m.read, &mut c, used)?;
-                        c.prepare();
-                        if tx.send(Ok(c)).is_err() {
-                            return Ok(());
-                        }
-                    }
-                    let (c, used) = match cur.as_mut() {
-                        Some(x) => x,
-                        None => {
-                            let Ok(buf) = free.recv() else {
-                                return Ok(());
-                            };
-                            cur.insert((
-                                Chunk {
-                                    addr: a,
-                                    len,
-                                    skip_zero: false,
-                                    lazy: false,
-                                    mapping: mi,
-                                    buf,
-                                    more: Vec::new(),
-                                    blocks: Vec::new(),
-                                },
-                                0,
-                            ))
-                        }
-                    };
-                    if *used > 0 {
-                        c.more.push((a, len));
-                    }
-                    // Read when the chunk is full: scattered dirty pages, many runs to a call.
-                    *used += len;
-                    a += len as u64;
-                }
-            }
-            if let Some((mut c, used)) = cur {
-                read_chunk(pid, m.read, &mut c, used)?;
-                c.prepare();
-                if tx.send(Ok(c)).is_err() {
-                    return Ok(());
-                }
+                // Also those not written since a round: the pages of the rounds may not be in
+                // place yet at the destination when the restore touches them.
+                let (_, eager) = d.split_eager(&[(m.start, m.end)]);
+                eager_runs[usize::from(m.read)].extend(eager);
+            } else if !read_runs(pid, m.read, &dirty, tx, free)? {
+                return Ok(());
             }
             continue;
         }
@@ -522,9 +513,14 @@ fn read_all(
             // Post-copy: the whole mapping stays in the source, which says, page by page as
             // they are fetched, where it holds nothing. Listing its present pages here would
             // walk every page table while the process is frozen (~2 ms per GiB).
-            if !send_lazy(&[(m.start, m.end)]) {
+            let (left, eager) = match delta {
+                Some(d) => d.split_eager(&[(m.start, m.end)]),
+                None => (vec![(m.start, m.end)], Vec::new()),
+            };
+            if !send_lazy(&left) {
                 return Ok(());
             }
+            eager_runs[usize::from(m.read)].extend(eager);
             continue;
         }
         let kind = img.kind;
@@ -586,7 +582,74 @@ fn read_all(
             i += n;
         }
     }
+    for (readable, runs) in eager_runs.iter().enumerate() {
+        if !read_runs(pid, readable == 1, runs, tx, free)? {
+            return Ok(());
+        }
+    }
     Ok(())
+}
+
+/// Read `runs` (of mappings all `readable` or all not), many runs to a chunk, and send the
+/// chunks on. False when the receiving end has gone.
+fn read_runs(
+    pid: i32,
+    readable: bool,
+    runs: &[(u64, u64)],
+    tx: &std::sync::mpsc::SyncSender<Result<Chunk>>,
+    free: &std::sync::mpsc::Receiver<Vec<u8>>,
+) -> Result<bool> {
+    // The chunk being filled, and how much of its buffer is used.
+    let mut cur: Option<(Chunk, usize)> = None;
+    for &(s, e) in runs {
+        let mut a = s;
+        while a < e {
+            let len = ((e - a) as usize).min(CHUNK);
+            if cur.as_ref().is_some_and(|(_, used)| used + len > CHUNK) {
+                let (mut c, used) = cur.take().unwrap();
+                read_chunk(pid, readable, &mut c, used)?;
+                c.prepare();
+                if tx.send(Ok(c)).is_err() {
+                    return Ok(false);
+                }
+            }
+            let (c, used) = match cur.as_mut() {
+                Some(x) => x,
+                None => {
+                    let Ok(buf) = free.recv() else {
+                        return Ok(false);
+                    };
+                    cur.insert((
+                        Chunk {
+                            addr: a,
+                            len,
+                            skip_zero: false,
+                            lazy: false,
+                            mapping: 0,
+                            buf,
+                            more: Vec::new(),
+                            blocks: Vec::new(),
+                        },
+                        0,
+                    ))
+                }
+            };
+            if *used > 0 {
+                c.more.push((a, len));
+            }
+            // Read when the chunk is full: scattered dirty pages, many runs to a call.
+            *used += len;
+            a += len as u64;
+        }
+    }
+    if let Some((mut c, used)) = cur {
+        read_chunk(pid, readable, &mut c, used)?;
+        c.prepare();
+        if tx.send(Ok(c)).is_err() {
+            return Ok(false);
+        }
+    }
+    Ok(true)
 }
 
 /// Fill a chunk of pre-copy's dirty runs (its first run, then `more`), `used` bytes in all: one
@@ -1095,7 +1158,7 @@ mod tests {
                 (0x8000, 0xa000),
                 (0xf000, 0x11000),
             ],
-            lazy: false,
+            ..Default::default()
         };
         assert_eq!(
             d.dirty_in(0x2000, 0x9000),
@@ -1105,6 +1168,32 @@ mod tests {
         assert_eq!(d.dirty_in(0x10000, 0x20000), vec![(0x10000, 0x11000)]);
         assert_eq!(d.dirty_in(0x0, 0x1000), vec![]);
         assert_eq!(d.dirty_in(0x0, 0x100000).len(), 4);
+    }
+
+    #[test]
+    fn eager_pages_are_cut_out_of_lazy_runs() {
+        let d = Delta {
+            lazy: true,
+            eager: vec![0x1000, 0x5000, 0x6000, 0x9000, 0x20000],
+            ..Default::default()
+        };
+        let (lazy, eager) = d.split_eager(&[(0x0, 0x8000), (0x9000, 0xa000), (0x10000, 0x12000)]);
+        assert_eq!(
+            lazy,
+            vec![
+                (0x0, 0x1000),
+                (0x2000, 0x5000),
+                (0x7000, 0x8000),
+                (0x10000, 0x12000)
+            ]
+        );
+        // Neighbouring eager pages are read as one run.
+        assert_eq!(
+            eager,
+            vec![(0x1000, 0x2000), (0x5000, 0x7000), (0x9000, 0xa000)]
+        );
+        let none = Delta::default();
+        assert_eq!(none.split_eager(&[(0x0, 0x8000)]).0, vec![(0x0, 0x8000)]);
     }
 
     #[test]

@@ -272,6 +272,7 @@ impl Tracking {
             tracked,
             dirty,
             lazy: false,
+            eager: Vec::new(),
         }))
     }
 

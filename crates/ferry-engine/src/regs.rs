@@ -110,6 +110,30 @@ pub fn dump(
     Ok(out)
 }
 
+/// The pages a thread touches first when it runs again, page-aligned and sorted: the stack
+/// around its stack pointer (returning pops upward, a call pushes below), its thread block
+/// and TLS around fs_base (stack canaries are read there), its rseq area (the kernel writes
+/// it at registration, before the thread runs) and its clear-child-tid word. Post-copy reads
+/// them with the tree frozen rather than fetching each from the source on a fault.
+pub fn first_touched(th: &ThreadImage) -> Vec<u64> {
+    const PAGE: u64 = ferry_image::PAGE_SIZE as u64;
+    let mut at = Vec::new();
+    if let Ok(r) = from_vec(&th.regs) {
+        at.extend([r.rsp.wrapping_sub(PAGE), r.rsp, r.rsp.wrapping_add(PAGE)]);
+        if r.fs_base != 0 {
+            at.extend([r.fs_base.wrapping_sub(PAGE), r.fs_base]);
+        }
+    }
+    at.extend(th.rseq.map(|r| r.ptr));
+    if th.clear_tid != 0 {
+        at.push(th.clear_tid);
+    }
+    let mut pages: Vec<u64> = at.into_iter().map(|a| a & !(PAGE - 1)).collect();
+    pages.sort_unstable();
+    pages.dedup();
+    pages
+}
+
 /// Set a thread's state. Syscalls injected afterwards keep these registers (injection saves
 /// and restores them).
 pub fn restore(t: &mut Target, th: &ThreadImage) -> Result<()> {

@@ -5,7 +5,7 @@
 use crate::ctx::{Target, AREA};
 use crate::schema::{MappingImage, ProcessImage, ZombieImage, TAG_PROCESS, TAG_ZOMBIE};
 use crate::{files, memory, mm, regs, signals, EngineError, Result};
-use ferry_image::ImageReader;
+use ferry_image::{BlockIndex, ImageReader};
 use ferry_sys::{procfs, spawn::spawn_stub, Frozen};
 use serde::Serialize;
 use std::collections::HashMap;
@@ -98,6 +98,8 @@ pub struct Restored {
     filler: Option<crate::lazy::Filler>,
     /// Lets the filler work ahead of need once the tree runs.
     filler_running: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Tells the filler that the tree runs from now on.
+    filler_resumed: Option<std::sync::Arc<std::sync::atomic::AtomicBool>>,
     /// The dump blocked TCP traffic (the tree had TCP sockets): lift the block on resume.
     lift: bool,
 }
@@ -136,6 +138,9 @@ impl Restored {
             )));
         }
         let tr = Instant::now();
+        if let Some(r) = &self.filler_resumed {
+            r.store(true, std::sync::atomic::Ordering::Relaxed);
+        }
         // Children first, so that nothing of the tree runs before all of it exists.
         for t in std::mem::take(&mut self.targets).into_iter().rev() {
             t.frozen.resume();
@@ -441,6 +446,7 @@ pub fn restore_held_with(
     }
     let mut filler = None;
     let mut missing: HashMap<i32, crate::lazy::RangeSet> = HashMap::new();
+    let mut first: HashMap<i32, Vec<(u64, u64)>> = HashMap::new();
     if lazy {
         let mut src =
             crate::lazy::Sources::new(opts.base.clone(), map.clone(), opts.remote.clone());
@@ -450,23 +456,34 @@ pub fn restore_held_with(
                 .iter()
                 .filter(|m| memory::lazy_eligible(m))
                 .collect();
-            src.blocks.insert(
-                img.pid,
-                index[r.clone()]
-                    .iter()
-                    .filter(|b| {
-                        lazy_maps
-                            .iter()
-                            .any(|m| m.start <= b.vaddr && b.vaddr < m.end)
-                    })
-                    .cloned()
-                    .collect(),
-            );
+            let mut mine: Vec<BlockIndex> = index[r.clone()]
+                .iter()
+                .filter(|b| {
+                    lazy_maps
+                        .iter()
+                        .any(|m| m.start <= b.vaddr && b.vaddr < m.end)
+                })
+                .cloned()
+                .collect();
+            // Looked up by address; eager pages come after the mappings they are in.
+            mine.sort_by_key(|b| b.vaddr);
+            src.blocks.insert(img.pid, mine);
             let mut runs = crate::lazy::RangeSet::default();
             for m in &img.mappings {
                 for &(s, e) in &m.lazy {
                     runs.insert(s, e);
                 }
+            }
+            if opts.remote.is_some() {
+                // The image's pages in lazily filled memory, with a source process behind it,
+                // are those its threads touch first: placed at once, from here, though the
+                // lazy runs around them (joined across small gaps) name them too.
+                let mine = src.blocks.get(&img.pid).into_iter().flatten();
+                let here: Vec<(u64, u64)> = mine.map(|b| (b.vaddr, b.vaddr + b.data_len)).collect();
+                for &(s, e) in &here {
+                    runs.remove(s, e);
+                }
+                first.insert(img.pid, here);
             }
             src.remote_runs.insert(img.pid, runs);
             let ranges: Vec<(u64, u64)> = lazy_maps.iter().map(|m| (m.start, m.end)).collect();
@@ -562,6 +579,7 @@ pub fn restore_held_with(
             let lz = filler.as_ref().map(|f| Lazily {
                 filler: f,
                 missing: missing.remove(&img.pid).unwrap_or_default(),
+                first: first.remove(&img.pid).unwrap_or_default(),
                 hot: opts
                     .remote
                     .as_ref()
@@ -656,6 +674,7 @@ pub fn restore_held_with(
         },
         t0,
         filler_running: filler.as_ref().map(|f| f.running_flag()),
+        filler_resumed: filler.as_ref().map(|f| f.resumed_flag()),
         filler,
         lift: all_socks.iter().any(|s| {
             matches!(s.family, libc::AF_INET | libc::AF_INET6) && s.ty == libc::SOCK_STREAM
@@ -918,8 +937,27 @@ fn build(
         for m in img.mappings.iter().filter(|m| memory::lazy_eligible(m)) {
             lazy_maps.push((m.start, m.end));
         }
-        *lz.left += lz.missing.bytes();
-        lz.filler.add(img.pid, uffd, lz.missing, lz.hot)?;
+        // Each would otherwise be a fault, one by one, while the tree is still frozen.
+        let mut missing = lz.missing;
+        let index = &page_src.index[blocks.clone()];
+        for &(s, e) in &lz.first {
+            let Some(b) = index
+                .iter()
+                .find(|b| b.vaddr == s && b.vaddr + b.data_len == e)
+            else {
+                continue;
+            };
+            let at = b.data_offset as usize;
+            let data = page_src.map.bytes().get(at..at + b.data_len as usize);
+            if let Some(data) = data.filter(|d| b.matches(d)) {
+                if let Ok(ferry_sys::uffd::Fill::Done) = uffd.copy(s, data) {
+                    missing.remove(s, e);
+                }
+            }
+        }
+        ferry_sys::timeline::mark(|| "first pages placed".into());
+        *lz.left += missing.bytes();
+        lz.filler.add(img.pid, uffd, missing, lz.hot)?;
         lap.mark(&mut times.steps, "uffd");
     }
     let in_lazy = |a: u64| lazy_maps.iter().any(|&(s, e)| s <= a && a < e);
@@ -1037,6 +1075,9 @@ struct Lazily<'a> {
     /// What the process has to fill, and what first.
     missing: crate::lazy::RangeSet,
     hot: Vec<(u64, u64)>,
+    /// Image blocks (exactly) to place as soon as the memory is registered: the pages the
+    /// threads touch before the process runs (their rseq areas) and right after.
+    first: Vec<(u64, u64)>,
     /// Bytes left to the filler, over all processes.
     left: &'a mut u64,
 }

@@ -109,6 +109,9 @@ pub struct MigrateReport {
     pub fill_left_bytes: u64,
     /// Faults the destination answered while filling (threads that waited for a page).
     pub faults: u64,
+    /// Of those, the ones answered before the process ran: fetches inside the downtime.
+    #[serde(default)]
+    pub frozen_faults: u64,
     /// Where the downtime went.
     pub phases: DowntimePhases,
     /// The destination's restore report (its phases: verify, layout, pages, rest, sockets).
@@ -979,6 +982,7 @@ fn migrate_inner(
         postcopy_bytes,
         fill_left_bytes: fill.as_ref().map(|f| f.local_left_bytes).unwrap_or(0),
         faults: fill.as_ref().map(|f| f.faults).unwrap_or(0),
+        frozen_faults: fill.as_ref().map(|f| f.frozen_faults).unwrap_or(0),
         phases,
         restore: restore_report,
         notes,
