@@ -499,8 +499,8 @@ impl Held {
 /// Freeze the tree of `pid` and write its image into `w` (not finished: the caller commits
 /// it). With `delta`, tracked memory contributes only its dirty pages. `on_frozen` runs as
 /// soon as the tree is frozen, before the collection (work that needs the tree frozen and
-/// can run beside it, such as the last scan of written pages). On error the tree runs on
-/// untouched.
+/// can run beside it, such as the last scan of written pages). `netblock`: the traffic block
+/// installed ahead (`netblock::prepare`), if any. On error the tree runs on untouched.
 pub fn dump_into(
     pid: i32,
     w: &mut ImageWriter,
@@ -508,6 +508,7 @@ pub fn dump_into(
     mut delta: Option<&mut DeltaFn>,
     hint: Option<&SmapsHint>,
     on_frozen: Option<&mut dyn FnMut()>,
+    netblock: Option<crate::netblock::Prepared>,
 ) -> Result<(Held, DumpStats)> {
     memory::warm_buffers();
     // Loaded before the freeze (once per process), not during it.
@@ -540,6 +541,7 @@ pub fn dump_into(
         st: Default::default(),
         table: crate::netblock::table_name(pid),
     };
+    net.st.blocks = netblock.map(|p| p.take()).unwrap_or_default();
     crate::sockets::plan_blocks(&mut net.st, &tree_pids)?;
     ferry_sys::timeline::mark(|| "netblock: planned".into());
     crate::netblock::apply(&mut net.st.blocks, &net.table)?;
@@ -669,7 +671,7 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
     let t0 = Instant::now();
     procfs::check_inspectable(pid)?;
     let mut w = ImageWriter::create(dir)?;
-    let (held, st) = match dump_into(pid, &mut w, &opts.progress, None, None, None) {
+    let (held, st) = match dump_into(pid, &mut w, &opts.progress, None, None, None, None) {
         Ok(x) => x,
         Err(e) => {
             // Leave no half-written image behind; the tree has resumed.
@@ -754,9 +756,7 @@ impl NetGuard {
     /// The tree was killed: close our copies in repair mode, leave the block for the restore.
     fn keep_blocked(&mut self) {
         self.st.repaired.clear();
-        for b in self.st.blocks.iter_mut() {
-            b.applied = false;
-        }
+        crate::netblock::keep_applied(&mut self.st.blocks, &self.table);
     }
 }
 

@@ -58,6 +58,7 @@ fn every_thread_gets_its_own_cpu_mask_back_after_a_dump() {
             None,
             None,
             None,
+            None,
         )
         .unwrap();
         held.resume();

@@ -40,6 +40,7 @@ fn dump_with(
         None,
         Some(h),
         None,
+        None,
     )
     .unwrap();
     w.finish().unwrap();

@@ -443,6 +443,18 @@ fn migrate_inner(
         ));
     }
     let post = matches!(o.mode, Mode::Postcopy | Mode::Hybrid);
+    // The traffic block's table goes in now, its sets empty: the freeze only fills them.
+    let table = ferry_engine::netblock::table_name(o.pid);
+    let netblock =
+        match ferry_engine::netblock::prepare(&ferry_engine::precopy::tree_of(o.pid), &table) {
+            Ok(p) => Some(p),
+            Err(e) => {
+                notes.push(format!(
+                    "the block of the process's TCP traffic is made while it is frozen: {e}"
+                ));
+                None
+            }
+        };
     if o.mode != Mode::Stop {
         // The layout goes first, so that the destination creates the process while memory
         // crosses; the smaps read for it serves the final dump as well.
@@ -711,6 +723,7 @@ fn migrate_inner(
         },
         hint.as_ref(),
         Some(&mut on_frozen),
+        netblock,
     )?;
     // From here any error drops `held`, which resumes the source copy.
     let mut phases = DowntimePhases {

@@ -369,24 +369,31 @@ impl Batch {
 
     /// Send the transaction in the calling thread's network namespace and wait for the
     /// kernel's verdict on each message. The error names the first message refused.
-    pub fn commit(mut self, what: &str) -> Result<()> {
+    pub fn commit(self, what: &str) -> Result<()> {
+        let nl = Socket::open(what)?;
+        crate::timeline::mark(|| "nft: socket".into());
+        self.commit_on(&nl, what)
+    }
+
+    /// Send the transaction on `nl`, in the network namespace it was opened in, and wait for
+    /// the kernel's verdict on each message.
+    pub fn commit_on(mut self, nl: &Socket, what: &str) -> Result<()> {
         let at = self.header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, 0, 0);
         self.set_res_id(at);
         self.finish(at);
-        let nl = socket(what)?;
-        crate::timeline::mark(|| "nft: socket".into());
+        let nl = &nl.0;
         // A large batch (thousands of connections) in one sendmsg.
         let size = (self.buf.len() + 65536) as i32;
-        let _ = crate::net::set_int(&nl, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size);
-        let _ = crate::net::set_int(&nl, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 1 << 20);
-        crate::net::send_all(&nl, &self.buf, 0)
+        let _ = crate::net::set_int(nl, libc::SOL_SOCKET, libc::SO_SNDBUFFORCE, size);
+        let _ = crate::net::set_int(nl, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, 1 << 20);
+        crate::net::send_all(nl, &self.buf, 0)
             .map_err(|e| Error::Parse(format!("{what}: sending to nf_tables: {e}")))?;
         crate::timeline::mark(|| "nft: sent".into());
         let mut seen = 0u32;
         let mut first_err: Option<(u32, i32)> = None;
         let mut buf = vec![0u8; 64 << 10];
         while seen < self.acked {
-            let n = recv_timeout(&nl, &mut buf, 2000)
+            let n = recv_timeout(nl, &mut buf, 2000)
                 .map_err(|e| Error::Parse(format!("{what}: waiting for nf_tables: {e}")))?;
             if n == 0 {
                 break;
@@ -422,6 +429,18 @@ impl Batch {
                 std::io::Error::from_raw_os_error(-e),
             )),
         }
+    }
+}
+
+/// A netlink socket to nf_tables. It acts in the network namespace it was opened in, from
+/// whichever thread uses it: opened ahead, it spares a later transaction entering the
+/// namespace.
+pub struct Socket(OwnedFd);
+
+impl Socket {
+    /// Open one in the calling thread's network namespace.
+    pub fn open(what: &str) -> Result<Socket> {
+        socket(what).map(Socket)
     }
 }
 

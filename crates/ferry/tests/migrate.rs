@@ -867,6 +867,16 @@ fn redis_moves(mode: &str, tag: &str, agent_n: u16) {
     assert_eq!(reply(&mut r).unwrap(), Reply::Int((n + m) as i64));
     // It runs on the second host now.
     assert_eq!(agent.get("/v1/migrations")[0]["state"], "running");
+    // The block of its traffic, installed on the first host before the freeze, is gone.
+    for ns in [a_ns, b_ns] {
+        let t = NetPair::cmd(ns, "nft")
+            .args(["list", "tables"])
+            .output()
+            .unwrap();
+        assert!(t.status.success());
+        let t = String::from_utf8_lossy(&t.stdout);
+        assert!(!t.contains(&format!("ferry_{pid}")), "{ns}: {t}");
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
