@@ -88,6 +88,7 @@ fn collect(
         ferry_sys::taskstate::threads(pid)
             .map(|v| v.into_iter().map(|t| (t.tid, t)).collect())
             .unwrap_or_default();
+    ferry_sys::timeline::mark(|| "thread states read".into());
     let mut threads = regs::dump(frozen, &known)?;
     lap.mark(steps, "registers");
     for th in threads.iter_mut() {
@@ -496,6 +497,9 @@ impl Held {
     }
 }
 
+/// Most pages read eagerly for lazily restored memory (`memory::Delta::eager`): 2 MiB.
+const EAGER_MAX: usize = 512;
+
 /// Freeze the tree of `pid` and write its image into `w` (not finished: the caller commits
 /// it). With `delta`, tracked memory contributes only its dirty pages. `on_frozen` runs as
 /// soon as the tree is frozen, before the collection (work that needs the tree frozen and
@@ -623,6 +627,16 @@ pub fn dump_into(
         };
         if let Some(d) = d.as_mut().filter(|d| d.lazy) {
             d.eager = img.threads.iter().flat_map(regs::first_touched).collect();
+            // Read while frozen: a process with thousands of threads keeps only the pages
+            // the restore itself touches (rseq areas); the rest are fetched once it runs.
+            if d.eager.len() > EAGER_MAX {
+                d.eager = img
+                    .threads
+                    .iter()
+                    .filter_map(|t| t.rseq.map(|r| r.ptr & !(ferry_image::PAGE_SIZE as u64 - 1)))
+                    .take(EAGER_MAX)
+                    .collect();
+            }
             d.eager.sort_unstable();
             d.eager.dedup();
             ferry_sys::timeline::mark(|| format!("eager pages: {}", d.eager.len()));

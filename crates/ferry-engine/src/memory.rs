@@ -66,9 +66,9 @@ impl Delta {
         let (mut lazy, mut eager) = (Vec::new(), Vec::new());
         for &(s, e) in runs {
             let mut a = s;
-            let first = self.eager.partition_point(|&p| p + page <= s);
+            let first = self.eager.partition_point(|&p| p.saturating_add(page) <= s);
             for &p in self.eager[first..].iter().take_while(|&&p| p < e) {
-                let (ps, pe) = (p.max(s), (p + page).min(e));
+                let (ps, pe) = (p.max(s), p.saturating_add(page).min(e));
                 if ps > a {
                     lazy.push((a, ps));
                 }

@@ -253,9 +253,14 @@ const fn concat4(a: u32) -> u32 {
 }
 
 /// The table, with an input and an output chain ahead of everything else (priority -400),
-/// its sets, empty, and the rules that drop what the sets match.
-fn install(t: &mut nft::Batch, table: &str) {
-    t.add_table(table);
+/// its sets, empty, and the rules that drop what the sets match. `new`: fail if the table
+/// exists.
+fn install(t: &mut nft::Batch, table: &str, new: bool) {
+    if new {
+        t.add_new_table(table);
+    } else {
+        t.add_table(table);
+    }
     t.add_base_chain(table, "input", nft::HOOK_INPUT, -400);
     t.add_base_chain(table, "output", nft::HOOK_OUTPUT, -400);
     for (id, name, ty, len) in SETS {
@@ -317,20 +322,21 @@ fn in_ns<R: Send>(ns: &std::fs::File, f: impl FnOnce() -> Result<R> + Send) -> R
 pub fn apply(blocks: &mut [Block], table: &str) -> Result<()> {
     let what = format!("blocking the tree's TCP traffic (table inet {table})");
     for b in blocks.iter_mut().filter(|b| !b.is_empty()) {
-        let mut t = nft::Batch::new();
-        match &b.installed {
-            Some(sock) => {
-                fill(&mut t, b, table);
-                t.commit_on(sock, &what)?;
-            }
-            None => {
-                install(&mut t, table);
-                fill(&mut t, b, table);
-                in_ns(&b.ns, || {
-                    ferry_sys::timeline::mark(|| "netblock: in netns".into());
-                    Ok(t.commit(&what)?)
-                })?;
-            }
+        let mut done = false;
+        if let Some(sock) = &b.installed {
+            let mut t = nft::Batch::new();
+            fill(&mut t, b, table);
+            // Gone meanwhile (a firewall reload flushed the ruleset): made anew below.
+            done = t.commit_on(sock, &what).is_ok();
+        }
+        if !done {
+            let mut t = nft::Batch::new();
+            install(&mut t, table, false);
+            fill(&mut t, b, table);
+            in_ns(&b.ns, || {
+                ferry_sys::timeline::mark(|| "netblock: in netns".into());
+                Ok(t.commit(&what)?)
+            })?;
         }
         b.applied = true;
     }
@@ -362,6 +368,8 @@ impl Drop for Prepared {
 /// opened there for the elements. `apply` then has little left to do while the tree is
 /// frozen.
 pub fn prepare(pids: &[i32], table: &str) -> Result<Prepared> {
+    // A deletion of an earlier table of the same name still under way would take this one.
+    finish_lifts();
     let mut st = DumpState::default();
     crate::sockets::plan_blocks(&mut st, pids)?;
     let mut out = Prepared {
@@ -370,7 +378,8 @@ pub fn prepare(pids: &[i32], table: &str) -> Result<Prepared> {
     };
     for b in std::mem::take(&mut st.blocks) {
         let mut t = nft::Batch::new();
-        install(&mut t, table);
+        // A table of that name left by someone else is not taken over.
+        install(&mut t, table, true);
         let sock = in_ns(&b.ns, || {
             let what =
                 format!("preparing the block of the tree's TCP traffic (table inet {table})");

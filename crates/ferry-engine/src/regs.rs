@@ -119,16 +119,35 @@ pub fn first_touched(th: &ThreadImage) -> Vec<u64> {
     const PAGE: u64 = ferry_image::PAGE_SIZE as u64;
     let mut at = Vec::new();
     if let Ok(r) = from_vec(&th.regs) {
-        at.extend([r.rsp.wrapping_sub(PAGE), r.rsp, r.rsp.wrapping_add(PAGE)]);
+        at.extend(
+            [
+                r.rsp.checked_sub(PAGE),
+                Some(r.rsp),
+                r.rsp.checked_add(PAGE),
+            ]
+            .into_iter()
+            .flatten(),
+        );
         if r.fs_base != 0 {
-            at.extend([r.fs_base.wrapping_sub(PAGE), r.fs_base]);
+            at.extend(
+                [r.fs_base.checked_sub(PAGE), Some(r.fs_base)]
+                    .into_iter()
+                    .flatten(),
+            );
         }
     }
     at.extend(th.rseq.map(|r| r.ptr));
     if th.clear_tid != 0 {
         at.push(th.clear_tid);
     }
-    let mut pages: Vec<u64> = at.into_iter().map(|a| a & !(PAGE - 1)).collect();
+    // Values the program set (a stack pointer, a clear-child-tid address) can be anything:
+    // only user-space addresses count, far from the top of the address space.
+    const USER_END: u64 = 1 << 57;
+    let mut pages: Vec<u64> = at
+        .into_iter()
+        .filter(|&a| a < USER_END)
+        .map(|a| a & !(PAGE - 1))
+        .collect();
     pages.sort_unstable();
     pages.dedup();
     pages
@@ -162,4 +181,53 @@ pub fn restore(t: &mut Target, th: &ThreadImage) -> Result<()> {
     t.frozen.set_regs(tid, regs)?;
     ferry_sys::timeline::mark(|| format!("thread {tid}: registers"));
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn thread(rsp: u64, fs_base: u64, rseq: Option<u64>, clear_tid: u64) -> ThreadImage {
+        let mut regs = vec![0u64; 27];
+        regs[19] = rsp;
+        regs[21] = fs_base;
+        ThreadImage {
+            tid: 1,
+            regs,
+            xsave: String::new(),
+            sigmask: 0,
+            rseq: rseq.map(|ptr| RseqImage {
+                ptr,
+                size: 32,
+                signature: 0,
+            }),
+            clear_tid,
+            name: String::new(),
+            sigaltstack: None,
+            pending: Vec::new(),
+        }
+    }
+
+    #[test]
+    fn first_touched_pages_are_the_stack_top_thread_block_and_rseq_area() {
+        let t = thread(
+            0x7f00_0000_1a30,
+            0x7f00_0010_06c0,
+            Some(0x7f00_0010_0fe0),
+            0x7f00_0010_09d0,
+        );
+        assert_eq!(
+            first_touched(&t),
+            vec![
+                0x7f00_0000_0000,
+                0x7f00_0000_1000,
+                0x7f00_0000_2000,
+                0x7f00_000f_f000,
+                0x7f00_0010_0000
+            ]
+        );
+        // Whatever the program put in its registers, only user-space pages come out.
+        let odd = thread(u64::MAX - 8, 0, None, u64::MAX);
+        assert_eq!(first_touched(&odd), Vec::<u64>::new());
+    }
 }

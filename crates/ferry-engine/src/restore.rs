@@ -939,12 +939,15 @@ fn build(
         }
         // Each would otherwise be a fault, one by one, while the tree is still frozen.
         let mut missing = lz.missing;
-        let index = &page_src.index[blocks.clone()];
-        for &(s, e) in &lz.first {
-            let Some(b) = index
+        let index: HashMap<u64, &BlockIndex> = match lz.first.is_empty() {
+            true => HashMap::new(),
+            false => page_src.index[blocks.clone()]
                 .iter()
-                .find(|b| b.vaddr == s && b.vaddr + b.data_len == e)
-            else {
+                .map(|b| (b.vaddr, b))
+                .collect(),
+        };
+        for &(s, e) in &lz.first {
+            let Some(b) = index.get(&s).filter(|b| b.vaddr + b.data_len == e) else {
                 continue;
             };
             let at = b.data_offset as usize;

@@ -23,6 +23,7 @@ const NFT_MSG_GETTABLE: u16 = 1;
 const NFPROTO_INET: u8 = 1;
 const NLM_F_REQUEST: u16 = 1;
 const NLM_F_ACK: u16 = 4;
+const NLM_F_EXCL: u16 = 0x200;
 const NLM_F_CREATE: u16 = 0x400;
 const NLM_F_APPEND: u16 = 0x800;
 const NLMSG_ERROR: u16 = 2;
@@ -228,7 +229,16 @@ impl Batch {
     }
 
     pub fn add_table(&mut self, name: &str) {
-        let at = self.msg(NFT_MSG_NEWTABLE, NLM_F_CREATE);
+        self.table(name, NLM_F_CREATE)
+    }
+
+    /// A table that must not exist yet: the transaction fails (EEXIST) if it does.
+    pub fn add_new_table(&mut self, name: &str) {
+        self.table(name, NLM_F_CREATE | NLM_F_EXCL)
+    }
+
+    fn table(&mut self, name: &str, flags: u16) {
+        let at = self.msg(NFT_MSG_NEWTABLE, flags);
         self.str(NFTA_TABLE_NAME, name);
         self.be32(NFTA_TABLE_FLAGS, 0);
         self.finish(at);
