@@ -105,12 +105,9 @@ struct Chunk {
     addr: u64,
     len: usize,
     skip_zero: bool,
-    /// Not read: a run listed for post-copy.
-    lazy: bool,
-    mapping: usize,
     buf: Vec<u8>,
-    /// Further runs of the same mapping, their data after the first's in `buf`: scattered
-    /// dirty pages travel many to a chunk, not one chunk (and one thread handoff) per page.
+    /// Further runs, their data after the first's in `buf`: scattered dirty pages travel
+    /// many to a chunk, not one chunk (and one thread handoff) per page or per mapping.
     more: Vec<(u64, usize)>,
     /// The blocks to write (address, offset in `buf`, length, checksum of the data), found
     /// by the reading thread (`Chunk::prepare`) so that the writing one only writes.
@@ -221,38 +218,34 @@ pub fn dump(
     let mut out = describe(pid, maps, smaps, &mut |link, shown| {
         crate::ghost::dump(pid, link, shown, ghosts)
     })?;
+    ferry_sys::timeline::mark(|| format!("memory: {} mappings described", out.len()));
     let (full_tx, full_rx) = std::sync::mpsc::sync_channel::<Result<Chunk>>(3);
     let (free_tx, free_rx) = std::sync::mpsc::channel::<Vec<u8>>();
     for _ in 0..BUFFERS {
         let _ = free_tx.send(buffer());
     }
     let mut total = 0u64;
-    let mut lazy_runs: Vec<Vec<(u64, u64)>> = vec![Vec::new(); out.len()];
+    let mut lazy_runs: Vec<Vec<(u64, u64)>> = Vec::new();
     let saved_per = std::thread::scope(|s| -> Result<Vec<u64>> {
         // Owned here so that an early error return wakes a reader waiting for a buffer.
         let free_tx = free_tx;
         let out_ref = &out;
         let reader = s.spawn(move || {
-            let r = read_all(pid, maps, out_ref, &full_tx, &free_rx, delta);
+            let mut lazy = vec![Vec::new(); out_ref.len()];
+            let r = read_all(pid, maps, out_ref, &full_tx, &free_rx, delta, &mut lazy);
+            ferry_sys::timeline::mark(|| "memory: read".into());
             if let Err(e) = r {
                 let _ = full_tx.send(Err(e));
             }
-            free_rx
+            (free_rx, lazy)
         });
         let mut per = vec![0u64; out.len()];
         for c in full_rx {
             let c = c?;
-            if c.lazy {
-                let runs = &mut lazy_runs[c.mapping];
-                for (a, len) in std::iter::once((c.addr, c.len)).chain(c.more) {
-                    push_lazy(runs, a, len as u64);
-                }
-                continue;
-            }
             for (a, off, len, h) in &c.blocks {
                 w.pages_hashed(*a, &c.buf[*off..off + len], h)?;
                 let n = (len / PAGE_SIZE) as u64;
-                // A chunk of eager pages spans mappings: each block counts for its own.
+                // A chunk spans mappings: each block counts for its own.
                 let mi = out_ref.partition_point(|m| m.start <= *a).saturating_sub(1);
                 per[mi] += n;
                 total += n;
@@ -263,10 +256,11 @@ pub fn dump(
         }
         drop(free_tx);
         // The buffers, for the next dump.
-        if let Ok(free_rx) = reader.join() {
+        if let Ok((free_rx, lazy)) = reader.join() {
             while let Ok(b) = free_rx.try_recv() {
                 recycle(b);
             }
+            lazy_runs = lazy;
         }
         Ok(per)
     })?;
@@ -465,47 +459,36 @@ fn read_all(
     tx: &std::sync::mpsc::SyncSender<Result<Chunk>>,
     free: &std::sync::mpsc::Receiver<Vec<u8>>,
     delta: Option<&Delta>,
+    lazy_out: &mut [Vec<(u64, u64)>],
 ) -> Result<()> {
     let per = CHUNK / PAGE_SIZE;
-    // Eager pages of lazy memory, of unreadable and readable mappings: read together at the
-    // end, a chunk each, not a chunk (a buffer and a handoff) per mapping.
-    let mut eager_runs: [Vec<(u64, u64)>; 2] = Default::default();
+    // Runs of tracked memory (written pages, and the eager pages of lazy memory), of
+    // unreadable and readable mappings: read together at the end, many mappings to a chunk,
+    // not a chunk (a buffer and a thread handoff) per mapping.
+    let mut later: [Vec<(u64, u64)>; 2] = Default::default();
     for (mi, (m, img)) in maps.iter().zip(imgs).enumerate() {
         if !saves_pages(img) {
             continue;
         }
         let lazy = delta.is_some_and(|d| d.lazy) && lazy_eligible(img);
-        // Runs left behind, many to a message: a process with scattered memory has hundreds
-        // of thousands, and a handoff between threads each cost more than finding them.
-        let send_lazy = |runs: &[(u64, u64)]| {
-            let Some((&(addr, end), rest)) = runs.split_first() else {
-                return true;
-            };
-            tx.send(Ok(Chunk {
-                addr,
-                len: (end - addr) as usize,
-                skip_zero: false,
-                lazy: true,
-                mapping: mi,
-                buf: Vec::new(),
-                more: rest.iter().map(|&(a, e)| (a, (e - a) as usize)).collect(),
-                blocks: Vec::new(),
-            }))
-            .is_ok()
+        // Runs left behind: listed here, not handed to the writer (a process has hundreds
+        // of mappings, and a handoff between threads each cost more than the listing).
+        let runs = &mut lazy_out[mi];
+        let mut put_lazy = |list: &[(u64, u64)]| {
+            for &(a, e) in list {
+                push_lazy(runs, a, e - a);
+            }
         };
         if let Some(d) = delta.filter(|d| d.covers(m.start, m.end)) {
             let dirty = d.dirty_in(m.start, m.end);
             if lazy {
-                let (left, _) = d.split_eager(&dirty);
-                if !send_lazy(&left) {
-                    return Ok(());
-                }
+                put_lazy(&d.split_eager(&dirty).0);
                 // Also those not written since a round: the pages of the rounds may not be in
                 // place yet at the destination when the restore touches them.
                 let (_, eager) = d.split_eager(&[(m.start, m.end)]);
-                eager_runs[usize::from(m.read)].extend(eager);
-            } else if !read_runs(pid, m.read, &dirty, tx, free)? {
-                return Ok(());
+                later[usize::from(m.read)].extend(eager);
+            } else {
+                later[usize::from(m.read)].extend(dirty);
             }
             continue;
         }
@@ -517,10 +500,8 @@ fn read_all(
                 Some(d) => d.split_eager(&[(m.start, m.end)]),
                 None => (vec![(m.start, m.end)], Vec::new()),
             };
-            if !send_lazy(&left) {
-                return Ok(());
-            }
-            eager_runs[usize::from(m.read)].extend(eager);
+            put_lazy(&left);
+            later[usize::from(m.read)].extend(eager);
             continue;
         }
         let kind = img.kind;
@@ -549,13 +530,6 @@ fn read_all(
                 }
                 let a = start + (j * PAGE_SIZE) as u64;
                 let len = (k - j) * PAGE_SIZE;
-                if lazy {
-                    if !send_lazy(&[(a, a + len as u64)]) {
-                        return Ok(());
-                    }
-                    j = k;
-                    continue;
-                }
                 let Ok(mut buf) = free.recv() else {
                     return Ok(());
                 };
@@ -567,8 +541,6 @@ fn read_all(
                     addr: a,
                     len,
                     skip_zero: kind != MapKind::File,
-                    lazy: false,
-                    mapping: mi,
                     buf,
                     more: Vec::new(),
                     blocks: Vec::new(),
@@ -582,7 +554,7 @@ fn read_all(
             i += n;
         }
     }
-    for (readable, runs) in eager_runs.iter().enumerate() {
+    for (readable, runs) in later.iter().enumerate() {
         if !read_runs(pid, readable == 1, runs, tx, free)? {
             return Ok(());
         }
@@ -624,8 +596,6 @@ fn read_runs(
                             addr: a,
                             len,
                             skip_zero: false,
-                            lazy: false,
-                            mapping: 0,
                             buf,
                             more: Vec::new(),
                             blocks: Vec::new(),
