@@ -187,6 +187,13 @@ impl Target {
         Ok(at)
     }
 
+    /// A NUL-terminated path staged for queued syscalls (`stage`).
+    pub fn stage_path(&mut self, path: &str) -> Result<u64> {
+        let mut b = path.as_bytes().to_vec();
+        b.push(0);
+        self.stage(&b)
+    }
+
     /// A NUL-terminated path in the scratch area.
     pub fn put_path(&self, path: &str) -> Result<u64> {
         let mut b = path.as_bytes().to_vec();

@@ -335,9 +335,7 @@ impl<'a> FdPlan<'a> {
     }
 
     fn path(&mut self, path: &str) -> Result<u64> {
-        let mut b = path.as_bytes().to_vec();
-        b.push(0);
-        self.t.stage(&b)
+        self.t.stage_path(path)
     }
 
     fn dup_to(&mut self, what: String, src: u64, target: u64, flags: u64) -> Result<()> {

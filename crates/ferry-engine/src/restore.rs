@@ -1023,25 +1023,26 @@ fn build(
     lap.mark(&mut times.steps, "mm");
     files::restore(t, &img.fds, &img.pipes, &img.fifos, &ghosts, built)?;
     lap.mark(&mut times.steps, "files");
-    let cwd = t.put_path(&img.cwd)?;
-    t.sys(
-        &format!("chdir to {}", img.cwd),
+    // The process's own attributes and its signal handlers: one batch, one stop.
+    let cwd = t.stage_path(&img.cwd)?;
+    t.queue(
+        format!("chdir to {}", img.cwd),
         libc::SYS_chdir,
         [cwd, 0, 0, 0, 0, 0],
     )?;
     // Every path above is as the dumper saw it, from our root: the process enters its own
     // root only now (and before its credentials may drop the right to).
     if let Some(root) = &img.root {
-        let p = t.put_path(root)?;
-        t.sys(
-            &format!("chroot to {root}"),
+        let p = t.stage_path(root)?;
+        t.queue(
+            format!("chroot to {root}"),
             libc::SYS_chroot,
             [p, 0, 0, 0, 0, 0],
         )?;
     }
-    t.sys("umask", libc::SYS_umask, [img.umask as u64, 0, 0, 0, 0, 0])?;
-    let comm = t.put_path(&img.comm)?;
-    t.sys(
+    t.queue("umask", libc::SYS_umask, [img.umask as u64, 0, 0, 0, 0, 0])?;
+    let comm = t.stage_path(&img.comm)?;
+    t.queue(
         "prctl(PR_SET_NAME)",
         libc::SYS_prctl,
         [libc::PR_SET_NAME as u64, comm, 0, 0, 0, 0],

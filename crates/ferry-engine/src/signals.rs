@@ -58,7 +58,8 @@ pub fn restore(t: &mut Target, acts: &[SigactionImage]) -> Result<()> {
             b.extend_from_slice(&v.to_le_bytes());
         }
     }
-    let base = t.put_batch_data(&b)?;
+    // After whatever is staged for calls queued before (they run first, in the same stop).
+    let base = t.stage(&b)?;
     for (i, a) in all.iter().enumerate() {
         t.queue(
             format!("rt_sigaction({})", a.signal),
