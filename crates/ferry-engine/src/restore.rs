@@ -446,7 +446,7 @@ pub fn restore_held_with(
     }
     let mut filler = None;
     let mut missing: HashMap<i32, crate::lazy::RangeSet> = HashMap::new();
-    let mut first: HashMap<i32, Vec<(u64, u64)>> = HashMap::new();
+    let mut first: HashMap<i32, Vec<BlockIndex>> = HashMap::new();
     if lazy {
         let mut src =
             crate::lazy::Sources::new(opts.base.clone(), map.clone(), opts.remote.clone());
@@ -478,10 +478,9 @@ pub fn restore_held_with(
                 // The image's pages in lazily filled memory, with a source process behind it,
                 // are those its threads touch first: placed at once, from here, though the
                 // lazy runs around them (joined across small gaps) name them too.
-                let mine = src.blocks.get(&img.pid).into_iter().flatten();
-                let here: Vec<(u64, u64)> = mine.map(|b| (b.vaddr, b.vaddr + b.data_len)).collect();
-                for &(s, e) in &here {
-                    runs.remove(s, e);
+                let here = src.blocks.get(&img.pid).cloned().unwrap_or_default();
+                for b in &here {
+                    runs.remove(b.vaddr, b.vaddr + b.data_len);
                 }
                 first.insert(img.pid, here);
             }
@@ -939,22 +938,12 @@ fn build(
         }
         // Each would otherwise be a fault, one by one, while the tree is still frozen.
         let mut missing = lz.missing;
-        let index: HashMap<u64, &BlockIndex> = match lz.first.is_empty() {
-            true => HashMap::new(),
-            false => page_src.index[blocks.clone()]
-                .iter()
-                .map(|b| (b.vaddr, b))
-                .collect(),
-        };
-        for &(s, e) in &lz.first {
-            let Some(b) = index.get(&s).filter(|b| b.vaddr + b.data_len == e) else {
-                continue;
-            };
+        for b in &lz.first {
             let at = b.data_offset as usize;
             let data = page_src.map.bytes().get(at..at + b.data_len as usize);
             if let Some(data) = data.filter(|d| b.matches(d)) {
-                if let Ok(ferry_sys::uffd::Fill::Done) = uffd.copy(s, data) {
-                    missing.remove(s, e);
+                if let Ok(ferry_sys::uffd::Fill::Done) = uffd.copy(b.vaddr, data) {
+                    missing.remove(b.vaddr, b.vaddr + b.data_len);
                 }
             }
         }
@@ -1079,9 +1068,9 @@ struct Lazily<'a> {
     /// What the process has to fill, and what first.
     missing: crate::lazy::RangeSet,
     hot: Vec<(u64, u64)>,
-    /// Image blocks (exactly) to place as soon as the memory is registered: the pages the
-    /// threads touch before the process runs (their rseq areas) and right after.
-    first: Vec<(u64, u64)>,
+    /// Image blocks to place as soon as the memory is registered: the pages the threads
+    /// touch before the process runs (their rseq areas) and right after.
+    first: Vec<BlockIndex>,
     /// Bytes left to the filler, over all processes.
     left: &'a mut u64,
 }
