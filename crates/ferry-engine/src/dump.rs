@@ -295,6 +295,7 @@ fn smaps_from_hint(
                 vm_flags: first.vm_flags.clone(),
                 kernel_page_kb: first.kernel_page_kb,
                 anon_huge_kb: thp,
+                ..Default::default()
             })
         })
         .collect()
@@ -356,6 +357,7 @@ fn smaps_from_flags(
                     vm_flags: vec!["ex".into()],
                     kernel_page_kb: 4,
                     anon_huge_kb: 0,
+                    ..Default::default()
                 });
             }
             let f = flags
@@ -375,6 +377,7 @@ fn smaps_from_flags(
                     .collect(),
                 kernel_page_kb: 4,
                 anon_huge_kb: thp,
+                ..Default::default()
             })
         })
         .collect()
@@ -827,6 +830,7 @@ mod tests {
             vm_flags: flags.split(' ').map(String::from).collect(),
             kernel_page_kb: 4,
             anon_huge_kb: thp,
+            ..Default::default()
         }
     }
 

@@ -683,13 +683,15 @@ fn prot(m: &MappingImage) -> u64 {
         | (if m.exec { PROT_X } else { 0 })
 }
 
-/// Remove the stub's own memory except our page and the vDSO areas, move those to the saved
-/// addresses, and recreate every saved mapping.
+/// Remove the stub's own memory except our page, the vDSO areas and `keep` (memory made
+/// resident ahead, moved in later by `move_in`), move the vDSO areas to the saved addresses,
+/// and recreate every saved mapping.
 pub fn restore_layout(
     t: &mut Target,
     saved: &[MappingImage],
     shmem: &mut std::collections::HashMap<u64, (i32, u64, u64)>,
     ghosts: &std::collections::HashMap<u64, u64>,
+    keep: Option<(u64, u64)>,
 ) -> Result<()> {
     let own = procfs::read_maps(t.pid)?;
     let is_vdso = |k: &ferry_sys::MapKind| {
@@ -702,11 +704,19 @@ pub fn restore_layout(
         if m.start == t.page || is_vdso(&m.kind) || m.kind == ferry_sys::MapKind::Vsyscall {
             continue;
         }
-        t.queue(
-            "munmap of the stub's memory",
-            libc::SYS_munmap,
-            [m.start, m.len(), 0, 0, 0, 0],
-        )?;
+        let (ks, ke) = keep.unwrap_or((0, 0));
+        for (a, b) in [
+            (m.start, m.end.min(ks).max(m.start)),
+            (m.start.max(ke).min(m.end), m.end),
+        ] {
+            if a < b {
+                t.queue(
+                    "munmap of the stub's memory",
+                    libc::SYS_munmap,
+                    [a, b - a, 0, 0, 0, 0],
+                )?;
+            }
+        }
     }
     // Move the running kernel's vDSO areas where the process expects them.
     for m in own.iter().filter(|m| is_vdso(&m.kind)) {
@@ -747,6 +757,59 @@ pub fn restore_layout(
         }
     }
     map_each(t, saved, shmem, ghosts)
+}
+
+/// Move pieces of `pool` (private anonymous memory of the target, populated ahead and out
+/// of the way of every mapping) over each of `maps` (private anonymous, mapped already), in
+/// order while the pool lasts: mremap moves the pages themselves, so the memory is resident
+/// before anything is written there. Each takes its mapping's protection and advice; the rest
+/// of the pool is unmapped. Returns the ranges filled so, all of whose pages are present
+/// (zero where nothing is written).
+pub(crate) fn move_in(
+    t: &mut Target,
+    pool: (u64, u64),
+    maps: &[&MappingImage],
+) -> Result<Vec<(u64, u64)>> {
+    let mut at = pool.0;
+    let mut moved = Vec::new();
+    for m in maps {
+        let len = m.end - m.start;
+        if !lazy_eligible(m) || m.kind == MapKind::Stack || at + len > pool.1 {
+            continue;
+        }
+        t.queue(
+            format!("mremap of reserved memory onto {:#x}-{:#x}", m.start, m.end),
+            libc::SYS_mremap,
+            [
+                at,
+                len,
+                len,
+                (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                m.start,
+                0,
+            ],
+        )?;
+        if prot(m) != PROT_R | PROT_W {
+            t.queue(
+                format!("mprotect of {:#x}-{:#x}", m.start, m.end),
+                libc::SYS_mprotect,
+                [m.start, len, prot(m), 0, 0, 0],
+            )?;
+        }
+        // The mapping made before was replaced, and its advice with it.
+        advise(t, m)?;
+        moved.push((m.start, m.end));
+        at += len;
+    }
+    if at < pool.1 {
+        t.queue(
+            "munmap of unused reserved memory",
+            libc::SYS_munmap,
+            [at, pool.1 - at, 0, 0, 0, 0],
+        )?;
+    }
+    t.flush()?;
+    Ok(moved)
 }
 
 /// Maps each of `saved` (not the kernel's areas) over whatever is there, with its advice.

@@ -916,7 +916,7 @@ fn build(
     let ghosts = crate::ghost::restore(t, &img.ghosts, base)?;
     // A warm process has its layout, and the pre-copied pages outside lazily filled memory.
     if warm.is_none() {
-        memory::restore_layout(t, &img.mappings, shmem, &ghosts)?;
+        memory::restore_layout(t, &img.mappings, shmem, &ghosts, None)?;
         lap.mark(&mut times.steps, "layout");
     }
     // Lazily filled memory: registered before anything is written, never written here.

@@ -26,6 +26,10 @@ use std::time::Instant;
 pub struct WarmLayout {
     pub pid: i32,
     pub mappings: Vec<MappingImage>,
+    /// Resident memory of each mapping (smaps Rss), KiB, in the order of `mappings`: which
+    /// ones memory reserved ahead is worth moving into.
+    #[serde(default)]
+    pub resident_kb: Vec<u64>,
 }
 
 /// The layout of `root` as it runs now, built from `smaps` (read just before). Err: why it
@@ -56,10 +60,209 @@ pub fn preview(root: i32, smaps: &[procfs::SmapsEntry]) -> std::result::Result<W
             m.start, m.end, m.kind
         ));
     }
+    let resident_kb = mappings
+        .iter()
+        .map(|m| {
+            smaps
+                .iter()
+                .filter(|e| e.start < m.end && m.start < e.end)
+                .map(|e| e.rss_kb)
+                .sum()
+        })
+        .collect();
     Ok(WarmLayout {
         pid: root,
         mappings,
+        resident_kb,
     })
+}
+
+/// Memory made resident ahead of an expected migration: a stub with the process's PID,
+/// holding one private anonymous area whose pages the machine has given already. The warm
+/// process is built from it (`prebuild_with`): its largest, mostly resident mappings of
+/// private anonymous memory are moved in from there (mremap moves pages, not bytes), so
+/// pre-copied pages land in memory that is in place. On a VM that pays for first touch of
+/// fresh memory (several times the cost of the copy here), that takes it off the migration.
+/// Dropping it kills the stub.
+pub struct Reservation {
+    pid: i32,
+    pool: (u64, u64),
+    /// How long making it resident took.
+    pub populate_ms: f64,
+    /// true: hand the stub over (detached, waiting); false: kill it.
+    ctl: Option<std::sync::mpsc::Sender<bool>>,
+    /// The stub's tracer until then: if Ferry dies, the kernel kills the stub with it.
+    holder: Option<std::thread::JoinHandle<()>>,
+}
+
+/// Memory is reserved in whole 2 MiB units.
+const RESERVE_ALIGN: u64 = 2 << 20;
+
+impl Reservation {
+    /// Reserve `bytes` of resident memory for process `pid` (whose PID it takes here too).
+    /// Blocks while the memory is made resident (about as long as first touch of that much).
+    /// `stub` is set to the stub's PID once it exists: killing it stops the reservation
+    /// (`abandon`).
+    pub fn reserve(
+        pid: i32,
+        bytes: u64,
+        stub: std::sync::Arc<std::sync::atomic::AtomicI32>,
+    ) -> Result<Reservation> {
+        use std::sync::mpsc::channel;
+        let len = bytes.div_ceil(RESERVE_ALIGN).max(1) * RESERVE_ALIGN;
+        let (tx, rx) = channel::<Result<((u64, u64), f64)>>();
+        let (ctl, cmd) = channel::<bool>();
+        let stub_pid = stub;
+        let holder = std::thread::Builder::new()
+            .name("ferry-reserve".into())
+            .spawn(move || {
+                let t0 = Instant::now();
+                let stub = match spawn_stub(Some(pid)) {
+                    Ok(s) => s,
+                    Err(e) => {
+                        let _ = tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                stub_pid.store(stub, std::sync::atomic::Ordering::SeqCst);
+                let frozen = match Frozen::freeze_owned(stub) {
+                    Ok(f) => f,
+                    Err(e) => {
+                        crate::restore::kill_reap(stub);
+                        let _ = tx.send(Err(e.into()));
+                        return;
+                    }
+                };
+                let mut t = Target {
+                    pid: stub,
+                    frozen,
+                    page: 0,
+                    queued: Vec::new(),
+                    staged: 0,
+                };
+                let made = (|| -> Result<(u64, u64)> {
+                    crate::restore::prepare(&mut t, &[])?;
+                    let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
+                    let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
+                    let a = t.sys(
+                        "mmap of reserved memory",
+                        libc::SYS_mmap,
+                        [0, len, rw, flags, u64::MAX, 0],
+                    )?;
+                    // Done ahead, it must not take CPU time from the workloads here.
+                    let idle = ferry_sys::sched::set_idle(t.pid, true).is_ok();
+                    let r = t.sys(
+                        &format!("making {} MiB of reserved memory resident", len >> 20),
+                        libc::SYS_madvise,
+                        [a, len, MADV_POPULATE_WRITE, 0, 0, 0],
+                    );
+                    if idle {
+                        ferry_sys::sched::set_idle(t.pid, false)?;
+                    }
+                    r?;
+                    Ok((a, a + len))
+                })();
+                let ok = made.is_ok();
+                let _ = tx.send(made.map(|p| (p, t0.elapsed().as_secs_f64() * 1e3)));
+                if ok && cmd.recv() == Ok(true) {
+                    // It waits in pause, untraced, for the thread that builds it to seize it.
+                    t.frozen.resume();
+                } else {
+                    t.frozen.kill();
+                    crate::restore::kill_reap(stub);
+                }
+            })
+            .map_err(|e| EngineError::Failed(format!("starting a thread: {e}")))?;
+        match rx.recv() {
+            Ok(Ok((pool, populate_ms))) => Ok(Reservation {
+                pid,
+                pool,
+                populate_ms,
+                ctl: Some(ctl),
+                holder: Some(holder),
+            }),
+            Ok(Err(e)) => {
+                let _ = holder.join();
+                Err(e)
+            }
+            Err(_) => {
+                let _ = holder.join();
+                Err(EngineError::Failed(
+                    "the thread reserving memory ended without a word".into(),
+                ))
+            }
+        }
+    }
+
+    /// Stop a reservation under way (`reserve` on another thread, which then fails) or made:
+    /// its stub, `stub` as set by `reserve`, is killed. The stub is only ever reaped by the
+    /// thread reserving, so its PID cannot have been reused.
+    pub fn abandon(stub: &std::sync::atomic::AtomicI32) {
+        let pid = stub.load(std::sync::atomic::Ordering::SeqCst);
+        if pid > 0 {
+            // SAFETY: kill(2) has no memory effects; `pid` is our own unreaped stub.
+            unsafe {
+                libc::kill(pid, libc::SIGKILL);
+            }
+        }
+    }
+
+    pub fn pid(&self) -> i32 {
+        self.pid
+    }
+
+    /// Bytes reserved.
+    pub fn bytes(&self) -> u64 {
+        self.pool.1 - self.pool.0
+    }
+
+    /// The stub, running untraced (seize it at once), and where its reserved memory is.
+    fn hand_over(mut self) -> (i32, (u64, u64)) {
+        if let Some(c) = self.ctl.take() {
+            let _ = c.send(true);
+        }
+        if let Some(h) = self.holder.take() {
+            let _ = h.join();
+        }
+        (self.pid, self.pool)
+    }
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        if let Some(c) = self.ctl.take() {
+            let _ = c.send(false);
+        }
+        if let Some(h) = self.holder.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// madvise(2): fault every page of a range in, writable (Linux 5.14).
+const MADV_POPULATE_WRITE: u64 = 23;
+
+/// The highest start, 2 MiB-aligned, of `len` free bytes below 0x7000_0000_0000 that stays a
+/// 2 MiB gap away from every range of `taken` (so that it merges with none of them).
+fn free_gap(taken: &[(u64, u64)], len: u64) -> Option<u64> {
+    const LOW: u64 = 0x1000_0000;
+    let mut t = taken.to_vec();
+    t.sort_unstable();
+    let mut top = 0x7000_0000_0000u64;
+    let fits = |lo: u64, top: u64| -> Option<u64> {
+        let c = top.checked_sub(RESERVE_ALIGN + len)? & !(RESERVE_ALIGN - 1);
+        (c >= lo.checked_add(RESERVE_ALIGN)?.max(LOW)).then_some(c)
+    };
+    for &(s, e) in t.iter().rev() {
+        if s >= top {
+            continue;
+        }
+        if let Some(c) = fits(e, top) {
+            return Some(c);
+        }
+        top = s;
+    }
+    fits(0, top)
 }
 
 /// Mappings that a warm process can hold: no memory shared with another process of the tree
@@ -173,11 +376,48 @@ pub struct WarmTree {
     /// /proc/PID/mem of the process, for pages written again.
     mem: Option<std::fs::File>,
     pub built_ms: f64,
+    /// Bytes of its memory moved in from a reservation (resident before any page came).
+    pub moved_in: u64,
+}
+
+/// The mappings of `layout` that reserved memory (`bytes` of it) goes into, largest first:
+/// private anonymous memory (not a stack, which grows down, nor huge pages) at least three
+/// quarters resident, so that few of the pages moved in stay zero.
+fn worth_moving_in(layout: &WarmLayout, bytes: u64) -> Vec<&MappingImage> {
+    let mut c: Vec<&MappingImage> = layout
+        .mappings
+        .iter()
+        .zip(layout.resident_kb.iter().chain(std::iter::repeat(&0)))
+        .filter(|(m, &kb)| {
+            crate::memory::lazy_eligible(m)
+                && m.kind != MapKind::Stack
+                && m.thp_kb == 0
+                && !m.advice.iter().any(|a| a == "hugepage")
+                && kb * 1024 * 4 >= (m.end - m.start) * 3
+        })
+        .map(|(m, _)| m)
+        .collect();
+    c.sort_by_key(|m| std::cmp::Reverse(m.end - m.start));
+    let mut left = bytes;
+    c.retain(|m| {
+        let fits = m.end - m.start <= left;
+        if fits {
+            left -= m.end - m.start;
+        }
+        fits
+    });
+    c
 }
 
 /// Create the process of `layout` (its PID, its mappings), stopped, traced by the calling
 /// thread (which must be the one that restores it later).
 pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
+    prebuild_with(layout, None)
+}
+
+/// `prebuild`, from memory reserved ahead for the process when there is some (its largest,
+/// mostly resident mappings of private anonymous memory are moved in from there).
+pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Result<WarmTree> {
     let t0 = Instant::now();
     if let Some(m) = layout.mappings.iter().find(|m| !warmable(m)) {
         return Err(EngineError::Failed(format!(
@@ -186,7 +426,17 @@ pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
         )));
     }
     crate::memory::check_files(&layout.mappings)?;
-    let stub = spawn_stub(Some(layout.pid))?;
+    let (stub, pool) = match reserved {
+        Some(r) if r.pid == layout.pid => {
+            let (stub, pool) = r.hand_over();
+            (stub, Some(pool))
+        }
+        other => {
+            // Reserved for another PID: let go of it (and of the PID it holds) first.
+            drop(other);
+            (spawn_stub(Some(layout.pid))?, None)
+        }
+    };
     let frozen = match Frozen::freeze_owned(stub) {
         Ok(f) => f,
         Err(e) => {
@@ -220,15 +470,58 @@ pub fn prebuild(layout: WarmLayout) -> Result<WarmTree> {
         took: RangeSet::default(),
         mem: None,
         built_ms: 0.0,
+        moved_in: 0,
     };
     let t = tree.target.as_mut().unwrap();
     crate::restore::prepare(t, &tree.layout.mappings)?;
+    // The reserved memory goes out of the way of the layout first (its pages move with it).
+    let pool = match pool {
+        Some((a, b)) => {
+            let mut taken: Vec<(u64, u64)> = procfs::read_maps(stub)?
+                .iter()
+                .map(|m| (m.start, m.end))
+                .collect();
+            taken.extend(tree.layout.mappings.iter().map(|m| (m.start, m.end)));
+            let to = free_gap(&taken, b - a).ok_or_else(|| {
+                EngineError::Failed(format!(
+                    "no room for {} MiB of reserved memory beside the layout",
+                    (b - a) >> 20
+                ))
+            })?;
+            t.sys(
+                "mremap of reserved memory out of the layout's way",
+                libc::SYS_mremap,
+                [
+                    a,
+                    b - a,
+                    b - a,
+                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                    to,
+                    0,
+                ],
+            )?;
+            Some((to, to + (b - a)))
+        }
+        None => None,
+    };
     crate::memory::restore_layout(
         t,
         &tree.layout.mappings,
         &mut Default::default(),
         &Default::default(),
+        pool,
     )?;
+    if let Some(pool) = pool {
+        let chosen = worth_moving_in(&tree.layout, pool.1 - pool.0);
+        let moved = crate::memory::move_in(t, pool, &chosen)?;
+        // Present already (zero where nothing comes): written over like pages sent again, and
+        // held here only.
+        for (s, e) in moved {
+            tree.written.insert(s, e);
+            tree.took.insert(s, e);
+            tree.moved_in += e - s;
+        }
+    }
     // Registered before anything is written there, as the restore would.
     let uffd = ferry_sys::uffd::LazyUffd::new(&mut t.frozen)?;
     for m in tree
@@ -627,6 +920,56 @@ mod tests {
             thp_kb: 0,
             huge_page_kb: 0,
         }
+    }
+
+    #[test]
+    fn reserved_memory_goes_to_a_gap_clear_of_everything() {
+        const M: u64 = 2 << 20;
+        let top = 0x7000_0000_0000u64;
+        // Nothing taken: just under the top, aligned.
+        assert_eq!(free_gap(&[], 10 * M), Some(top - 11 * M));
+        // A mapping near the top: below it, a 2 MiB gap away.
+        let taken = [(top - 5 * M, top - 4 * M)];
+        let g = free_gap(&taken, 10 * M).unwrap();
+        assert!(g + 10 * M + M <= top - 5 * M && g % M == 0, "{g:#x}");
+        // Too small a gap between two mappings is skipped.
+        let taken = [(top - 20 * M, top - 10 * M), (top - 8 * M, top - M)];
+        let g = free_gap(&taken, 4 * M).unwrap();
+        assert!(g + 5 * M <= top - 20 * M, "{g:#x}");
+        // No room at all.
+        assert_eq!(free_gap(&[(0, top)], M), None);
+    }
+
+    #[test]
+    fn reserved_memory_goes_to_the_largest_mostly_resident_anonymous_mappings() {
+        let big = |start: u64, pages: u64, kind: MapKind| {
+            let mut x = m(start, kind);
+            x.end = start + pages * 4096;
+            x
+        };
+        let mut file = big(0x100_0000, 256, MapKind::File);
+        file.path = Some("/lib/x.so".into());
+        let layout = WarmLayout {
+            pid: 1,
+            mappings: vec![
+                big(0x1000_0000, 1024, MapKind::Anon), // 4 MiB, all resident
+                big(0x2000_0000, 2048, MapKind::Anon), // 8 MiB, a quarter resident
+                big(0x3000_0000, 512, MapKind::Heap),  // 2 MiB, all resident
+                big(0x4000_0000, 256, MapKind::Stack), // a stack grows down: never
+                file,                                  // not anonymous: never
+            ],
+            resident_kb: vec![4096, 2048, 2048, 1024, 1024],
+        };
+        let pick = |bytes: u64| -> Vec<u64> {
+            worth_moving_in(&layout, bytes)
+                .iter()
+                .map(|m| m.start)
+                .collect()
+        };
+        assert_eq!(pick(64 << 20), vec![0x1000_0000, 0x3000_0000]);
+        // What does not fit in the reservation is left out.
+        assert_eq!(pick(5 << 20), vec![0x1000_0000]);
+        assert_eq!(pick(3 << 20), vec![0x3000_0000]);
     }
 
     #[test]

@@ -47,6 +47,21 @@ struct Shared {
     started: Instant,
     /// Post-copy page connections, waiting for their migration's restore.
     page_conns: Mutex<HashMap<String, (Conn, std::io::BufReader<crate::tls::ConnReader>)>>,
+    /// Memory being made resident, or resident, for prepared migrations.
+    reservations: Mutex<HashMap<String, Reserving>>,
+}
+
+/// Memory reserved for a prepared migration, on its way (a thread making it resident), and
+/// the PID of the stub holding it once there is one.
+type Reserving = (
+    std::thread::JoinHandle<Option<ferry_engine::warm::Reservation>>,
+    Arc<std::sync::atomic::AtomicI32>,
+);
+
+/// Let go of a reservation (its stub is killed, its PID free) without holding up the caller.
+fn release(r: Reserving) {
+    ferry_engine::warm::Reservation::abandon(&r.1);
+    std::thread::spawn(move || drop(r.0.join()));
 }
 
 impl Shared {
@@ -175,6 +190,9 @@ fn expire_prepared(s: &Shared) {
             m.state = "cancelled".into();
             m.error = Some("prepared, but no stream came before it expired".into());
             let _ = std::fs::remove_dir_all(s.cfg.state_dir.join(&m.id));
+            if let Some(r) = s.reservations.lock().unwrap().remove(&m.id) {
+                release(r);
+            }
         }
     }
 }
@@ -232,11 +250,20 @@ async fn prepare(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Respons
         let _ = std::fs::remove_dir_all(&dir);
         return err(StatusCode::INSUFFICIENT_STORAGE, &e.to_string());
     }
+    // Pre-copy writes its pages straight into the process built ahead: that memory is made
+    // resident now, so the migration does not wait on first touch of fresh memory.
+    let reserving = req.mode == "precopy" && std::env::var_os("FERRY_NO_RESERVE").is_none();
     let prepared = Prepared {
         verdict,
         reserved_bytes: req.memory_bytes.max(4096),
         mem_available: avail,
         expires_unix: now_unix() + PREPARED_TTL_S,
+        memory: if reserving {
+            "reserving".into()
+        } else {
+            format!("none: {} does not build the process ahead", req.mode)
+        },
+        ..Default::default()
     };
     let info = MigrationInfo {
         id: id.clone(),
@@ -249,6 +276,31 @@ async fn prepare(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Respons
         ..Default::default()
     };
     s.migrations.lock().unwrap().insert(id.clone(), info);
+    if reserving {
+        let (sh, mid, pid, bytes) = (s.clone(), id.clone(), req.pid, req.memory_bytes);
+        let stub = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let st = stub.clone();
+        let job = std::thread::spawn(move || {
+            let r = ferry_engine::warm::Reservation::reserve(pid, bytes, st);
+            sh.update(&mid, |m| {
+                if let Some(p) = m.prepared.as_mut() {
+                    match &r {
+                        Ok(r) => {
+                            p.memory = "resident".into();
+                            p.memory_bytes = r.bytes();
+                            p.memory_ms = r.populate_ms;
+                        }
+                        Err(e) => p.memory = format!("failed: {e}"),
+                    }
+                }
+            });
+            r.ok()
+        });
+        s.reservations
+            .lock()
+            .unwrap()
+            .insert(id.clone(), (job, stub));
+    }
     (
         StatusCode::CREATED,
         Json(Created {
@@ -291,6 +343,9 @@ async fn cancel(State(s): St, h: HeaderMap, AxPath(id): AxPath<String>) -> Respo
             if m.state == "prepared" {
                 // Nothing runs for it yet: its reservation goes now.
                 let _ = std::fs::remove_dir_all(s.cfg.state_dir.join(&id));
+                if let Some(r) = s.reservations.lock().unwrap().remove(&id) {
+                    release(r);
+                }
             }
             m.state = "cancelled".into();
             Json(m.clone()).into_response()
@@ -365,6 +420,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         bytes_received: AtomicU64::new(0),
         started: Instant::now(),
         page_conns: Mutex::new(HashMap::new()),
+        reservations: Mutex::new(HashMap::new()),
     });
     if let Some(ns) = &shared.cfg.netns {
         // Incoming trees are rebuilt by threads spawned from here: they inherit it.
@@ -471,6 +527,9 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     }
     let id = hello.id.clone();
     *id_out = id.clone();
+    // Memory reserved when it was prepared: the process is built from it, or it goes before
+    // the process is built without it (its stub holds the PID).
+    let mut reserving = s.reservations.lock().unwrap().remove(&id);
     s.update(&id, |m| {
         m.state = "receiving".into();
         if let Some(mode) = &hello.mode {
@@ -575,9 +634,25 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                     Ok(_) if pages_seen || warm.is_some() => {
                         warm_note = Some("not used: its layout came after pages".into());
                     }
-                    Ok(l) => match ferry_engine::warm::prebuild(l) {
+                    Ok(l) => match ferry_engine::warm::prebuild_with(
+                        l,
+                        // Only pre-copy writes every page straight into it; otherwise it
+                        // goes (and its PID is free) before the process is built.
+                        reserving
+                            .take()
+                            .and_then(|(j, _)| j.join().ok().flatten())
+                            .filter(|_| lazy_too),
+                    ) {
                         Ok(w) => {
                             warm_note = Some(format!("built in {:.1} ms", w.built_ms));
+                            if w.moved_in > 0 {
+                                warm_note = Some(format!(
+                                    "built in {:.1} ms, {} MiB of its memory moved in resident \
+                                     from the reservation",
+                                    w.built_ms,
+                                    w.moved_in >> 20
+                                ));
+                            }
                             warm = Some(w);
                         }
                         Err(e) => warm_note = Some(format!("not built: {e}")),
@@ -629,6 +704,11 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         r.map_err(|e| fail(&mut conn, e))?;
     }
     drop((meta, pages));
+    if let Some((j, stub)) = reserving.take() {
+        // Never used: its stub would hold the PID the restore needs.
+        ferry_engine::warm::Reservation::abandon(&stub);
+        drop(j.join());
+    }
     ferry_sys::timeline::mark(|| "flushed".into());
     s.update(&id, |m| m.state = "restoring".into());
     let flush_ms = t_commit.elapsed().as_secs_f64() * 1e3;

@@ -78,6 +78,16 @@ pub struct Prepared {
     pub mem_available: u64,
     /// The reservation is released when no stream arrives by then.
     pub expires_unix: u64,
+    /// Memory made resident ahead for the process (pre-copy only): `reserving`, `resident`,
+    /// `failed: why`, or `none: why`. The warm process is built from it.
+    #[serde(default)]
+    pub memory: String,
+    /// Bytes of it resident.
+    #[serde(default)]
+    pub memory_bytes: u64,
+    /// How long making it resident took.
+    #[serde(default)]
+    pub memory_ms: f64,
 }
 
 /// Reply to `POST /v1/migrations`.

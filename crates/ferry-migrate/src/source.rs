@@ -311,7 +311,7 @@ pub fn prepare(o: &MigrateOptions) -> Result<Created> {
     gate(o.pid, &host.profile, o.force)?;
     let scan = ferry_cpu::process::scan_process(o.pid, ferry_cpu::scan::Mode::Paths)
         .map_err(|e| MigrateError::Failed(format!("scanning process {}: {e}", o.pid)))?;
-    http.post(
+    let mut created: Created = http.post(
         "/v1/prepare",
         &Prepare {
             pid: o.pid,
@@ -323,7 +323,20 @@ pub fn prepare(o: &MigrateOptions) -> Result<Created> {
             source_profile: ferry_cpu::profile::CpuProfile::host().ok(),
             force: o.force,
         },
-    )
+    )?;
+    // Ready once the memory reserved for it is resident (or could not be).
+    let end = Instant::now() + Duration::from_secs(600);
+    while created
+        .prepared
+        .as_ref()
+        .is_some_and(|p| p.memory == "reserving")
+        && Instant::now() < end
+    {
+        std::thread::sleep(Duration::from_millis(50));
+        let m: MigrationInfo = http.get(&format!("/v1/migrations/{}", created.id))?;
+        created.prepared = m.prepared;
+    }
+    Ok(created)
 }
 
 pub fn migrate(o: &MigrateOptions, progress: &ProgressFn) -> Result<MigrateReport> {

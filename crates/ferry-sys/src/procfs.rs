@@ -164,6 +164,8 @@ pub struct SmapsEntry {
     pub vm_flags: Vec<String>,
     pub kernel_page_kb: u64,
     pub anon_huge_kb: u64,
+    /// Resident memory of the mapping (smaps Rss), KiB.
+    pub rss_kb: u64,
 }
 
 /// Parse the text of `/proc/PID/smaps`.
@@ -202,6 +204,7 @@ pub fn parse_smaps(text: &str) -> Result<Vec<SmapsEntry>> {
             "VmFlags" => cur.vm_flags = v.split_whitespace().map(str::to_string).collect(),
             "KernelPageSize" => cur.kernel_page_kb = kb()?,
             "AnonHugePages" => cur.anon_huge_kb = kb()?,
+            "Rss" => cur.rss_kb = kb()?,
             _ => {}
         }
     }

@@ -93,6 +93,27 @@ impl Drop for Pinned {
     }
 }
 
+/// Run process `pid` (one thread) only when a CPU has nothing else to do (SCHED_IDLE), or
+/// back as usual (SCHED_OTHER). For work done ahead, such as making memory resident, that
+/// must not take CPU time from the workloads beside it.
+pub fn set_idle(pid: i32, idle: bool) -> crate::Result<()> {
+    let p = libc::sched_param { sched_priority: 0 };
+    let policy = if idle {
+        libc::SCHED_IDLE
+    } else {
+        libc::SCHED_OTHER
+    };
+    // SAFETY: sched_setscheduler reads `p` only, which outlives the call.
+    let rc = unsafe { libc::sched_setscheduler(pid, policy, &p) };
+    if rc != 0 {
+        return Err(crate::Error::io(
+            format!("setting the scheduling policy of process {pid}"),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -31,6 +31,10 @@ pub struct DemoArgs {
     /// the demo as a benchmark of a loaded server.
     #[arg(long, default_value_t = 0)]
     dataset_mib: u64,
+    /// Prepare each migration ahead (`ferry migrate --prepare-only`, then `--prepared`): the
+    /// destination checks the process and, for pre-copy, makes memory resident for it first.
+    #[arg(long)]
+    prepare: bool,
     #[arg(long)]
     json: bool,
 }
@@ -411,18 +415,18 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         interrupted()?;
         let before = acked.load(Ordering::SeqCst);
         worst_us.store(0, Ordering::Relaxed);
-        let mut m = match from_ns_init {
-            // From host b, `ferry migrate` runs in b's PID namespace, where the process is.
-            Some(init) => {
-                let mut c = Command::new("nsenter");
-                c.args(["-t", &init.to_string(), "--pid", "--mount"])
-                    .arg(&me);
-                c
-            }
-            None => Command::new(&me),
-        };
-        let out = m
-            .args([
+        let migrate = || {
+            let mut m = match from_ns_init {
+                // From host b, `ferry migrate` runs in b's PID namespace, where the process is.
+                Some(init) => {
+                    let mut c = Command::new("nsenter");
+                    c.args(["-t", &init.to_string(), "--pid", "--mount"])
+                        .arg(&me);
+                    c
+                }
+                None => Command::new(&me),
+            };
+            m.args([
                 "migrate",
                 "--pid",
                 &spid.to_string(),
@@ -431,9 +435,34 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
             ])
             .arg("--token-file")
             .arg(dir.join("token"))
-            .args(["--move-address", &format!("{vip}/24"), "--json"])
-            .args(["--mode", &a.mode])
-            .output()?;
+            .args(["--json", "--mode", &a.mode]);
+            m
+        };
+        let mut prepared = None;
+        if a.prepare {
+            let t = std::time::Instant::now();
+            let out = migrate().arg("--prepare-only").output()?;
+            if !out.status.success() {
+                bail!(
+                    "preparing migration {} failed: {}",
+                    hop + 1,
+                    String::from_utf8_lossy(&out.stderr).trim()
+                );
+            }
+            let p: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            eprintln!(
+                "ferry demo: prepared on {to} in {:.0} ms: memory {} ({:.0} MiB)",
+                t.elapsed().as_secs_f64() * 1e3,
+                p["prepared"]["memory"].as_str().unwrap_or("?"),
+                p["prepared"]["memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
+            );
+            prepared = p["id"].as_str().map(str::to_string);
+        }
+        let mut m = migrate();
+        if let Some(id) = &prepared {
+            m.args(["--prepared", id]);
+        }
+        let out = m.args(["--move-address", &format!("{vip}/24")]).output()?;
         if !out.status.success() {
             bail!(
                 "migration {} failed: {}",

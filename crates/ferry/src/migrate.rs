@@ -162,12 +162,22 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
                     let p = c.prepared.unwrap_or_default();
                     println!(
                         "prepared migration {} of process {} on {}: verdict {}, {:.1} MiB \
-                         reserved, until unix time {}; start it with --prepared {}",
+                         reserved, memory {}{}, until unix time {}; start it with --prepared {}",
                         c.id,
                         a.pid,
                         a.to,
                         p.verdict,
                         p.reserved_bytes as f64 / 1048576.0,
+                        p.memory,
+                        if p.memory_bytes > 0 {
+                            format!(
+                                " ({:.1} MiB in {:.0} ms)",
+                                p.memory_bytes as f64 / 1048576.0,
+                                p.memory_ms
+                            )
+                        } else {
+                            String::new()
+                        },
                         p.expires_unix,
                         c.id
                     );

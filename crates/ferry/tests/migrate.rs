@@ -111,6 +111,11 @@ impl Agent {
 
     /// Our PID of the process that is `inner` in the agent's PID namespace.
     fn outer_pid(&self, inner: i64) -> u32 {
+        self.find_pid(inner)
+            .unwrap_or_else(|| panic!("no process {inner} in the agent's namespace"))
+    }
+
+    fn find_pid(&self, inner: i64) -> Option<u32> {
         let ns = std::fs::read_link(format!("/proc/{}/ns/pid", self.init_pid())).unwrap();
         for e in std::fs::read_dir("/proc").unwrap().flatten() {
             let Ok(p) = e.file_name().to_string_lossy().parse::<u32>() else {
@@ -122,10 +127,10 @@ impl Agent {
             let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap_or_default();
             let nspid = st.lines().find(|l| l.starts_with("NSpid:")).unwrap_or("");
             if nspid.split_whitespace().last() == Some(&inner.to_string()) {
-                return p;
+                return Some(p);
             }
         }
-        panic!("no process {inner} in the agent's namespace");
+        None
     }
 
     fn kill(&mut self) {
@@ -1195,6 +1200,93 @@ fn the_destination_killed_during_postcopy_leaves_the_process_at_the_source() {
     check_pass(pid, &out, 1);
     child.kill().unwrap();
     child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A pre-copy migration prepared ahead: the agent makes memory resident for the process (a
+/// stub holding its PID and the memory), and the process built at the destination takes that
+/// memory in (moved, not copied) before the pages arrive. Its memory is intact after, its
+/// resident size at the destination is about the source's (the pages moved in but never
+/// written are few), and a cancelled reservation lets go of the PID and the memory.
+#[test]
+fn a_prepared_precopy_migration_moves_reserved_memory_in() {
+    let dir = tmpdir("migrate-resv");
+    let a = Agent::start(&dir, 28, &[]);
+    let (mut child, out) = start_dirtier(&dir, "96", "1000");
+    let pid = child.id();
+    let rss = |p: u32| -> u64 {
+        let st = std::fs::read_to_string(format!("/proc/{p}/status")).unwrap();
+        st.lines()
+            .find(|l| l.starts_with("VmRSS:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .unwrap()
+            .parse::<u64>()
+            .unwrap()
+            << 10
+    };
+    let prep = || {
+        let o = migrate(pid, &a, &["--prepare-only", "--mode", "precopy"]);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        json(&o)
+    };
+    // The stub that holds the reservation runs in the agent's PID namespace with the PID.
+    let stub_of = || a.find_pid(pid as i64);
+    let p = prep();
+    let id = p["id"].as_str().unwrap().to_string();
+    assert_eq!(p["prepared"]["memory"], "resident", "{p}");
+    let src_rss = rss(pid);
+    let held = p["prepared"]["memory_bytes"].as_u64().unwrap();
+    assert!(held >= 96 << 20, "{p}");
+    let stub = stub_of().expect("a stub holds the reserved memory");
+    assert!(
+        rss(stub) >= 96 << 20,
+        "the reserved memory is resident: {}",
+        rss(stub)
+    );
+    assert!(running(pid), "preparing froze nothing");
+    // Cancelled: the stub goes, and with it the memory and the PID.
+    let mut s = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
+    write!(
+        s,
+        "DELETE /v1/migrations/{id} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+    )
+    .unwrap();
+    let mut body = String::new();
+    s.read_to_string(&mut body).unwrap();
+    assert!(body.contains("cancelled"), "{body}");
+    let end = Instant::now() + Duration::from_secs(10);
+    while stub_of().is_some() {
+        assert!(
+            Instant::now() < end,
+            "the cancelled reservation's stub is still there"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+
+    let id = prep()["id"].as_str().unwrap().to_string();
+    let o = migrate(pid, &a, &["--prepared", &id, "--mode", "precopy"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    let warm = r["restore"]["agent"]["warm"].as_str().unwrap_or("");
+    assert!(
+        warm.contains("moved in resident from the reservation"),
+        "{r}"
+    );
+    assert_eq!(r["restore"]["warm"], "used", "{r}");
+    child.wait().unwrap();
+    let p1 = a.outer_pid(pid as i64);
+    check_pass(p1, &out, 1);
+    let dst_rss = rss(p1);
+    eprintln!(
+        "resident: source {} MiB, destination {} MiB",
+        src_rss >> 20,
+        dst_rss >> 20
+    );
+    assert!(
+        dst_rss <= src_rss + src_rss / 4 + (8 << 20),
+        "destination resident {dst_rss} against {src_rss} at the source"
+    );
+    drop(a);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
