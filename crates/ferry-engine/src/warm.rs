@@ -931,7 +931,10 @@ mod tests {
         // A mapping near the top: below it, a 2 MiB gap away.
         let taken = [(top - 5 * M, top - 4 * M)];
         let g = free_gap(&taken, 10 * M).unwrap();
-        assert!(g + 10 * M + M <= top - 5 * M && g.is_multiple_of(M), "{g:#x}");
+        assert!(
+            g + 10 * M + M <= top - 5 * M && g.is_multiple_of(M),
+            "{g:#x}"
+        );
         // Too small a gap between two mappings is skipped.
         let taken = [(top - 20 * M, top - 10 * M), (top - 8 * M, top - M)];
         let g = free_gap(&taken, 4 * M).unwrap();

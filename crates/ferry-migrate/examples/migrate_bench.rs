@@ -7,7 +7,9 @@
 //!
 //! `cargo build --release && cargo run --release -p ferry-migrate --example migrate_bench
 //! [-- SIZE_MIB ...]` (default 256 1024). `FERRY_BENCH_MODES` and `FERRY_BENCH_RATES` pick
-//! modes and rates (comma-separated), `FERRY_BENCH_JSON=FILE` appends each report to FILE. Needs musl-gcc (the workload is the tests'
+//! modes and rates (comma-separated), `FERRY_BENCH_JSON=FILE` appends each report to FILE,
+//! `FERRY_BENCH_PREPARE=1` prepares each migration first (`ferry migrate --prepare-only`).
+//! Needs musl-gcc (the workload is the tests'
 //! `dirtier` fixture) and the `ferry` binary in target/release.
 
 use ferry_migrate::source::{migrate, MigrateOptions, Mode};
@@ -230,7 +232,7 @@ fn main() {
                 let mut line = [0u8; 6];
                 w.stdout.as_mut().unwrap().read_exact(&mut line).unwrap();
                 std::thread::sleep(Duration::from_millis(300));
-                let o = MigrateOptions {
+                let mut o = MigrateOptions {
                     pid: w.id() as i32,
                     to: format!("http://127.0.0.1:{}", agent.port),
                     token: Some(TOKEN.into()),
@@ -244,6 +246,14 @@ fn main() {
                     tls: None,
                     prepared: None,
                 };
+                // Prepared ahead, as a planned move would be: the destination's memory for
+                // pre-copy is made resident before the migration starts (not timed).
+                if std::env::var_os("FERRY_BENCH_PREPARE").is_some() {
+                    match ferry_migrate::source::prepare(&o) {
+                        Ok(c) => o.prepared = Some(c.id),
+                        Err(e) => println!("{mib:>6} {rate:>8} {mode:?}: preparing failed: {e}"),
+                    }
+                }
                 match migrate(&o, &|_, _, _| {}) {
                     Ok(r) => {
                         if let Ok(path) = std::env::var("FERRY_BENCH_JSON") {
