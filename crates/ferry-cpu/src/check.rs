@@ -88,6 +88,15 @@ fn has_label(target: &CpuProfile, label: &str) -> Result<(), String> {
     }
 }
 
+/// `target` offers every usable feature and every enabled state component of `source`: a
+/// process running on `source` runs there whatever its code holds, and `check_ferry` finds
+/// it compatible whatever the scan found (every feature the target lacks, the source lacks
+/// too; every state component in use is enabled on the source, so on the target).
+pub fn offers_all_of(target: &CpuProfile, source: &CpuProfile) -> bool {
+    source.usable_features.is_subset(&target.usable_features)
+        && source.xsave.xcr0 & !target.xsave.xcr0 == 0
+}
+
 /// Ferry's verdict: every feature the reachable code needs must be usable on the target, every
 /// state component in use must be enabled there, and undecodable reachable code makes the
 /// answer unknown.
@@ -141,10 +150,7 @@ pub fn check_ferry(
     // A destination offering everything the source offers runs whatever runs on the source,
     // undecodable bytes included. (Any feature such a destination lacks, the source lacks
     // too: it is in `neither`, never in `missing`.)
-    let superset = source.is_some_and(|s| {
-        s.usable_features.is_subset(&target.usable_features)
-            && s.xsave.xcr0 & !target.xsave.xcr0 == 0
-    });
+    let superset = source.is_some_and(|s| offers_all_of(target, s));
     if !neither.is_empty() {
         reasons.push(format!(
             "{} feature(s) used by reachable code are offered by neither {} nor the source {}: \
@@ -412,5 +418,41 @@ mod tests {
         let v = check_ferry(&[uses("AVX512F")], &[], Some(0x3), &nehalem, None);
         assert_eq!(v.verdict, Outcome::Incompatible);
         assert!(v.neither.is_empty());
+    }
+
+    /// The gate's shortcut: a target offering all of the source's features and state
+    /// components is compatible for any scan, and only then.
+    #[test]
+    fn a_target_offering_all_of_the_source_is_compatible_whatever_the_code() {
+        let (nehalem, haswell) = (model("Nehalem-v1", 0x3), model("Haswell-v1", 0x7));
+        assert!(offers_all_of(&haswell, &nehalem));
+        assert!(offers_all_of(&haswell, &haswell));
+        assert!(!offers_all_of(&nehalem, &haswell));
+        // The same CPU with AVX state not enabled by its OS offers less.
+        let no_avx_state = model("Haswell-v1", 0x3);
+        assert!(!offers_all_of(&no_avx_state, &haswell));
+        let odd = Example {
+            address: "0x1000".into(),
+            ..Example::default()
+        };
+        for scan in [
+            vec![uses("AVX2"), uses("AVX512F"), uses("SSE4_2")],
+            vec![uses("AMX-TILE")],
+        ] {
+            for unknown in [vec![], vec![odd.clone()]] {
+                for in_use in [0x3, 0x7] {
+                    let v = check_ferry(&scan, &unknown, Some(in_use), &haswell, Some(&haswell));
+                    assert_eq!(v.verdict, Outcome::Compatible, "{:?}", v.reasons);
+                    if in_use == 0x3 {
+                        let v =
+                            check_ferry(&scan, &unknown, Some(in_use), &haswell, Some(&nehalem));
+                        assert_eq!(v.verdict, Outcome::Compatible, "{:?}", v.reasons);
+                    }
+                }
+            }
+        }
+        // Not a superset: the scan decides.
+        let v = check_ferry(&[uses("AVX2")], &[], Some(0x3), &nehalem, Some(&haswell));
+        assert_eq!(v.verdict, Outcome::Incompatible);
     }
 }

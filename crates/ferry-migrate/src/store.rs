@@ -262,6 +262,23 @@ impl BasePages for Shared {
 impl Drop for PageStore {
     fn drop(&mut self) {
         let _ = std::fs::remove_file(&self.path);
+        // Its pages (all of them when the store was reserved ahead: a GiB or more on tmpfs)
+        // are freed on a thread of low priority, a slice at a time, not by the caller (the
+        // filler, whose report waits) and not all at once beside the moved process.
+        if let Ok(f) = self.file.try_clone() {
+            std::thread::spawn(move || {
+                ferry_sys::sched::background_thread();
+                const SLICE: u64 = 64 << 20;
+                let mut len = f.metadata().map(|m| m.len()).unwrap_or(0);
+                while len > SLICE {
+                    len -= SLICE;
+                    if f.set_len(len).is_err() {
+                        break;
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(2));
+                }
+            });
+        }
     }
 }
 

@@ -369,9 +369,13 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
     conn.set_read_timeout(Some(Duration::from_secs(30)))?;
     let acked = Arc::new(AtomicI64::new(-1));
     let worst_us = Arc::new(AtomicU64::new(0));
+    // When the slowest write ended, in µs since `epoch`.
+    let epoch = Instant::now();
+    let worst_at = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(AtomicBool::new(false));
     let writer = {
         let (acked, worst_us, stop) = (acked.clone(), worst_us.clone(), stop.clone());
+        let worst_at = worst_at.clone();
         let mut w = conn.try_clone()?;
         let mut r = BufReader::new(conn.try_clone()?);
         std::thread::spawn(move || -> Result<()> {
@@ -383,7 +387,10 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
                 if got != "+OK" {
                     bail!("write {n}: {got}");
                 }
-                worst_us.fetch_max(t.elapsed().as_micros() as u64, Ordering::Relaxed);
+                let took = t.elapsed().as_micros() as u64;
+                if worst_us.fetch_max(took, Ordering::Relaxed) < took {
+                    worst_at.store(epoch.elapsed().as_micros() as u64, Ordering::Relaxed);
+                }
                 acked.store(n, Ordering::SeqCst);
                 n += 1;
             }
@@ -450,16 +457,24 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
                 );
             }
             let p: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            // The client's slowest write while preparing, apart from the migration's.
+            let stall = worst_us.swap(0, Ordering::Relaxed) as f64 / 1e3;
             eprintln!(
-                "ferry demo: prepared on {to} in {:.0} ms: memory {} ({:.0} MiB)",
+                "ferry demo: prepared on {to} in {:.0} ms: memory {} ({:.0} MiB); the client's \
+                 slowest write meanwhile took {stall:.1} ms",
                 t.elapsed().as_secs_f64() * 1e3,
                 p["prepared"]["memory"].as_str().unwrap_or("?"),
                 p["prepared"]["memory_bytes"].as_f64().unwrap_or(0.0) / 1048576.0
             );
-            prepared = p["id"].as_str().map(str::to_string);
+            prepared = Some((
+                p["id"].as_str().unwrap_or_default().to_string(),
+                t.elapsed().as_secs_f64() * 1e3,
+                stall,
+            ));
         }
+        let started_us = epoch.elapsed().as_micros() as i64;
         let mut m = migrate();
-        if let Some(id) = &prepared {
+        if let Some((id, _, _)) = &prepared {
             m.args(["--prepared", id]);
         }
         let out = m.args(["--move-address", &format!("{vip}/24")]).output()?;
@@ -473,15 +488,27 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
         pause()?;
         let stall = worst_us.load(Ordering::Relaxed) as f64 / 1e3;
+        // From the start of `ferry migrate` to the end of that write.
+        let stall_at = (worst_at.load(Ordering::Relaxed) as i64 - started_us) as f64 / 1e3;
         eprintln!(
-            "ferry demo: moved to {to}: downtime {:.1} ms, total {:.0} ms, {} round(s), {:.1} MiB; the client's slowest write took {stall:.1} ms, {} writes acknowledged since",
+            "ferry demo: moved to {to}: downtime {:.1} ms, total {:.0} ms, {} round(s), {:.1} MiB; the client's slowest write took {stall:.1} ms (ending {stall_at:.0} ms after the migration began), {} writes acknowledged since",
             r["downtime_ms"].as_f64().unwrap_or(0.0),
             r["total_ms"].as_f64().unwrap_or(0.0),
             r["rounds"].as_array().map(|v| v.len()).unwrap_or(0),
             r["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
             acked.load(Ordering::SeqCst) - before
         );
-        reports.push(serde_json::json!({ "to": to, "report": r, "client_worst_write_ms": stall }));
+        let mut hop = serde_json::json!({
+            "to": to,
+            "report": r,
+            "client_worst_write_ms": stall,
+            "client_worst_write_end_ms": stall_at,
+        });
+        if let Some((_, ms, prep_stall)) = prepared {
+            hop["prepare_ms"] = ms.into();
+            hop["client_worst_write_while_preparing_ms"] = prep_stall.into();
+        }
+        reports.push(hop);
     }
     stop.store(true, Ordering::Relaxed);
     writer

@@ -252,6 +252,13 @@ fn precopy_then_stop_and_copy_keep_memory_intact() {
     );
     assert_eq!(r["restored_pid"].as_i64(), Some(pid as i64));
     assert!(!r["rounds"].as_array().unwrap().is_empty());
+    // Both agents run on this CPU: whatever runs here runs there, so the gate said
+    // compatible without reading the process's memory.
+    assert_eq!(r["verdict"], "compatible", "{r}");
+    assert!(
+        r["notes"].to_string().contains("compatible without a scan"),
+        "{r}"
+    );
     // The destination built the process while memory crossed, and the rebuild used it.
     assert!(
         r["restore"]["agent"]["warm"]
