@@ -150,6 +150,9 @@ pub struct DowntimePhases {
     pub commit_sent_ms: f64,
     /// From Go until Done: killing nothing (post-copy) or the source copy, the tree resuming.
     pub go_to_done_ms: f64,
+    /// From Done until the destination said its memory is whole (Filled): not downtime,
+    /// part of the total.
+    pub done_to_filled_ms: f64,
 }
 
 /// What progress to show while migrating: (phase, bytes so far, round).
@@ -901,6 +904,7 @@ fn migrate_inner(
         }
     })();
     let downtime_ms = frozen_at.elapsed().as_secs_f64() * 1e3;
+    let t_done = t0.elapsed().as_secs_f64() * 1e3;
     ferry_sys::timeline::mark(|| "done".into());
     let timeline = ferry_sys::timeline::take();
     phases.go_to_done_ms = tg.elapsed().as_secs_f64() * 1e3;
@@ -1009,6 +1013,7 @@ fn migrate_inner(
     // Memory is whole at the destination: the migration is done. The source copy's exit
     // (freeing its memory: ~0.1-0.2 s per GiB here) comes after.
     let total_ms = t0.elapsed().as_secs_f64() * 1e3;
+    phases.done_to_filled_ms = total_ms - t_done;
     if !post {
         // It runs at the destination: ours goes now, outside the downtime.
         if let Some(h) = held.take() {
