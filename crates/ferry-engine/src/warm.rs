@@ -95,19 +95,19 @@ pub struct Reservation {
     holder: Option<std::thread::JoinHandle<()>>,
 }
 
+/// The stub of a reservation under way, once it exists (a pidfd: killing through it can never
+/// hit a later process that took the PID), for `Reservation::abandon`.
+pub type StubHandle = std::sync::Arc<std::sync::Mutex<Option<std::os::fd::OwnedFd>>>;
+
 /// Memory is reserved in whole 2 MiB units.
 const RESERVE_ALIGN: u64 = 2 << 20;
 
 impl Reservation {
     /// Reserve `bytes` of resident memory for process `pid` (whose PID it takes here too).
     /// Blocks while the memory is made resident (about as long as first touch of that much).
-    /// `stub` is set to the stub's PID once it exists: killing it stops the reservation
+    /// `stub` is set to the stub once it exists: killing it stops the reservation
     /// (`abandon`).
-    pub fn reserve(
-        pid: i32,
-        bytes: u64,
-        stub: std::sync::Arc<std::sync::atomic::AtomicI32>,
-    ) -> Result<Reservation> {
+    pub fn reserve(pid: i32, bytes: u64, stub: StubHandle) -> Result<Reservation> {
         use std::sync::mpsc::channel;
         let len = bytes.div_ceil(RESERVE_ALIGN).max(1) * RESERVE_ALIGN;
         let (tx, rx) = channel::<Result<((u64, u64), f64)>>();
@@ -124,7 +124,7 @@ impl Reservation {
                         return;
                     }
                 };
-                stub_pid.store(stub, std::sync::atomic::Ordering::SeqCst);
+                *stub_pid.lock().unwrap() = ferry_sys::net::pidfd_open(stub).ok();
                 let frozen = match Frozen::freeze_owned(stub) {
                     Ok(f) => f,
                     Err(e) => {
@@ -195,15 +195,11 @@ impl Reservation {
     }
 
     /// Stop a reservation under way (`reserve` on another thread, which then fails) or made:
-    /// its stub, `stub` as set by `reserve`, is killed. The stub is only ever reaped by the
-    /// thread reserving, so its PID cannot have been reused.
-    pub fn abandon(stub: &std::sync::atomic::AtomicI32) {
-        let pid = stub.load(std::sync::atomic::Ordering::SeqCst);
-        if pid > 0 {
-            // SAFETY: kill(2) has no memory effects; `pid` is our own unreaped stub.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-            }
+    /// its stub, `stub` as set by `reserve`, is killed (through its pidfd: if it is gone
+    /// already, nothing is).
+    pub fn abandon(stub: &StubHandle) {
+        if let Some(fd) = stub.lock().unwrap().as_ref() {
+            let _ = ferry_sys::net::pidfd_kill(fd, libc::SIGKILL);
         }
     }
 
@@ -246,8 +242,16 @@ const MADV_POPULATE_WRITE: u64 = 23;
 /// 2 MiB gap away from every range of `taken` (so that it merges with none of them).
 fn free_gap(taken: &[(u64, u64)], len: u64) -> Option<u64> {
     const LOW: u64 = 0x1000_0000;
-    let mut t = taken.to_vec();
-    t.sort_unstable();
+    // Sorted and merged: ranges may nest (a stub's maps beside a layout's).
+    let mut sorted = taken.to_vec();
+    sorted.sort_unstable();
+    let mut t: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
+    for (s, e) in sorted {
+        match t.last_mut() {
+            Some(last) if s <= last.1 => last.1 = last.1.max(e),
+            _ => t.push((s, e)),
+        }
+    }
     let mut top = 0x7000_0000_0000u64;
     let fits = |lo: u64, top: u64| -> Option<u64> {
         let c = top.checked_sub(RESERVE_ALIGN + len)? & !(RESERVE_ALIGN - 1);
@@ -378,6 +382,9 @@ pub struct WarmTree {
     pub built_ms: f64,
     /// Bytes of its memory moved in from a reservation (resident before any page came).
     pub moved_in: u64,
+    /// Memory moved in from a reservation: present (zero where nothing came), so pages are
+    /// written over there, not copied in with the userfaultfd.
+    moved: RangeSet,
 }
 
 /// The mappings of `layout` that reserved memory (`bytes` of it) goes into, largest first:
@@ -389,7 +396,9 @@ fn worth_moving_in(layout: &WarmLayout, bytes: u64) -> Vec<&MappingImage> {
         .iter()
         .zip(layout.resident_kb.iter().chain(std::iter::repeat(&0)))
         .filter(|(m, &kb)| {
+            // Pre-copy tracks writable memory only: the rest would be dropped at the commit.
             crate::memory::lazy_eligible(m)
+                && m.write
                 && m.kind != MapKind::Stack
                 && m.thp_kb == 0
                 && !m.advice.iter().any(|a| a == "hugepage")
@@ -471,6 +480,7 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
         mem: None,
         built_ms: 0.0,
         moved_in: 0,
+        moved: RangeSet::default(),
     };
     let t = tree.target.as_mut().unwrap();
     crate::restore::prepare(t, &tree.layout.mappings)?;
@@ -482,25 +492,26 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
                 .map(|m| (m.start, m.end))
                 .collect();
             taken.extend(tree.layout.mappings.iter().map(|m| (m.start, m.end)));
-            let to = free_gap(&taken, b - a).ok_or_else(|| {
-                EngineError::Failed(format!(
-                    "no room for {} MiB of reserved memory beside the layout",
-                    (b - a) >> 20
-                ))
-            })?;
-            t.sys(
-                "mremap of reserved memory out of the layout's way",
-                libc::SYS_mremap,
-                [
-                    a,
-                    b - a,
-                    b - a,
-                    (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
-                    to,
-                    0,
-                ],
-            )?;
-            Some((to, to + (b - a)))
+            match free_gap(&taken, b - a) {
+                Some(to) => {
+                    t.sys(
+                        "mremap of reserved memory out of the layout's way",
+                        libc::SYS_mremap,
+                        [
+                            a,
+                            b - a,
+                            b - a,
+                            (libc::MREMAP_MAYMOVE | libc::MREMAP_FIXED) as u64,
+                            to,
+                            0,
+                        ],
+                    )?;
+                    Some((to, to + (b - a)))
+                }
+                // No room for it beside the layout: built without it (the layout's own
+                // unmapping of the stub's memory takes it).
+                None => None,
+            }
         }
         None => None,
     };
@@ -518,7 +529,7 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
         // held here only.
         for (s, e) in moved {
             tree.written.insert(s, e);
-            tree.took.insert(s, e);
+            tree.moved.insert(s, e);
             tree.moved_in += e - s;
         }
     }
@@ -601,23 +612,34 @@ impl WarmTree {
     /// written over where sent before.
     fn write_lazy(&mut self, at: u64, data: &[u8]) -> Result<()> {
         let end = at + data.len() as u64;
-        let pieces = (self
+        // Written here before (true), or present since it was moved in from a reservation
+        // (true), or missing (false).
+        let mut pieces: Vec<(u64, u64, bool)> = self
             .took
             .within(at, end)
             .into_iter()
-            .map(|(a, b)| (a, b, true)))
-        .chain(
-            self.took
-                .gaps(at, end)
-                .into_iter()
-                .map(|(a, b)| (a, b, false)),
-        )
-        .collect::<Vec<_>>();
+            .map(|(a, b)| (a, b, true))
+            .collect();
+        for (s, e) in self.took.gaps(at, end) {
+            pieces.extend(
+                self.moved
+                    .within(s, e)
+                    .into_iter()
+                    .map(|(a, b)| (a, b, true)),
+            );
+            pieces.extend(
+                self.moved
+                    .gaps(s, e)
+                    .into_iter()
+                    .map(|(a, b)| (a, b, false)),
+            );
+        }
         let uffd = self.uffd.as_ref().expect("a warm tree has its userfaultfd");
         for (a, b, present) in pieces {
             let d = &data[(a - at) as usize..(b - at) as usize];
             if present {
                 self.write_mem(a, d)?;
+                self.took.insert(a, b);
                 continue;
             }
             let mut off = 0u64;
@@ -818,6 +840,7 @@ impl WarmTree {
         for (a, b) in stale.runs() {
             self.written.remove(a, b);
             self.took.remove(a, b);
+            self.moved.remove(a, b);
         }
         r
     }
@@ -846,6 +869,7 @@ impl WarmTree {
                 )?;
                 self.written.remove(s, e);
                 self.took.remove(s, e);
+                self.moved.remove(s, e);
                 self.direct.remove(s, e);
                 self.lazy.remove(s, e);
             }
@@ -941,6 +965,10 @@ mod tests {
         assert!(g + 5 * M <= top - 20 * M, "{g:#x}");
         // No room at all.
         assert_eq!(free_gap(&[(0, top)], M), None);
+        // Nested ranges (a stub's maps beside a layout's): nothing inside the outer one.
+        let taken = [(top - 40 * M, top - M), (top - 30 * M, top - 29 * M)];
+        let g = free_gap(&taken, 4 * M).unwrap();
+        assert!(g + 5 * M <= top - 40 * M, "{g:#x}");
     }
 
     #[test]

@@ -55,13 +55,40 @@ struct Shared {
 /// the PID of the stub holding it once there is one.
 type Reserving = (
     std::thread::JoinHandle<Option<ferry_engine::warm::Reservation>>,
-    Arc<std::sync::atomic::AtomicI32>,
+    ferry_engine::warm::StubHandle,
 );
 
 /// Let go of a reservation (its stub is killed, its PID free) without holding up the caller.
 fn release(r: Reserving) {
     ferry_engine::warm::Reservation::abandon(&r.1);
     std::thread::spawn(move || drop(r.0.join()));
+}
+
+/// Let go of the memory reserved for other prepared migrations of process `pid`: their stubs
+/// hold the PID that this migration's process needs. They stay prepared, without it.
+fn release_for_pid(s: &Shared, pid: i32) {
+    let ids: Vec<String> = s
+        .migrations
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|m| m.pid == pid && m.state == "prepared")
+        .map(|m| m.id.clone())
+        .collect();
+    for id in ids {
+        let r = s.reservations.lock().unwrap().remove(&id);
+        if let Some((job, stub)) = r {
+            // Here and now: the PID must be free when this returns.
+            ferry_engine::warm::Reservation::abandon(&stub);
+            drop(job.join());
+            s.update(&id, |m| {
+                if let Some(p) = m.prepared.as_mut() {
+                    p.memory = "none: let go for another migration of the process".into();
+                    p.memory_bytes = 0;
+                }
+            });
+        }
+    }
 }
 
 impl Shared {
@@ -137,6 +164,8 @@ async fn create(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Response
         Ok(r) => r,
         Err(e) => return err(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
     };
+    expire_prepared(&s);
+    release_for_pid(&s, req.pid);
     let id = format!(
         "m{}-{}",
         now_unix(),
@@ -252,7 +281,11 @@ async fn prepare(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Respons
     }
     // Pre-copy writes its pages straight into the process built ahead: that memory is made
     // resident now, so the migration does not wait on first touch of fresh memory.
-    let reserving = req.mode == "precopy" && std::env::var_os("FERRY_NO_RESERVE").is_none();
+    // Held twice until the stream comes when the state directory is a tmpfs (the page
+    // store's room and the reserved memory): both must fit.
+    let reserving = req.mode == "precopy"
+        && std::env::var_os("FERRY_NO_RESERVE").is_none()
+        && avail / 2 >= req.memory_bytes;
     let prepared = Prepared {
         verdict,
         reserved_bytes: req.memory_bytes.max(4096),
@@ -260,6 +293,12 @@ async fn prepare(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Respons
         expires_unix: now_unix() + PREPARED_TTL_S,
         memory: if reserving {
             "reserving".into()
+        } else if req.mode == "precopy" && std::env::var_os("FERRY_NO_RESERVE").is_none() {
+            format!(
+                "none: {} MiB available here, not twice the {} MiB expected",
+                avail >> 20,
+                req.memory_bytes >> 20
+            )
         } else {
             format!("none: {} does not build the process ahead", req.mode)
         },
@@ -277,8 +316,9 @@ async fn prepare(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Respons
     };
     s.migrations.lock().unwrap().insert(id.clone(), info);
     if reserving {
+        release_for_pid(&s, req.pid);
         let (sh, mid, pid, bytes) = (s.clone(), id.clone(), req.pid, req.memory_bytes);
-        let stub = Arc::new(std::sync::atomic::AtomicI32::new(0));
+        let stub = ferry_engine::warm::StubHandle::default();
         let st = stub.clone();
         let job = std::thread::spawn(move || {
             let r = ferry_engine::warm::Reservation::reserve(pid, bytes, st);
@@ -422,6 +462,15 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         page_conns: Mutex::new(HashMap::new()),
         reservations: Mutex::new(HashMap::new()),
     });
+    {
+        // Prepared migrations that no stream came for let go of what they hold (room, memory,
+        // the PID) when they expire, whether or not another request comes.
+        let s = shared.clone();
+        std::thread::spawn(move || loop {
+            std::thread::sleep(Duration::from_secs(5));
+            expire_prepared(&s);
+        });
+    }
     if let Some(ns) = &shared.cfg.netns {
         // Incoming trees are rebuilt by threads spawned from here: they inherit it.
         ferry_sys::net::enter_netns(ns).map_err(ferry_engine::EngineError::from)?;
@@ -603,6 +652,13 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         let r = match kind {
             Kind::Pages => wire::page_runs(&buf).and_then(|runs| {
                 pages_seen = true;
+                if warm.is_none() {
+                    if let Some((_, stub)) = &reserving {
+                        // No process is built ahead now: its stub goes (reaped before the
+                        // restore, which needs the PID), not while the source is frozen.
+                        ferry_engine::warm::Reservation::abandon(stub);
+                    }
+                }
                 round_bytes += buf.len() as u64;
                 runs.into_iter().try_for_each(|(pid, addr, data)| {
                     let rest = match warm.as_mut().map(|w| w.write(pid, addr, data, lazy_too)) {
@@ -634,15 +690,19 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                     Ok(_) if pages_seen || warm.is_some() => {
                         warm_note = Some("not used: its layout came after pages".into());
                     }
-                    Ok(l) => match ferry_engine::warm::prebuild_with(
-                        l,
+                    Ok(l) => match ferry_engine::warm::prebuild_with(l, {
                         // Only pre-copy writes every page straight into it; otherwise it
                         // goes (and its PID is free) before the process is built.
-                        reserving
-                            .take()
-                            .and_then(|(j, _)| j.join().ok().flatten())
-                            .filter(|_| lazy_too),
-                    ) {
+                        match reserving.take() {
+                            Some((job, stub)) => {
+                                if !lazy_too {
+                                    ferry_engine::warm::Reservation::abandon(&stub);
+                                }
+                                job.join().ok().flatten().filter(|_| lazy_too)
+                            }
+                            None => None,
+                        }
+                    }) {
                         Ok(w) => {
                             warm_note = Some(format!("built in {:.1} ms", w.built_ms));
                             if w.moved_in > 0 {
@@ -657,7 +717,12 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
                         }
                         Err(e) => warm_note = Some(format!("not built: {e}")),
                     },
-                    Err(e) => warm_note = Some(format!("not built: {e}")),
+                    Err(e) => {
+                        warm_note = Some(format!("not built: {e}"));
+                        if let Some((_, stub)) = &reserving {
+                            ferry_engine::warm::Reservation::abandon(stub);
+                        }
+                    }
                 }
                 Ok(())
             }

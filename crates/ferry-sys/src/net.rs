@@ -812,3 +812,25 @@ pub fn change_addr(add: bool, ifindex: u32, addr: std::net::Ipv4Addr, prefix: u8
     }
     Err(Error::Parse("rtnetlink: no acknowledgement".into()))
 }
+
+/// Send `sig` to the process behind `pidfd`: unlike kill(2), never to a later process that
+/// took its PID once it was reaped (then it fails with ESRCH).
+pub fn pidfd_kill(pidfd: &OwnedFd, sig: i32) -> Result<()> {
+    // SAFETY: pidfd_send_signal takes an fd we own, a signal number and no siginfo.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_pidfd_send_signal,
+            pidfd.as_raw_fd(),
+            sig,
+            std::ptr::null::<libc::siginfo_t>(),
+            0,
+        )
+    };
+    if rc < 0 {
+        return Err(crate::Error::io(
+            "pidfd_send_signal",
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}

@@ -1270,7 +1270,18 @@ fn a_prepared_precopy_migration_moves_reserved_memory_in() {
         std::thread::sleep(Duration::from_millis(20));
     }
 
-    let id = prep()["id"].as_str().unwrap().to_string();
+    // Prepared twice: the first lets its memory (and the PID) go to the second.
+    let first = prep()["id"].as_str().unwrap().to_string();
+    let p = prep();
+    assert_eq!(p["prepared"]["memory"], "resident", "{p}");
+    let id = p["id"].as_str().unwrap().to_string();
+    let m = a.get(&format!("/v1/migrations/{first}"));
+    assert!(
+        m["prepared"]["memory"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("none: let go")),
+        "{m}"
+    );
     let o = migrate(pid, &a, &["--prepared", &id, "--mode", "precopy"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r = json(&o);
