@@ -154,6 +154,20 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
             .transpose()?,
     };
     if a.prepare_only {
+        if std::io::IsTerminal::is_terminal(&std::io::stderr()) && !a.json {
+            // Making the memory resident takes about as long as first touch of that much.
+            eprintln!(
+                "ferry: preparing the migration of process {} on {}: the agent checks its CPU \
+                 needs and reserves room{} ...",
+                a.pid,
+                a.to,
+                if o.mode == ferry_migrate::source::Mode::Precopy {
+                    " and memory"
+                } else {
+                    ""
+                }
+            );
+        }
         return match ferry_migrate::source::prepare(&o) {
             Ok(c) => {
                 if a.json {
