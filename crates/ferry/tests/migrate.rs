@@ -1308,6 +1308,39 @@ fn a_prepared_precopy_migration_moves_reserved_memory_in() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Memory reserved for a prepared migration holds the process's PID at the destination: a
+/// migration of the same process announced without `--prepared` takes the PID back from it
+/// (the prepared one stays, without its memory) and moves the process intact.
+#[test]
+fn an_unprepared_migration_takes_the_pid_back_from_a_reservation() {
+    let dir = tmpdir("migrate-resv2");
+    let a = Agent::start(&dir, 29, &[]);
+    let (mut child, out) = start_dirtier(&dir, "32", "1000");
+    let pid = child.id();
+    let o = migrate(pid, &a, &["--prepare-only", "--mode", "precopy"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let p = json(&o);
+    assert_eq!(p["prepared"]["memory"], "resident", "{p}");
+    let id = p["id"].as_str().unwrap().to_string();
+    assert!(a.find_pid(pid as i64).is_some(), "a stub holds the PID");
+    let o = migrate(pid, &a, &["--mode", "precopy"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    assert_ne!(r["migration"], id.as_str(), "{r}");
+    child.wait().unwrap();
+    check_pass(a.outer_pid(pid as i64), &out, 1);
+    let m = a.get(&format!("/v1/migrations/{id}"));
+    assert_eq!(m["state"], "prepared", "{m}");
+    assert!(
+        m["prepared"]["memory"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("none: let go")),
+        "{m}"
+    );
+    drop(a);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A migration prepared ahead: the agent gives its own CPU verdict and reserves disk for the
 /// memory (the page store is allocated), a reservation too large for its state directory is
 /// refused with the reason, a cancelled one frees its room, and the prepared migration then
