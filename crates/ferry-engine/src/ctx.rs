@@ -37,6 +37,17 @@ const DATA_OFFSET: u64 = 16384;
 const TABLE_LEN: usize = ((DATA_OFFSET - TABLE_OFFSET) / 64) as usize;
 
 impl Target {
+    /// A process held by `frozen`, with no area of ours in it yet (`restore::prepare` maps it).
+    pub fn new(pid: i32, frozen: Frozen) -> Target {
+        Target {
+            pid,
+            frozen,
+            page: 0,
+            queued: Vec::new(),
+            staged: 0,
+        }
+    }
+
     /// Inject a syscall in the main thread; a negative result becomes an error naming `what`.
     pub fn sys(&mut self, what: &str, nr: i64, args: [u64; 6]) -> Result<u64> {
         self.sys_in(self.pid, what, nr, args)

@@ -521,13 +521,7 @@ pub fn restore_held_with(
             targets.push(t);
         } else {
             let frozen = Frozen::freeze_owned(stub)?;
-            targets.push(Target {
-                pid: stub,
-                frozen,
-                page: 0,
-                queued: Vec::new(),
-                staged: 0,
-            });
+            targets.push(Target::new(stub, frozen));
             let all: Vec<MappingImage> = imgs
                 .iter()
                 .flat_map(|i| i.mappings.iter().cloned())
@@ -549,13 +543,8 @@ pub fn restore_held_with(
             let page = parent.page;
             let mut frozen = Frozen::freeze_owned(child)?;
             frozen.set_syscall_insn(page);
-            let mut ct = Target {
-                pid: child,
-                frozen,
-                page,
-                queued: Vec::new(),
-                staged: 0,
-            };
+            let mut ct = Target::new(child, frozen);
+            ct.page = page;
             crate::attrs::restore_session(&mut ct, img.pid, &img.attrs)?;
             targets.push(ct);
         }

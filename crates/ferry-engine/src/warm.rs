@@ -133,13 +133,7 @@ impl Reservation {
                         return;
                     }
                 };
-                let mut t = Target {
-                    pid: stub,
-                    frozen,
-                    page: 0,
-                    queued: Vec::new(),
-                    staged: 0,
-                };
+                let mut t = Target::new(stub, frozen);
                 let made = (|| -> Result<(u64, u64)> {
                     crate::restore::prepare(&mut t, &[])?;
                     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
@@ -243,15 +237,7 @@ const MADV_POPULATE_WRITE: u64 = 23;
 fn free_gap(taken: &[(u64, u64)], len: u64) -> Option<u64> {
     const LOW: u64 = 0x1000_0000;
     // Sorted and merged: ranges may nest (a stub's maps beside a layout's).
-    let mut sorted = taken.to_vec();
-    sorted.sort_unstable();
-    let mut t: Vec<(u64, u64)> = Vec::with_capacity(sorted.len());
-    for (s, e) in sorted {
-        match t.last_mut() {
-            Some(last) if s <= last.1 => last.1 = last.1.max(e),
-            _ => t.push((s, e)),
-        }
-    }
+    let t: Vec<(u64, u64)> = taken.iter().copied().collect::<RangeSet>().runs().collect();
     let mut top = 0x7000_0000_0000u64;
     let fits = |lo: u64, top: u64| -> Option<u64> {
         let c = top.checked_sub(RESERVE_ALIGN + len)? & !(RESERVE_ALIGN - 1);
@@ -454,13 +440,7 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
         }
     };
     let mut tree = WarmTree {
-        target: Some(Target {
-            pid: stub,
-            frozen,
-            page: 0,
-            queued: Vec::new(),
-            staged: 0,
-        }),
+        target: Some(Target::new(stub, frozen)),
         uffd: None,
         direct: layout
             .mappings

@@ -58,10 +58,15 @@ type Reserving = (
     ferry_engine::warm::StubHandle,
 );
 
-/// Let go of a reservation (its stub is killed, its PID free) without holding up the caller.
+/// Let go of a reservation: its stub is killed, and its PID is free when this returns.
+fn let_go((job, stub): Reserving) {
+    ferry_engine::warm::Reservation::abandon(&stub);
+    drop(job.join());
+}
+
+/// `let_go`, without holding up the caller.
 fn release(r: Reserving) {
-    ferry_engine::warm::Reservation::abandon(&r.1);
-    std::thread::spawn(move || drop(r.0.join()));
+    std::thread::spawn(move || let_go(r));
 }
 
 /// Let go of the memory reserved for other prepared migrations of process `pid`: their stubs
@@ -77,10 +82,9 @@ fn release_for_pid(s: &Shared, pid: i32) {
         .collect();
     for id in ids {
         let r = s.reservations.lock().unwrap().remove(&id);
-        if let Some((job, stub)) = r {
+        if let Some(r) = r {
             // Here and now: the PID must be free when this returns.
-            ferry_engine::warm::Reservation::abandon(&stub);
-            drop(job.join());
+            let_go(r);
             s.update(&id, |m| {
                 if let Some(p) = m.prepared.as_mut() {
                     p.memory = "none: let go for another migration of the process".into();
@@ -769,10 +773,9 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         r.map_err(|e| fail(&mut conn, e))?;
     }
     drop((meta, pages));
-    if let Some((j, stub)) = reserving.take() {
+    if let Some(r) = reserving.take() {
         // Never used: its stub would hold the PID the restore needs.
-        ferry_engine::warm::Reservation::abandon(&stub);
-        drop(j.join());
+        let_go(r);
     }
     ferry_sys::timeline::mark(|| "flushed".into());
     s.update(&id, |m| m.state = "restoring".into());

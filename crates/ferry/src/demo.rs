@@ -445,18 +445,24 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
             .args(["--json", "--mode", &a.mode]);
             m
         };
-        let mut prepared = None;
-        if a.prepare {
-            let t = std::time::Instant::now();
-            let out = migrate().arg("--prepare-only").output()?;
+        // A `ferry migrate` run's JSON report, or why it failed.
+        let report = |mut c: Command, what: &str| -> Result<serde_json::Value> {
+            let out = c.output()?;
             if !out.status.success() {
                 bail!(
-                    "preparing migration {} failed: {}",
+                    "{what} {} failed: {}",
                     hop + 1,
                     String::from_utf8_lossy(&out.stderr).trim()
                 );
             }
-            let p: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+            Ok(serde_json::from_slice(&out.stdout)?)
+        };
+        let mut prepared = None;
+        if a.prepare {
+            let t = std::time::Instant::now();
+            let mut c = migrate();
+            c.arg("--prepare-only");
+            let p = report(c, "preparing migration")?;
             // The client's slowest write while preparing, apart from the migration's.
             let stall = worst_us.swap(0, Ordering::Relaxed) as f64 / 1e3;
             eprintln!(
@@ -477,15 +483,8 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         if let Some((id, _, _)) = &prepared {
             m.args(["--prepared", id]);
         }
-        let out = m.args(["--move-address", &format!("{vip}/24")]).output()?;
-        if !out.status.success() {
-            bail!(
-                "migration {} failed: {}",
-                hop + 1,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-        }
-        let r: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+        m.args(["--move-address", &format!("{vip}/24")]);
+        let r = report(m, "migration")?;
         pause()?;
         let stall = worst_us.load(Ordering::Relaxed) as f64 / 1e3;
         // From the start of `ferry migrate` to the end of that write.

@@ -93,6 +93,19 @@ impl Agent {
         self.try_get(path).expect("agent API")
     }
 
+    /// `DELETE /v1/migrations/{id}`: the whole response.
+    fn cancel(&self, id: &str) -> String {
+        let mut s = TcpStream::connect((self.host.as_str(), self.port)).unwrap();
+        write!(
+            s,
+            "DELETE /v1/migrations/{id} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
+        )
+        .unwrap();
+        let mut body = String::new();
+        s.read_to_string(&mut body).unwrap();
+        body
+    }
+
     /// The agent process (PID 1 of its namespace), seen from here: the child of `unshare`
     /// (which nsenter may have become).
     fn init_pid(&self) -> u32 {
@@ -205,6 +218,13 @@ fn check_pass(pid: u32, out: &Path, n: usize) {
         assert!(Instant::now() < end, "no verdict {n}: {s}");
         std::thread::sleep(Duration::from_millis(10));
     }
+}
+
+/// A prepared migration whose reserved memory went to another migration of its process.
+fn let_go(m: &serde_json::Value) -> bool {
+    m["prepared"]["memory"]
+        .as_str()
+        .is_some_and(|s| s.starts_with("none: let go"))
 }
 
 fn running(pid: u32) -> bool {
@@ -1252,14 +1272,7 @@ fn a_prepared_precopy_migration_moves_reserved_memory_in() {
     );
     assert!(running(pid), "preparing froze nothing");
     // Cancelled: the stub goes, and with it the memory and the PID.
-    let mut s = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
-    write!(
-        s,
-        "DELETE /v1/migrations/{id} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
+    let body = a.cancel(&id);
     assert!(body.contains("cancelled"), "{body}");
     let end = Instant::now() + Duration::from_secs(10);
     while stub_of().is_some() {
@@ -1276,12 +1289,7 @@ fn a_prepared_precopy_migration_moves_reserved_memory_in() {
     assert_eq!(p["prepared"]["memory"], "resident", "{p}");
     let id = p["id"].as_str().unwrap().to_string();
     let m = a.get(&format!("/v1/migrations/{first}"));
-    assert!(
-        m["prepared"]["memory"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("none: let go")),
-        "{m}"
-    );
+    assert!(let_go(&m), "{m}");
     let o = migrate(pid, &a, &["--prepared", &id, "--mode", "precopy"]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let r = json(&o);
@@ -1331,12 +1339,7 @@ fn an_unprepared_migration_takes_the_pid_back_from_a_reservation() {
     check_pass(a.outer_pid(pid as i64), &out, 1);
     let m = a.get(&format!("/v1/migrations/{id}"));
     assert_eq!(m["state"], "prepared", "{m}");
-    assert!(
-        m["prepared"]["memory"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("none: let go")),
-        "{m}"
-    );
+    assert!(let_go(&m), "{m}");
     drop(a);
     let _ = std::fs::remove_dir_all(&dir);
 }
@@ -1390,14 +1393,7 @@ fn a_prepared_migration_reserves_room_and_then_runs() {
     assert!(running(pid), "preparing froze nothing");
 
     // Cancelled: the room is free again.
-    let mut s = TcpStream::connect(("127.0.0.1", a.port)).unwrap();
-    write!(
-        s,
-        "DELETE /v1/migrations/{id} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\n\r\n"
-    )
-    .unwrap();
-    let mut body = String::new();
-    s.read_to_string(&mut body).unwrap();
+    let body = a.cancel(&id);
     assert!(body.contains("cancelled"), "{body}");
     assert!(!store.exists(), "the reservation was kept");
 
