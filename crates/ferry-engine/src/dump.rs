@@ -313,11 +313,10 @@ fn overlapping<'a>(
 /// buffers for the pages, and the BPF program that reads mapping flags. Without BPF, smaps
 /// serves (slower, as it walks the page tables): the error says why BPF cannot.
 pub fn prepare_for_freeze() -> Result<()> {
-    memory::warm_buffers();
-    // Signal dispositions fall back to injected syscalls quietly: only slower.
-    let _ = ferry_sys::sighand::prepare();
-    let _ = ferry_sys::taskstate::prepare();
-    Ok(ferry_sys::vmaflags::prepare()?)
+    // Faulting the buffers in (~9 ms) need not hold up the caller: the freeze is far off.
+    std::thread::spawn(memory::warm_buffers);
+    // Signal dispositions and thread state fall back to other readers quietly: only slower.
+    Ok(ferry_sys::vmaflags::prepare_all()?)
 }
 
 /// The smaps entries of a frozen process's mappings `maps` from its own `vm_flags` (read with
@@ -519,8 +518,7 @@ pub fn dump_into(
 ) -> Result<(Held, DumpStats)> {
     memory::warm_buffers();
     // Loaded before the freeze (once per process), not during it.
-    let _ = ferry_sys::sighand::prepare();
-    let _ = ferry_sys::taskstate::prepare();
+    let _ = ferry_sys::vmaflags::prepare_all();
     let t0 = Instant::now();
     ferry_sys::timeline::mark(|| "freezing".into());
     procfs::check_inspectable(pid)?;

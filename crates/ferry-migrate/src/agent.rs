@@ -539,8 +539,10 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     if &greet != wire::GREETING {
         return Err(MigrateError::Protocol("not a Ferry page stream".into()));
     }
-    let mut rd = std::io::BufReader::with_capacity(1 << 20, conn.reader().map_err(io("dup"))?);
-    let mut buf = Vec::new();
+    // Small: page data bypasses it (`read_frame` reads whole pieces), so what it holds is
+    // copied once more.
+    let mut rd = std::io::BufReader::with_capacity(64 << 10, conn.reader().map_err(io("dup"))?);
+    let mut buf = wire::FrameBuf::default();
     if wire::read_frame(&mut rd, &mut buf)? != Kind::Hello {
         return Err(MigrateError::Protocol(
             "the stream did not start with Hello".into(),

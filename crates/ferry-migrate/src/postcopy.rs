@@ -77,7 +77,7 @@ impl PageServer {
         let mut rd = BufReader::new(conn.reader().map_err(io("dup"))?);
         let n = served.clone();
         let thread = std::thread::spawn(move || -> Result<()> {
-            let mut buf = Vec::new();
+            let mut buf = wire::FrameBuf::default();
             let mut data = Vec::new();
             // Each process's pagemap, opened once for all its requests.
             let mut pagemaps = std::collections::HashMap::new();
@@ -180,7 +180,7 @@ type Key = (i32, u64, usize);
 struct Link {
     rd: BufReader<ConnReader>,
     w: BufWriter<ConnWriter>,
-    buf: Vec<u8>,
+    buf: wire::FrameBuf,
     /// Requests sent whose answers are not read yet, oldest first (answers come in order).
     asked: std::collections::VecDeque<Key>,
     /// Answers read before their fetch, oldest first.
@@ -233,7 +233,7 @@ impl Link {
             // Never fetched: filling went elsewhere (a fault, an event).
             self.kept.pop_front();
         }
-        self.kept.push_back((k, std::mem::take(&mut self.buf)));
+        self.kept.push_back((k, self.buf.take()));
     }
 }
 
@@ -255,7 +255,7 @@ impl RemoteConn {
             io: Mutex::new(Link {
                 rd,
                 w,
-                buf: Vec::new(),
+                buf: wire::FrameBuf::default(),
                 asked: Default::default(),
                 kept: Default::default(),
             }),
@@ -396,7 +396,7 @@ mod tests {
         let mut rd = BufReader::new(conn.reader().unwrap());
         let mut greeting = [0u8; 8];
         rd.read_exact(&mut greeting).unwrap();
-        let mut buf = Vec::new();
+        let mut buf = wire::FrameBuf::default();
         assert_eq!(wire::read_frame(&mut rd, &mut buf).unwrap(), Kind::Hello);
         let server = server.join().unwrap().unwrap();
         (RemoteConn::new(conn, rd).unwrap(), server)

@@ -830,7 +830,7 @@ fn migrate_inner(
         ferry_sys::timeline::mark(|| "commit sent".into());
         sent += summary.page_bytes;
         progress("final", sent, rounds.len() as u32);
-        let mut buf = Vec::new();
+        let mut buf = wire::FrameBuf::default();
         rd.get_ref()
             .set_read_timeout(Some(o.io_timeout.max(Duration::from_secs(120))))
             .map_err(io("socket timeout"))?;
@@ -897,7 +897,7 @@ fn migrate_inner(
         wire::write_frame(&mut *g, Kind::Go, &[])?;
         g.flush().map_err(io("sending Go"))?;
         drop(g);
-        let mut buf = Vec::new();
+        let mut buf = wire::FrameBuf::default();
         match wire::read_frame(&mut rd, &mut buf)? {
             Kind::Done => Ok(()),
             k => Err(MigrateError::Protocol(format!("expected Done, got {k:?}"))),
@@ -914,7 +914,7 @@ fn migrate_inner(
         rd.get_ref()
             .set_read_timeout(Some(o.io_timeout.max(Duration::from_secs(600))))
             .map_err(io("socket timeout"))?;
-        let mut buf = Vec::new();
+        let mut buf = wire::FrameBuf::default();
         match wire::read_frame(&mut rd, &mut buf)? {
             Kind::Filled => wire::parse(Kind::Filled, &buf),
             Kind::Failed => Err(agent_failed(&buf, "the destination failed")?),
@@ -1051,7 +1051,7 @@ fn migrate_inner(
 
 /// Waits for the agent's RoundAck.
 fn round_ack(rd: &mut impl std::io::BufRead) -> Result<()> {
-    let mut ack = Vec::new();
+    let mut ack = wire::FrameBuf::default();
     match wire::read_frame(rd, &mut ack)? {
         Kind::RoundAck => Ok(()),
         Kind::Failed => Err(agent_failed(&ack, "the destination failed")?),

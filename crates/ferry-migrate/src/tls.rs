@@ -704,7 +704,7 @@ mod tests {
             let mut c = c.unwrap();
             assert!(c.is_tls());
             let mut rd = c.reader().unwrap();
-            let mut buf = Vec::new();
+            let mut buf = crate::wire::FrameBuf::default();
             for i in 0..50u32 {
                 assert_eq!(
                     crate::wire::read_frame(&mut rd, &mut buf).unwrap(),
@@ -732,7 +732,7 @@ mod tests {
         w.flush().unwrap();
         let mut rd = std::io::BufReader::new(c.reader().unwrap());
         let waiting = std::thread::spawn(move || {
-            let mut buf = Vec::new();
+            let mut buf = crate::wire::FrameBuf::default();
             let k = crate::wire::read_frame(&mut rd, &mut buf).unwrap();
             (k, buf, rd)
         });
@@ -767,7 +767,7 @@ mod tests {
         let (tx, rx) = std::sync::mpsc::channel();
         let (addr, h) = serve_one(Some(server(&d)), move |c| {
             let mut rd = std::io::BufReader::new(c.unwrap().reader().unwrap());
-            let (mut buf, mut n) = (Vec::new(), 0);
+            let (mut buf, mut n) = (crate::wire::FrameBuf::default(), 0);
             while crate::wire::read_frame(&mut rd, &mut buf).is_ok() {
                 n += buf.len();
             }

@@ -209,13 +209,34 @@ struct Layout {
     vm_flags: i16,
 }
 
-/// `f` of the running kernel's BTF (`/sys/kernel/btf/vmlinux`), read and parsed for the call.
+thread_local! {
+    /// The kernel's BTF while `prepare_all` loads every program with it.
+    static KEPT_BTF: std::cell::RefCell<Option<std::rc::Rc<Btf>>> = const { std::cell::RefCell::new(None) };
+}
+
+/// `f` of the running kernel's BTF (`/sys/kernel/btf/vmlinux`): the one `prepare_all` holds,
+/// or one read and parsed for the call.
 pub(crate) fn with_kernel_btf<R>(
     f: impl FnOnce(&Btf) -> std::result::Result<R, String>,
 ) -> std::result::Result<R, String> {
-    let b = std::fs::read("/sys/kernel/btf/vmlinux")
-        .map_err(|e| format!("reading /sys/kernel/btf/vmlinux: {e}"))?;
-    f(&Btf::parse(&b)?)
+    match KEPT_BTF.with(|k| k.borrow().clone()) {
+        Some(b) => f(&b),
+        None => f(&Btf::kernel()?),
+    }
+}
+
+/// Load every BPF reader of this crate now (mapping flags, signal dispositions, thread
+/// state), so that the first read of a frozen process does not pay for it. The kernel's BTF
+/// is parsed once for the three (each parse takes ~5 ms). The error is that of the mapping
+/// flags' reader, which callers report; the other two fall back quietly.
+pub fn prepare_all() -> Result<()> {
+    let kept = enabled().then(Btf::kernel).and_then(|b| b.ok());
+    KEPT_BTF.with(|k| *k.borrow_mut() = kept.map(std::rc::Rc::new));
+    let _ = crate::sighand::prepare();
+    let _ = crate::taskstate::prepare();
+    let r = prepare();
+    KEPT_BTF.with(|k| k.borrow_mut().take());
+    r
 }
 
 fn load() -> std::result::Result<OwnedFd, String> {
@@ -297,15 +318,46 @@ pub(crate) const KIND_STRUCT: u32 = 4;
 const KIND_UNION: u32 = 5;
 pub(crate) const KIND_FUNC: u32 = 12;
 
-/// Just enough of a BTF reader: each type's kind, name and, for structs and unions, members.
-pub(crate) struct Btf<'a> {
-    strings: &'a [u8],
-    /// Per type id (from 1): (kind, name offset, kind_flag, size or type, what follows).
-    types: Vec<(u32, u32, bool, u32, &'a [u8])>,
+/// The bytes of a BTF blob: mapped where the kernel allows it (6.16 and later map
+/// `/sys/kernel/btf/vmlinux`, no 5 MB copy), read otherwise.
+enum BtfBytes {
+    Mapped(crate::mem::MappedFile),
+    Read(Vec<u8>),
 }
 
-impl<'a> Btf<'a> {
-    pub(crate) fn parse(b: &'a [u8]) -> std::result::Result<Btf<'a>, String> {
+impl BtfBytes {
+    fn get(&self) -> &[u8] {
+        match self {
+            BtfBytes::Mapped(m) => m.bytes(),
+            BtfBytes::Read(v) => v,
+        }
+    }
+}
+
+/// Just enough of a BTF reader: each type's kind, name and, for structs and unions, members.
+pub(crate) struct Btf {
+    bytes: BtfBytes,
+    strings: std::ops::Range<usize>,
+    /// Per type id (from 1): (kind, name offset, kind_flag, size or type, where what follows
+    /// lies in `bytes`).
+    types: Vec<(u32, u32, bool, u32, std::ops::Range<usize>)>,
+}
+
+impl Btf {
+    /// The running kernel's BTF.
+    pub(crate) fn kernel() -> std::result::Result<Btf, String> {
+        const PATH: &str = "/sys/kernel/btf/vmlinux";
+        let bytes = match crate::mem::MappedFile::open(std::path::Path::new(PATH)) {
+            Ok(m) => BtfBytes::Mapped(m),
+            Err(_) => {
+                BtfBytes::Read(std::fs::read(PATH).map_err(|e| format!("reading {PATH}: {e}"))?)
+            }
+        };
+        Btf::parse(bytes)
+    }
+
+    fn parse(bytes: BtfBytes) -> std::result::Result<Btf, String> {
+        let b = bytes.get();
         let u32_at = |o: usize| -> std::result::Result<u32, String> {
             b.get(o..o + 4)
                 .map(|x| u32::from_le_bytes(x.try_into().unwrap()))
@@ -318,10 +370,13 @@ impl<'a> Btf<'a> {
         let (type_off, type_len) = (u32_at(8)? as usize, u32_at(12)? as usize);
         let (str_off, str_len) = (u32_at(16)? as usize, u32_at(20)? as usize);
         let section = |o: usize, l: usize| {
-            b.get(hdr + o..hdr + o + l)
+            let r = hdr + o..hdr + o + l;
+            b.get(r.clone())
+                .map(|_| r)
                 .ok_or_else(|| "BTF section out of bounds".to_string())
         };
-        let types_b = section(type_off, type_len)?;
+        let types_r = section(type_off, type_len)?;
+        let types_b = &b[types_r.clone()];
         let strings = section(str_off, str_len)?;
         let mut types = Vec::new();
         let mut at = 0usize;
@@ -337,17 +392,23 @@ impl<'a> Btf<'a> {
                 6 | 13 => 8 * vlen,
                 _ => 0,
             };
-            let body = types_b
-                .get(at + 12..at + 12 + extra)
-                .ok_or_else(|| "BTF type section is truncated".to_string())?;
+            if at + 12 + extra > types_b.len() {
+                return Err("BTF type section is truncated".to_string());
+            }
+            let body = types_r.start + at + 12..types_r.start + at + 12 + extra;
             types.push((kind, name, info >> 31 == 1, size_or_type, body));
             at += 12 + extra;
         }
-        Ok(Btf { strings, types })
+        Ok(Btf {
+            bytes,
+            strings,
+            types,
+        })
     }
 
     fn name(&self, off: u32) -> &[u8] {
-        let s = self.strings.get(off as usize..).unwrap_or_default();
+        let strings = &self.bytes.get()[self.strings.clone()];
+        let s = strings.get(off as usize..).unwrap_or_default();
         &s[..s.iter().position(|&c| c == 0).unwrap_or(s.len())]
     }
 
@@ -362,11 +423,11 @@ impl<'a> Btf<'a> {
     /// The bit offset of member `name` of struct or union `id`, looking into anonymous
     /// members (a field inside an unnamed union).
     pub(crate) fn member_offset(&self, id: u32, name: &str) -> Option<u32> {
-        let &(kind, _, kflag, _, body) = self.types.get(id.checked_sub(1)? as usize)?;
+        let (kind, _, kflag, _, body) = self.types.get(id.checked_sub(1)? as usize)?.clone();
         if kind != KIND_STRUCT && kind != KIND_UNION {
             return None;
         }
-        for m in body.chunks_exact(12) {
+        for m in self.bytes.get()[body].chunks_exact(12) {
             let word = |o: usize| u32::from_le_bytes(m[o..o + 4].try_into().unwrap());
             let (mname, mtype, moff) = (word(0), word(4), word(8));
             let off = if kflag { moff & 0xff_ffff } else { moff };
@@ -395,7 +456,10 @@ impl<'a> Btf<'a> {
 
     /// The size in bytes of struct or union `id`.
     pub(crate) fn size_of(&self, id: u32) -> Option<u32> {
-        let &(kind, _, _, size, _) = self.types.get(id.checked_sub(1)? as usize)?;
+        let (kind, size) = self
+            .types
+            .get(id.checked_sub(1)? as usize)
+            .map(|t| (t.0, t.3))?;
         (kind == KIND_STRUCT || kind == KIND_UNION).then_some(size)
     }
 
