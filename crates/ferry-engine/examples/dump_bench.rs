@@ -5,6 +5,10 @@
 //! alone. Figures only, no assertions.
 //!
 //! cargo run --release -p ferry-engine --example dump_bench [MiB ...]   (default 256 1024 4096)
+//!
+//! `FERRY_BENCH_IMAGES=DIR` puts the images (and the tmpfs bound's file) in DIR instead of
+//! /dev/shm: for example a tmpfs mounted with `huge=within_size`, whose 2 MiB pages take
+//! far less work to fill than /dev/shm's 4 KiB ones.
 
 use ferry_engine::dump::Leave;
 use ferry_engine::{dump, restore, DumpOptions, RestoreOptions};
@@ -57,9 +61,9 @@ fn first_touch_bound(len: usize) -> f64 {
 
 /// Writing `len` bytes into a new file on tmpfs with 4 MiB writes, GB/s: the image's pages
 /// need that much fresh memory, which on this VM can cost more than reading the process.
-fn tmpfs_write_bound(len: usize) -> f64 {
+fn tmpfs_write_bound(dir: &std::path::Path, len: usize) -> f64 {
     use std::io::Write;
-    let path = format!("/dev/shm/ferry-bench-write-{}", std::process::id());
+    let path = dir.join(format!("ferry-bench-write-{}", std::process::id()));
     let buf = vec![0x5au8; 4 << 20];
     let t = Instant::now();
     let mut f = std::fs::File::create(&path).unwrap();
@@ -209,6 +213,10 @@ fn main() {
         "(HWM: peak resident memory of the dumping / restoring process, MiB; the restorer's \
          includes the image's pages.fimg, which it maps read-only from the page cache)"
     );
+    let images = std::path::PathBuf::from(
+        std::env::var("FERRY_BENCH_IMAGES").unwrap_or_else(|_| "/dev/shm".into()),
+    );
+    println!("(images in {})", images.display());
     for mib in sizes {
         let mut c = Command::new(&bin)
             .arg(mib.to_string())
@@ -224,9 +232,8 @@ fn main() {
             .unwrap();
         let addr = u64::from_str_radix(line.trim().trim_start_matches("ready 0x"), 16).unwrap();
         let pvr = pvr_bound(pid, addr, mib << 20);
-        let shm = tmpfs_write_bound((mib << 20) as usize);
-        let img = std::path::Path::new("/dev/shm")
-            .join(format!("ferry-bench-{}-{mib}", std::process::id()));
+        let shm = tmpfs_write_bound(&images, (mib << 20) as usize);
+        let img = images.join(format!("ferry-bench-{}-{mib}", std::process::id()));
         let _ = std::fs::remove_dir_all(&img);
         let d = run_child(&["dump", &pid.to_string(), img.to_str().unwrap()]);
         c.wait().unwrap();
