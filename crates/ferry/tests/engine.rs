@@ -244,8 +244,11 @@ fn a_failed_dump_leaves_the_process_running_and_bad_images_are_refused() {
     assert!(String::from_utf8_lossy(&d.stderr).contains("does not exist"));
 }
 
-/// Threads blocked in a futex and in nanosleep, and one computing in AVX registers, with
-/// thread-local values: all restored with their TIDs and finish correctly.
+/// Threads blocked in a futex, in nanosleep and in a pipe read (which gets the bytes written
+/// after the restore), and one computing in AVX registers, with thread-local values and names
+/// of their own: all restored with their TIDs, names and the umask, and finish correctly. A
+/// signal sent to the reader alone (tgkill) while it blocks it is still pending for it, and
+/// is delivered to it once it unblocks it.
 #[test]
 fn threads_blocked_in_syscalls_and_computing_survive() {
     let Ready {
@@ -264,7 +267,7 @@ fn threads_blocked_in_syscalls_and_computing_survive() {
         v
     };
     let before = tids(pid);
-    assert_eq!(before.len(), 4);
+    assert_eq!(before.len(), 5);
     let img = dir.join("img");
     dump_ok(pid, &img);
     child.wait().unwrap();
@@ -275,6 +278,137 @@ fn threads_blocked_in_syscalls_and_computing_survive() {
     kill(pid, "USR1");
     let s = wait_for(&out, "PASS");
     assert!(!s.contains("FAIL"), "{s}");
+}
+
+/// `dump --leave-stopped`: the process is left stopped (SIGSTOP, no longer traced) and stays
+/// so; once it is killed, its image restores and verifies.
+#[test]
+fn dump_leave_stopped_leaves_the_process_stopped_and_its_image_restores() {
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("leavestopped", "memstate");
+    let pid = child.id();
+    let img = dir.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+        "--leave-stopped",
+        "--json",
+    ]);
+    assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
+    let rep: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
+    assert_eq!(rep["left"], "stopped");
+    let state = || {
+        let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+        let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        let st = stat.rsplit_once(") ").unwrap().1.chars().next().unwrap();
+        (st, status.contains("TracerPid:\t0\n"))
+    };
+    let end = Instant::now() + Duration::from_secs(5);
+    while state() != ('T', true) {
+        assert!(Instant::now() < end, "not left stopped: {:?}", state());
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(state(), ('T', true), "did not stay stopped");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+}
+
+/// A dump into a filesystem too small for the image (a 1 MiB tmpfs, 24 MiB of memory) fails
+/// naming the problem, leaves no image, and the process runs on, untraced and intact.
+#[test]
+fn a_dump_into_a_full_filesystem_fails_and_the_process_runs_on() {
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("enospc", "memstate");
+    let pid = child.id();
+    let small = dir.join("small");
+    std::fs::create_dir(&small).unwrap();
+    // Unmounted when `dir` is dropped, whether the test passes or not.
+    let st = Command::new("mount")
+        .args(["-t", "tmpfs", "-o", "size=1M", "ferryfull"])
+        .arg(&small)
+        .status()
+        .unwrap();
+    assert!(st.success(), "mount a tmpfs");
+    let img = small.join("img");
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(d.status.code(), Some(2), "the dump should fail");
+    let err = String::from_utf8_lossy(&d.stderr);
+    assert!(err.contains("No space left on device"), "{err}");
+    assert!(!img.exists(), "a failed dump left an image");
+    let end = Instant::now() + Duration::from_secs(10);
+    let st = loop {
+        let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+        if st.contains("State:\tS") || Instant::now() > end {
+            break st;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    };
+    assert!(
+        st.contains("State:\tS") && st.contains("TracerPid:\t0\n"),
+        "{st}"
+    );
+    kill(pid, "USR1");
+    assert!(child.wait().unwrap().success());
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+}
+
+/// `restore` without `--detach` waits for the restored process and exits with its status
+/// (here 3, which the fixture exits with once it has verified itself).
+#[test]
+fn restore_without_detach_passes_on_a_nonzero_exit_status() {
+    let dir = tmpdir("exit3");
+    let bin = build(&dir, "memstate");
+    let out = dir.join("out.txt");
+    let mut cmd = Command::new(&bin);
+    cmd.arg("3");
+    let mut child = start_cmd(cmd, &out);
+    wait_for(&out, "ready");
+    let pid = child.id();
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    let mut waiter = Command::new(env!("CARGO_BIN_EXE_ferry"))
+        .args(["restore", "--images", img.to_str().unwrap()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while !alive(pid) {
+        assert!(Instant::now() < end, "restored process never appeared");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let st = waiter.wait().unwrap();
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    assert_eq!(st.code(), Some(3), "exit status passed on");
 }
 
 /// Run `cmd` uninterrupted for the reference output; run it again, dump it mid-way (killing
