@@ -254,7 +254,7 @@ fn main() {
                         Err(e) => println!("{mib:>6} {rate:>8} {mode:?}: preparing failed: {e}"),
                     }
                 }
-                match migrate(&o, &|_, _, _| {}) {
+                match migrate(&o, &|_| {}) {
                     Ok(r) => {
                         if let Ok(path) = std::env::var("FERRY_BENCH_JSON") {
                             use std::io::Write;

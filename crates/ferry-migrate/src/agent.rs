@@ -655,6 +655,9 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         s.bytes_received
             .fetch_add(buf.len() as u64 + 12, Ordering::Relaxed);
         s.update(&id, |m| m.bytes_received += buf.len() as u64 + 12);
+        if t_final.is_none() && matches!(kind, Kind::ImageMeta | Kind::ImagePages) {
+            pause_point(s, "final");
+        }
         let r = match kind {
             Kind::Pages => wire::page_runs(&buf).and_then(|runs| {
                 pages_seen = true;
@@ -775,6 +778,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         r.map_err(|e| fail(&mut conn, e))?;
     }
     drop((meta, pages));
+    pause_point(s, "commit");
     if let Some(r) = reserving.take() {
         // Never used: its stub would hold the PID the restore needs.
         let_go(r);
@@ -878,6 +882,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             MigrateError::Failed("cancelled on the destination".into()),
         ));
     }
+    pause_point(s, "restored");
     wire::write_json(
         &mut conn,
         Kind::Ready,
@@ -897,8 +902,9 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             },
         }),
     )?;
-    // The source kills its copy, then says Go. Without it, ours is killed (on drop).
-    conn.set_read_timeout(Some(Duration::from_secs(30)))
+    // The source says Go (and kills its copy once we say Done). Without Go, ours is killed
+    // (on drop).
+    conn.set_read_timeout(Some(GO_WAIT))
         .map_err(io("socket timeout"))?;
     match wire::read_frame(&mut rd, &mut buf)? {
         Kind::Go => {}
@@ -965,6 +971,30 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     }
     s.update(&id, |m| m.state = "exited".into());
     Ok(())
+}
+
+/// How long a rebuilt tree is held for the source's Go before it is dropped.
+pub(crate) const GO_WAIT: Duration = Duration::from_secs(30);
+
+/// A hook for fault-injection tests: with `FERRY_AGENT_PAUSE_AT=POINT` in the agent's
+/// environment, a migration that reaches POINT (`final`: the first frame of the final image,
+/// the source frozen; `commit`: the whole image in, nothing rebuilt yet; `restored`: the tree
+/// rebuilt and held, Ready not sent) creates `paused-POINT` in the state directory and waits
+/// until that file is removed (60 s at most). A test then injects a real fault (kill -9,
+/// link down) at a known point of the protocol.
+fn pause_point(s: &Shared, point: &str) {
+    if std::env::var("FERRY_AGENT_PAUSE_AT").ok().as_deref() != Some(point) {
+        return;
+    }
+    let f = s.cfg.state_dir.join(format!("paused-{point}"));
+    if std::fs::write(&f, b"").is_err() {
+        return;
+    }
+    let end = Instant::now() + Duration::from_secs(60);
+    while f.exists() && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    let _ = std::fs::remove_file(&f);
 }
 
 /// Allocates `bytes` of `f` ahead of its writes, its size unchanged. Best effort: without it

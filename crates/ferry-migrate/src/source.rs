@@ -75,6 +75,8 @@ pub struct MigrateOptions {
 pub struct RoundReport {
     pub round: u32,
     pub bytes: u64,
+    /// 4 KiB pages sent in the round (with the zero pages that replace discarded ones).
+    pub pages: u64,
     pub ms: f64,
 }
 
@@ -156,7 +158,18 @@ pub struct DowntimePhases {
 }
 
 /// What progress to show while migrating: (phase, bytes so far, round).
-pub type ProgressFn<'a> = dyn Fn(&str, u64, u32) + 'a;
+/// What a migration under way reports, many times a second.
+pub struct Progress<'a> {
+    /// "pre-copy" or "final".
+    pub phase: &'a str,
+    pub bytes_sent: u64,
+    pub round: u32,
+    /// How fast the process wrote new pages during the last round (what the next round
+    /// carries over that round's time), MB/s; from the second round on.
+    pub dirty_mb_s: Option<f64>,
+}
+
+pub type ProgressFn<'a> = dyn Fn(&Progress) + 'a;
 
 struct Http {
     base: String,
@@ -282,6 +295,10 @@ fn gate(
     }
     Ok((name, None))
 }
+
+/// How long an agent holding a rebuilt tree waits for Go before it drops the tree
+/// (`agent::GO_WAIT`).
+const AGENT_GO_WAIT: Duration = crate::agent::GO_WAIT;
 
 fn is_timeout(e: &MigrateError) -> bool {
     matches!(e, MigrateError::Io { source, .. }
@@ -440,7 +457,11 @@ fn migrate_inner(
     let conn = TcpStream::connect_timeout(&sa, o.io_timeout)
         .map_err(io(format!("connecting to {addr}")))?;
     let _ = conn.set_nodelay(true);
-    // A dead link must not hold the process, frozen or not: every wait is bounded.
+    // A dead link must not hold the process, frozen or not: every wait is bounded. Waits
+    // longer than the timeout (a rebuild, post-copy's fill) end as soon as the agent's host
+    // stops answering, not when they run out.
+    ferry_sys::net::fail_on_silent_peer(&conn, o.io_timeout)
+        .map_err(|e| MigrateError::Failed(format!("setting up {addr}: {e}")))?;
     conn.set_write_timeout(Some(o.io_timeout))
         .map_err(io("socket timeout"))?;
     conn.set_read_timeout(Some(o.io_timeout))
@@ -463,7 +484,7 @@ fn migrate_inner(
             },
         )?;
     }
-    let mut rounds = Vec::new();
+    let mut rounds: Vec<RoundReport> = Vec::new();
     let mut notes: Vec<String> = gate_note.into_iter().collect();
     let mut sent = 0u64;
     // Shared by the dump's two callbacks (the last scan at the freeze, the deltas after).
@@ -544,6 +565,7 @@ fn migrate_inner(
         let mut tightened = false;
         let mut base_spent = 0u64;
         let mut short_rounds = 0;
+        let mut dirty_mb_s: Option<f64> = None;
         for round in 0..max_rounds {
             let tr0 = Instant::now();
             if round == 0 {
@@ -569,7 +591,12 @@ fn migrate_inner(
                         ferry_engine::EngineError::Failed(format!("sending pages: {e}"))
                     })?;
                     sent += data.len() as u64 + 16;
-                    progress("pre-copy", sent, round);
+                    progress(&Progress {
+                        phase: "pre-copy",
+                        bytes_sent: sent,
+                        round,
+                        dirty_mb_s,
+                    });
                     Ok(())
                 })?;
                 batch.flush(&mut *g)?;
@@ -599,7 +626,15 @@ fn migrate_inner(
             if round == 0 {
                 bw = bytes as f64 / ms.max(0.001);
             }
-            rounds.push(RoundReport { round, bytes, ms });
+            if let Some(last) = rounds.last() {
+                dirty_mb_s = Some(bytes as f64 / last.ms.max(0.001) / 1e3);
+            }
+            rounds.push(RoundReport {
+                round,
+                bytes,
+                pages: bytes.div_ceil(4096),
+                ms,
+            });
             // Stop when what is left fits the downtime at the measured rate, or stops shrinking.
             if bw > 0.0 && bytes as f64 / bw <= o.max_downtime_ms && round > 0 {
                 if !one_more_short_round(bytes, prev, short_rounds) {
@@ -829,7 +864,12 @@ fn migrate_inner(
         phases.commit_sent_ms = tc.elapsed().as_secs_f64() * 1e3;
         ferry_sys::timeline::mark(|| "commit sent".into());
         sent += summary.page_bytes;
-        progress("final", sent, rounds.len() as u32);
+        progress(&Progress {
+            phase: "final",
+            bytes_sent: sent,
+            round: rounds.len() as u32,
+            dirty_mb_s: None,
+        });
         let mut buf = wire::FrameBuf::default();
         rd.get_ref()
             .set_read_timeout(Some(o.io_timeout.max(Duration::from_secs(120))))
@@ -964,8 +1004,22 @@ fn migrate_inner(
     } else {
         if let Err(e) = done {
             // Ask the agent what became of it. Our copy is still whole (frozen, bound to die
-            // with us): if the destination says its copy is gone, ours runs on.
-            let st: Result<MigrationInfo> = http.get(&format!("/v1/migrations/{}", created.id));
+            // with us): if the destination says its copy is gone, ours runs on. An agent that
+            // still holds its copy ("ready": Go never reached it) drops it when its wait for
+            // Go ends, and an agent out of reach may come back (a link that flapped): ask
+            // until the answer is final or that wait is surely over.
+            let deadline = Instant::now() + AGENT_GO_WAIT + Duration::from_secs(10);
+            let st: Result<MigrationInfo> = loop {
+                let st: Result<MigrationInfo> = http.get(&format!("/v1/migrations/{}", created.id));
+                let pending = match &st {
+                    Ok(m) => m.state == "ready" || m.state == "restoring",
+                    Err(_) => true,
+                };
+                if !pending || Instant::now() >= deadline {
+                    break st;
+                }
+                std::thread::sleep(Duration::from_millis(250));
+            };
             match st {
                 Ok(m) if m.state == "running" || m.state == "exited" => {
                     if let Some(h) = held.take() {

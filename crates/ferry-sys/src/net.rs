@@ -113,12 +113,17 @@ pub fn getsockopt_raw<T: Copy>(fd: &OwnedFd, level: i32, opt: i32, val: &mut T) 
 }
 
 /// setsockopt from a plain-old-data value or a slice of them.
-pub fn setsockopt_raw<T: Copy>(fd: &OwnedFd, level: i32, opt: i32, val: &[T]) -> Result<()> {
+pub fn setsockopt_raw<T: Copy>(
+    fd: impl std::os::fd::AsFd,
+    level: i32,
+    opt: i32,
+    val: &[T],
+) -> Result<()> {
     let len = std::mem::size_of_val(val) as libc::socklen_t;
     // SAFETY: `val` is a readable slice of `len` bytes of plain data.
     let rc = unsafe {
         libc::setsockopt(
-            fd.as_raw_fd(),
+            fd.as_fd().as_raw_fd(),
             level,
             opt,
             val.as_ptr() as *const libc::c_void,
@@ -137,8 +142,23 @@ pub fn get_int(fd: &OwnedFd, level: i32, opt: i32) -> Result<i32> {
     Ok(v)
 }
 
-pub fn set_int(fd: &OwnedFd, level: i32, opt: i32, v: i32) -> Result<()> {
+pub fn set_int(fd: impl std::os::fd::AsFd, level: i32, opt: i32, v: i32) -> Result<()> {
     setsockopt_raw(fd, level, opt, &[v])
+}
+
+/// Make a TCP connection fail when its peer stops answering for `within`, even while this
+/// side only waits to read: keepalive probes every second once it is idle for a second, and
+/// TCP_USER_TIMEOUT ends it when data or probes go unacknowledged that long. A peer that is
+/// alive but slow (a long restore) still answers the probes, so it is not cut off.
+pub fn fail_on_silent_peer(fd: impl std::os::fd::AsFd, within: std::time::Duration) -> Result<()> {
+    let fd = fd.as_fd();
+    let secs = within.as_secs().clamp(1, i32::MAX as u64) as i32;
+    set_int(fd, libc::SOL_SOCKET, libc::SO_KEEPALIVE, 1)?;
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPIDLE, 1)?;
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPINTVL, 1)?;
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_KEEPCNT, secs)?;
+    let ms = within.as_millis().clamp(1000, i32::MAX as u128) as i32;
+    set_int(fd, libc::IPPROTO_TCP, libc::TCP_USER_TIMEOUT, ms)
 }
 
 /// The kernel's TCP_INFO for a TCP socket.

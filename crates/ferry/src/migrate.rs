@@ -217,10 +217,16 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
     if !tty || a.json {
         bar.set_draw_target(indicatif::ProgressDrawTarget::hidden());
     }
-    let progress = |phase: &str, bytes: u64, round: u32| {
+    let progress = |p: &ferry_migrate::source::Progress| {
+        let dirty = p
+            .dirty_mb_s
+            .map(|r| format!(", dirtying {r:.0} MB/s"))
+            .unwrap_or_default();
         bar.set_message(format!(
-            "{phase}: round {round}, {:.1} MiB sent",
-            bytes as f64 / 1048576.0
+            "{}: round {}, {:.1} MiB sent{dirty}",
+            p.phase,
+            p.round,
+            p.bytes_sent as f64 / 1048576.0
         ));
         bar.tick();
     };

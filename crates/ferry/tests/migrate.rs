@@ -35,6 +35,21 @@ impl Agent {
 
     /// An agent in network namespace `netns` (a /run/netns file), listening on `host`.
     fn start_in(dir: &Path, n: u16, extra: &[&str], netns: Option<&str>, host: &str) -> Agent {
+        Self::launch(dir, n, extra, netns, host, false, &[])
+    }
+
+    /// With `kept`, the agent is not PID 1 of its namespace: a shell is, and it stays when
+    /// the agent dies, so whatever the agent built dies only if the kernel kills it with the
+    /// agent (PTRACE_O_EXITKILL), not with the namespace. `env` goes to the agent.
+    fn launch(
+        dir: &Path,
+        n: u16,
+        extra: &[&str],
+        netns: Option<&str>,
+        host: &str,
+        kept: bool,
+        env: &[(&str, &str)],
+    ) -> Agent {
         let port = port_base() + n * 4;
         let tok = dir.join("token");
         std::fs::write(&tok, TOKEN).unwrap();
@@ -47,7 +62,11 @@ impl Agent {
         if let Some(ns) = netns {
             c.arg(format!("--net={ns}")).arg("unshare");
         }
-        c.args(["--pid", "--fork", "--mount-proc"])
+        c.args(["--pid", "--fork", "--mount-proc"]);
+        if kept {
+            c.args(["sh", "-c", "\"$@\"; exec sleep 3600", "sh"]);
+        }
+        c.envs(env.iter().copied())
             .arg(env!("CARGO_BIN_EXE_ferry"))
             .args(["agent", "--listen", &format!("{host}:{port}")])
             .arg("--token-file")
@@ -144,6 +163,39 @@ impl Agent {
             }
         }
         None
+    }
+
+    /// The agent of a `kept` namespace (the shell's child), seen from here.
+    fn agent_pid(&self) -> u32 {
+        let sh = self.init_pid();
+        let s = std::fs::read_to_string(format!("/proc/{sh}/task/{sh}/children")).unwrap();
+        s.split_whitespace().next().unwrap().parse().unwrap()
+    }
+
+    /// SIGKILL to the agent of a `kept` namespace alone; returns once it is gone.
+    fn kill_agent_only(&self) {
+        let p = self.agent_pid();
+        kill(p, "KILL");
+        let end = Instant::now() + Duration::from_secs(10);
+        while self.init_holds(p) {
+            assert!(Instant::now() < end, "agent {p} did not die");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
+    /// Whether our process `p` is still a child of the namespace's shell, not a zombie.
+    fn init_holds(&self, p: u32) -> bool {
+        let st = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        !st.is_empty() && !st.contains(") Z ")
+    }
+
+    /// The process that is `inner` in the agent's namespace, unless gone or a zombie, and
+    /// its state letter (R, S: running; t: held under ptrace).
+    fn live_process(&self, inner: i64) -> Option<(u32, char)> {
+        let p = self.find_pid(inner)?;
+        let st = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
+        let state = st.rsplit_once(") ")?.1.chars().next()?;
+        (state != 'Z' && state != 'X').then_some((p, state))
     }
 
     fn kill(&mut self) {
@@ -297,6 +349,13 @@ fn precopy_then_stop_and_copy_keep_memory_intact() {
         .sum();
     let left = r["restore"]["lazy_bytes"].as_u64().unwrap();
     assert!(sent >= 64 << 20, "{r}");
+    let pages: u64 = r["rounds"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["pages"].as_u64().unwrap())
+        .sum();
+    assert_eq!(pages * 4096, sent, "{r}");
     assert!(left < 8 << 20, "{left} bytes left to fill: {r}");
     if Path::new("/sys/kernel/btf/vmlinux").exists() {
         // The frozen process's mapping flags came from BPF, not from smaps.
@@ -700,6 +759,192 @@ fn corrupting_proxy(listen: u16, to: u16, at: usize) {
             }
         }
     });
+}
+
+/// Forwards `listen` to `to`, flipping the first payload byte of the first frame of `kind`
+/// (the page stream's framing: an 8-byte greeting, then `kind | 0 0 0 | len u32 | payload |
+/// crc u32`).
+fn corrupting_proxy_of_kind(listen: u16, to: u16, kind: u8) {
+    let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
+    std::thread::spawn(move || {
+        let Ok((a, _)) = l.accept() else { return };
+        let mut b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut b2, &mut a2);
+            // The agent hung up: so does the proxy, as the agent's own socket would.
+            let _ = a2.shutdown(std::net::Shutdown::Both);
+        });
+        let mut r = BufReader::new(a);
+        let mut pass = |n: usize, flip: bool| -> Option<Vec<u8>> {
+            let mut v = vec![0u8; n];
+            r.read_exact(&mut v).ok()?;
+            if flip && n > 0 {
+                v[0] ^= 0x01;
+            }
+            b.write_all(&v).ok()?;
+            Some(v)
+        };
+        if pass(8, false).is_none() {
+            return;
+        }
+        let mut done = false;
+        while let Some(head) = pass(8, false) {
+            let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
+            let flip = !done && head[0] == kind;
+            done |= flip;
+            if pass(len, flip).is_none() || pass(4, false).is_none() {
+                return;
+            }
+        }
+    });
+}
+
+/// Faults while the source is frozen, at three points: the final copy under way (`final`),
+/// the whole image in but nothing rebuilt (`commit`), the tree rebuilt and held before Ready
+/// (`restored`). The agent, stopped there by its test hook, is killed with SIGKILL while not
+/// PID 1 of its namespace (so only PTRACE_O_EXITKILL can take what it built with it), or its
+/// link goes down; or a byte of the final image is corrupted on the way. Each time the
+/// process runs on at the source, intact, and nothing of it runs at the destination.
+#[test]
+fn faults_while_frozen_leave_the_process_on_exactly_one_host() {
+    let dir = tmpdir("migrate-frozen");
+    let lan = Lan::new("z", 2);
+    let dev = format!("ez1{}", std::process::id() % 10000);
+    let link = |state: &str| {
+        let st = Command::new("ip")
+            .args(["-n", &lan.hosts[1], "link", "set", &dev, state])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    let (mut child, out) = start_dirtier(&dir, "64", "1000");
+    let pid = child.id();
+    let mut verdicts = 0;
+    let cases = [
+        ("final", "kill"),
+        ("commit", "kill"),
+        ("restored", "kill"),
+        ("final", "link"),
+        ("commit", "link"),
+        ("restored", "link"),
+        ("final", "corrupt"),
+    ];
+    for (i, &(point, fault)) in cases.iter().enumerate() {
+        let n = 40 + i as u16;
+        let what = format!("{fault} at {point}");
+        let a = if fault == "corrupt" {
+            let proxy = port_base() + n * 4 + 3;
+            let a = Agent::launch(
+                &dir,
+                n,
+                &["--advertise-data-port", &proxy.to_string()],
+                None,
+                "127.0.0.1",
+                true,
+                &[],
+            );
+            corrupting_proxy_of_kind(proxy, a.port + 1, 4);
+            a
+        } else {
+            Agent::launch(
+                &dir,
+                n,
+                &[],
+                Some(&NetPair::path(&lan.hosts[1])),
+                &format!("{}.2", lan.net),
+                true,
+                &[("FERRY_AGENT_PAUSE_AT", point)],
+            )
+        };
+        let t = Instant::now();
+        let h = migrate_in_background(pid, &a, &["--timeout", "3"]);
+        let paused = dir.join(format!("state{n}/paused-{point}"));
+        if fault != "corrupt" {
+            let end = Instant::now() + Duration::from_secs(30);
+            while !paused.exists() {
+                if h.is_finished() {
+                    let o = h.join().unwrap();
+                    panic!("{what}: the migration ended before the agent reached {point}: {o:?}");
+                }
+                assert!(
+                    Instant::now() < end,
+                    "{what}: the agent never reached {point}"
+                );
+                std::thread::sleep(Duration::from_millis(2));
+            }
+            // Frozen at the source, its copy built or being built at the destination.
+            assert!(!running(pid), "{what}: the source copy is not frozen");
+        }
+        match fault {
+            "kill" => a.kill_agent_only(),
+            "link" => {
+                link("down");
+                let _ = std::fs::remove_file(&paused);
+            }
+            _ => {}
+        }
+        let o = h.join().unwrap();
+        eprintln!("{what}: the source gave up after {:?}", t.elapsed());
+        // A silent agent is found out within about --timeout, also while the source waits
+        // for a rebuild (whose own limit is 120 s).
+        assert!(
+            t.elapsed() < Duration::from_secs(20),
+            "{what}: gave up only after {:?}",
+            t.elapsed()
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(2),
+            "{what}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        assert!(running(pid), "{what}: the source copy does not run");
+        verdicts += 1;
+        check_pass(pid, &out, verdicts);
+        if fault == "link" {
+            // Cut off, the agent holds what it built until its waits run out (60 s for a
+            // frame, 30 s for Go): held under ptrace, never running.
+            if let Some((p, state)) = a.live_process(pid as i64) {
+                assert_eq!(
+                    state, 't',
+                    "{what}: process {p} at the destination is not held"
+                );
+            }
+            link("up");
+        }
+        // Killed, the agent's builds die with it; alive, it removes them itself.
+        let end = Instant::now() + Duration::from_secs(if fault == "link" { 1 } else { 10 });
+        while let Some((p, state)) = a.live_process(pid as i64) {
+            if fault == "link" && Instant::now() >= end {
+                break;
+            }
+            assert!(
+                Instant::now() < end,
+                "{what}: process {p} is still at the destination ({state})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        if fault == "link" {
+            // A cut-off agent that dies takes its held copy with it.
+            a.kill_agent_only();
+            let end = Instant::now() + Duration::from_secs(10);
+            while let Some((p, state)) = a.live_process(pid as i64) {
+                assert!(
+                    Instant::now() < end,
+                    "{what}: process {p} outlived the agent ({state})"
+                );
+                std::thread::sleep(Duration::from_millis(10));
+            }
+        }
+        eprintln!(
+            "{what}: the process runs at the source only ({:?})",
+            t.elapsed()
+        );
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
 }
 
 /// Each failure leaves the process running on exactly one host, intact: a full state
