@@ -276,16 +276,19 @@ fn gate(
         source.as_ref(),
     );
     let name = format!("{:?}", v.verdict).to_lowercase();
-    if v.verdict != ferry_cpu::check::Outcome::Compatible && !force {
-        let mut why: Vec<String> = v
-            .missing
-            .iter()
-            .map(|m| serde_json::to_string(m).unwrap_or_default())
-            .collect();
-        why.extend(v.reasons.iter().cloned());
-        if !v.xsave.ok {
-            why.push(v.xsave.detail.clone());
-        }
+    if v.verdict == ferry_cpu::check::Outcome::Compatible {
+        return Ok((name, None));
+    }
+    let mut why: Vec<String> = v
+        .missing
+        .iter()
+        .map(|m| serde_json::to_string(m).unwrap_or_default())
+        .collect();
+    why.extend(v.reasons.iter().cloned());
+    if !v.xsave.ok {
+        why.push(v.xsave.detail.clone());
+    }
+    if !force {
         return Err(MigrateError::Incompatible(format!(
             "process {pid} is {name} with the destination CPU ({}): {}; nothing was frozen \
              (use --force to migrate anyway)",
@@ -293,7 +296,12 @@ fn gate(
             why.join("; ")
         )));
     }
-    Ok((name, None))
+    let note = format!(
+        "moved with --force past the gate's verdict, {name} with the destination CPU ({}): {}",
+        target.name,
+        why.join("; ")
+    );
+    Ok((name, Some(note)))
 }
 
 /// How long an agent holding a rebuilt tree waits for Go before it drops the tree

@@ -92,6 +92,11 @@ impl Agent {
     }
 
     fn try_get(&self, path: &str) -> Option<serde_json::Value> {
+        serde_json::from_str(&self.get_body(path)?).ok()
+    }
+
+    /// The body of `GET path`.
+    fn get_body(&self, path: &str) -> Option<String> {
         let mut s = TcpStream::connect((self.host.as_str(), self.port)).ok()?;
         if s.local_addr().ok() == s.peer_addr().ok() {
             return None;
@@ -104,8 +109,7 @@ impl Agent {
         .ok()?;
         let mut body = String::new();
         s.read_to_string(&mut body).ok()?;
-        let (_, json) = body.split_once("\r\n\r\n")?;
-        serde_json::from_str(json).ok()
+        Some(body.split_once("\r\n\r\n")?.1.to_string())
     }
 
     fn get(&self, path: &str) -> serde_json::Value {
@@ -679,7 +683,8 @@ fn tls_agent_accepts_only_sources_that_trust_its_ca() {
 }
 
 /// A destination whose CPU lacks a feature the process uses is refused before anything is
-/// frozen: exit 1, the evidence, the process untouched, nothing announced to the agent.
+/// frozen: exit 1, the evidence, the process untouched, nothing announced to the agent. With
+/// --force it moves, and the report notes the verdict it overrode.
 #[test]
 fn an_incompatible_destination_is_refused_before_the_freeze() {
     let dir = tmpdir("migrate-gate");
@@ -728,6 +733,73 @@ fn an_incompatible_destination_is_refused_before_the_freeze() {
     assert!(why.contains(feature), "{why}");
     assert!(running(child.id()));
     assert_eq!(a.get("/v1/migrations"), serde_json::json!([]));
+    // --force overrides the gate (here the destination is this very CPU, so it runs), and
+    // the report says what was overridden.
+    let pid = child.id();
+    let o = migrate(pid, &a, &["--force"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    assert_eq!(r["verdict"], "incompatible", "{r}");
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("--force") && notes.contains(feature), "{r}");
+    child.wait().unwrap();
+    let (moved, state) = a
+        .live_process(pid as i64)
+        .expect("the process runs at the destination");
+    assert!(state == 'S' || state == 'R', "{moved}: {state}");
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// `DELETE` of a migration under way (pre-copy): the source resumes the process as it was,
+/// the agent removes what it built, and its `/metrics` count the migration as cancelled.
+#[test]
+fn a_migration_cancelled_during_precopy_leaves_the_process_at_the_source() {
+    let dir = tmpdir("migrate-cancel");
+    let a = Agent::start(&dir, 48, &[]);
+    let (mut child, out) = start_dirtier(&dir, "256", "1000");
+    let pid = child.id();
+    let h = migrate_in_background(pid, &a, &[]);
+    let end = Instant::now() + Duration::from_secs(20);
+    let id = loop {
+        let m = a.try_get("/v1/migrations").unwrap_or_default();
+        if m[0]["state"] == "receiving" && m[0]["bytes_received"].as_u64().unwrap_or(0) > 0 {
+            break m[0]["id"].as_str().unwrap().to_string();
+        }
+        assert!(Instant::now() < end, "migration never started: {m}");
+        std::thread::sleep(Duration::from_millis(1));
+    };
+    let answer = a.cancel(&id);
+    assert!(
+        answer.starts_with("HTTP/1.1 200") || answer.starts_with("HTTP/1.0 200"),
+        "{answer}"
+    );
+    let o = h.join().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("cancelled"), "{e}");
+    assert!(running(pid), "after the cancel");
+    check_pass(pid, &out, 1);
+    let end = Instant::now() + Duration::from_secs(10);
+    while let Some((p, state)) = a.live_process(pid as i64) {
+        assert!(
+            Instant::now() < end,
+            "process {p} is left at the destination ({state})"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    let m = a.get("/v1/migrations");
+    assert_eq!(m[0]["state"], "cancelled", "{m}");
+    let metrics = a.get_body("/metrics").unwrap();
+    assert!(
+        metrics.contains("ferry_migrations{state=\"cancelled\"} 1"),
+        "{metrics}"
+    );
+    let received: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("ferry_received_bytes_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0);
+    assert!(received > 0, "{metrics}");
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
