@@ -805,6 +805,37 @@ fn a_migration_cancelled_during_precopy_leaves_the_process_at_the_source() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A process tree moves whole: a parent and its child sharing anonymous memory, with bytes in
+/// flight in a pipe between them, by pre-copy and by post-copy. At the destination the child
+/// is still the parent's child, the memory still shared both ways, the bytes still in the
+/// pipe (the fixture checks, and its parent prints PASS).
+#[test]
+fn a_process_tree_moves_with_its_shared_memory_and_pipe() {
+    let dir = tmpdir("migrate-tree");
+    for (i, mode) in ["precopy", "postcopy"].into_iter().enumerate() {
+        let a = Agent::start(&dir, 49 + i as u16, &[]);
+        let bin = build(&dir, "tree");
+        let out = dir.join(format!("tree-{mode}.out"));
+        let mut child = start_cmd(Command::new(bin), &out);
+        wait_for(&out, "ready");
+        let pid = child.id();
+        let o = migrate(pid, &a, &["--mode", mode]);
+        assert!(
+            o.status.success(),
+            "{mode}: {}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let r = json(&o);
+        assert_eq!(r["restore"]["processes"], 2, "{mode}: {r}");
+        child.wait().unwrap();
+        let parent = a.outer_pid(pid as i64);
+        kill(parent, "USR1");
+        let s = wait_for(&out, "PASS");
+        assert!(!s.contains("FAIL"), "{mode}: {s}");
+    }
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A byte flipped on the way: forwards the page stream, corrupting one byte after `at`.
 fn corrupting_proxy(listen: u16, to: u16, at: usize) {
     let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
