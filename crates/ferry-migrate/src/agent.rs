@@ -928,6 +928,7 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     if let Some(f) = fill_ahead {
         f.store(true, Ordering::Relaxed);
     }
+    pause_point(s, "running");
     if let Some(mut f) = filler {
         // Once nothing is left in the source, the source is told at once (it may go: hybrid's
         // window ends there); what the rounds brought fills on from here.
@@ -979,7 +980,8 @@ pub(crate) const GO_WAIT: Duration = Duration::from_secs(30);
 /// A hook for fault-injection tests: with `FERRY_AGENT_PAUSE_AT=POINT` in the agent's
 /// environment, a migration that reaches POINT (`final`: the first frame of the final image,
 /// the source frozen; `commit`: the whole image in, nothing rebuilt yet; `restored`: the tree
-/// rebuilt and held, Ready not sent) creates `paused-POINT` in the state directory and waits
+/// rebuilt and held, Ready not sent; `running`: Done sent, the process runs, post-copy's
+/// Filled not sent) creates `paused-POINT` in the state directory and waits
 /// until that file is removed (60 s at most). A test then injects a real fault (kill -9,
 /// link down) at a known point of the protocol.
 fn pause_point(s: &Shared, point: &str) {

@@ -1578,6 +1578,57 @@ fn the_destination_killed_during_postcopy_leaves_the_process_at_the_source() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// Hybrid's post-copy window: the process runs at the destination, its last pages still at
+/// the source, when the destination agent is killed (not PID 1 of its namespace: the
+/// guardian must kill the tree, not the namespace). The source resumes its frozen copy, and
+/// nothing of the process is left at the destination.
+#[test]
+fn the_destination_killed_during_hybrid_postcopy_leaves_the_process_at_the_source() {
+    let dir = tmpdir("migrate-hybridkill");
+    let a = Agent::launch(
+        &dir,
+        51,
+        &[],
+        None,
+        "127.0.0.1",
+        true,
+        &[("FERRY_AGENT_PAUSE_AT", "running")],
+    );
+    let (mut child, out) = start_dirtier(&dir, "128", "1000");
+    let pid = child.id();
+    let h = migrate_in_background(pid, &a, &["--mode", "hybrid"]);
+    let paused = dir.join("state51/paused-running");
+    let end = Instant::now() + Duration::from_secs(30);
+    while !paused.exists() {
+        assert!(!h.is_finished(), "the migration ended before post-copy");
+        assert!(Instant::now() < end, "never ran at the destination");
+        std::thread::sleep(Duration::from_millis(2));
+    }
+    let (moved, state) = a
+        .live_process(pid as i64)
+        .expect("the process runs at the destination");
+    assert!(state == 'S' || state == 'R', "{moved}: {state}");
+    assert!(!running(pid), "the source copy is not frozen");
+    a.kill_agent_only();
+    let o = h.join().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert!(e.contains("post-copy lost the destination"), "{e}");
+    assert!(running(pid), "the source copy did not resume");
+    check_pass(pid, &out, 1);
+    let end = Instant::now() + Duration::from_secs(10);
+    while let Some((p, state)) = a.live_process(pid as i64) {
+        assert!(
+            Instant::now() < end,
+            "process {p} outlived the agent ({state})"
+        );
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A pre-copy migration prepared ahead: the agent makes memory resident for the process (a
 /// stub holding its PID and the memory), and the process built at the destination takes that
 /// memory in (moved, not copied) before the pages arrive. Its memory is intact after, its
