@@ -168,7 +168,9 @@ fn zombie(pid: i32, ppid: i32) -> Result<ZombieImage> {
 }
 
 /// Refuse a tree member whose state this version cannot carry: stopped by a signal (it would
-/// come back running) or holding an exited, unreaped thread.
+/// come back running) or whose main thread exited (pthread_exit) while others run on. Other
+/// threads seen exited are on their way out (the kernel reaps them at once): the freeze
+/// does not find them.
 fn check_member(pid: i32) -> Result<()> {
     let st = procfs::read_status(pid)?;
     if st.state == 'T' {
@@ -177,19 +179,52 @@ fn check_member(pid: i32) -> Result<()> {
             what: "it is stopped by a signal (SIGSTOP or SIGTSTP): continue it (kill -CONT) before the dump".into(),
         });
     }
-    for tid in procfs::list_threads(pid)? {
-        let s = std::fs::read_to_string(format!("/proc/{pid}/task/{tid}/stat")).unwrap_or_default();
-        if s.rsplit_once(')')
-            .map(|(_, r)| r.trim_start().starts_with('Z'))
-            .unwrap_or(false)
-        {
-            return Err(EngineError::Unsupported {
-                pid,
-                what: format!("its thread {tid} has exited but is not reaped (a zombie thread)"),
-            });
-        }
+    let s = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/stat")).unwrap_or_default();
+    if s.rsplit_once(')')
+        .map(|(_, r)| r.trim_start().starts_with('Z'))
+        .unwrap_or(false)
+    {
+        return Err(EngineError::Unsupported {
+            pid,
+            what: format!(
+                "its main thread {pid} has exited but is not reaped while other threads run on \
+                 (a zombie thread)"
+            ),
+        });
     }
     Ok(())
+}
+
+/// Check and freeze child `c` of the tree. A child that exits meanwhile is not part of the
+/// tree (gone: None) or is one of its zombies (`Some(Err(zombie))`); anything else that
+/// fails stops the dump.
+fn freeze_child(c: i32, parent: i32) -> Result<Option<std::result::Result<Frozen, ZombieImage>>> {
+    let exited = |e: EngineError| -> Result<Option<std::result::Result<Frozen, ZombieImage>>> {
+        // It may have been exiting: then it is a zombie now (its parent, frozen, cannot reap
+        // it) or, at worst, gone.
+        for _ in 0..20 {
+            match procfs::check_inspectable(c) {
+                Err(ferry_sys::Error::Zombie(_)) => return Ok(Some(Err(zombie(c, parent)?))),
+                Err(ferry_sys::Error::NoSuchProcess(_)) => return Ok(None),
+                _ => std::thread::sleep(std::time::Duration::from_micros(500)),
+            }
+        }
+        Err(e)
+    };
+    match procfs::check_inspectable(c) {
+        Err(ferry_sys::Error::Zombie(_)) => return Ok(Some(Err(zombie(c, parent)?))),
+        Err(ferry_sys::Error::NoSuchProcess(_)) => return Ok(None),
+        Err(e) => return Err(e.into()),
+        Ok(_) => {}
+    }
+    if let Err(e) = check_member(c) {
+        return exited(e);
+    }
+    match Frozen::freeze(c) {
+        Ok(f) => Ok(Some(Ok(f))),
+        Err(ferry_sys::Error::NoSuchProcess(_)) => Ok(None),
+        Err(e) => exited(e.into()),
+    }
 }
 
 /// Freeze `pid` and all its descendants, parents before children; zombies are recorded.
@@ -202,21 +237,10 @@ fn freeze_tree(pid: i32, zombies: &mut Vec<ZombieImage>) -> Result<Vec<Frozen>> 
             if tree.iter().any(|f| f.pid() == c) {
                 continue;
             }
-            match procfs::check_inspectable(c) {
-                Err(ferry_sys::Error::Zombie(_)) => {
-                    let parent = tree[i].pid();
-                    zombies.push(zombie(c, parent)?);
-                    continue;
-                }
-                Err(e) => return Err(e.into()),
-                Ok(_) => {}
-            }
-            check_member(c)?;
-            // A child that exits meanwhile is simply not part of the tree.
-            match Frozen::freeze(c) {
-                Ok(f) => tree.push(f),
-                Err(ferry_sys::Error::NoSuchProcess(_)) => {}
-                Err(e) => return Err(e.into()),
+            match freeze_child(c, tree[i].pid())? {
+                Some(Ok(f)) => tree.push(f),
+                Some(Err(z)) => zombies.push(z),
+                None => {}
             }
         }
         i += 1;

@@ -513,11 +513,30 @@ fn read_all(
             // In a private file mapping only the private copies differ from the file.
             !(kind == MapKind::File && f & PM_FILE != 0)
         };
+        // Shared memory: the pages of the object, not of this process's page table (a child
+        // may have written pages the parent never touched). Without its map_files entry, the
+        // page table serves.
+        let shared = (kind == MapKind::SharedAnon)
+            .then(|| ferry_sys::mem::shared_data_runs(pid, m.start, m.end, m.offset).ok())
+            .flatten();
         let mut i = 0;
         while i < npages {
             let n = (npages - i).min(per);
             let start = m.start + (i * PAGE_SIZE) as u64;
-            let flags = pagemap(pid, start, n)?;
+            let flags = match &shared {
+                Some(runs) => {
+                    let mut v = vec![0u64; n];
+                    let end = start + (n * PAGE_SIZE) as u64;
+                    for &(s, e) in runs {
+                        let (lo, hi) = (s.max(start), e.min(end));
+                        for p in (lo..hi).step_by(PAGE_SIZE) {
+                            v[((p - start) / PAGE_SIZE as u64) as usize] = PM_PRESENT;
+                        }
+                    }
+                    v
+                }
+                None => pagemap(pid, start, n)?,
+            };
             let mut j = 0;
             while j < n {
                 if !wanted(flags[j]) {

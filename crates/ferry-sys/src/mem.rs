@@ -199,6 +199,42 @@ pub fn pagemap(pid: i32, addr: u64, count: usize) -> Result<Vec<u64>> {
         .collect())
 }
 
+/// The parts [start, end) of shared memory mapping [start, end) (file offset `offset`) of
+/// process `pid` whose pages exist in the memory object itself, found with SEEK_DATA and
+/// SEEK_HOLE on its /proc/PID/map_files entry. A page another process wrote is there even
+/// where this process never touched it, so its own page table (pagemap) does not show it.
+pub fn shared_data_runs(pid: i32, start: u64, end: u64, offset: u64) -> Result<Vec<(u64, u64)>> {
+    use nix::unistd::{lseek, Whence};
+    let path = format!("/proc/{pid}/map_files/{start:x}-{end:x}");
+    let f = std::fs::File::open(&path).map_err(|e| Error::io(format!("opening {path}"), e))?;
+    let stop = (offset + (end - start)) as i64;
+    let mut pos = offset as i64;
+    let mut out = Vec::new();
+    while pos < stop {
+        let data = match lseek(&f, pos, Whence::SeekData) {
+            Ok(d) => d,
+            // No data after `pos`.
+            Err(nix::errno::Errno::ENXIO) => break,
+            Err(e) => {
+                return Err(Error::io(
+                    format!("SEEK_DATA in {path}"),
+                    std::io::Error::from(e),
+                ))
+            }
+        };
+        if data >= stop {
+            break;
+        }
+        let hole = lseek(&f, data, Whence::SeekHole)
+            .map_err(|e| Error::io(format!("SEEK_HOLE in {path}"), std::io::Error::from(e)))?
+            .min(stop);
+        let page = |o: i64| start + ((o as u64 - offset) & !4095);
+        out.push((page(data), page(hole + 4095)));
+        pos = hole;
+    }
+    Ok(out)
+}
+
 /// A file mapped read-only into this process (the pages of an image), read without copying.
 /// The file must not shrink while it is mapped: the kernel answers a read past its new end
 /// with SIGBUS.

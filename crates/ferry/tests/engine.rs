@@ -552,6 +552,17 @@ fn fixture_survives(name: &str) {
     assert!(!s.contains("FAIL"), "{s}");
 }
 
+/// A process that never stops making threads and children (and leaving zombies) while it is
+/// dumped: each dump catches a whole tree, and the restored process finds every thread and
+/// child it started accounted for, with their exit statuses, and can make new ones. Three
+/// times, the dump landing at a different moment each time.
+#[test]
+fn a_process_churning_threads_and_children_is_dumped_whole() {
+    for _ in 0..3 {
+        fixture_survives("churn");
+    }
+}
+
 /// Queued real-time signals (process- and thread-directed, with their values, in order), an
 /// alternate signal stack, an interval timer and a POSIX timer (same ID, same period) that
 /// keep firing.
