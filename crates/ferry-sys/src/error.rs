@@ -8,6 +8,11 @@ pub enum Error {
     NoSuchProcess(i32),
     #[error("process {0} is a zombie: it has exited and holds no code or memory")]
     Zombie(i32),
+    #[error(
+        "process {0}'s main thread has exited (pthread_exit) while its other threads run on \
+         (a zombie thread): this version cannot carry such a process"
+    )]
+    ZombieLeader(i32),
     #[error("process {pid} is already traced by process {tracer}; detach that tracer first")]
     AlreadyTraced { pid: i32, tracer: i32 },
     #[error("permission denied on process {pid}: {what}")]

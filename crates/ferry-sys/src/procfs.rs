@@ -293,7 +293,19 @@ pub fn check_inspectable(pid: i32) -> Result<Status> {
     }
     let st = read_status(pid)?;
     if st.state == 'Z' || st.state == 'X' {
-        return Err(Error::Zombie(pid));
+        // The leader's state is the process's: with other threads alive, only it has gone.
+        let alive = list_threads(pid).unwrap_or_default().into_iter().any(|t| {
+            t != pid
+                && std::fs::read_to_string(format!("/proc/{pid}/task/{t}/stat"))
+                    .ok()
+                    .and_then(|s| s.rsplit_once(") ").map(|(_, r)| !r.starts_with(['Z', 'X'])))
+                    .unwrap_or(false)
+        });
+        return Err(if alive {
+            Error::ZombieLeader(pid)
+        } else {
+            Error::Zombie(pid)
+        });
     }
     if st.tracer_pid != 0 {
         return Err(Error::AlreadyTraced {

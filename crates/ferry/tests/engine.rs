@@ -552,6 +552,42 @@ fn fixture_survives(name: &str) {
     assert!(!s.contains("FAIL"), "{s}");
 }
 
+/// A process whose main thread exited (pthread_exit) while another runs on: the dump refuses
+/// it with a clear error, and the process runs on untouched.
+#[test]
+fn a_zombie_main_thread_is_refused_and_the_process_runs_on() {
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("zleader", "zombie_leader");
+    let pid = child.id();
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        dir.join("img").to_str().unwrap(),
+    ]);
+    assert_eq!(d.status.code(), Some(2), "{d:?}");
+    let e = String::from_utf8_lossy(&d.stderr);
+    assert!(e.contains("zombie thread"), "{e}");
+    // Still ticking, and not traced.
+    let ticks = |s: &str| s.matches("tick").count();
+    let before = ticks(&std::fs::read_to_string(&out).unwrap());
+    std::thread::sleep(Duration::from_millis(200));
+    let after = ticks(&std::fs::read_to_string(&out).unwrap());
+    assert!(
+        after > before,
+        "the process stopped ticking: {before} then {after}"
+    );
+    let st = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    assert!(st.contains("TracerPid:\t0\n"), "{st}");
+    child.kill().unwrap();
+    child.wait().unwrap();
+}
+
 /// A process that never stops making threads and children (and leaving zombies) while it is
 /// dumped: each dump catches a whole tree, and the restored process finds every thread and
 /// child it started accounted for, with their exit statuses, and can make new ones. Three
