@@ -14,6 +14,8 @@ pub struct Seen {
     pub pipes: Vec<(u64, i32, i32)>,
     /// (device, inode)
     pub fifos: Vec<(u64, u64)>,
+    /// Fds named by a path: (path, pid, fd), to find descriptions shared across processes.
+    pub files: Vec<(String, i32, i32)>,
 }
 
 /// The fds of a process, the pipes and the FIFOs whose data it carries, its sockets.
@@ -77,6 +79,7 @@ pub fn dump(
             fd,
             path: path.clone(),
             same_as: None,
+            shares: None,
             pipe: None,
             pipe_holder: None,
             ghost: None,
@@ -106,6 +109,26 @@ pub fn dump(
             img.same_as = Some(p);
             out.push(img);
             continue;
+        }
+        // Shares a description with an fd of a process dumped before (a parent's, inherited).
+        if path.starts_with('/') {
+            let mut across = None;
+            for (_, hp, hfd) in seen
+                .files
+                .iter()
+                .filter(|(p, hp, _)| *p == path && *hp != pid)
+            {
+                if ferry_sys::files::same_file_across(*hp, *hfd, pid, fd)? {
+                    across = Some((*hp, *hfd));
+                    break;
+                }
+            }
+            if across.is_some() {
+                img.shares = across;
+                out.push(img);
+                continue;
+            }
+            seen.files.push((path.clone(), pid, fd));
         }
         if let Some(inode) = path
             .strip_prefix("pipe:[")
@@ -495,6 +518,29 @@ pub fn restore(
                 src as u64,
                 target,
                 cloexec(f),
+            )?;
+            continue;
+        }
+        if let Some((hp, hfd)) = f.shares {
+            // Taken from the process restored before that holds it: the same description.
+            let pidfd = p.create(
+                format!("pidfd_open of process {hp}"),
+                libc::SYS_pidfd_open,
+                [hp as u64, 0, 0, 0, 0, 0],
+            )?;
+            let fd = p.create(
+                format!("pidfd_getfd of fd {hfd} of process {hp}"),
+                libc::SYS_pidfd_getfd,
+                [pidfd, hfd as u64, 0, 0, 0, 0],
+            )?;
+            p.close(pidfd)?;
+            p.move_to(fd, f)?;
+            // pidfd_getfd sets close-on-exec; the fd's own flag is what was saved.
+            let fl = if cloexec(f) != 0 { libc::FD_CLOEXEC } else { 0 };
+            p.t.queue(
+                format!("fcntl(F_SETFD) of fd {}", f.fd),
+                libc::SYS_fcntl,
+                [target, libc::F_SETFD as u64, fl as u64, 0, 0, 0],
             )?;
             continue;
         }

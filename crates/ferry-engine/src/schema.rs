@@ -205,6 +205,11 @@ pub struct FdImage {
     /// together): restored with dup so that offset and flags stay shared.
     #[serde(default)]
     pub same_as: Option<i32>,
+    /// The same open file description as fd `.1` of process `.0`, restored before this one
+    /// (inherited from a parent, or passed): taken from it (pidfd_getfd), so that the
+    /// offset and the status flags stay shared between the processes.
+    #[serde(default)]
+    pub shares: Option<(i32, i32)>,
     /// For a pipe end: the pipe's inode (an index into `ProcessImage::pipes`).
     #[serde(default)]
     pub pipe: Option<u64>,
@@ -259,6 +264,7 @@ impl FdImage {
     /// objects rebuilt from their saved state.
     pub fn by_path(&self) -> bool {
         self.same_as.is_none()
+            && self.shares.is_none()
             && self.pipe.is_none()
             && self.ghost.is_none()
             && self.eventfd.is_none()
