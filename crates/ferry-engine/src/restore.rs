@@ -12,6 +12,8 @@ use std::collections::HashMap;
 use std::path::Path;
 use std::time::Instant;
 
+pub mod validate;
+
 #[derive(Debug, Clone, Default)]
 pub struct RestoreOptions {
     pub detach: bool,
@@ -243,8 +245,14 @@ pub fn open_mapped(
     Ok((r, map))
 }
 
-/// Every process of the image, parents before children.
+/// Every process of the image, parents before children, its records checked
+/// (`validate::records`).
 pub fn load(dir: &Path, r: &ImageReader) -> Result<Vec<ProcessImage>> {
+    Ok(records_of(dir, r)?.0)
+}
+
+/// The processes and zombies of the image, checked (`validate::records`).
+fn records_of(dir: &Path, r: &ImageReader) -> Result<(Vec<ProcessImage>, Vec<ZombieImage>)> {
     let procs: Vec<ProcessImage> = r.find(TAG_PROCESS)?;
     if procs.is_empty() {
         return Err(EngineError::Failed(format!(
@@ -252,25 +260,39 @@ pub fn load(dir: &Path, r: &ImageReader) -> Result<Vec<ProcessImage>> {
             dir.display()
         )));
     }
-    for (i, p) in procs.iter().enumerate() {
-        if !p.threads.iter().any(|t| t.tid == p.pid) {
-            return Err(EngineError::Failed(format!(
-                "{}: process {} has no thread {} (the thread-group leader)",
-                dir.display(),
-                p.pid,
-                p.pid
-            )));
-        }
-        if i > 0 && !procs[..i].iter().any(|q| q.pid == p.ppid) {
-            return Err(EngineError::Failed(format!(
-                "{}: process {} comes before its parent {} or has none in the image",
-                dir.display(),
-                p.pid,
-                p.ppid
-            )));
-        }
-    }
-    Ok(procs)
+    let zombies: Vec<ZombieImage> = r.find(TAG_ZOMBIE)?;
+    validate::records(&procs, &zombies).map_err(|e| in_dir(dir, e))?;
+    Ok((procs, zombies))
+}
+
+/// An image read and checked as far as it can be before any process exists.
+pub struct Checked {
+    /// Parents before children.
+    pub imgs: Vec<ProcessImage>,
+    pub zombies: Vec<ZombieImage>,
+    pub summary: ferry_image::Summary,
+    /// Every page block, its data not checked yet (`ferry_image::check_blocks`).
+    pub index: Vec<BlockIndex>,
+}
+
+/// Read the records and walk the page blocks' headers of the image in `dir` (read by `r`),
+/// and refuse it unless the records make sense and agree with the blocks (`validate`). The
+/// blocks' data is not checked here.
+pub fn load_checked(dir: &Path, r: &mut ImageReader) -> Result<Checked> {
+    let (imgs, zombies) = records_of(dir, r)?;
+    // The headers are walked in order; the data is checked by the caller.
+    let (summary, index) = r.index_pages()?;
+    validate::pages(&imgs, &index).map_err(|e| in_dir(dir, e))?;
+    Ok(Checked {
+        imgs,
+        zombies,
+        summary,
+        index,
+    })
+}
+
+fn in_dir(dir: &Path, e: EngineError) -> EngineError {
+    EngineError::Failed(format!("{}: {e}", dir.display()))
 }
 
 /// Rebuild the tree of the image in `dir`, complete but stopped: the caller resumes it (or
@@ -292,11 +314,14 @@ pub fn restore_held_with(
     // place, then written from there into the processes.
     let (mut reader, map) = open_mapped(dir)?;
     ferry_sys::timeline::mark(|| "verify: opened".into());
-    let imgs = load(dir, &reader)?;
-    let zombies: Vec<ZombieImage> = reader.find(TAG_ZOMBIE)?;
+    let Checked {
+        imgs,
+        zombies,
+        summary,
+        index,
+    } = load_checked(dir, &mut reader)?;
     ferry_sys::timeline::mark(|| "verify: loaded".into());
-    // The headers are walked in order; the data's checksums are checked on every CPU.
-    let (summary, index) = reader.index_pages()?;
+    // The data's checksums are checked on every CPU.
     if !opts.data_checked {
         let threads = std::thread::available_parallelism().map_or(2, |n| n.get());
         ferry_image::check_blocks(map.bytes(), &index, threads)?;
