@@ -222,7 +222,8 @@ fn freeze_child(c: i32, parent: i32) -> Result<Option<std::result::Result<Frozen
     }
     match Frozen::freeze(c) {
         Ok(f) => Ok(Some(Ok(f))),
-        Err(ferry_sys::Error::NoSuchProcess(_)) => Ok(None),
+        // Also "no such process": a zombie has no thread left to seize, yet its parent
+        // will wait for it.
         Err(e) => exited(e.into()),
     }
 }
