@@ -210,28 +210,34 @@ struct Layout {
 }
 
 thread_local! {
-    /// The kernel's BTF while `prepare_all` loads every program with it.
-    static KEPT_BTF: std::cell::RefCell<Option<std::rc::Rc<Btf>>> = const { std::cell::RefCell::new(None) };
+    /// While `prepare_all` runs: the kernel's BTF, parsed by the first loader that needs it
+    /// (Some(None) until then), for the others to use.
+    static KEPT_BTF: std::cell::RefCell<Option<Option<std::rc::Rc<Btf>>>> = const { std::cell::RefCell::new(None) };
 }
 
-/// `f` of the running kernel's BTF (`/sys/kernel/btf/vmlinux`): the one `prepare_all` holds,
-/// or one read and parsed for the call.
+/// `f` of the running kernel's BTF (`/sys/kernel/btf/vmlinux`): the one `prepare_all` keeps
+/// (parsed on first use), or one read and parsed for the call.
 pub(crate) fn with_kernel_btf<R>(
     f: impl FnOnce(&Btf) -> std::result::Result<R, String>,
 ) -> std::result::Result<R, String> {
-    match KEPT_BTF.with(|k| k.borrow().clone()) {
-        Some(b) => f(&b),
+    let kept = KEPT_BTF.with(|k| match &mut *k.borrow_mut() {
+        None => None,
+        Some(Some(b)) => Some(Ok(b.clone())),
+        Some(slot) => Some(Btf::kernel().map(|b| slot.insert(std::rc::Rc::new(b)).clone())),
+    });
+    match kept {
+        Some(b) => f(&*b?),
         None => f(&Btf::kernel()?),
     }
 }
 
 /// Load every BPF reader of this crate now (mapping flags, signal dispositions, thread
 /// state), so that the first read of a frozen process does not pay for it. The kernel's BTF
-/// is parsed once for the three (each parse takes ~5 ms). The error is that of the mapping
-/// flags' reader, which callers report; the other two fall back quietly.
+/// is parsed once for those not loaded yet (each parse takes ~5 ms), and not at all when
+/// every one is. The error is that of the mapping flags' reader, which callers report; the
+/// other two fall back quietly.
 pub fn prepare_all() -> Result<()> {
-    let kept = enabled().then(Btf::kernel).and_then(|b| b.ok());
-    KEPT_BTF.with(|k| *k.borrow_mut() = kept.map(std::rc::Rc::new));
+    KEPT_BTF.with(|k| *k.borrow_mut() = Some(None));
     let _ = crate::sighand::prepare();
     let _ = crate::taskstate::prepare();
     let r = prepare();
