@@ -1026,3 +1026,56 @@ impl Claims {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every route the agent serves, with its methods, is in docs/openapi.yaml, and the file
+    /// describes nothing the agent does not serve. Both lists are read from their sources:
+    /// the router's `.route(...)` lines here, the `paths:` section there.
+    #[test]
+    fn the_openapi_file_lists_exactly_the_routes_served() {
+        use std::collections::BTreeSet;
+        const METHODS: [&str; 4] = ["get", "post", "delete", "put"];
+        let mut served = BTreeSet::new();
+        for line in include_str!("agent.rs").lines() {
+            let Some(rest) = line.trim().strip_prefix(".route(\"") else {
+                continue;
+            };
+            let (path, handlers) = rest.split_once('"').unwrap();
+            for m in METHODS {
+                // `get(h)`, `.post(h)`, `axum::routing::post(h)`.
+                if handlers.contains(&format!("{m}(")) {
+                    served.insert((path.to_string(), m.to_string()));
+                }
+            }
+        }
+        assert!(
+            served.len() >= 5,
+            "routes not found in agent.rs: {served:?}"
+        );
+        let mut documented = BTreeSet::new();
+        let yaml = include_str!("../../../docs/openapi.yaml");
+        let mut in_paths = false;
+        let mut path = String::new();
+        for line in yaml.lines() {
+            if !line.starts_with(' ') && !line.is_empty() {
+                in_paths = line == "paths:";
+                continue;
+            }
+            if !in_paths {
+                continue;
+            }
+            if let Some(p) = line.strip_prefix("  /") {
+                path = format!("/{}", p.trim_end_matches(':'));
+            } else if let Some(m) = line.strip_prefix("    ").and_then(|l| l.strip_suffix(':')) {
+                if METHODS.contains(&m) {
+                    documented.insert((path.clone(), m.to_string()));
+                }
+            }
+        }
+        assert_eq!(
+            served, documented,
+            "agent.rs routes vs docs/openapi.yaml paths"
+        );
+    }
+}
