@@ -304,10 +304,6 @@ fn gate(
     Ok((name, Some(note)))
 }
 
-/// How long an agent holding a rebuilt tree waits for Go before it drops the tree
-/// (`agent::GO_WAIT`).
-const AGENT_GO_WAIT: Duration = crate::agent::GO_WAIT;
-
 fn is_timeout(e: &MigrateError) -> bool {
     matches!(e, MigrateError::Io { source, .. }
         if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
@@ -1016,7 +1012,7 @@ fn migrate_inner(
             // still holds its copy ("ready": Go never reached it) drops it when its wait for
             // Go ends, and an agent out of reach may come back (a link that flapped): ask
             // until the answer is final or that wait is surely over.
-            let deadline = Instant::now() + AGENT_GO_WAIT + Duration::from_secs(10);
+            let deadline = Instant::now() + crate::agent::GO_WAIT + Duration::from_secs(10);
             let st: Result<MigrationInfo> = loop {
                 let st: Result<MigrationInfo> = http.get(&format!("/v1/migrations/{}", created.id));
                 let pending = match &st {

@@ -145,8 +145,15 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
         std::thread::sleep(Duration::from_millis(10));
     }
     // Restore without --detach: ferry waits and passes on the exit status.
+    let code = restore_and_wait(&img2, pid, &out);
+    assert_eq!(code, Some(0), "exit status passed on");
+}
+
+/// `ferry restore` of `img` without --detach; once process `pid` is back, SIGUSR1 makes the
+/// fixture check itself (PASS in `out`, no FAIL). Returns ferry's exit code.
+fn restore_and_wait(img: &Path, pid: u32, out: &Path) -> Option<i32> {
     let mut waiter = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["restore", "--images", img2.to_str().unwrap()])
+        .args(["restore", "--images", img.to_str().unwrap()])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -159,9 +166,9 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
     std::thread::sleep(Duration::from_millis(100));
     kill(pid, "USR1");
     let st = waiter.wait().unwrap();
-    let s = wait_for(&out, "PASS");
+    let s = wait_for(out, "PASS");
     assert!(!s.contains("FAIL"), "{s}");
-    assert_eq!(st.code(), Some(0), "exit status passed on");
+    st.code()
 }
 
 #[test]
@@ -348,15 +355,7 @@ fn a_dump_into_a_full_filesystem_fails_and_the_process_runs_on() {
         .unwrap();
     assert!(st.success(), "mount a tmpfs");
     let img = small.join("img");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-    ]);
-    assert_eq!(d.status.code(), Some(2), "the dump should fail");
-    let err = String::from_utf8_lossy(&d.stderr);
+    let err = dump_err(pid, &img);
     assert!(err.contains("No space left on device"), "{err}");
     assert!(!img.exists(), "a failed dump left an image");
     let end = Instant::now() + Duration::from_secs(10);
@@ -392,23 +391,8 @@ fn restore_without_detach_passes_on_a_nonzero_exit_status() {
     let img = dir.join("img");
     dump_ok(pid, &img);
     child.wait().unwrap();
-    let mut waiter = Command::new(env!("CARGO_BIN_EXE_ferry"))
-        .args(["restore", "--images", img.to_str().unwrap()])
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let end = Instant::now() + Duration::from_secs(10);
-    while !alive(pid) {
-        assert!(Instant::now() < end, "restored process never appeared");
-        std::thread::sleep(Duration::from_millis(5));
-    }
-    std::thread::sleep(Duration::from_millis(100));
-    kill(pid, "USR1");
-    let st = waiter.wait().unwrap();
-    let s = wait_for(&out, "PASS");
-    assert!(!s.contains("FAIL"), "{s}");
-    assert_eq!(st.code(), Some(3), "exit status passed on");
+    let code = restore_and_wait(&img, pid, &out);
+    assert_eq!(code, Some(3), "exit status passed on");
 }
 
 /// Run `cmd` uninterrupted for the reference output; run it again, dump it mid-way (killing
@@ -563,15 +547,7 @@ fn a_zombie_main_thread_is_refused_and_the_process_runs_on() {
         ..
     } = ready_fixture("zleader", "zombie_leader");
     let pid = child.id();
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        dir.join("img").to_str().unwrap(),
-    ]);
-    assert_eq!(d.status.code(), Some(2), "{d:?}");
-    let e = String::from_utf8_lossy(&d.stderr);
+    let e = dump_err(pid, &dir.join("img"));
     assert!(e.contains("zombie thread"), "{e}");
     // Still ticking, and not traced.
     let ticks = |s: &str| s.matches("tick").count();

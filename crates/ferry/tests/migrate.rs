@@ -202,6 +202,18 @@ impl Agent {
         (state != 'Z' && state != 'X').then_some((p, state))
     }
 
+    /// Waits (10 s at most) until nothing is left of process `inner` at the destination.
+    fn wait_gone(&self, inner: i64, what: &str) {
+        let end = Instant::now() + Duration::from_secs(10);
+        while let Some((p, state)) = self.live_process(inner) {
+            assert!(
+                Instant::now() < end,
+                "{what}: process {p} is still at the destination ({state})"
+            );
+            std::thread::sleep(Duration::from_millis(10));
+        }
+    }
+
     fn kill(&mut self) {
         let init = self.init_pid();
         kill(init, "KILL");
@@ -779,14 +791,7 @@ fn a_migration_cancelled_during_precopy_leaves_the_process_at_the_source() {
     assert!(e.contains("cancelled"), "{e}");
     assert!(running(pid), "after the cancel");
     check_pass(pid, &out, 1);
-    let end = Instant::now() + Duration::from_secs(10);
-    while let Some((p, state)) = a.live_process(pid as i64) {
-        assert!(
-            Instant::now() < end,
-            "process {p} is left at the destination ({state})"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    a.wait_gone(pid as i64, "after the cancel");
     let m = a.get("/v1/migrations");
     assert_eq!(m[0]["state"], "cancelled", "{m}");
     let metrics = a.get_body("/metrics").unwrap();
@@ -1015,31 +1020,11 @@ fn faults_while_frozen_leave_the_process_on_exactly_one_host() {
                 );
             }
             link("up");
-        }
-        // Killed, the agent's builds die with it; alive, it removes them itself.
-        let end = Instant::now() + Duration::from_secs(if fault == "link" { 1 } else { 10 });
-        while let Some((p, state)) = a.live_process(pid as i64) {
-            if fault == "link" && Instant::now() >= end {
-                break;
-            }
-            assert!(
-                Instant::now() < end,
-                "{what}: process {p} is still at the destination ({state})"
-            );
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        if fault == "link" {
             // A cut-off agent that dies takes its held copy with it.
             a.kill_agent_only();
-            let end = Instant::now() + Duration::from_secs(10);
-            while let Some((p, state)) = a.live_process(pid as i64) {
-                assert!(
-                    Instant::now() < end,
-                    "{what}: process {p} outlived the agent ({state})"
-                );
-                std::thread::sleep(Duration::from_millis(10));
-            }
         }
+        // Killed, the agent's builds die with it; alive, it removes them itself.
+        a.wait_gone(pid as i64, &what);
         eprintln!(
             "{what}: the process runs at the source only ({:?})",
             t.elapsed()
@@ -1616,14 +1601,7 @@ fn the_destination_killed_during_hybrid_postcopy_leaves_the_process_at_the_sourc
     assert!(e.contains("post-copy lost the destination"), "{e}");
     assert!(running(pid), "the source copy did not resume");
     check_pass(pid, &out, 1);
-    let end = Instant::now() + Duration::from_secs(10);
-    while let Some((p, state)) = a.live_process(pid as i64) {
-        assert!(
-            Instant::now() < end,
-            "process {p} outlived the agent ({state})"
-        );
-        std::thread::sleep(Duration::from_millis(10));
-    }
+    a.wait_gone(pid as i64, "after the agent died");
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);

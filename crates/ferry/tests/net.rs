@@ -301,22 +301,6 @@ fn python(code: &str, out: &std::path::Path) -> std::process::Child {
     child
 }
 
-fn dump_err(pid: u32, img: &std::path::Path) -> String {
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-    ]);
-    assert_eq!(d.status.code(), Some(2), "dump should fail");
-    assert!(
-        !img.join("meta.fimg").exists(),
-        "a failed dump left an image"
-    );
-    String::from_utf8_lossy(&d.stderr).to_string()
-}
-
 fn running(pid: u32) -> bool {
     let s = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     let state = s.rsplit_once(") ").and_then(|(_, r)| r.chars().next());

@@ -123,6 +123,24 @@ pub fn start_cmd(mut cmd: Command, out: &Path) -> Child {
         .unwrap()
 }
 
+/// Dump `pid` into `img`; the dump must fail (exit 2) and leave no image. Returns ferry's
+/// error output.
+pub fn dump_err(pid: u32, img: &Path) -> String {
+    let d = ferry(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    assert_eq!(d.status.code(), Some(2), "dump should fail");
+    assert!(
+        !img.join("meta.fimg").exists(),
+        "a failed dump left an image"
+    );
+    String::from_utf8_lossy(&d.stderr).to_string()
+}
+
 /// Dump `pid` (killing it) into `img`; the dump must succeed. Returns ferry's JSON report.
 pub fn dump_ok(pid: u32, img: &Path) -> serde_json::Value {
     let d = ferry(&[
