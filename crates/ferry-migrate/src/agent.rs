@@ -937,13 +937,32 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         } else {
             f.wait_released()
         };
+        // Until the source confirms that its copy goes, it may resume that copy (it never
+        // heard Filled): ours must then go, or the process would run on both hosts.
+        let pids = f.watched();
+        let mut unconfirmed = |conn: &mut Conn, rep: &ferry_engine::lazy::FillReport| {
+            pause_point(s, "released");
+            let _ = wire::write_json(conn, Kind::Filled, rep);
+            let r = confirm_release(conn, &mut rd, &mut buf);
+            if r.is_err() {
+                kill_all(&pids);
+            }
+            r
+        };
         if let Some(rep) = &released {
-            let _ = wire::write_json(&mut conn, Kind::Filled, rep);
+            if let Err(e) = unconfirmed(&mut conn, rep) {
+                drop(f);
+                return Err(fail(&mut conn, e));
+            }
         }
         match f.wait() {
             Ok(rep) => {
                 if released.is_none() {
-                    let _ = wire::write_json(&mut conn, Kind::Filled, &rep);
+                    if mode == "precopy" {
+                        let _ = wire::write_json(&mut conn, Kind::Filled, &rep);
+                    } else if let Err(e) = unconfirmed(&mut conn, &rep) {
+                        return Err(fail(&mut conn, e));
+                    }
                 }
                 s.update(&id, |m| m.fill_ms = Some(rep.fill_ms));
             }
@@ -974,6 +993,37 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
     Ok(())
 }
 
+/// Waits for the source's Released after Filled. Anything else (silence for the page
+/// fetch's own limit, a closed connection, another frame) means the source may have resumed
+/// its copy: the caller kills ours. The source waits longer than this before it resumes.
+fn confirm_release(
+    conn: &mut Conn,
+    rd: &mut std::io::BufReader<crate::tls::ConnReader>,
+    buf: &mut wire::FrameBuf,
+) -> Result<()> {
+    conn.set_read_timeout(Some(crate::postcopy::FETCH_TIMEOUT))
+        .map_err(io("socket timeout"))?;
+    match wire::read_frame(rd, buf) {
+        Ok(Kind::Released) => Ok(()),
+        Ok(k) => Err(MigrateError::Protocol(format!(
+            "expected Released, got {k:?}: the copy here was killed, the source resumes its own"
+        ))),
+        Err(e) => Err(MigrateError::Failed(format!(
+            "the source did not confirm that its copy goes ({e}): the copy here was killed, \
+             the source resumes its own"
+        ))),
+    }
+}
+
+fn kill_all(pids: &[i32]) {
+    for &p in pids {
+        // SAFETY: kill has no memory effects.
+        unsafe {
+            libc::kill(p, libc::SIGKILL);
+        }
+    }
+}
+
 /// How long a rebuilt tree is held for the source's Go before it is dropped.
 pub(crate) const GO_WAIT: Duration = Duration::from_secs(30);
 
@@ -981,7 +1031,8 @@ pub(crate) const GO_WAIT: Duration = Duration::from_secs(30);
 /// environment, a migration that reaches POINT (`final`: the first frame of the final image,
 /// the source frozen; `commit`: the whole image in, nothing rebuilt yet; `restored`: the tree
 /// rebuilt and held, Ready not sent; `running`: Done sent, the process runs, post-copy's
-/// Filled not sent) creates `paused-POINT` in the state directory and waits
+/// Filled not sent; `released`: nothing is left to fetch from the source, Filled not sent)
+/// creates `paused-POINT` in the state directory and waits
 /// until that file is removed (60 s at most). A test then injects a real fault (kill -9,
 /// link down) at a known point of the protocol.
 fn pause_point(s: &Shared, point: &str) {

@@ -970,7 +970,18 @@ fn migrate_inner(
     let mut fill = None;
     let mut postcopy_bytes = 0;
     if post {
-        match done.and_then(|_| read_filled()) {
+        // Filled is confirmed before our copy goes: an agent that hears nothing back kills
+        // its copy (we may have resumed ours), and a confirmation that cannot be sent means
+        // ours resumes, once the agent has surely given up.
+        let confirm = |rep: ferry_engine::lazy::FillReport| -> Result<_> {
+            let mut g = w.lock().unwrap();
+            wire::write_frame(&mut *g, Kind::Released, &[])?;
+            g.flush().map_err(io("confirming Filled"))?;
+            Ok(rep)
+        };
+        let filled = done.and_then(|_| read_filled());
+        let filled_unconfirmed = filled.is_ok();
+        match filled.and_then(confirm) {
             Ok(rep) => {
                 fill = Some(rep);
                 if let Some(h) = held.take() {
@@ -984,7 +995,7 @@ fn migrate_inner(
             Err(e) => {
                 // The destination's copy cannot run without our pages. If it went quiet
                 // (rather than closing the connection), wait until it has surely given up.
-                if is_timeout(&e) {
+                if is_timeout(&e) || filled_unconfirmed {
                     std::thread::sleep(crate::postcopy::FETCH_TIMEOUT + Duration::from_secs(2));
                 }
                 if let Some(p) = pages_server.take() {

@@ -131,6 +131,9 @@ pub enum Kind {
     /// Source, before any Pages: the layout of the running process, for the agent to build
     /// it ahead of the freeze (`ferry_engine::warm::WarmLayout`, JSON).
     Layout = 16,
+    /// Source, post-copy: Filled arrived, the source copy goes (without it the agent kills
+    /// its copy: the source may have resumed its own).
+    Released = 17,
 }
 
 impl Kind {
@@ -153,6 +156,7 @@ impl Kind {
             14 => Filled,
             15 => RoundAck,
             16 => Layout,
+            17 => Released,
             _ => return None,
         })
     }

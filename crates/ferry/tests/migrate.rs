@@ -871,41 +871,47 @@ fn corrupting_proxy(listen: u16, to: u16, at: usize) {
 
 /// Forwards `listen` to `to`, flipping the first payload byte of the first frame of `kind`
 /// (the page stream's framing: an 8-byte greeting, then `kind | 0 0 0 | len u32 | payload |
-/// crc u32`).
+/// crc u32`), on each connection (post-copy opens a second one, for pages).
 fn corrupting_proxy_of_kind(listen: u16, to: u16, kind: u8) {
     let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
     std::thread::spawn(move || {
-        let Ok((a, _)) = l.accept() else { return };
-        let mut b = TcpStream::connect(("127.0.0.1", to)).unwrap();
-        let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut b2, &mut a2);
-            // The agent hung up: so does the proxy, as the agent's own socket would.
-            let _ = a2.shutdown(std::net::Shutdown::Both);
-        });
-        let mut r = BufReader::new(a);
-        let mut pass = |n: usize, flip: bool| -> Option<Vec<u8>> {
-            let mut v = vec![0u8; n];
-            r.read_exact(&mut v).ok()?;
-            if flip && n > 0 {
-                v[0] ^= 0x01;
-            }
-            b.write_all(&v).ok()?;
-            Some(v)
-        };
-        if pass(8, false).is_none() {
-            return;
-        }
-        let mut done = false;
-        while let Some(head) = pass(8, false) {
-            let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
-            let flip = !done && head[0] == kind;
-            done |= flip;
-            if pass(len, flip).is_none() || pass(4, false).is_none() {
-                return;
-            }
+        for a in l.incoming() {
+            let Ok(a) = a else { return };
+            std::thread::spawn(move || corrupt_frames_of_kind(a, to, kind));
         }
     });
+}
+
+fn corrupt_frames_of_kind(a: TcpStream, to: u16, kind: u8) {
+    let mut b = TcpStream::connect(("127.0.0.1", to)).unwrap();
+    let (mut a2, mut b2) = (a.try_clone().unwrap(), b.try_clone().unwrap());
+    std::thread::spawn(move || {
+        let _ = std::io::copy(&mut b2, &mut a2);
+        // The agent hung up: so does the proxy, as the agent's own socket would.
+        let _ = a2.shutdown(std::net::Shutdown::Both);
+    });
+    let mut r = BufReader::new(a);
+    let mut pass = |n: usize, flip: bool| -> Option<Vec<u8>> {
+        let mut v = vec![0u8; n];
+        r.read_exact(&mut v).ok()?;
+        if flip && n > 0 {
+            v[0] ^= 0x01;
+        }
+        b.write_all(&v).ok()?;
+        Some(v)
+    };
+    if pass(8, false).is_none() {
+        return;
+    }
+    let mut done = false;
+    while let Some(head) = pass(8, false) {
+        let len = u32::from_le_bytes(head[4..8].try_into().unwrap()) as usize;
+        let flip = !done && head[0] == kind;
+        done |= flip;
+        if pass(len, flip).is_none() || pass(4, false).is_none() {
+            return;
+        }
+    }
 }
 
 /// Faults while the source is frozen, at three points: the final copy under way (`final`),
@@ -1602,6 +1608,136 @@ fn the_destination_killed_during_hybrid_postcopy_leaves_the_process_at_the_sourc
     assert!(running(pid), "the source copy did not resume");
     check_pass(pid, &out, 1);
     a.wait_gone(pid as i64, "after the agent died");
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Faults in post-copy's window, the process running at the destination while the source
+/// holds its frozen copy:
+/// - hybrid, the link cut just after the destination has every page it needed from the
+///   source, before Filled can reach the source (the agent's test hook stops it there). The
+///   source never hears Filled and resumes its copy; the destination, never hearing the
+///   source's Released, must kill its own first, or the process would run on both hosts;
+/// - post-copy, a byte of the first page data the source sends corrupted on the way;
+/// - hybrid into a state directory too small for the rounds' pages.
+///
+/// Each time the process runs on at the source, intact, and nothing of it at the destination.
+#[test]
+fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
+    let dir = tmpdir("migrate-window");
+    let lan = Lan::new("w", 2);
+    let dev = format!("ew1{}", std::process::id() % 10000);
+    let link = |state: &str| {
+        let st = Command::new("ip")
+            .args(["-n", &lan.hosts[1], "link", "set", &dev, state])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    };
+    let (mut child, out) = start_dirtier(&dir, "64", "1000");
+    let pid = child.id();
+    let mut verdicts = 0;
+
+    // The link cut once the destination no longer needs the source.
+    {
+        let a = Agent::launch(
+            &dir,
+            60,
+            &[],
+            Some(&NetPair::path(&lan.hosts[1])),
+            &format!("{}.2", lan.net),
+            true,
+            &[("FERRY_AGENT_PAUSE_AT", "released")],
+        );
+        let t = Instant::now();
+        let h = migrate_in_background(pid, &a, &["--mode", "hybrid", "--timeout", "3"]);
+        let paused = dir.join("state60/paused-released");
+        let end = Instant::now() + Duration::from_secs(30);
+        while !paused.exists() {
+            assert!(!h.is_finished(), "the migration ended before Filled");
+            assert!(Instant::now() < end, "the destination never had its pages");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        let (moved, state) = a
+            .live_process(pid as i64)
+            .expect("the process runs at the destination");
+        assert!(state == 'S' || state == 'R', "{moved}: {state}");
+        assert!(!running(pid), "the source copy is not frozen");
+        link("down");
+        std::fs::remove_file(&paused).unwrap();
+        let o = h.join().unwrap();
+        eprintln!(
+            "link cut before Filled: the source resumed after {:?}",
+            t.elapsed()
+        );
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("post-copy lost the destination"), "{e}");
+        // The destination gave its copy up before the source resumed its own.
+        assert_eq!(
+            a.live_process(pid as i64),
+            None,
+            "the process runs at both hosts"
+        );
+        assert!(running(pid), "the source copy did not resume");
+        verdicts += 1;
+        check_pass(pid, &out, verdicts);
+        link("up");
+        let m = a.get("/v1/migrations");
+        assert_eq!(m[0]["state"], "failed", "{m}");
+        let err = m[0]["error"].as_str().unwrap_or("");
+        assert!(err.contains("did not confirm"), "{err}");
+    }
+
+    // A corrupted page on its way to the running destination.
+    {
+        let proxy = port_base() + 61 * 4 + 3;
+        let a = Agent::launch(
+            &dir,
+            61,
+            &["--advertise-data-port", &proxy.to_string()],
+            None,
+            "127.0.0.1",
+            true,
+            &[],
+        );
+        corrupting_proxy_of_kind(proxy, a.port + 1, 13);
+        let o = migrate(pid, &a, &["--mode", "postcopy", "--timeout", "3"]);
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        assert!(running(pid), "the source copy did not resume");
+        verdicts += 1;
+        check_pass(pid, &out, verdicts);
+        a.wait_gone(pid as i64, "after a corrupted page");
+        let m = a.get("/v1/migrations");
+        assert_eq!(m[0]["state"], "failed", "{m}");
+        let err = m[0]["error"].as_str().unwrap_or("");
+        assert!(err.contains("checksum"), "{err}");
+    }
+
+    // Hybrid's rounds into a state directory with no room for them.
+    {
+        let small = dir.join("small");
+        std::fs::create_dir_all(&small).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
+            .arg(&small)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        {
+            let a = Agent::start(&dir, 62, &["--state-dir", small.to_str().unwrap()]);
+            let o = migrate(pid, &a, &["--mode", "hybrid"]);
+            assert_eq!(o.status.code(), Some(2), "{o:?}");
+            let e = String::from_utf8_lossy(&o.stderr);
+            assert!(e.contains("space"), "{e}");
+            assert!(running(pid), "after a full state directory");
+            verdicts += 1;
+            check_pass(pid, &out, verdicts);
+            a.wait_gone(pid as i64, "after a full state directory");
+        }
+        let _ = Command::new("umount").arg(&small).status();
+    }
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
