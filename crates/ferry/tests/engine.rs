@@ -536,6 +536,40 @@ fn fixture_survives(name: &str) {
     assert!(!s.contains("FAIL"), "{s}");
 }
 
+/// Each thread's rseq registration (glibc's; musl makes none) is back in the kernel at the
+/// same address, length and signature, and the kernel writes the CPU number into it again.
+/// Dumped twice, to check the restored registration is itself dumped.
+#[test]
+fn rseq_registrations_survive() {
+    let dir = tmpdir("rseq");
+    let bin = build_glibc(&dir, "rseq");
+    let out = dir.join("out.txt");
+    let mut child = start(&bin, &out);
+    wait_for(&out, "ready");
+    let pid = child.id();
+    let img = dir.join("img");
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    let show = ferry(&["image", "show", img.to_str().unwrap(), "--json"]);
+    let show: serde_json::Value = serde_json::from_slice(&show.stdout).unwrap();
+    let threads = show["processes"][0]["threads"].as_array().unwrap();
+    assert_eq!(threads.len(), 2, "{show}");
+    for t in threads {
+        assert!(t["rseq"].is_object(), "no rseq area saved: {t}");
+    }
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    let img2 = dir.join("img2");
+    dump_ok(pid, &img2);
+    wait_gone(pid);
+    let r = ferry(&["restore", "--images", img2.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+}
+
 /// A process whose main thread exited (pthread_exit) while another runs on: the dump refuses
 /// it with a clear error, and the process runs on untouched.
 #[test]
@@ -724,7 +758,25 @@ fn madvise_advice_survives() {
     kill(pid, "USR1");
     let s = wait_for(&out, "PASS");
     assert!(!s.contains("FAIL"), "{s}");
-    eprintln!("{}", s.lines().find(|l| l.starts_with("thp")).unwrap_or(""));
+    let thp = s.lines().find(|l| l.starts_with("thp")).unwrap_or("");
+    eprintln!("{thp}");
+    // "thp before KB after KB": the HUGEPAGE region's transparent huge pages, where the
+    // kernel gives them to madvised memory, are huge pages again after the restore.
+    let kb: Vec<u64> = thp
+        .split_whitespace()
+        .filter_map(|w| w.parse().ok())
+        .collect();
+    assert_eq!(kb.len(), 2, "{s}");
+    let mode =
+        std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled").unwrap_or_default();
+    if mode.contains("[never]") || kb[0] == 0 {
+        eprintln!(
+            "no transparent huge pages before the dump ({}): not compared",
+            mode.trim()
+        );
+    } else {
+        assert!(kb[1] >= kb[0], "huge pages lost: {thp}");
+    }
 }
 
 /// Sets a sysctl for the time of a test and puts the old value back, even on failure.

@@ -78,6 +78,19 @@ pub fn build(dir: &Path, name: &str) -> PathBuf {
     out
 }
 
+/// A fixture built against glibc (dynamically linked), for what musl does not do (rseq).
+pub fn build_glibc(dir: &Path, name: &str) -> PathBuf {
+    let out = dir.join(name);
+    let st = Command::new("gcc")
+        .args(["-O2", "-pthread", "-o"])
+        .arg(&out)
+        .arg(format!("{FIXTURES}/{name}.c"))
+        .status()
+        .expect("gcc");
+    assert!(st.success());
+    out
+}
+
 pub fn wait_for(path: &Path, needle: &str) -> String {
     let end = Instant::now() + Duration::from_secs(20);
     loop {
