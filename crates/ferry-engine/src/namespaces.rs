@@ -36,6 +36,19 @@ pub struct Namespaces {
     pub mounts: Vec<MountImage>,
 }
 
+impl Namespaces {
+    /// Would `restore` make the same namespaces for both (the network namespace is the
+    /// caller's choice, not made here)?
+    pub fn made_alike(&self, other: &Namespaces) -> bool {
+        self.uts == other.uts
+            && self.ipc == other.ipc
+            && self.mnt == other.mnt
+            && self.mnt_private == other.mnt_private
+            && self.mounts.is_empty()
+            && other.mounts.is_empty()
+    }
+}
+
 /// A mount the tree made in its own mount namespace (or a mount of Ferry's whose per-mount
 /// flags it changed).
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -541,8 +541,10 @@ pub fn restore_held_with(
     let mut targets: Vec<Target> = Vec::new();
     let mut lazy_bytes = 0u64;
     let result = (|| -> Result<u64> {
+        let built_ahead = warm.is_some();
         if let Some(t) = warm.take() {
-            // Created and laid out already, stopped: the tree goes on from there.
+            // Created and laid out already, stopped, in its namespaces: the tree goes on
+            // from there.
             targets.push(t);
         } else {
             let frozen = Frozen::freeze_owned(stub)?;
@@ -555,7 +557,9 @@ pub fn restore_held_with(
             prepare(&mut targets[0], &all)?;
             lap.mark(&mut times.steps, "prepare");
         }
-        crate::namespaces::restore(&mut targets[0], &imgs[0].namespaces)?;
+        if !built_ahead {
+            crate::namespaces::restore(&mut targets[0], &imgs[0].namespaces)?;
+        }
         crate::attrs::restore_session(&mut targets[0], root, &imgs[0].attrs)?;
         lap.mark(&mut times.steps, "namespaces");
         // The stub tree: each child is forked by its parent's stub, so parentage is right.

@@ -30,6 +30,11 @@ pub struct WarmLayout {
     /// ones memory reserved ahead is worth moving into.
     #[serde(default)]
     pub resident_kb: Vec<u64>,
+    /// The namespaces the process made for itself (UTS, IPC, a mount namespace with no
+    /// mounts of its own): made around the process when it is built ahead, so that the
+    /// restore has nothing left to create.
+    #[serde(default)]
+    pub namespaces: crate::namespaces::Namespaces,
 }
 
 /// The layout of `root` as it runs now, built from `smaps` (read just before). Err: why it
@@ -46,8 +51,13 @@ pub fn preview(root: i32, smaps: &[procfs::SmapsEntry]) -> std::result::Result<W
         let a = std::fs::read_link(format!("/proc/self/{what}")).ok();
         a.is_some() && a == std::fs::read_link(format!("/proc/{root}/{what}")).ok()
     };
-    if !ours("ns/mnt") || !ours("root") {
-        return Err("the process has a mount namespace or root of its own".into());
+    if !ours("root") {
+        return Err("the process has a root of its own".into());
+    }
+    let namespaces =
+        crate::namespaces::dump(root).map_err(|e| format!("reading its namespaces: {e}"))?;
+    if !namespaces.mounts.is_empty() {
+        return Err("the process has mounts of its own".into());
     }
     let maps = procfs::read_maps(root).map_err(|e| e.to_string())?;
     let mappings = crate::memory::describe(root, &maps, smaps, &mut |_, shown| {
@@ -74,6 +84,7 @@ pub fn preview(root: i32, smaps: &[procfs::SmapsEntry]) -> std::result::Result<W
         pid: root,
         mappings,
         resident_kb,
+        namespaces,
     })
 }
 
@@ -464,6 +475,12 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
     };
     let t = tree.target.as_mut().unwrap();
     crate::restore::prepare(t, &tree.layout.mappings)?;
+    if !tree.layout.namespaces.mounts.is_empty() {
+        return Err(EngineError::Failed(
+            "a process with mounts of its own cannot be built ahead".into(),
+        ));
+    }
+    crate::namespaces::restore(t, &tree.layout.namespaces)?;
     // The reserved memory goes out of the way of the layout first (its pages move with it).
     let pool = match pool {
         Some((a, b)) => {
@@ -709,8 +726,8 @@ impl WarmTree {
                 img.pid, self.layout.pid
             ));
         }
-        if img.namespaces.mnt {
-            return Err("the process has a mount namespace of its own".into());
+        if !self.layout.namespaces.made_alike(&img.namespaces) {
+            return Err("its namespaces changed since it was built".into());
         }
         let valid_set: RangeSet = valid.iter().copied().collect();
         let old = self.layout.mappings.clone();
@@ -970,6 +987,7 @@ mod tests {
                 file,                                  // not anonymous: never
             ],
             resident_kb: vec![4096, 2048, 2048, 1024, 1024],
+            namespaces: Default::default(),
         };
         let pick = |bytes: u64| -> Vec<u64> {
             worth_moving_in(&layout, bytes)

@@ -514,6 +514,64 @@ fn a_layout_changed_during_precopy_is_remade_or_rebuilt_after_the_freeze() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A process in UTS, IPC and mount namespaces of its own (a container's, without mounts of
+/// its own) is still built ahead at the destination, in new namespaces made then, during
+/// pre-copy, not while it is frozen: the restore finds them made. It runs there with its
+/// host name, in namespaces apart from the agent's, its memory intact.
+#[test]
+fn a_process_in_namespaces_of_its_own_is_built_ahead_in_them() {
+    let dir = tmpdir("warmns");
+    let a = Agent::start(&dir, 63, &[]);
+    let bin = build(&dir, "dirtier");
+    let out = dir.join("dirtier.out");
+    let mut c = Command::new("unshare");
+    c.args([
+        "--uts",
+        "--ipc",
+        "--mount",
+        "--propagation",
+        "private",
+        "--",
+    ])
+    .args(["sh", "-c", "hostname ferry-warm-ns && exec \"$0\" \"$@\""])
+    .arg(&bin)
+    .args(["64", "1000"])
+    .arg(dir.join("dirtier.map"));
+    let mut child = start_cmd(c, &out);
+    wait_for(&out, "ready");
+    let pid = child.id();
+    let o = migrate(pid, &a, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let r = json(&o);
+    assert!(
+        r["restore"]["agent"]["warm"]
+            .as_str()
+            .is_some_and(|w| w.starts_with("built in")),
+        "{r}"
+    );
+    assert_eq!(r["restore"]["warm"], "used", "{r}");
+    // The restore made no namespace: they were made with the process, ahead.
+    let steps = &r["restore"]["steps"];
+    eprintln!("at the commit: namespaces {} ms", steps["namespaces"]);
+    assert_eq!(steps["namespaces_syscalls"], 0.0, "{steps}");
+    child.wait().unwrap();
+    let moved = a.outer_pid(pid as i64);
+    let host = Command::new("nsenter")
+        .args(["-t", &moved.to_string(), "--uts", "hostname"])
+        .output()
+        .unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&host.stdout).trim(),
+        "ferry-warm-ns"
+    );
+    for ns in ["uts", "ipc", "mnt"] {
+        let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
+        assert_ne!(of(moved), of(a.init_pid()), "{ns}: the agent's namespace");
+    }
+    check_pass(moved, &out, 1);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 fn openssl(dir: &Path, args: &[&str]) {
     let o = Command::new("openssl")
         .args(args)
