@@ -91,6 +91,9 @@ pub struct MigrateReport {
     /// Bytes of the final, frozen phase (metadata and the pages still to send).
     pub final_bytes: u64,
     pub bytes_sent: u64,
+    /// The tree's resident memory when the migration began (VmRSS summed over its
+    /// processes): what the total time compares with, over the link's bandwidth.
+    pub resident_bytes: u64,
     /// From the freeze on the source to the process running on the destination.
     pub downtime_ms: f64,
     pub total_ms: f64,
@@ -420,6 +423,7 @@ fn migrate_inner(
 ) -> Result<MigrateReport> {
     let t0 = Instant::now();
     ferry_sys::procfs::check_inspectable(o.pid).map_err(ferry_engine::EngineError::from)?;
+    let resident_bytes = resident_of_tree(o.pid);
     tls::check_address(&o.to, o.tls.as_ref())?;
     let http = Http::new(o);
     let host: HostInfo = http.get("/v1/host")?;
@@ -1101,6 +1105,7 @@ fn migrate_inner(
         rounds,
         final_bytes,
         bytes_sent: sent,
+        resident_bytes,
         downtime_ms,
         total_ms,
         gate_ms,
@@ -1116,6 +1121,20 @@ fn migrate_inner(
         notes,
         timeline,
     })
+}
+
+/// VmRSS of every process of the tree rooted at `pid`, in bytes.
+fn resident_of_tree(pid: i32) -> u64 {
+    ferry_engine::precopy::tree_of(pid)
+        .iter()
+        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
+        .filter_map(|st| {
+            st.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+        })
+        .sum::<u64>()
+        * 1024
 }
 
 /// Waits for the agent's RoundAck.

@@ -162,6 +162,45 @@ fn connect_in(netns: &str, addr: &str) -> Result<TcpStream> {
     .map_err(|_| anyhow::anyhow!("client thread panicked"))?
 }
 
+/// TCP bandwidth from host namespace `from` to `to_ip` in host namespace `to`: one stream of
+/// `bytes`, timed until the receiver has them all. GB/s.
+fn link_gbps(from: &str, to: &str, to_ip: &str, bytes: usize) -> Result<f64> {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (ns, ip) = (format!("/run/netns/{to}"), to_ip.to_string());
+    let server = std::thread::spawn(move || -> Result<()> {
+        ferry_sys::net::enter_netns(&ns)?;
+        let l = TcpListener::bind((ip.as_str(), 0))?;
+        tx.send(l.local_addr()?.port())?;
+        let (mut s, _) = l.accept()?;
+        let mut buf = vec![0u8; 1 << 20];
+        let mut n = 0;
+        while n < bytes {
+            match s.read(&mut buf)? {
+                0 => bail!("the sender closed after {n} bytes"),
+                k => n += k,
+            }
+        }
+        s.write_all(b"k")?;
+        Ok(())
+    });
+    let port = rx
+        .recv_timeout(Duration::from_secs(10))
+        .context("the bandwidth test's receiver")?;
+    let mut c = connect_in(from, &format!("{to_ip}:{port}"))?;
+    let buf = vec![1u8; 1 << 20];
+    let t = Instant::now();
+    for _ in 0..bytes >> 20 {
+        c.write_all(&buf)?;
+    }
+    let mut k = [0u8; 1];
+    c.read_exact(&mut k)?;
+    let secs = t.elapsed().as_secs_f64();
+    server
+        .join()
+        .map_err(|_| anyhow::anyhow!("bandwidth receiver panicked"))??;
+    Ok(bytes as f64 / secs / 1e9)
+}
+
 fn wait_http(addr: &str, token: &str) -> Result<()> {
     let end = Instant::now() + Duration::from_secs(20);
     loop {
@@ -293,6 +332,10 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         agents.push((listen, init));
     }
 
+    // The link the memory crosses, idle: what the total time of a migration is compared with.
+    let link_idle = link_gbps(&ns_a, &ns_b, &format!("{net}.2"), 1 << 30)?;
+    eprintln!("ferry demo: link from a to b: {link_idle:.2} GB/s (TCP, one stream, measured now)");
+
     // The service, on host a.
     let redis = !a.builtin
         && Command::new("sh")
@@ -406,6 +449,13 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         Ok(())
     };
     pause()?;
+    // The same link while the service and its client run: on this machine the link is CPU
+    // (loopback through veth), which the workload shares with the migration.
+    let link_busy = link_gbps(&ns_a, &ns_b, &format!("{net}.2"), 512 << 20)?;
+    eprintln!(
+        "ferry demo: link from a to b with the client writing: {link_busy:.2} GB/s (idle {link_idle:.2})"
+    );
+    pause()?;
 
     // There and back (and again, with --hops).
     let mut reports = Vec::new();
@@ -489,10 +539,16 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         let stall = worst_us.load(Ordering::Relaxed) as f64 / 1e3;
         // From the start of `ferry migrate` to the end of that write.
         let stall_at = (worst_at.load(Ordering::Relaxed) as i64 - started_us) as f64 / 1e3;
+        // Total time over the least time the resident memory takes to cross the link.
+        let total = r["total_ms"].as_f64().unwrap_or(0.0);
+        let resident = r["resident_bytes"].as_f64().unwrap_or(0.0);
+        let over = |gbps: f64| total / (resident / gbps / 1e6);
         eprintln!(
-            "ferry demo: moved to {to}: downtime {:.1} ms, total {:.0} ms, {} round(s), {:.1} MiB; the client's slowest write took {stall:.1} ms (ending {stall_at:.0} ms after the migration began), {} writes acknowledged since",
+            "ferry demo: moved to {to}: downtime {:.1} ms, total {total:.0} ms ({:.2}x resident {:.0} MiB over the idle link, {:.2}x over the busy one), {} round(s), {:.1} MiB; the client's slowest write took {stall:.1} ms (ending {stall_at:.0} ms after the migration began), {} writes acknowledged since",
             r["downtime_ms"].as_f64().unwrap_or(0.0),
-            r["total_ms"].as_f64().unwrap_or(0.0),
+            over(link_idle),
+            resident / 1048576.0,
+            over(link_busy),
             r["rounds"].as_array().map(|v| v.len()).unwrap_or(0),
             r["bytes_sent"].as_f64().unwrap_or(0.0) / 1048576.0,
             acked.load(Ordering::SeqCst) - before
@@ -500,6 +556,7 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         let mut hop = serde_json::json!({
             "to": to,
             "report": r,
+            "total_over_bound": { "idle_link": over(link_idle), "busy_link": over(link_busy) },
             "client_worst_write_ms": stall,
             "client_worst_write_end_ms": stall_at,
         });
@@ -537,6 +594,7 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         "mode": a.mode,
         "dataset_mib": a.dataset_mib,
         "downtime_median_ms": median,
+        "link_gbps": { "idle": link_idle, "busy": link_busy },
         "migrations": reports,
         "writes_acknowledged": last + 1,
         "writes_lost": lost,

@@ -497,8 +497,23 @@ fn multithreaded_xz_with_a_pipe_gives_identical_output() {
     );
 }
 
+/// The kernel's areas of process `pid` (`[vdso]`, `[vvar]`, `[vvar_vclock]`), as their
+/// /proc/PID/maps lines' address ranges and names.
+fn kernel_areas(pid: u32) -> Vec<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/maps"))
+        .unwrap()
+        .lines()
+        .filter(|l| l.ends_with("[vdso]") || l.contains("[vvar"))
+        .map(|l| {
+            let w: Vec<&str> = l.split_whitespace().collect();
+            format!("{} {}", w[0], w[w.len() - 1])
+        })
+        .collect()
+}
+
 /// A fixture that prints "ready", is dumped (killed) and restored, then checks itself after
-/// SIGUSR1 and prints PASS.
+/// SIGUSR1 and prints PASS. Its vDSO and vvar pages are back where they were (the fixtures'
+/// clock_gettime goes through them).
 fn fixture_survives(name: &str) {
     let Ready {
         dir,
@@ -507,6 +522,8 @@ fn fixture_survives(name: &str) {
         ..
     } = ready_fixture(name, name);
     let pid = child.id();
+    let areas = kernel_areas(pid);
+    assert!(areas.iter().any(|a| a.ends_with("[vdso]")), "{areas:?}");
     let img = dir.join("img");
     dump_ok(pid, &img);
     child.wait().unwrap();
@@ -530,6 +547,7 @@ fn fixture_survives(name: &str) {
     }
     let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
     assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    assert_eq!(kernel_areas(pid), areas, "the vDSO moved");
     std::thread::sleep(Duration::from_millis(100));
     kill(pid, "USR1");
     let s = wait_for(&out, "PASS");
