@@ -1322,6 +1322,21 @@ fn the_demo_moves_a_service_there_and_back_and_cleans_up() {
         assert_eq!(v["writes_lost"], 0, "{v}");
         assert!(v["writes_acknowledged"].as_i64().unwrap() > 100, "{v}");
         assert_eq!(v["migrations"].as_array().unwrap().len(), 2);
+        // The link was measured, and each total compared with the resident memory over it.
+        for k in ["idle", "busy"] {
+            assert!(v["link_gbps"][k].as_f64().is_some_and(|g| g > 0.01), "{v}");
+        }
+        for m in v["migrations"].as_array().unwrap() {
+            let resident = m["report"]["resident_bytes"].as_u64().unwrap();
+            assert!(resident > 1 << 20, "{m}");
+            let total = m["report"]["total_ms"].as_f64().unwrap();
+            let bound_ms = resident as f64 / v["link_gbps"]["idle"].as_f64().unwrap() / 1e6;
+            let over = m["total_over_bound"]["idle_link"].as_f64().unwrap();
+            assert!(
+                (over - total / bound_ms).abs() < 1e-6 * over.max(1.0),
+                "{m}"
+            );
+        }
         let ns = Command::new("ip").args(["netns", "list"]).output().unwrap();
         assert!(
             !String::from_utf8_lossy(&ns.stdout).contains("ferry-demo"),
