@@ -551,6 +551,8 @@ pub fn dump_into(
     let mut zombies = Vec::new();
     let mut tree = freeze_tree(pid, &mut zombies)?;
     ferry_sys::timeline::mark(|| "frozen".into());
+    // Asked to stop (Ctrl-C): the tree resumes as it was.
+    ferry_sys::cancel::check()?;
     if let Some(f) = on_frozen {
         f();
     }
@@ -580,6 +582,7 @@ pub fn dump_into(
     let mut collected = Vec::new();
     for f in tree.iter_mut() {
         collected.push(collect(f, &mut seen, &mut net.st, &tree_pids, &mut steps)?);
+        ferry_sys::cancel::check()?;
     }
     // `collect` timed its own steps.
     lap = Lap::new();
@@ -739,7 +742,8 @@ pub fn dump(pid: i32, dir: &Path, opts: &DumpOptions) -> Result<DumpReport> {
             .map(|_| s)
             .map_err(Into::into)
     });
-    let summary = match finished {
+    // The last point to stop at (Ctrl-C): no image, and the process runs on.
+    let summary = match finished.and_then(|s| Ok(ferry_sys::cancel::check().map(|_| s)?)) {
         Ok(s) => s,
         Err(e) => {
             let _ = std::fs::remove_dir_all(dir);

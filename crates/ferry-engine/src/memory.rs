@@ -242,6 +242,7 @@ pub fn dump(
         let mut per = vec![0u64; out.len()];
         for c in full_rx {
             let c = c?;
+            ferry_sys::cancel::check()?;
             for (a, off, len, h) in &c.blocks {
                 w.pages_hashed(*a, &c.buf[*off..off + len], h)?;
                 let n = (len / PAGE_SIZE) as u64;

@@ -346,6 +346,8 @@ pub fn restore_held_with(
     }
     let verify_ms = t0.elapsed().as_secs_f64() * 1e3;
     ferry_sys::timeline::mark(|| "verify: files".into());
+    // Asked to stop (Ctrl-C) while the image was checked: nothing is built yet.
+    ferry_sys::cancel::check()?;
     let lazy = opts.lazy || opts.remote.is_some();
     let mut warm_note = None;
     let mut over_job: Option<std::thread::JoinHandle<Result<()>>> = None;
@@ -703,6 +705,8 @@ pub fn restore_held_with(
 /// unless `detach`).
 pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
     let mut held = restore_held(dir, opts)?;
+    // The last point to stop at (Ctrl-C): the tree, held, is killed on drop.
+    ferry_sys::cancel::check()?;
     let stub = held.stub;
     let filler = held.take_filler();
     let mut report = held.resume()?;
@@ -713,6 +717,8 @@ pub fn restore(dir: &Path, opts: &RestoreOptions) -> Result<RestoreReport> {
         })?);
     }
     if !opts.detach {
+        // Ctrl-C ends Ferry as usual while it waits; the tree runs on.
+        let _ = ferry_sys::cancel::uninstall();
         report.exit_status = Some(wait_exit(stub));
     }
     Ok(report)
@@ -1026,6 +1032,7 @@ fn build(
     times.layout_ms += (tp - tl).as_secs_f64() * 1e3;
     times.pages_ms += tp.elapsed().as_secs_f64() * 1e3;
     lap.mark(&mut times.steps, "pages");
+    ferry_sys::cancel::check()?;
     mm::restore(t, &img.mm, &img.exe)?;
     lap.mark(&mut times.steps, "mm");
     files::restore(t, &img.fds, &img.pipes, &img.fifos, &ghosts, built)?;

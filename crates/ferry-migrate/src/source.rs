@@ -206,6 +206,15 @@ impl Http {
             .map_err(|e| MigrateError::Failed(format!("GET {}{path}: {e}", self.base)))
     }
 
+    /// Best effort (a cancel on the way out).
+    fn delete(&self, path: &str) {
+        let mut req = self.agent.delete(format!("{}{path}", self.base));
+        if let Some(t) = &self.token {
+            req = req.header("Authorization", &format!("Bearer {t}"));
+        }
+        let _ = req.call();
+    }
+
     fn post<T: serde::de::DeserializeOwned, B: Serialize>(
         &self,
         path: &str,
@@ -381,6 +390,11 @@ pub fn prepare(o: &MigrateOptions) -> Result<Created> {
         && Instant::now() < end
     {
         std::thread::sleep(Duration::from_millis(50));
+        if let Err(e) = stop_asked() {
+            // Nothing is frozen: the reservation goes too.
+            http.delete(&format!("/v1/migrations/{}", created.id));
+            return Err(e);
+        }
         let m: MigrationInfo = http.get(&format!("/v1/migrations/{}", created.id))?;
         created.prepared = m.prepared;
     }
@@ -423,7 +437,7 @@ fn migrate_inner(
 ) -> Result<MigrateReport> {
     let t0 = Instant::now();
     ferry_sys::procfs::check_inspectable(o.pid).map_err(ferry_engine::EngineError::from)?;
-    let resident_bytes = resident_of_tree(o.pid);
+    let resident_bytes = tree_rss(o.pid);
     tls::check_address(&o.to, o.tls.as_ref())?;
     let http = Http::new(o);
     let host: HostInfo = http.get("/v1/host")?;
@@ -575,6 +589,8 @@ fn migrate_inner(
         let mut short_rounds = 0;
         let mut dirty_mb_s: Option<f64> = None;
         for round in 0..max_rounds {
+            // Asked to stop (Ctrl-C): nothing is frozen yet; the process runs on.
+            stop_asked()?;
             let tr0 = Instant::now();
             if round == 0 {
                 setup_ms = (tr0 - t0).as_secs_f64() * 1e3;
@@ -595,6 +611,8 @@ fn migrate_inner(
                 let mut g = w.lock().unwrap();
                 let mut batch = wire::PageBatch::default();
                 let n = tr.round(&mut |pid, addr, data| {
+                    // Within a long round too.
+                    ferry_sys::cancel::check()?;
                     batch.add(&mut *g, pid, addr, data).map_err(|e| {
                         ferry_engine::EngineError::Failed(format!("sending pages: {e}"))
                     })?;
@@ -896,6 +914,9 @@ fn migrate_inner(
                 if let Some(a) = v.get("agent") {
                     restore_report["agent"] = a.clone();
                 }
+                // The last point to stop at (Ctrl-C): without Go the destination drops its
+                // copy, and ours resumes.
+                stop_asked()?;
                 Ok(v["pid"].as_i64().unwrap_or(0) as i32)
             }
             Kind::Failed => Err(agent_failed(
@@ -1123,18 +1144,10 @@ fn migrate_inner(
     })
 }
 
-/// VmRSS of every process of the tree rooted at `pid`, in bytes.
-fn resident_of_tree(pid: i32) -> u64 {
-    ferry_engine::precopy::tree_of(pid)
-        .iter()
-        .filter_map(|p| std::fs::read_to_string(format!("/proc/{p}/status")).ok())
-        .filter_map(|st| {
-            st.lines()
-                .find_map(|l| l.strip_prefix("VmRSS:"))
-                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
-        })
-        .sum::<u64>()
-        * 1024
+/// Err once SIGINT, SIGTERM or SIGHUP asked `ferry migrate` to stop
+/// (`ferry_sys::cancel`); checked only where stopping leaves the process running here.
+fn stop_asked() -> Result<()> {
+    ferry_sys::cancel::check().map_err(|e| MigrateError::Engine(e.into()))
 }
 
 /// Waits for the agent's RoundAck.

@@ -32,6 +32,8 @@ pub enum Error {
     },
     #[error("{0}")]
     Parse(String),
+    #[error("interrupted by {0}")]
+    Interrupted(&'static str),
 }
 
 pub type Result<T> = std::result::Result<T, Error>;

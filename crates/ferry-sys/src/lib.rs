@@ -2,6 +2,7 @@
 //! `/proc` parsing, ptrace freezing, register and xsave regsets, injected syscalls and
 //! reading another process's memory. Higher crates never call ptrace or libc directly.
 
+pub mod cancel;
 pub mod error;
 pub mod files;
 pub mod freeze;

@@ -59,6 +59,14 @@ enum ImageCmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    // Ctrl-C (or SIGTERM, SIGHUP) during a dump, restore or migration stops it where the
+    // process is left whole and running, instead of ending Ferry with it frozen or its copy
+    // bound to die with Ferry.
+    if matches!(cli.cmd, Cmd::Dump(_) | Cmd::Restore(_) | Cmd::Migrate(_)) {
+        if let Err(e) = ferry_sys::cancel::install() {
+            eprintln!("ferry: warning: Ctrl-C will not stop safely: {e}");
+        }
+    }
     let res = match cli.cmd {
         Cmd::Cpu(a) => cpu::run(a),
         Cmd::Dump(a) => engine::dump(a),

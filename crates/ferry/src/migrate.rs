@@ -247,6 +247,12 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
         Err(e) => return Err(e.into()),
     };
     bar.finish_and_clear();
+    if ferry_sys::cancel::requested().is_some() {
+        eprintln!(
+            "ferry: the interrupt came after the destination was told to run the process: \
+             the migration was completed instead"
+        );
+    }
     if a.json {
         println!("{}", serde_json::to_string_pretty(&r)?);
     } else {

@@ -986,6 +986,124 @@ fn progress_is_shown_on_a_terminal_only() {
     );
 }
 
+fn traced(p: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{p}/status"))
+        .unwrap_or_default()
+        .lines()
+        .any(|l| l.starts_with("TracerPid:") && l.split_whitespace().nth(1) != Some("0"))
+}
+
+/// Ctrl-C (SIGINT) during a dump, once the tree is frozen: the dump stops where the tree is
+/// whole, exits 2 saying it was interrupted, leaves no image, and both processes run on
+/// untraced and intact. Then SIGTERM during a restore of the tree (its child already built,
+/// the parent's memory being written): nothing of it is left, and a restore afterwards works.
+#[test]
+fn an_interrupted_dump_or_restore_leaves_the_tree_whole_or_nothing() {
+    let Ready {
+        dir,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("sigint", "bulk");
+    let pid = child.id();
+    let kid: u32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let img = dir.join("img");
+    let run = |args: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    let wait_traced = |p: u32, what: &str| {
+        let end = Instant::now() + Duration::from_secs(10);
+        while !traced(p) {
+            assert!(Instant::now() < end, "{what}");
+            std::thread::sleep(Duration::from_micros(100));
+        }
+    };
+    let d = run(&[
+        "dump",
+        "--pid",
+        &pid.to_string(),
+        "--images",
+        img.to_str().unwrap(),
+    ]);
+    wait_traced(pid, "the dump never froze the process");
+    kill(d.id(), "INT");
+    let o = d.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("interrupted by SIGINT"), "{e}");
+    assert!(!img.exists(), "an interrupted dump left an image");
+    for p in [pid, kid] {
+        assert!(!traced(p), "process {p} is still traced");
+        let st = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap();
+        let state = st.rsplit_once(") ").unwrap().1.chars().next().unwrap();
+        assert!(
+            state == 'S' || state == 'R',
+            "process {p} is left in state {state}"
+        );
+    }
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+
+    // The same tree again, dumped whole, then a restore interrupted halfway.
+    let _ = std::fs::remove_file(&out);
+    drop(child.wait());
+    // (Its directory lives until the end: the restored process runs its binary.)
+    let Ready {
+        dir: _dir2,
+        out,
+        mut child,
+        ..
+    } = ready_fixture("sigint2", "bulk");
+    let pid = child.id();
+    let kid: u32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    dump_ok(pid, &img);
+    child.wait().unwrap();
+    for p in [pid, kid] {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{p}")).exists() {
+            assert!(Instant::now() < end, "PID {p} still taken");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let r = run(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    wait_traced(kid, "the restore never forked the child");
+    kill(r.id(), "TERM");
+    let o = r.wait_with_output().unwrap();
+    let e = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{e}");
+    assert!(e.contains("interrupted by SIGTERM"), "{e}");
+    for p in [pid, kid] {
+        let end = Instant::now() + Duration::from_secs(5);
+        while Path::new(&format!("/proc/{p}")).exists() {
+            assert!(
+                Instant::now() < end,
+                "process {p} of an interrupted restore is there"
+            );
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+}
+
 /// Ferry killed in the middle of a restore (while the parent's 256 MiB are written and its
 /// child waits in our pause loop): nothing of the tree is left, since every process being built
 /// dies with its restorer. A full restore afterwards still works.

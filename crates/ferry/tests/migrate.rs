@@ -8,7 +8,7 @@ use common::*;
 use std::io::{BufReader, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Output};
+use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 const TOKEN: &str = "test-token-0123456789";
@@ -1810,6 +1810,89 @@ fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
             a.wait_gone(pid as i64, "after a full state directory");
         }
         let _ = Command::new("umount").arg(&small).status();
+    }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn fd_count(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .unwrap()
+        .count()
+}
+
+/// `ferry migrate` interrupted: Ctrl-C (SIGINT) during pre-copy, and SIGTERM while the process
+/// is frozen and the destination holds its whole image. Each time `ferry migrate` stops where
+/// the process is left whole: it exits 2 saying so, the process runs on at the source with
+/// its memory intact and no fd of ours left in it, and nothing of it is left at the
+/// destination. Without the handling, SIGTERM while frozen ended `ferry migrate` with the
+/// process detached but its migration state left behind, and between Ready and Go with the
+/// source copy bound to die with it.
+#[test]
+fn an_interrupted_migration_leaves_the_process_running_at_the_source() {
+    let dir = tmpdir("migrate-sigint");
+    let (mut child, out) = start_dirtier(&dir, "256", "1000");
+    let pid = child.id();
+    let fds = fd_count(pid);
+    let spawn = |a: &Agent| {
+        Command::new(env!("CARGO_BIN_EXE_ferry"))
+            .args(migrate_args(pid, a, &["--timeout", "5"]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap()
+    };
+    for (n, sig, point) in [(64u16, "INT", None), (65, "TERM", Some("commit"))] {
+        let env: Vec<(&str, &str)> = point
+            .map(|p| ("FERRY_AGENT_PAUSE_AT", p))
+            .into_iter()
+            .collect();
+        let a = Agent::launch(&dir, n, &[], None, "127.0.0.1", true, &env);
+        let m = spawn(&a);
+        let end = Instant::now() + Duration::from_secs(30);
+        match point {
+            None => loop {
+                // Pre-copy under way.
+                let st = a.try_get("/v1/migrations").unwrap_or_default();
+                if st[0]["bytes_received"].as_u64().unwrap_or(0) > 0 {
+                    break;
+                }
+                assert!(Instant::now() < end, "pre-copy never started: {st}");
+                std::thread::sleep(Duration::from_millis(1));
+            },
+            Some(p) => {
+                let paused = dir.join(format!("state{n}/paused-{p}"));
+                while !paused.exists() {
+                    assert!(Instant::now() < end, "the agent never reached {p}");
+                    std::thread::sleep(Duration::from_millis(2));
+                }
+                assert!(!running(pid), "the source copy is not frozen");
+            }
+        }
+        kill(m.id(), sig);
+        if let Some(p) = point {
+            // Frozen, it waits for the destination's answer, then stops before Go.
+            std::thread::sleep(Duration::from_millis(200));
+            let _ = std::fs::remove_file(dir.join(format!("state{n}/paused-{p}")));
+        }
+        let o = m.wait_with_output().unwrap();
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "SIG{sig}: {e}");
+        assert!(e.contains(&format!("interrupted by SIG{sig}")), "{e}");
+        assert!(e.contains("runs on here"), "{e}");
+        assert!(
+            running(pid),
+            "SIG{sig}: the process does not run at the source"
+        );
+        assert_eq!(
+            fd_count(pid),
+            fds,
+            "SIG{sig}: an fd was left in the process"
+        );
+        let verdicts = if point.is_none() { 1 } else { 2 };
+        check_pass(pid, &out, verdicts);
+        a.wait_gone(pid as i64, &format!("after SIG{sig}"));
     }
     child.kill().unwrap();
     child.wait().unwrap();
