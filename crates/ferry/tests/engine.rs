@@ -326,12 +326,7 @@ fn dump_leave_stopped_leaves_the_process_stopped_and_its_image_restores() {
     assert_eq!(state(), ('T', true), "did not stay stopped");
     child.kill().unwrap();
     child.wait().unwrap();
-    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    std::thread::sleep(Duration::from_millis(100));
-    kill(pid, "USR1");
-    let s = wait_for(&out, "PASS");
-    assert!(!s.contains("FAIL"), "{s}");
+    restore_and_check(&img, pid, &out);
 }
 
 /// A dump into a filesystem too small for the image (a 1 MiB tmpfs, 24 MiB of memory) fails
@@ -770,12 +765,7 @@ fn madvise_advice_survives() {
             "{a} not recorded: {advice:?}"
         );
     }
-    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    std::thread::sleep(Duration::from_millis(100));
-    kill(pid, "USR1");
-    let s = wait_for(&out, "PASS");
-    assert!(!s.contains("FAIL"), "{s}");
+    let s = restore_and_check(&img, pid, &out);
     let thp = s.lines().find(|l| l.starts_with("thp")).unwrap_or("");
     eprintln!("{thp}");
     // "thp before KB after KB": the HUGEPAGE region's transparent huge pages, where the
@@ -986,6 +976,38 @@ fn progress_is_shown_on_a_terminal_only() {
     );
 }
 
+/// The PID of the one child of `pid`.
+fn only_child(pid: u32) -> u32 {
+    std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap()
+}
+
+/// Waits (10 s at most) until none of `pids` is taken any more.
+fn wait_free(pids: &[u32]) {
+    for &p in pids {
+        let end = Instant::now() + Duration::from_secs(10);
+        while Path::new(&format!("/proc/{p}")).exists() {
+            assert!(Instant::now() < end, "PID {p} still taken");
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+}
+
+/// Restore `img` detached, then ask the fixture `pid` (writing to `out`) to check itself.
+/// Returns what it wrote.
+fn restore_and_check(img: &Path, pid: u32, out: &Path) -> String {
+    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
+    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
+    std::thread::sleep(Duration::from_millis(100));
+    kill(pid, "USR1");
+    let s = wait_for(out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    s
+}
+
 fn traced(p: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{p}/status"))
         .unwrap_or_default()
@@ -1006,11 +1028,7 @@ fn an_interrupted_dump_or_restore_leaves_the_tree_whole_or_nothing() {
         ..
     } = ready_fixture("sigint", "bulk");
     let pid = child.id();
-    let kid: u32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let kid = only_child(pid);
     let img = dir.join("img");
     let run = |args: &[&str]| {
         Command::new(env!("CARGO_BIN_EXE_ferry"))
@@ -1065,20 +1083,10 @@ fn an_interrupted_dump_or_restore_leaves_the_tree_whole_or_nothing() {
         ..
     } = ready_fixture("sigint2", "bulk");
     let pid = child.id();
-    let kid: u32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let kid = only_child(pid);
     dump_ok(pid, &img);
     child.wait().unwrap();
-    for p in [pid, kid] {
-        let end = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{p}")).exists() {
-            assert!(Instant::now() < end, "PID {p} still taken");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
+    wait_free(&[pid, kid]);
     let r = run(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
     wait_traced(kid, "the restore never forked the child");
     kill(r.id(), "TERM");
@@ -1096,12 +1104,7 @@ fn an_interrupted_dump_or_restore_leaves_the_tree_whole_or_nothing() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    std::thread::sleep(Duration::from_millis(100));
-    kill(pid, "USR1");
-    let s = wait_for(&out, "PASS");
-    assert!(!s.contains("FAIL"), "{s}");
+    restore_and_check(&img, pid, &out);
 }
 
 /// Ferry killed in the middle of a restore (while the parent's 256 MiB are written and its
@@ -1116,21 +1119,11 @@ fn a_restore_cut_short_leaves_nothing_running() {
         ..
     } = ready_fixture("cutshort", "bulk");
     let pid = child.id();
-    let kid: u32 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
-        .unwrap()
-        .trim()
-        .parse()
-        .unwrap();
+    let kid = only_child(pid);
     let img = dir.join("img");
     dump_ok(pid, &img);
     child.wait().unwrap();
-    for p in [pid, kid] {
-        let end = Instant::now() + Duration::from_secs(10);
-        while Path::new(&format!("/proc/{p}")).exists() {
-            assert!(Instant::now() < end, "PID {p} still taken");
-            std::thread::sleep(Duration::from_millis(5));
-        }
-    }
+    wait_free(&[pid, kid]);
     let mut restorer = Command::new(env!("CARGO_BIN_EXE_ferry"))
         .args(["restore", "--images", img.to_str().unwrap(), "--detach"])
         .stdout(Stdio::null())
@@ -1162,12 +1155,7 @@ fn a_restore_cut_short_leaves_nothing_running() {
             std::thread::sleep(Duration::from_millis(5));
         }
     }
-    let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    std::thread::sleep(Duration::from_millis(100));
-    kill(pid, "USR1");
-    let s = wait_for(&out, "PASS");
-    assert!(!s.contains("FAIL"), "{s}");
+    restore_and_check(&img, pid, &out);
 }
 
 /// `restore --lazy`: the process runs before its memory is filled, forks, drops and moves

@@ -19,6 +19,8 @@ struct Agent {
     port: u16,
     url: String,
     tok: PathBuf,
+    /// Its state directory (unless given in `extra`).
+    state: PathBuf,
 }
 
 /// Below the kernel's ephemeral range (32768 and up): a connection to a port there that
@@ -82,6 +84,7 @@ impl Agent {
             port,
             url: format!("http://{host}:{port}"),
             tok,
+            state,
         };
         let end = Instant::now() + Duration::from_secs(20);
         while a.try_get("/v1/host").is_none() {
@@ -89,6 +92,22 @@ impl Agent {
             std::thread::sleep(Duration::from_millis(20));
         }
         a
+    }
+
+    /// Waits (30 s at most) until the agent, run with `FERRY_AGENT_PAUSE_AT=point`, stops
+    /// there, while the migration `h` goes on; returns the file whose removal lets it go on.
+    fn wait_paused(&self, point: &str, h: &std::thread::JoinHandle<Output>) -> PathBuf {
+        let paused = self.state.join(format!("paused-{point}"));
+        let end = Instant::now() + Duration::from_secs(30);
+        while !paused.exists() {
+            assert!(
+                !h.is_finished(),
+                "the migration ended before the agent reached {point}"
+            );
+            assert!(Instant::now() < end, "the agent never reached {point}");
+            std::thread::sleep(Duration::from_millis(2));
+        }
+        paused
     }
 
     fn try_get(&self, path: &str) -> Option<serde_json::Value> {
@@ -972,6 +991,30 @@ fn corrupt_frames_of_kind(a: TcpStream, to: u16, kind: u8) {
     }
 }
 
+/// Two hosts on a bridge (`Lan`), the second one's link to be taken down and up again.
+struct CutLink {
+    lan: Lan,
+    dev: String,
+}
+
+impl CutLink {
+    fn new(tag: &str) -> CutLink {
+        CutLink {
+            lan: Lan::new(tag, 2),
+            dev: format!("e{tag}1{}", std::process::id() % 10000),
+        }
+    }
+
+    /// `ip link set DEV up|down` on the second host.
+    fn link(&self, state: &str) {
+        let st = Command::new("ip")
+            .args(["-n", &self.lan.hosts[1], "link", "set", &self.dev, state])
+            .status()
+            .unwrap();
+        assert!(st.success());
+    }
+}
+
 /// Faults while the source is frozen, at three points: the final copy under way (`final`),
 /// the whole image in but nothing rebuilt (`commit`), the tree rebuilt and held before Ready
 /// (`restored`). The agent, stopped there by its test hook, is killed with SIGKILL while not
@@ -981,15 +1024,8 @@ fn corrupt_frames_of_kind(a: TcpStream, to: u16, kind: u8) {
 #[test]
 fn faults_while_frozen_leave_the_process_on_exactly_one_host() {
     let dir = tmpdir("migrate-frozen");
-    let lan = Lan::new("z", 2);
-    let dev = format!("ez1{}", std::process::id() % 10000);
-    let link = |state: &str| {
-        let st = Command::new("ip")
-            .args(["-n", &lan.hosts[1], "link", "set", &dev, state])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
+    let cut = CutLink::new("z");
+    let (lan, link) = (&cut.lan, |state: &str| cut.link(state));
     let (mut child, out) = start_dirtier(&dir, "64", "1000");
     let pid = child.id();
     let mut verdicts = 0;
@@ -1031,20 +1067,9 @@ fn faults_while_frozen_leave_the_process_on_exactly_one_host() {
         };
         let t = Instant::now();
         let h = migrate_in_background(pid, &a, &["--timeout", "3"]);
-        let paused = dir.join(format!("state{n}/paused-{point}"));
+        let paused = a.state.join(format!("paused-{point}"));
         if fault != "corrupt" {
-            let end = Instant::now() + Duration::from_secs(30);
-            while !paused.exists() {
-                if h.is_finished() {
-                    let o = h.join().unwrap();
-                    panic!("{what}: the migration ended before the agent reached {point}: {o:?}");
-                }
-                assert!(
-                    Instant::now() < end,
-                    "{what}: the agent never reached {point}"
-                );
-                std::thread::sleep(Duration::from_millis(2));
-            }
+            a.wait_paused(point, &h);
             // Frozen at the source, its copy built or being built at the destination.
             assert!(!running(pid), "{what}: the source copy is not frozen");
         }
@@ -1661,13 +1686,7 @@ fn the_destination_killed_during_hybrid_postcopy_leaves_the_process_at_the_sourc
     let (mut child, out) = start_dirtier(&dir, "128", "1000");
     let pid = child.id();
     let h = migrate_in_background(pid, &a, &["--mode", "hybrid"]);
-    let paused = dir.join("state51/paused-running");
-    let end = Instant::now() + Duration::from_secs(30);
-    while !paused.exists() {
-        assert!(!h.is_finished(), "the migration ended before post-copy");
-        assert!(Instant::now() < end, "never ran at the destination");
-        std::thread::sleep(Duration::from_millis(2));
-    }
+    a.wait_paused("running", &h);
     let (moved, state) = a
         .live_process(pid as i64)
         .expect("the process runs at the destination");
@@ -1699,15 +1718,8 @@ fn the_destination_killed_during_hybrid_postcopy_leaves_the_process_at_the_sourc
 #[test]
 fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
     let dir = tmpdir("migrate-window");
-    let lan = Lan::new("w", 2);
-    let dev = format!("ew1{}", std::process::id() % 10000);
-    let link = |state: &str| {
-        let st = Command::new("ip")
-            .args(["-n", &lan.hosts[1], "link", "set", &dev, state])
-            .status()
-            .unwrap();
-        assert!(st.success());
-    };
+    let cut = CutLink::new("w");
+    let (lan, link) = (&cut.lan, |state: &str| cut.link(state));
     let (mut child, out) = start_dirtier(&dir, "64", "1000");
     let pid = child.id();
     let mut verdicts = 0;
@@ -1725,13 +1737,7 @@ fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
         );
         let t = Instant::now();
         let h = migrate_in_background(pid, &a, &["--mode", "hybrid", "--timeout", "3"]);
-        let paused = dir.join("state60/paused-released");
-        let end = Instant::now() + Duration::from_secs(30);
-        while !paused.exists() {
-            assert!(!h.is_finished(), "the migration ended before Filled");
-            assert!(Instant::now() < end, "the destination never had its pages");
-            std::thread::sleep(Duration::from_millis(2));
-        }
+        let paused = a.wait_paused("released", &h);
         let (moved, state) = a
             .live_process(pid as i64)
             .expect("the process runs at the destination");
@@ -1862,7 +1868,7 @@ fn an_interrupted_migration_leaves_the_process_running_at_the_source() {
                 std::thread::sleep(Duration::from_millis(1));
             },
             Some(p) => {
-                let paused = dir.join(format!("state{n}/paused-{p}"));
+                let paused = a.state.join(format!("paused-{p}"));
                 while !paused.exists() {
                     assert!(Instant::now() < end, "the agent never reached {p}");
                     std::thread::sleep(Duration::from_millis(2));
@@ -1874,7 +1880,7 @@ fn an_interrupted_migration_leaves_the_process_running_at_the_source() {
         if let Some(p) = point {
             // Frozen, it waits for the destination's answer, then stops before Go.
             std::thread::sleep(Duration::from_millis(200));
-            let _ = std::fs::remove_file(dir.join(format!("state{n}/paused-{p}")));
+            let _ = std::fs::remove_file(a.state.join(format!("paused-{p}")));
         }
         let o = m.wait_with_output().unwrap();
         let e = String::from_utf8_lossy(&o.stderr);
