@@ -1124,6 +1124,30 @@ fn faults_while_frozen_leave_the_process_on_exactly_one_host() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A tmpfs of `size` (mount's `size=`) at DIR/small, unmounted on drop: a state directory
+/// with no room.
+struct SmallFs(PathBuf);
+
+impl SmallFs {
+    fn mount(dir: &Path, size: &str) -> SmallFs {
+        let small = dir.join("small");
+        std::fs::create_dir_all(&small).unwrap();
+        let st = Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&small)
+            .status()
+            .unwrap();
+        assert!(st.success());
+        SmallFs(small)
+    }
+}
+
+impl Drop for SmallFs {
+    fn drop(&mut self) {
+        let _ = Command::new("umount").arg(&self.0).status();
+    }
+}
+
 /// Each failure leaves the process running on exactly one host, intact: a full state
 /// directory on the destination, a corrupted stream, the destination agent killed during
 /// pre-copy.
@@ -1136,16 +1160,9 @@ fn failures_leave_the_process_running_at_the_source() {
 
     // A state directory with no room: the agent fails while receiving. Pre-copied pages go
     // into the warm process, not to disk: the final image is what does not fit.
-    let small = dir.join("small");
-    std::fs::create_dir_all(&small).unwrap();
-    let st = Command::new("mount")
-        .args(["-t", "tmpfs", "-o", "size=64k", "tmpfs"])
-        .arg(&small)
-        .status()
-        .unwrap();
-    assert!(st.success());
+    let small = SmallFs::mount(&dir, "64k");
     {
-        let a = Agent::start(&dir, 4, &["--state-dir", small.to_str().unwrap()]);
+        let a = Agent::start(&dir, 4, &["--state-dir", small.0.to_str().unwrap()]);
         let o = migrate(pid, &a, &[]);
         assert_eq!(o.status.code(), Some(2));
         let e = String::from_utf8_lossy(&o.stderr);
@@ -1156,7 +1173,7 @@ fn failures_leave_the_process_running_at_the_source() {
         let m = a.get("/v1/migrations");
         assert_eq!(m[0]["state"], "failed", "{m}");
     }
-    let _ = Command::new("umount").arg(&small).status();
+    drop(small);
 
     // A corrupted byte in the stream.
     {
@@ -1796,16 +1813,9 @@ fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
 
     // Hybrid's rounds into a state directory with no room for them.
     {
-        let small = dir.join("small");
-        std::fs::create_dir_all(&small).unwrap();
-        let st = Command::new("mount")
-            .args(["-t", "tmpfs", "-o", "size=4m", "tmpfs"])
-            .arg(&small)
-            .status()
-            .unwrap();
-        assert!(st.success());
+        let small = SmallFs::mount(&dir, "4m");
         {
-            let a = Agent::start(&dir, 62, &["--state-dir", small.to_str().unwrap()]);
+            let a = Agent::start(&dir, 62, &["--state-dir", small.0.to_str().unwrap()]);
             let o = migrate(pid, &a, &["--mode", "hybrid"]);
             assert_eq!(o.status.code(), Some(2), "{o:?}");
             let e = String::from_utf8_lossy(&o.stderr);
@@ -1815,7 +1825,7 @@ fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
             check_pass(pid, &out, verdicts);
             a.wait_gone(pid as i64, "after a full state directory");
         }
-        let _ = Command::new("umount").arg(&small).status();
+        drop(small);
     }
     child.kill().unwrap();
     child.wait().unwrap();
