@@ -98,6 +98,8 @@ pub fn preview(root: i32, smaps: &[procfs::SmapsEntry]) -> std::result::Result<W
 pub struct Reservation {
     pid: i32,
     pool: (u64, u64),
+    /// The namespaces made around the stub (none of its own: the default).
+    namespaces: crate::namespaces::Namespaces,
     /// How long making it resident took.
     pub populate_ms: f64,
     /// true: hand the stub over (detached, waiting); false: kill it.
@@ -118,8 +120,19 @@ impl Reservation {
     /// Blocks while the memory is made resident (about as long as first touch of that much).
     /// `stub` is set to the stub once it exists: killing it stops the reservation
     /// (`abandon`).
-    pub fn reserve(pid: i32, bytes: u64, stub: StubHandle) -> Result<Reservation> {
+    /// `namespaces`: those the process made for itself, made around the stub now (the
+    /// process is built in them later; `namespaces::restore` then has nothing to do).
+    pub fn reserve(
+        pid: i32,
+        bytes: u64,
+        stub: StubHandle,
+        namespaces: Option<crate::namespaces::Namespaces>,
+    ) -> Result<Reservation> {
         use std::sync::mpsc::channel;
+        let namespaces = namespaces
+            .filter(|n| n.mounts.is_empty())
+            .unwrap_or_default();
+        let ns = namespaces.clone();
         let len = bytes.div_ceil(RESERVE_ALIGN).max(1) * RESERVE_ALIGN;
         let (tx, rx) = channel::<Result<((u64, u64), f64)>>();
         let (ctl, cmd) = channel::<bool>();
@@ -147,6 +160,7 @@ impl Reservation {
                 let mut t = Target::new(stub, frozen);
                 let made = (|| -> Result<(u64, u64)> {
                     crate::restore::prepare(&mut t, &[])?;
+                    crate::namespaces::restore(&mut t, &ns)?;
                     let rw = (libc::PROT_READ | libc::PROT_WRITE) as u64;
                     let flags = (libc::MAP_PRIVATE | libc::MAP_ANONYMOUS) as u64;
                     let a = t.sys(
@@ -182,6 +196,7 @@ impl Reservation {
             Ok(Ok((pool, populate_ms))) => Ok(Reservation {
                 pid,
                 pool,
+                namespaces,
                 populate_ms,
                 ctl: Some(ctl),
                 holder: Some(holder),
@@ -432,13 +447,21 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
         )));
     }
     crate::memory::check_files(&layout.mappings)?;
+    // Namespaces made at the reservation, or to be made now.
+    let mut ns_made = false;
     let (stub, pool) = match reserved {
-        Some(r) if r.pid == layout.pid => {
+        Some(r)
+            if r.pid == layout.pid
+                && (r.namespaces.made_alike(&layout.namespaces)
+                    || r.namespaces.made_alike(&Default::default())) =>
+        {
+            ns_made = r.namespaces.made_alike(&layout.namespaces);
             let (stub, pool) = r.hand_over();
             (stub, Some(pool))
         }
         other => {
-            // Reserved for another PID: let go of it (and of the PID it holds) first.
+            // Reserved for another PID, or in namespaces the process no longer has: let go
+            // of it (and of the PID it holds) first.
             drop(other);
             (spawn_stub(Some(layout.pid))?, None)
         }
@@ -480,7 +503,9 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
             "a process with mounts of its own cannot be built ahead".into(),
         ));
     }
-    crate::namespaces::restore(t, &tree.layout.namespaces)?;
+    if !ns_made {
+        crate::namespaces::restore(t, &tree.layout.namespaces)?;
+    }
     // The reserved memory goes out of the way of the layout first (its pages move with it).
     let pool = match pool {
         Some((a, b)) => {

@@ -322,10 +322,11 @@ async fn prepare(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Respons
     if reserving {
         release_for_pid(&s, req.pid);
         let (sh, mid, pid, bytes) = (s.clone(), id.clone(), req.pid, req.memory_bytes);
+        let namespaces = req.namespaces.clone();
         let stub = ferry_engine::warm::StubHandle::default();
         let st = stub.clone();
         let job = std::thread::spawn(move || {
-            let r = ferry_engine::warm::Reservation::reserve(pid, bytes, st);
+            let r = ferry_engine::warm::Reservation::reserve(pid, bytes, st, namespaces);
             sh.update(&mid, |m| {
                 if let Some(p) = m.prepared.as_mut() {
                     match &r {

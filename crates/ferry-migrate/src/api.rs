@@ -65,6 +65,10 @@ pub struct Prepare {
     /// Accept an incompatible or unknown verdict.
     #[serde(default)]
     pub force: bool,
+    /// The UTS, IPC and mount namespaces the process made for itself (none of its own
+    /// mounts): the agent makes them ahead, around the stub that reserves its memory.
+    #[serde(default)]
+    pub namespaces: Option<ferry_engine::namespaces::Namespaces>,
 }
 
 /// What a prepared migration holds.

@@ -379,6 +379,9 @@ pub fn prepare(o: &MigrateOptions) -> Result<Created> {
             xstate_in_use: scan.xstate_in_use,
             source_profile: ferry_cpu::profile::CpuProfile::host().ok(),
             force: o.force,
+            namespaces: ferry_engine::namespaces::dump(o.pid)
+                .ok()
+                .filter(|n| n.mounts.is_empty()),
         },
     )?;
     // Ready once the memory reserved for it is resident (or could not be).

@@ -542,52 +542,76 @@ fn a_process_in_namespaces_of_its_own_is_built_ahead_in_them() {
     let dir = tmpdir("warmns");
     let a = Agent::start(&dir, 63, &[]);
     let bin = build(&dir, "dirtier");
-    let out = dir.join("dirtier.out");
-    let mut c = Command::new("unshare");
-    c.args([
-        "--uts",
-        "--ipc",
-        "--mount",
-        "--propagation",
-        "private",
-        "--",
-    ])
-    .args(["sh", "-c", "hostname ferry-warm-ns && exec \"$0\" \"$@\""])
-    .arg(&bin)
-    .args(["64", "1000"])
-    .arg(dir.join("dirtier.map"));
-    let mut child = start_cmd(c, &out);
-    wait_for(&out, "ready");
-    let pid = child.id();
-    let o = migrate(pid, &a, &[]);
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
-    let r = json(&o);
-    assert!(
-        r["restore"]["agent"]["warm"]
-            .as_str()
-            .is_some_and(|w| w.starts_with("built in")),
-        "{r}"
-    );
-    assert_eq!(r["restore"]["warm"], "used", "{r}");
-    // The restore made no namespace: they were made with the process, ahead.
-    let steps = &r["restore"]["steps"];
-    eprintln!("at the commit: namespaces {} ms", steps["namespaces"]);
-    assert_eq!(steps["namespaces_syscalls"], 0.0, "{steps}");
-    child.wait().unwrap();
-    let moved = a.outer_pid(pid as i64);
-    let host = Command::new("nsenter")
-        .args(["-t", &moved.to_string(), "--uts", "hostname"])
-        .output()
-        .unwrap();
-    assert_eq!(
-        String::from_utf8_lossy(&host.stdout).trim(),
-        "ferry-warm-ns"
-    );
-    for ns in ["uts", "ipc", "mnt"] {
-        let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
-        assert_ne!(of(moved), of(a.init_pid()), "{ns}: the agent's namespace");
+    // The host name the process set in its own UTS namespace, and whether its namespaces
+    // are apart from the agent's, seen from process `p` at the destination.
+    let check_ns = |p: u32| {
+        let host = Command::new("nsenter")
+            .args(["-t", &p.to_string(), "--uts", "hostname"])
+            .output()
+            .unwrap();
+        assert_eq!(
+            String::from_utf8_lossy(&host.stdout).trim(),
+            "ferry-warm-ns"
+        );
+        for ns in ["uts", "ipc", "mnt"] {
+            let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
+            assert_ne!(of(p), of(a.init_pid()), "{ns}: the agent's namespace");
+        }
+    };
+    // Unprepared: made with the warm process at the start of the stream. Prepared: made
+    // around the stub that reserves its memory, when it is prepared.
+    for prepared in [false, true] {
+        let out = dir.join(format!("dirtier-{prepared}.out"));
+        let mut c = Command::new("unshare");
+        c.args([
+            "--uts",
+            "--ipc",
+            "--mount",
+            "--propagation",
+            "private",
+            "--",
+        ])
+        .args(["sh", "-c", "hostname ferry-warm-ns && exec \"$0\" \"$@\""])
+        .arg(&bin)
+        .args(["64", "1000"])
+        .arg(dir.join(format!("dirtier-{prepared}.map")));
+        let mut child = start_cmd(c, &out);
+        wait_for(&out, "ready");
+        let pid = child.id();
+        let mut extra = vec![];
+        let id;
+        if prepared {
+            let p = migrate(pid, &a, &["--prepare-only", "--mode", "precopy"]);
+            assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
+            let p = json(&p);
+            assert_eq!(p["prepared"]["memory"], "resident", "{p}");
+            // The stub holding the PID and the memory is in its namespaces already.
+            check_ns(a.outer_pid(pid as i64));
+            id = p["id"].as_str().unwrap().to_string();
+            extra = vec!["--prepared", &id];
+        }
+        let o = migrate(pid, &a, &extra);
+        assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+        let r = json(&o);
+        assert!(
+            r["restore"]["agent"]["warm"]
+                .as_str()
+                .is_some_and(|w| w.starts_with("built in")),
+            "{r}"
+        );
+        assert_eq!(r["restore"]["warm"], "used", "{r}");
+        // The restore made no namespace: they were made ahead.
+        let steps = &r["restore"]["steps"];
+        eprintln!(
+            "prepared {prepared}: at the commit, namespaces {} ms",
+            steps["namespaces"]
+        );
+        assert_eq!(steps["namespaces_syscalls"], 0.0, "{steps}");
+        child.wait().unwrap();
+        let moved = a.outer_pid(pid as i64);
+        check_ns(moved);
+        check_pass(moved, &out, 1);
     }
-    check_pass(moved, &out, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
