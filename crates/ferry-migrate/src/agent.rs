@@ -451,6 +451,7 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     let shared = Arc::new(Shared {
         host: HostInfo {
             version: env!("CARGO_PKG_VERSION").into(),
+            protocol: wire::PROTOCOL,
             hostname,
             data_port: if cfg.advertise_data_port != 0 {
                 cfg.advertise_data_port

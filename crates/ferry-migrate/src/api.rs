@@ -6,6 +6,9 @@ use serde::{Deserialize, Serialize};
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct HostInfo {
     pub version: String,
+    /// The page stream's protocol (`wire::PROTOCOL`); 0 from agents older than the field.
+    #[serde(default)]
+    pub protocol: u32,
     pub hostname: String,
     /// Port of the page stream, on the same address as the API.
     pub data_port: u16,

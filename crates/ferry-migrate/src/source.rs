@@ -364,6 +364,7 @@ pub fn prepare(o: &MigrateOptions) -> Result<Created> {
     tls::check_address(&o.to, o.tls.as_ref())?;
     let http = Http::new(o);
     let host: HostInfo = http.get("/v1/host")?;
+    same_protocol(&host, &o.to)?;
     // Our own gate first: the same verdict, before asking anything of the agent.
     gate(o.pid, &host.profile, o.force)?;
     let scan = ferry_cpu::process::scan_process(o.pid, ferry_cpu::scan::Mode::Paths)
@@ -444,6 +445,7 @@ fn migrate_inner(
     tls::check_address(&o.to, o.tls.as_ref())?;
     let http = Http::new(o);
     let host: HostInfo = http.get("/v1/host")?;
+    same_protocol(&host, &o.to)?;
     let tg0 = Instant::now();
     let (verdict, gate_note) = gate(o.pid, &host.profile, o.force)?;
     let gate_ms = tg0.elapsed().as_secs_f64() * 1e3;
@@ -1151,6 +1153,22 @@ fn migrate_inner(
 /// (`ferry_sys::cancel`); checked only where stopping leaves the process running here.
 fn stop_asked() -> Result<()> {
     ferry_sys::cancel::check().map_err(|e| MigrateError::Engine(e.into()))
+}
+
+/// Refuse an agent that speaks another page-stream protocol (another Ferry version), before
+/// anything is frozen or sent.
+fn same_protocol(host: &HostInfo, to: &str) -> Result<()> {
+    if host.protocol != wire::PROTOCOL {
+        return Err(MigrateError::Failed(format!(
+            "the agent at {to} (Ferry {}) speaks page-stream protocol {}, this Ferry ({}) \
+             speaks {}: run the same Ferry version on both hosts",
+            host.version,
+            host.protocol,
+            env!("CARGO_PKG_VERSION"),
+            wire::PROTOCOL
+        )));
+    }
+    Ok(())
 }
 
 /// Waits for the agent's RoundAck.

@@ -5,7 +5,10 @@
 use crate::{io, MigrateError, Result};
 use std::io::{Read, Write};
 
-pub const GREETING: &[u8; 8] = b"FERRYMG1";
+/// The page stream's protocol, in the greeting and in `GET /v1/host`: both ends must speak
+/// the same one (2: post-copy's Filled is acknowledged with Released).
+pub const PROTOCOL: u32 = 2;
+pub const GREETING: &[u8; 8] = b"FERRYMG2";
 /// Largest payload.
 pub const MAX_PAYLOAD: usize = 8 << 20;
 

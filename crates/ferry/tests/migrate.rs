@@ -1428,10 +1428,10 @@ fn hostile_input_never_crashes_the_agent() {
     };
     send(b"GET / HTTP/1.0\r\n\r\n");
     send(&[0xff; 4096]);
-    let mut huge = b"FERRYMG1".to_vec();
+    let mut huge = b"FERRYMG2".to_vec();
     huge.extend_from_slice(&[1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]);
     send(&huge);
-    let mut hello = b"FERRYMG1".to_vec();
+    let mut hello = b"FERRYMG2".to_vec();
     let body = br#"{"id":"nope","token":"wrong"}"#;
     hello.extend_from_slice(&[1, 0, 0, 0]);
     hello.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -1934,6 +1934,64 @@ fn an_interrupted_migration_leaves_the_process_running_at_the_source() {
         check_pass(pid, &out, verdicts);
         a.wait_gone(pid as i64, &format!("after SIG{sig}"));
     }
+    child.kill().unwrap();
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An agent of another Ferry version, whose page-stream protocol is not ours (one that
+/// predates the field says none), is refused before anything is frozen or sent: exit 2,
+/// both versions named, the process untouched.
+#[test]
+fn an_agent_speaking_another_protocol_is_refused_before_the_freeze() {
+    let dir = tmpdir("migrate-proto");
+    let a = Agent::start(&dir, 66, &[]);
+    let (mut child, out) = start_dirtier(&dir, "16", "1000");
+    let pid = child.id();
+    let mut host = a.get("/v1/host");
+    assert_eq!(host["protocol"], 2, "{host}");
+    for old in [Some(1), None] {
+        match old {
+            Some(p) => host["protocol"] = p.into(),
+            None => {
+                host.as_object_mut().unwrap().remove("protocol");
+            }
+        }
+        // An "agent" that answers every request with that host information.
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = l.local_addr().unwrap().port();
+        let body = host.to_string();
+        std::thread::spawn(move || {
+            for c in l.incoming() {
+                let Ok(mut c) = c else { return };
+                let mut req = [0u8; 4096];
+                let _ = c.read(&mut req);
+                let _ = write!(
+                    c,
+                    "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                    body.len()
+                );
+            }
+        });
+        let o = ferry(&[
+            "migrate",
+            "--pid",
+            &pid.to_string(),
+            "--to",
+            &format!("http://127.0.0.1:{port}"),
+            "--token-file",
+            a.tok.to_str().unwrap(),
+        ]);
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(2), "{e}");
+        let theirs = old.unwrap_or(0);
+        assert!(
+            e.contains(&format!("speaks page-stream protocol {theirs}")) && e.contains("speaks 2"),
+            "{e}"
+        );
+        assert!(running(pid), "the process was touched");
+    }
+    check_pass(pid, &out, 1);
     child.kill().unwrap();
     child.wait().unwrap();
     let _ = std::fs::remove_dir_all(&dir);
