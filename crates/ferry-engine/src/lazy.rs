@@ -524,11 +524,6 @@ impl Filler {
         Ok(())
     }
 
-    /// The processes being filled (all the tree's processes with memory to fill).
-    pub fn watched(&self) -> Vec<i32> {
-        self.watch.pids.lock().unwrap().clone()
-    }
-
     /// Every process is added: once nothing is missing the filler ends.
     pub fn seal(&mut self) {
         self.tx = None;

@@ -790,6 +790,64 @@ pub(crate) fn kill_reap(pid: i32) {
     }
 }
 
+/// Kill the tree rooted at `root`, a child of ours (so that its PID stays its own until we
+/// reap it), as it is now: every descendant is stopped first (a stopped process cannot fork
+/// or let its children escape to init), through a pidfd taken while it is still the child of
+/// the process it was found under (never a later process that reused the PID), until a walk
+/// finds none new; then all are killed. The root is not reaped.
+pub fn kill_tree(root: i32) {
+    // SAFETY: kill has no memory effects; `root` is our unreaped child.
+    unsafe {
+        libc::kill(root, libc::SIGSTOP);
+    }
+    let mut held: Vec<(i32, std::os::fd::OwnedFd)> = Vec::new();
+    for _ in 0..64 {
+        let mut new = 0;
+        let mut todo = vec![root];
+        while let Some(parent) = todo.pop() {
+            let tasks = ferry_sys::procfs::list_threads(parent).unwrap_or_default();
+            for tid in tasks {
+                let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{tid}/children"))
+                    .unwrap_or_default();
+                for c in kids
+                    .split_whitespace()
+                    .filter_map(|c| c.parse::<i32>().ok())
+                {
+                    todo.push(c);
+                    if held.iter().any(|(p, _)| *p == c) {
+                        continue;
+                    }
+                    let Ok(fd) = ferry_sys::net::pidfd_open(c) else {
+                        continue;
+                    };
+                    let ppid = std::fs::read_to_string(format!("/proc/{c}/stat"))
+                        .ok()
+                        .and_then(|s| {
+                            s.rsplit_once(") ")
+                                .and_then(|(_, r)| r.split_whitespace().nth(1))
+                                .and_then(|v| v.parse::<i32>().ok())
+                        });
+                    if ppid == Some(parent) {
+                        let _ = ferry_sys::net::pidfd_kill(&fd, libc::SIGSTOP);
+                        held.push((c, fd));
+                        new += 1;
+                    }
+                }
+            }
+        }
+        if new == 0 {
+            break;
+        }
+    }
+    for (_, fd) in &held {
+        let _ = ferry_sys::net::pidfd_kill(fd, libc::SIGKILL);
+    }
+    // SAFETY: as above.
+    unsafe {
+        libc::kill(root, libc::SIGKILL);
+    }
+}
+
 /// Exit code, or 128 + signal, as a shell reports it.
 fn wait_exit(pid: i32) -> i32 {
     let mut st = 0;

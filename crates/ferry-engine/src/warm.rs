@@ -100,6 +100,8 @@ pub struct Reservation {
     pool: (u64, u64),
     /// The namespaces made around the stub (none of its own: the default).
     namespaces: crate::namespaces::Namespaces,
+    /// Our mounts when its mount namespace was copied from ours (`mount_ids`).
+    mounts_seen: Option<Vec<u32>>,
     /// How long making it resident took.
     pub populate_ms: f64,
     /// true: hand the stub over (detached, waiting); false: kill it.
@@ -133,6 +135,7 @@ impl Reservation {
             .filter(|n| n.mounts.is_empty())
             .unwrap_or_default();
         let ns = namespaces.clone();
+        let mounts_seen = namespaces.mnt.then(mount_ids);
         let len = bytes.div_ceil(RESERVE_ALIGN).max(1) * RESERVE_ALIGN;
         let (tx, rx) = channel::<Result<((u64, u64), f64)>>();
         let (ctl, cmd) = channel::<bool>();
@@ -197,6 +200,7 @@ impl Reservation {
                 pid,
                 pool,
                 namespaces,
+                mounts_seen,
                 populate_ms,
                 ctl: Some(ctl),
                 holder: Some(holder),
@@ -397,6 +401,16 @@ pub struct WarmTree {
     /// Memory moved in from a reservation: present (zero where nothing came), so pages are
     /// written over there, not copied in with the userfaultfd.
     moved: RangeSet,
+    /// Our mounts when its mount namespace was copied from ours: a mount made or removed
+    /// here since would be missing from it (or still in it), so it is then not used.
+    mounts_seen: Option<Vec<u32>>,
+}
+
+/// The IDs of our mounts, in mountinfo order (empty if unreadable).
+fn mount_ids() -> Vec<u32> {
+    ferry_sys::mount::read_mountinfo("self")
+        .map(|m| m.iter().map(|m| m.id).collect())
+        .unwrap_or_default()
 }
 
 /// The mappings of `layout` that reserved memory (`bytes` of it) goes into, largest first:
@@ -447,8 +461,14 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
         )));
     }
     crate::memory::check_files(&layout.mappings)?;
+    if !layout.namespaces.mounts.is_empty() {
+        return Err(EngineError::Failed(
+            "a process with mounts of its own cannot be built ahead".into(),
+        ));
+    }
     // Namespaces made at the reservation, or to be made now.
     let mut ns_made = false;
+    let mut mounts_seen = None;
     let (stub, pool) = match reserved {
         Some(r)
             if r.pid == layout.pid
@@ -456,6 +476,9 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
                     || r.namespaces.made_alike(&Default::default())) =>
         {
             ns_made = r.namespaces.made_alike(&layout.namespaces);
+            if ns_made {
+                mounts_seen = r.mounts_seen.clone();
+            }
             let (stub, pool) = r.hand_over();
             (stub, Some(pool))
         }
@@ -495,17 +518,15 @@ pub fn prebuild_with(layout: WarmLayout, reserved: Option<Reservation>) -> Resul
         built_ms: 0.0,
         moved_in: 0,
         moved: RangeSet::default(),
+        mounts_seen: None,
     };
     let t = tree.target.as_mut().unwrap();
     crate::restore::prepare(t, &tree.layout.mappings)?;
-    if !tree.layout.namespaces.mounts.is_empty() {
-        return Err(EngineError::Failed(
-            "a process with mounts of its own cannot be built ahead".into(),
-        ));
-    }
     if !ns_made {
+        mounts_seen = tree.layout.namespaces.mnt.then(mount_ids);
         crate::namespaces::restore(t, &tree.layout.namespaces)?;
     }
+    tree.mounts_seen = mounts_seen;
     // The reserved memory goes out of the way of the layout first (its pages move with it).
     let pool = match pool {
         Some((a, b)) => {
@@ -753,6 +774,9 @@ impl WarmTree {
         }
         if !self.layout.namespaces.made_alike(&img.namespaces) {
             return Err("its namespaces changed since it was built".into());
+        }
+        if self.mounts_seen.as_ref().is_some_and(|m| *m != mount_ids()) {
+            return Err("the mounts here changed since its mount namespace was made".into());
         }
         let valid_set: RangeSet = valid.iter().copied().collect();
         let old = self.layout.mappings.clone();

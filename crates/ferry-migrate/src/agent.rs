@@ -941,13 +941,12 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         };
         // Until the source confirms that its copy goes, it may resume that copy (it never
         // heard Filled): ours must then go, or the process would run on both hosts.
-        let pids = f.watched();
         let mut unconfirmed = |conn: &mut Conn, rep: &ferry_engine::lazy::FillReport| {
             pause_point(s, "released");
             let _ = wire::write_json(conn, Kind::Filled, rep);
             let r = confirm_release(conn, &mut rd, &mut buf);
             if r.is_err() {
-                kill_all(&pids);
+                ferry_engine::restore::kill_tree(pid);
             }
             r
         };
@@ -1014,15 +1013,6 @@ fn confirm_release(
             "the source did not confirm that its copy goes ({e}): the copy here was killed, \
              the source resumes its own"
         ))),
-    }
-}
-
-fn kill_all(pids: &[i32]) {
-    for &p in pids {
-        // SAFETY: kill has no memory effects.
-        unsafe {
-            libc::kill(p, libc::SIGKILL);
-        }
     }
 }
 

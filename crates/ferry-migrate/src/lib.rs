@@ -33,6 +33,9 @@ pub enum MigrateError {
     Incompatible(String),
     #[error("{0}")]
     Failed(String),
+    /// The agent said it failed (a Failed frame): it dropped what it built first.
+    #[error("{0}")]
+    AgentFailed(String),
 }
 
 pub type Result<T> = std::result::Result<T, MigrateError>;

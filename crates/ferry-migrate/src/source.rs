@@ -316,9 +316,11 @@ fn gate(
     Ok((name, Some(note)))
 }
 
-fn is_timeout(e: &MigrateError) -> bool {
+/// The agent closed the connection (it ended, or it dropped the migration, killing what it
+/// built), as opposed to a reset, a timeout or a damaged frame.
+fn is_eof(e: &MigrateError) -> bool {
     matches!(e, MigrateError::Io { source, .. }
-        if matches!(source.kind(), std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut))
+        if source.kind() == std::io::ErrorKind::UnexpectedEof)
 }
 
 fn data_addr(to: &str, port: u16) -> Result<String> {
@@ -1009,9 +1011,7 @@ fn migrate_inner(
             g.flush().map_err(io("confirming Filled"))?;
             Ok(rep)
         };
-        let filled = done.and_then(|_| read_filled());
-        let filled_unconfirmed = filled.is_ok();
-        match filled.and_then(confirm) {
+        match done.and_then(|_| read_filled()).and_then(confirm) {
             Ok(rep) => {
                 fill = Some(rep);
                 if let Some(h) = held.take() {
@@ -1023,13 +1023,16 @@ fn migrate_inner(
                 postcopy_bytes = pages_server.take().map(|p| p.stop()).unwrap_or(0);
             }
             Err(e) => {
-                // The destination's copy cannot run without our pages. If it went quiet
-                // (rather than closing the connection), wait until it has surely given up.
-                if is_timeout(&e) || filled_unconfirmed {
-                    std::thread::sleep(crate::postcopy::FETCH_TIMEOUT + Duration::from_secs(2));
-                }
+                // The destination's copy cannot run on without our pages, nor past Filled
+                // without our Released. Serving stops first: a fetch in flight fails, and
+                // any Filled still to come is sent now at the latest. Unless the agent said
+                // it failed, or closed the connection (it, or its guardian, killed its copy
+                // first), wait until it has surely killed its copy.
                 if let Some(p) = pages_server.take() {
                     p.stop();
+                }
+                if !matches!(e, MigrateError::AgentFailed(_)) && !is_eof(&e) {
+                    std::thread::sleep(crate::postcopy::FETCH_TIMEOUT + Duration::from_secs(2));
                 }
                 for r in released {
                     r.restore();
@@ -1186,7 +1189,7 @@ fn round_ack(rd: &mut impl std::io::BufRead) -> Result<()> {
 /// The error an agent's Failed frame (`buf`) reports, after `what`.
 fn agent_failed(buf: &[u8], what: &str) -> Result<MigrateError> {
     let v: serde_json::Value = wire::parse(Kind::Failed, buf)?;
-    Ok(MigrateError::Failed(format!(
+    Ok(MigrateError::AgentFailed(format!(
         "{what}: {}",
         v["error"].as_str().unwrap_or("?")
     )))

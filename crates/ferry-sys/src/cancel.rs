@@ -13,15 +13,22 @@ static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool:
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
 
 extern "C" fn on_signal(sig: libc::c_int) {
-    // An atomic store is async-signal-safe.
-    REQUESTED.store(sig, Ordering::SeqCst);
+    // An atomic swap is async-signal-safe.
+    if REQUESTED.swap(sig, Ordering::SeqCst) == 0 {
+        const SAY: &[u8] = b"ferry: stopping at the next point where the process is left whole\n";
+        // SAFETY: write(2) is async-signal-safe; SAY is a static buffer of that length.
+        unsafe {
+            libc::write(2, SAY.as_ptr().cast(), SAY.len());
+        }
+    }
 }
 
 fn set(handler: libc::sighandler_t) -> Result<()> {
     for sig in SIGNALS {
         // SAFETY: a zeroed sigaction is valid (empty mask, no flags); the handler only
-        // stores to an atomic. SA_RESTART: interrupted reads and writes carry on, and the
-        // flag is seen at the next check.
+        // swaps an atomic and writes to stderr. SA_RESTART: most interrupted calls carry on
+        // and the flag is seen at the next check; poll, and socket reads with a timeout,
+        // still return EINTR (std's read_exact and write_all retry; `nft` loops on it).
         let rc = unsafe {
             let mut sa: libc::sigaction = std::mem::zeroed();
             sa.sa_sigaction = handler;

@@ -509,8 +509,15 @@ fn recv_timeout(fd: &OwnedFd, buf: &mut [u8], ms: i32) -> std::io::Result<usize>
         events: libc::POLLIN,
         revents: 0,
     };
-    // SAFETY: one valid pollfd for the duration of the call.
-    let rc = unsafe { libc::poll(&mut p, 1, ms) };
+    let rc = loop {
+        // SAFETY: one valid pollfd for the duration of the call.
+        let rc = unsafe { libc::poll(&mut p, 1, ms) };
+        // A signal Ferry handles (Ctrl-C: `cancel`) must not fail the exchange.
+        if rc < 0 && std::io::Error::last_os_error().kind() == std::io::ErrorKind::Interrupted {
+            continue;
+        }
+        break rc;
+    };
     if rc < 0 {
         return Err(std::io::Error::last_os_error());
     }
