@@ -535,16 +535,28 @@ fn a_layout_changed_during_precopy_is_remade_or_rebuilt_after_the_freeze() {
 
 /// A process in UTS, IPC and mount namespaces of its own (a container's, without mounts of
 /// its own) is still built ahead at the destination, in new namespaces made then, during
-/// pre-copy, not while it is frozen: the restore finds them made. It runs there with its
-/// host name, in namespaces apart from the agent's, its memory intact.
+/// pre-copy (or when the migration is prepared), not while it is frozen: the restore finds
+/// them made. A mount made at the destination after that makes the warm process unfit. Each
+/// time it runs there with its host name, in namespaces apart from the agent's, its memory
+/// intact.
 #[test]
 fn a_process_in_namespaces_of_its_own_is_built_ahead_in_them() {
     let dir = tmpdir("warmns");
     let a = Agent::start(&dir, 63, &[]);
+    // Stops with the whole image in, before the rebuild.
+    let b = Agent::launch(
+        &dir,
+        67,
+        &[],
+        None,
+        "127.0.0.1",
+        false,
+        &[("FERRY_AGENT_PAUSE_AT", "commit")],
+    );
     let bin = build(&dir, "dirtier");
     // The host name the process set in its own UTS namespace, and whether its namespaces
     // are apart from the agent's, seen from process `p` at the destination.
-    let check_ns = |p: u32| {
+    let check_ns = |p: u32, agent: &Agent| {
         let host = Command::new("nsenter")
             .args(["-t", &p.to_string(), "--uts", "hostname"])
             .output()
@@ -555,13 +567,16 @@ fn a_process_in_namespaces_of_its_own_is_built_ahead_in_them() {
         );
         for ns in ["uts", "ipc", "mnt"] {
             let of = |p: u32| std::fs::read_link(format!("/proc/{p}/ns/{ns}")).unwrap();
-            assert_ne!(of(p), of(a.init_pid()), "{ns}: the agent's namespace");
+            assert_ne!(of(p), of(agent.init_pid()), "{ns}: the agent's namespace");
         }
     };
     // Unprepared: made with the warm process at the start of the stream. Prepared: made
-    // around the stub that reserves its memory, when it is prepared.
-    for prepared in [false, true] {
-        let out = dir.join(format!("dirtier-{prepared}.out"));
+    // around the stub that reserves its memory, when it is prepared. A mount made at the
+    // destination after the warm process's mount namespace was copied: it is not used,
+    // and the rebuild makes the namespaces at the commit.
+    for case in ["unprepared", "prepared", "mount"] {
+        let to = if case == "mount" { &b } else { &a };
+        let out = dir.join(format!("dirtier-{case}.out"));
         let mut c = Command::new("unshare");
         c.args([
             "--uts",
@@ -574,23 +589,39 @@ fn a_process_in_namespaces_of_its_own_is_built_ahead_in_them() {
         .args(["sh", "-c", "hostname ferry-warm-ns && exec \"$0\" \"$@\""])
         .arg(&bin)
         .args(["64", "1000"])
-        .arg(dir.join(format!("dirtier-{prepared}.map")));
+        .arg(dir.join(format!("dirtier-{case}.map")));
         let mut child = start_cmd(c, &out);
         wait_for(&out, "ready");
         let pid = child.id();
         let mut extra = vec![];
         let id;
-        if prepared {
-            let p = migrate(pid, &a, &["--prepare-only", "--mode", "precopy"]);
+        if case == "prepared" {
+            let p = migrate(pid, to, &["--prepare-only", "--mode", "precopy"]);
             assert!(p.status.success(), "{}", String::from_utf8_lossy(&p.stderr));
             let p = json(&p);
             assert_eq!(p["prepared"]["memory"], "resident", "{p}");
             // The stub holding the PID and the memory is in its namespaces already.
-            check_ns(a.outer_pid(pid as i64));
+            check_ns(to.outer_pid(pid as i64), to);
             id = p["id"].as_str().unwrap().to_string();
             extra = vec!["--prepared", &id];
         }
-        let o = migrate(pid, &a, &extra);
+        let o = if case == "mount" {
+            let args = migrate_args(pid, to, &["--json"]);
+            let h = std::thread::spawn(move || {
+                ferry(&args.iter().map(|s| s.as_str()).collect::<Vec<_>>())
+            });
+            let paused = to.wait_paused("commit", &h);
+            let st = Command::new("nsenter")
+                .args(["-t", &to.init_pid().to_string(), "--mount"])
+                .args(["mount", "-t", "tmpfs", "ferry-late", "/mnt"])
+                .status()
+                .unwrap();
+            assert!(st.success());
+            std::fs::remove_file(paused).unwrap();
+            h.join().unwrap()
+        } else {
+            migrate(pid, to, &extra)
+        };
         assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
         let r = json(&o);
         assert!(
@@ -599,17 +630,35 @@ fn a_process_in_namespaces_of_its_own_is_built_ahead_in_them() {
                 .is_some_and(|w| w.starts_with("built in")),
             "{r}"
         );
-        assert_eq!(r["restore"]["warm"], "used", "{r}");
-        // The restore made no namespace: they were made ahead.
         let steps = &r["restore"]["steps"];
         eprintln!(
-            "prepared {prepared}: at the commit, namespaces {} ms",
+            "{case}: at the commit, namespaces {} ms",
             steps["namespaces"]
         );
-        assert_eq!(steps["namespaces_syscalls"], 0.0, "{steps}");
+        if case == "mount" {
+            assert!(
+                r["restore"]["warm"]
+                    .as_str()
+                    .is_some_and(|w| w.contains("the mounts here changed")),
+                "{r}"
+            );
+            assert!(
+                steps["namespaces_syscalls"].as_f64().unwrap() > 0.0,
+                "{steps}"
+            );
+        } else {
+            assert_eq!(r["restore"]["warm"], "used", "{r}");
+            // The restore made no namespace: they were made ahead.
+            assert_eq!(steps["namespaces_syscalls"], 0.0, "{steps}");
+        }
         child.wait().unwrap();
-        let moved = a.outer_pid(pid as i64);
-        check_ns(moved);
+        let moved = to.outer_pid(pid as i64);
+        check_ns(moved, to);
+        if case == "mount" {
+            // Its mount namespace, made at the commit, has the mount made before it.
+            let mounts = std::fs::read_to_string(format!("/proc/{moved}/mountinfo")).unwrap();
+            assert!(mounts.contains("ferry-late"), "{mounts}");
+        }
         check_pass(moved, &out, 1);
     }
     let _ = std::fs::remove_dir_all(&dir);
