@@ -945,8 +945,12 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
             pause_point(s, "released");
             let _ = wire::write_json(conn, Kind::Filled, rep);
             let r = confirm_release(conn, &mut rd, &mut buf);
-            if r.is_err() {
-                ferry_engine::restore::kill_tree(pid);
+            match &r {
+                Ok(()) => {
+                    pause_point(s, "kept");
+                    let _ = wire::write_frame(conn, Kind::Kept, &[]);
+                }
+                Err(_) => ferry_engine::restore::kill_tree(pid),
             }
             r
         };
@@ -1023,8 +1027,8 @@ pub(crate) const GO_WAIT: Duration = Duration::from_secs(30);
 /// environment, a migration that reaches POINT (`final`: the first frame of the final image,
 /// the source frozen; `commit`: the whole image in, nothing rebuilt yet; `restored`: the tree
 /// rebuilt and held, Ready not sent; `running`: Done sent, the process runs, post-copy's
-/// Filled not sent; `released`: nothing is left to fetch from the source, Filled not sent)
-/// creates `paused-POINT` in the state directory and waits
+/// Filled not sent; `released`: nothing is left to fetch from the source, Filled not sent;
+/// `kept`: Released read, Kept not sent) creates `paused-POINT` in the state directory and waits
 /// until that file is removed (60 s at most). A test then injects a real fault (kill -9,
 /// link down) at a known point of the protocol.
 fn pause_point(s: &Shared, point: &str) {

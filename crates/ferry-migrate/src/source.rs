@@ -1021,6 +1021,28 @@ fn migrate_inner(
                     t.stop();
                 }
                 postcopy_bytes = pages_server.take().map(|p| p.stop()).unwrap_or(0);
+                // The agent's word that it kept its copy. Ours is gone either way (never two
+                // copies); without that word the process may be lost (Released lost on the
+                // way: the agent killed its copy), and the report must not say it moved.
+                let kept = (|| -> Result<()> {
+                    rd.get_ref()
+                        .set_read_timeout(Some(
+                            crate::postcopy::FETCH_TIMEOUT + Duration::from_secs(2),
+                        ))
+                        .map_err(io("socket timeout"))?;
+                    let mut buf = wire::FrameBuf::default();
+                    match wire::read_frame(&mut rd, &mut buf)? {
+                        Kind::Kept => Ok(()),
+                        k => Err(MigrateError::Protocol(format!("expected Kept, got {k:?}"))),
+                    }
+                })();
+                if let Err(e) = kept {
+                    return Err(MigrateError::Failed(format!(
+                        "the source copy of process {} is gone and the destination did not \
+                         confirm it kept its own ({e}); check migration {} on {}",
+                        o.pid, created.id, o.to
+                    )));
+                }
             }
             Err(e) => {
                 // The destination's copy cannot run on without our pages, nor past Filled

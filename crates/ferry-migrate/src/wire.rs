@@ -137,6 +137,9 @@ pub enum Kind {
     /// Source, post-copy: Filled arrived, the source copy goes (without it the agent kills
     /// its copy: the source may have resumed its own).
     Released = 17,
+    /// Agent, post-copy: Released arrived, the tree runs here for good (the source's report
+    /// says so; without it the source cannot tell whether the agent kept its copy).
+    Kept = 18,
 }
 
 impl Kind {
@@ -160,6 +163,7 @@ impl Kind {
             15 => RoundAck,
             16 => Layout,
             17 => Released,
+            18 => Kept,
             _ => return None,
         })
     }

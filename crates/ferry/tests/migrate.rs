@@ -1805,6 +1805,9 @@ fn the_destination_killed_during_hybrid_postcopy_leaves_the_process_at_the_sourc
 /// - hybrid into a state directory too small for the rounds' pages.
 ///
 /// Each time the process runs on at the source, intact, and nothing of it at the destination.
+/// Last, the link cut just after the destination read Released, before its Kept arrives:
+/// the source copy is gone, the process runs on at the destination, and the source says it
+/// could not confirm that (exit 2).
 #[test]
 fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
     let dir = tmpdir("migrate-window");
@@ -1900,8 +1903,41 @@ fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
         }
         drop(small);
     }
-    child.kill().unwrap();
-    child.wait().unwrap();
+
+    // The link cut after Released, before Kept: the process runs at the destination only.
+    {
+        let a = Agent::launch(
+            &dir,
+            68,
+            &[],
+            Some(&NetPair::path(&lan.hosts[1])),
+            &format!("{}.2", lan.net),
+            true,
+            &[("FERRY_AGENT_PAUSE_AT", "kept")],
+        );
+        let h = migrate_in_background(pid, &a, &["--mode", "hybrid", "--timeout", "3"]);
+        let paused = a.wait_paused("kept", &h);
+        link("down");
+        std::fs::remove_file(&paused).unwrap();
+        let o = h.join().unwrap();
+        assert_eq!(o.status.code(), Some(2), "{o:?}");
+        let e = String::from_utf8_lossy(&o.stderr);
+        assert!(e.contains("did not confirm it kept its own"), "{e}");
+        link("up");
+        // Killed at the source (our child: reaped here).
+        child.wait().unwrap();
+        let (moved, state) = a
+            .live_process(pid as i64)
+            .expect("the process runs at the destination");
+        assert!(state == 'S' || state == 'R', "{moved}: {state}");
+        // Intact there (it writes its verdicts to the same file).
+        verdicts += 1;
+        check_pass(moved, &out, verdicts);
+        a.kill_agent_only();
+        let _ = Command::new("kill")
+            .args(["-9", &moved.to_string()])
+            .status();
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
