@@ -986,9 +986,13 @@ fn migrate_inner(
     phases.go_to_done_ms = tg.elapsed().as_secs_f64() * 1e3;
     // What the destination says once its memory is whole (lazily filled modes).
     let mut read_filled = || -> Result<ferry_engine::lazy::FillReport> {
-        // Filling takes as long as the memory takes to cross, at worst.
+        // Filling takes as long as the memory takes to cross, at worst: 10 minutes, or the
+        // resident memory at 20 MB/s for a larger process (a silent link is found out
+        // sooner, by the connection's keepalive probes).
+        let fill_limit =
+            Duration::from_secs(600).max(Duration::from_secs(resident_bytes / 20_000_000));
         rd.get_ref()
-            .set_read_timeout(Some(o.io_timeout.max(Duration::from_secs(600))))
+            .set_read_timeout(Some(o.io_timeout.max(fill_limit)))
             .map_err(io("socket timeout"))?;
         let mut buf = wire::FrameBuf::default();
         match wire::read_frame(&mut rd, &mut buf)? {
