@@ -94,6 +94,11 @@ fn main() -> ExitCode {
             }
             let msg = msg.replace('\n', " ");
             eprintln!("ferry: error: {msg}");
+            // Scripts that asked for JSON get the error as JSON too (clap has checked the
+            // arguments, so a literal --json is the flag).
+            if std::env::args().any(|a| a == "--json") {
+                println!("{}", serde_json::json!({ "error": msg, "exit_code": 2 }));
+            }
             ExitCode::from(2)
         }
     }

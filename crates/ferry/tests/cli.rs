@@ -583,6 +583,48 @@ fn assert_error(o: &Output, needle: &str) {
     assert!(err.contains(needle), "{needle:?} not in {err:?}");
 }
 
+/// With `--json`, a command that fails also prints its error as JSON on stdout (for scripts),
+/// besides the line on stderr: exit 2 either way.
+#[test]
+fn errors_are_json_too_when_json_is_asked() {
+    let cases: [(&[&str], &str); 5] = [
+        (
+            &["cpu", "scan", "--pid", "999999999"],
+            "999999999 does not exist",
+        ),
+        (
+            &["dump", "--pid", "999999999", "--images", "/nonexistent/img"],
+            "999999999 does not exist",
+        ),
+        (
+            &[
+                "migrate",
+                "--pid",
+                "999999999",
+                "--to",
+                "http://127.0.0.1:1",
+            ],
+            "999999999 does not exist",
+        ),
+        (&["image", "show", "/nonexistent"], "No such file"),
+        (&["restore", "--images", "/nonexistent"], "No such file"),
+    ];
+    for (args, needle) in cases {
+        let o = ferry(&[args, &["--json"][..]].concat());
+        assert_eq!(o.status.code(), Some(2), "{args:?}: {o:?}");
+        let v: serde_json::Value = serde_json::from_slice(&o.stdout)
+            .unwrap_or_else(|e| panic!("{args:?}: no JSON on stdout ({e}): {o:?}"));
+        assert!(
+            v["error"].as_str().unwrap().contains(needle),
+            "{args:?}: {v}"
+        );
+        assert_eq!(v["exit_code"], 2, "{v}");
+        // Without --json, stdout stays empty.
+        let o = ferry(args);
+        assert!(o.stdout.is_empty(), "{args:?}: {o:?}");
+    }
+}
+
 #[test]
 fn bad_input_gets_one_clear_line_and_exit_2() {
     let haswell = profile("Haswell-v1");
