@@ -22,7 +22,7 @@ fn tcp_connection_with_queues_in_flight_and_other_sockets_survive() {
     let dir = tmpdir("tcp");
     let bin = build(&dir, "netserver");
     let out = dir.join("out.txt");
-    let port = 20000 + (std::process::id() % 20000) as u16;
+    let port = free_port(0);
     let mut cmd = Command::new(&bin);
     cmd.arg(port.to_string());
     let mut child = start_cmd(cmd, &out);
