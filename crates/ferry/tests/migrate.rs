@@ -991,6 +991,58 @@ fn a_process_tree_moves_with_its_shared_memory_and_pipe() {
     let _ = std::fs::remove_dir_all(&dir);
 }
 
+/// A process tree (a parent and its child sharing memory) cut off in hybrid's post-copy
+/// window, once the destination has every page from the source, before Filled arrives:
+/// without the source's Released the destination kills the whole tree (each process stopped,
+/// then killed), before the source resumes its own. The tree runs on at the source, intact.
+#[test]
+fn a_tree_cut_off_in_the_postcopy_window_is_killed_whole_at_the_destination() {
+    let dir = tmpdir("migrate-treecut");
+    let cut = CutLink::new("x");
+    let a = Agent::launch(
+        &dir,
+        69,
+        &[],
+        Some(&NetPair::path(&cut.lan.hosts[1])),
+        &format!("{}.2", cut.lan.net),
+        true,
+        &[("FERRY_AGENT_PAUSE_AT", "released")],
+    );
+    let bin = build(&dir, "tree");
+    let out = dir.join("tree.out");
+    let mut child = start_cmd(Command::new(bin), &out);
+    wait_for(&out, "ready");
+    let pid = child.id();
+    let kid: i64 = std::fs::read_to_string(format!("/proc/{pid}/task/{pid}/children"))
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let h = migrate_in_background(pid, &a, &["--mode", "hybrid", "--timeout", "3"]);
+    let paused = a.wait_paused("released", &h);
+    for p in [pid as i64, kid] {
+        assert!(
+            a.live_process(p).is_some(),
+            "process {p} does not run at the destination"
+        );
+    }
+    cut.link("down");
+    std::fs::remove_file(&paused).unwrap();
+    let o = h.join().unwrap();
+    assert_eq!(o.status.code(), Some(2), "{o:?}");
+    for p in [pid as i64, kid] {
+        assert_eq!(a.live_process(p), None, "process {p} runs at both hosts");
+    }
+    assert!(running(pid), "the source's parent did not resume");
+    assert!(running(kid as u32), "the source's child did not resume");
+    kill(pid, "USR1");
+    let s = wait_for(&out, "PASS");
+    assert!(!s.contains("FAIL"), "{s}");
+    cut.link("up");
+    child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
 /// A byte flipped on the way: forwards the page stream, corrupting one byte after `at`.
 fn corrupting_proxy(listen: u16, to: u16, at: usize) {
     let l = TcpListener::bind(("127.0.0.1", listen)).unwrap();
