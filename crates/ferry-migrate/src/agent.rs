@@ -49,6 +49,20 @@ struct Shared {
     page_conns: Mutex<HashMap<String, (Conn, std::io::BufReader<crate::tls::ConnReader>)>>,
     /// Memory being made resident, or resident, for prepared migrations.
     reservations: Mutex<HashMap<String, Reserving>>,
+    /// Told to stop (SIGTERM, SIGINT, SIGHUP): no new migration, the ones under way finish.
+    draining: std::sync::atomic::AtomicBool,
+    /// Incoming streams not yet done (their tree runs with its memory whole, or is gone).
+    busy: std::sync::atomic::AtomicUsize,
+}
+
+/// Refusal of new work while the agent stops.
+fn draining(s: &Shared) -> Option<Response> {
+    s.draining.load(Ordering::SeqCst).then(|| {
+        err(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the agent is stopping: it finishes the migrations under way and accepts no new one",
+        )
+    })
 }
 
 /// Memory reserved for a prepared migration, on its way (a thread making it resident), and
@@ -164,6 +178,9 @@ async fn create(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Response
     if !authorized(&s, &h) {
         return err(StatusCode::UNAUTHORIZED, "missing or wrong token");
     }
+    if let Some(r) = draining(&s) {
+        return r;
+    }
     let req: NewMigration = match serde_json::from_slice(&body) {
         Ok(r) => r,
         Err(e) => return err(StatusCode::BAD_REQUEST, &format!("bad request body: {e}")),
@@ -233,6 +250,9 @@ fn expire_prepared(s: &Shared) {
 async fn prepare(State(s): St, h: HeaderMap, body: axum::body::Bytes) -> Response {
     if !authorized(&s, &h) {
         return err(StatusCode::UNAUTHORIZED, "missing or wrong token");
+    }
+    if let Some(r) = draining(&s) {
+        return r;
     }
     let req: Prepare = match serde_json::from_slice(&body) {
         Ok(r) => r,
@@ -467,7 +487,14 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
         started: Instant::now(),
         page_conns: Mutex::new(HashMap::new()),
         reservations: Mutex::new(HashMap::new()),
+        draining: Default::default(),
+        busy: Default::default(),
     });
+    {
+        // SIGTERM (or SIGINT, SIGHUP): finish what is under way, then exit.
+        let s = shared.clone();
+        std::thread::spawn(move || drain_on_signal(&s));
+    }
     {
         // Prepared migrations that no stream came for let go of what they hold (room, memory,
         // the PID) when they expire, whether or not another request comes.
@@ -513,10 +540,56 @@ pub fn run(cfg: AgentConfig) -> Result<()> {
     })
 }
 
+/// Once a stop is asked for (`ferry_sys::cancel::install_drain`, by `ferry agent`): new migrations
+/// are refused, those announced or prepared without a stream yet are cancelled (their room and
+/// memory freed), those under way finish (10 minutes at most), then the agent exits. A tree
+/// it rebuilt runs on (it is reparented), unless the agent is PID 1 of its PID namespace.
+fn drain_on_signal(s: &Shared) {
+    let sig = loop {
+        if let Some(sig) = ferry_sys::cancel::drain_requested() {
+            break sig;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    };
+    s.draining.store(true, Ordering::SeqCst);
+    eprintln!(
+        "ferry agent: signal {sig}: finishing {} migration(s) under way, accepting no new one",
+        s.busy.load(Ordering::SeqCst)
+    );
+    let idle: Vec<String> = s
+        .migrations
+        .lock()
+        .unwrap()
+        .values()
+        .filter(|m| m.state == "waiting" || m.state == "prepared")
+        .map(|m| m.id.clone())
+        .collect();
+    for id in idle {
+        s.update(&id, |m| {
+            m.state = "cancelled".into();
+            m.error = Some("the agent stopped".into());
+        });
+        if let Some(r) = s.reservations.lock().unwrap().remove(&id) {
+            let_go(r);
+        }
+        let _ = std::fs::remove_dir_all(s.cfg.state_dir.join(&id));
+    }
+    let end = Instant::now() + Duration::from_secs(600);
+    while s.busy.load(Ordering::SeqCst) > 0 && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    eprintln!("ferry agent: stopped");
+    std::process::exit(0);
+}
+
 /// One incoming page stream, from the greeting to the rebuilt tree running (or nothing left).
 fn receive(s: &Shared, conn: TcpStream) {
     let mut id = String::new();
-    let r = receive_inner(s, conn, &mut id);
+    // Counted until its tree runs with its memory whole, or is gone.
+    s.busy.fetch_add(1, Ordering::SeqCst);
+    let mut busy = Some(Busy(&s.busy));
+    let r = receive_inner(s, conn, &mut id, &mut busy);
+    drop(busy);
     if let Err(e) = r {
         eprintln!("ferry agent: migration {id}: {e}");
         s.update(&id, |m| {
@@ -531,7 +604,21 @@ fn receive(s: &Shared, conn: TcpStream) {
     }
 }
 
-fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()> {
+/// Counts one stream in `Shared::busy` until dropped.
+struct Busy<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Busy<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
+fn receive_inner(
+    s: &Shared,
+    conn: TcpStream,
+    id_out: &mut String,
+    busy: &mut Option<Busy>,
+) -> Result<()> {
     conn.set_read_timeout(Some(Duration::from_secs(60)))
         .map_err(io("socket timeout"))?;
     let _ = conn.set_nodelay(true);
@@ -988,6 +1075,8 @@ fn receive_inner(s: &Shared, conn: TcpStream, id_out: &mut String) -> Result<()>
         }
     }
     let _ = std::fs::remove_dir_all(&dir);
+    // Done: a stopping agent need not wait for the tree to end.
+    busy.take();
     // Reap the root when it ends, so that it leaves no zombie behind.
     let mut st = 0;
     // SAFETY: waitpid writes only `st`; the root is our child (its stub was forked here).

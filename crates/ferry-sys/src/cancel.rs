@@ -8,6 +8,9 @@ use crate::{Error, Result};
 use std::sync::atomic::{AtomicI32, Ordering};
 
 static REQUESTED: AtomicI32 = AtomicI32::new(0);
+/// A daemon's stop request (`install_drain`): what it does with it is its own policy, and the
+/// operations it runs meanwhile (`check`) go on.
+static DRAIN: AtomicI32 = AtomicI32::new(0);
 static INSTALLED: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
 
 const SIGNALS: [libc::c_int; 3] = [libc::SIGINT, libc::SIGTERM, libc::SIGHUP];
@@ -40,6 +43,25 @@ fn set(handler: libc::sighandler_t) -> Result<()> {
         }
     }
     Ok(())
+}
+
+extern "C" fn on_drain_signal(sig: libc::c_int) {
+    // An atomic store is async-signal-safe.
+    DRAIN.store(sig, Ordering::SeqCst);
+}
+
+/// For a daemon (`ferry agent`): SIGINT, SIGTERM and SIGHUP set `drain_requested`, and
+/// leave `check` passing, so that the work under way finishes.
+pub fn install_drain() -> Result<()> {
+    set(on_drain_signal as *const () as libc::sighandler_t)
+}
+
+/// The signal that asked a daemon to stop, if one did.
+pub fn drain_requested() -> Option<i32> {
+    match DRAIN.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
 }
 
 /// From now on SIGINT, SIGTERM and SIGHUP ask to stop instead of ending the process.

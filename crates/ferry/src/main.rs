@@ -62,10 +62,14 @@ fn main() -> ExitCode {
     // Ctrl-C (or SIGTERM, SIGHUP) during a dump, restore or migration stops it where the
     // process is left whole and running, instead of ending Ferry with it frozen or its copy
     // bound to die with Ferry.
-    if matches!(cli.cmd, Cmd::Dump(_) | Cmd::Restore(_) | Cmd::Migrate(_)) {
-        if let Err(e) = ferry_sys::cancel::install() {
-            eprintln!("ferry: warning: Ctrl-C will not stop safely: {e}");
-        }
+    let installed = match cli.cmd {
+        Cmd::Dump(_) | Cmd::Restore(_) | Cmd::Migrate(_) => ferry_sys::cancel::install(),
+        // The agent drains instead: it finishes the migrations under way, then exits.
+        Cmd::Agent(_) => ferry_sys::cancel::install_drain(),
+        _ => Ok(()),
+    };
+    if let Err(e) = installed {
+        eprintln!("ferry: warning: Ctrl-C will not stop safely: {e}");
     }
     let res = match cli.cmd {
         Cmd::Cpu(a) => cpu::run(a),

@@ -148,6 +148,20 @@ impl Agent {
         body
     }
 
+    /// `POST path` with `body`: the status line and the body.
+    fn post(&self, path: &str, body: &str) -> String {
+        let mut s = TcpStream::connect((self.host.as_str(), self.port)).unwrap();
+        write!(
+            s,
+            "POST {path} HTTP/1.0\r\nHost: x\r\nAuthorization: Bearer {TOKEN}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+            body.len()
+        )
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).unwrap();
+        out
+    }
+
     /// The agent process (PID 1 of its namespace), seen from here: the child of `unshare`
     /// (which nsenter may have become).
     fn init_pid(&self) -> u32 {
@@ -1040,6 +1054,74 @@ fn a_tree_cut_off_in_the_postcopy_window_is_killed_whole_at_the_destination() {
     assert!(!s.contains("FAIL"), "{s}");
     cut.link("up");
     child.wait().unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// An agent told to stop (SIGTERM) while it holds a migration's whole image: it refuses new
+/// migrations (503) and cancels one announced without a stream, finishes the migration
+/// under way (the process runs there, intact), then exits by itself; the process it rebuilt
+/// runs on after it (the agent is not PID 1 of its namespace here).
+#[test]
+fn an_agent_told_to_stop_finishes_the_migration_under_way() {
+    let dir = tmpdir("migrate-drain");
+    let a = Agent::launch(
+        &dir,
+        70,
+        &[],
+        None,
+        "127.0.0.1",
+        true,
+        &[("FERRY_AGENT_PAUSE_AT", "commit")],
+    );
+    let (mut child, out) = start_dirtier(&dir, "64", "1000");
+    let pid = child.id();
+    // Announced, no stream yet.
+    let idle = a.post("/v1/migrations", r#"{"pid": 1, "mode": "precopy"}"#);
+    assert!(
+        idle.starts_with("HTTP/1.1 201") || idle.starts_with("HTTP/1.0 201"),
+        "{idle}"
+    );
+    let h = migrate_in_background(pid, &a, &[]);
+    let paused = a.wait_paused("commit", &h);
+    let agent = a.agent_pid();
+    kill(agent, "TERM");
+    // Refused while it stops; the idle announcement is cancelled.
+    let end = Instant::now() + Duration::from_secs(10);
+    loop {
+        let r = a.post("/v1/migrations", r#"{"pid": 2, "mode": "precopy"}"#);
+        if r.contains(" 503 ") {
+            assert!(r.contains("stopping"), "{r}");
+            break;
+        }
+        assert!(Instant::now() < end, "never refused: {r}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let m = a.get("/v1/migrations");
+    let states: Vec<&str> = m
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x["state"].as_str().unwrap())
+        .collect();
+    assert!(states.contains(&"cancelled"), "{m}");
+    assert!(
+        a.init_holds(agent),
+        "the agent did not wait for the migration"
+    );
+    std::fs::remove_file(&paused).unwrap();
+    let o = h.join().unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    child.wait().unwrap();
+    let end = Instant::now() + Duration::from_secs(10);
+    while a.init_holds(agent) {
+        assert!(
+            Instant::now() < end,
+            "the agent did not exit after the migration"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let moved = a.outer_pid(pid as i64);
+    check_pass(moved, &out, 1);
     let _ = std::fs::remove_dir_all(&dir);
 }
 
