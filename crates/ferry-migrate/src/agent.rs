@@ -578,8 +578,45 @@ fn drain_on_signal(s: &Shared) {
     while s.busy.load(Ordering::SeqCst) > 0 && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(50));
     }
+    // PID 1 of a PID namespace takes every process of it along when it exits: it stays
+    // until the trees it rebuilt have ended (SIGKILL ends them all).
+    if std::process::id() == 1 {
+        eprintln!(
+            "ferry agent: PID 1 of its namespace: staying until the processes it rebuilt end"
+        );
+        while others_in_namespace() {
+            // Orphans are ours to reap.
+            // SAFETY: waitpid writes only `st`.
+            unsafe {
+                let mut st = 0;
+                while libc::waitpid(-1, &mut st, libc::WNOHANG) > 0 {}
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
     eprintln!("ferry agent: stopped");
     std::process::exit(0);
+}
+
+/// Does any process but us, and not a zombie, run in our PID namespace? (Whatever PID
+/// namespace the mounted /proc belongs to: processes are compared by their namespace.)
+fn others_in_namespace() -> bool {
+    let me = std::fs::read_link("/proc/self").ok();
+    let ours = std::fs::read_link("/proc/self/ns/pid").ok();
+    std::fs::read_dir("/proc")
+        .map(|d| {
+            d.flatten().any(|e| {
+                let name = e.file_name();
+                let Some(p) = name.to_str().filter(|n| n.parse::<u32>().is_ok()) else {
+                    return false;
+                };
+                Some(std::path::PathBuf::from(p)) != me
+                    && std::fs::read_link(format!("/proc/{p}/ns/pid")).ok() == ours
+                    && std::fs::read_to_string(format!("/proc/{p}/stat"))
+                        .is_ok_and(|st| !st.contains(") Z "))
+            })
+        })
+        .unwrap_or(false)
 }
 
 /// One incoming page stream, from the greeting to the rebuilt tree running (or nothing left).

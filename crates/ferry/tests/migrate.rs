@@ -1060,7 +1060,8 @@ fn a_tree_cut_off_in_the_postcopy_window_is_killed_whole_at_the_destination() {
 /// An agent told to stop (SIGTERM) while it holds a migration's whole image: it refuses new
 /// migrations (503) and cancels one announced without a stream, finishes the migration
 /// under way (the process runs there, intact), then exits by itself; the process it rebuilt
-/// runs on after it (the agent is not PID 1 of its namespace here).
+/// runs on after it (the agent is not PID 1 of its namespace here). An agent that is PID 1
+/// of its namespace stays until the process it rebuilt has ended.
 #[test]
 fn an_agent_told_to_stop_finishes_the_migration_under_way() {
     let dir = tmpdir("migrate-drain");
@@ -1122,6 +1123,29 @@ fn an_agent_told_to_stop_finishes_the_migration_under_way() {
     }
     let moved = a.outer_pid(pid as i64);
     check_pass(moved, &out, 1);
+
+    // An agent that is PID 1 of its PID namespace would take the processes it rebuilt along
+    // when it exits: told to stop, it stays until they have ended.
+    let mut b = Agent::start(&dir, 71, &[]);
+    let (mut child, out) = start_dirtier(&dir, "16", "1000");
+    let pid = child.id();
+    let o = migrate(pid, &b, &[]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    child.wait().unwrap();
+    let moved = b.outer_pid(pid as i64);
+    kill(b.init_pid(), "TERM");
+    std::thread::sleep(Duration::from_millis(1500));
+    assert!(
+        b.unshare.try_wait().unwrap().is_none(),
+        "the agent (PID 1) exited while the process it rebuilt ran"
+    );
+    check_pass(moved, &out, 1);
+    kill(moved, "KILL");
+    let end = Instant::now() + Duration::from_secs(10);
+    while b.unshare.try_wait().unwrap().is_none() {
+        assert!(Instant::now() < end, "the agent did not exit once alone");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     let _ = std::fs::remove_dir_all(&dir);
 }
 
