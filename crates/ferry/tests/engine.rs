@@ -46,14 +46,7 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
     let pid = child.id();
     std::thread::sleep(Duration::from_millis(100));
     let img = dir.join("img1");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-        "--json",
-    ]);
+    let d = dump_with(pid, &img, &["--json"]);
     assert!(
         d.status.success(),
         "dump: {}",
@@ -121,13 +114,7 @@ fn memory_registers_and_signals_survive_two_dump_restore_cycles() {
 
     // Second cycle on the restored process.
     let img2 = dir.join("img2");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img2.to_str().unwrap(),
-    ]);
+    let d = dump_with(pid, &img2, &[]);
     assert!(
         d.status.success(),
         "second dump: {}",
@@ -182,22 +169,9 @@ fn a_failed_dump_leaves_the_process_running_and_bad_images_are_refused() {
     let pid = child.id();
     // An image directory that already holds an image: the dump fails, the process runs on.
     let img = dir.join("img");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-        "--leave-running",
-    ]);
+    let d = dump_with(pid, &img, &["--leave-running"]);
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
-    let d2 = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-    ]);
+    let d2 = dump_with(pid, &img, &[]);
     assert_eq!(d2.status.code(), Some(2));
     assert!(alive(pid));
     // It still works: verification passes after a dump that resumed it.
@@ -224,13 +198,7 @@ fn a_failed_dump_leaves_the_process_running_and_bad_images_are_refused() {
     kill(stopped.id(), "STOP");
     std::thread::sleep(Duration::from_millis(100));
     let y = dir.join("y");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &stopped.id().to_string(),
-        "--images",
-        y.to_str().unwrap(),
-    ]);
+    let d = dump_with(stopped.id(), &y, &[]);
     assert_eq!(d.status.code(), Some(2));
     let err = String::from_utf8_lossy(&d.stderr);
     assert!(err.contains("stopped by a signal"), "{err}");
@@ -240,13 +208,7 @@ fn a_failed_dump_leaves_the_process_running_and_bad_images_are_refused() {
     let _ = stopped.kill();
     let _ = stopped.wait();
     // A dead PID.
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        "999999999",
-        "--images",
-        dir.join("x").to_str().unwrap(),
-    ]);
+    let d = dump_with(999999999, &dir.join("x"), &[]);
     assert_eq!(d.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&d.stderr).contains("does not exist"));
 }
@@ -299,15 +261,7 @@ fn dump_leave_stopped_leaves_the_process_stopped_and_its_image_restores() {
     } = ready_fixture("leavestopped", "memstate");
     let pid = child.id();
     let img = dir.join("img");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-        "--leave-stopped",
-        "--json",
-    ]);
+    let d = dump_with(pid, &img, &["--leave-stopped", "--json"]);
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
     let rep: serde_json::Value = serde_json::from_slice(&d.stdout).unwrap();
     assert_eq!(rep["left"], "stopped");
@@ -422,14 +376,7 @@ fn dump_restore_matches_reference(
         "{prog} finished before the dump: make its work longer"
     );
     let img = dir.join("img");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-        "--json",
-    ]);
+    let d = dump_with(pid, &img, &["--json"]);
     assert!(
         d.status.success(),
         "dump of {prog} ({}): {}",
@@ -575,12 +522,7 @@ fn rseq_registrations_survive() {
     let img2 = dir.join("img2");
     dump_ok(pid, &img2);
     wait_gone(pid);
-    let r = ferry(&["restore", "--images", img2.to_str().unwrap(), "--detach"]);
-    assert!(r.status.success(), "{}", String::from_utf8_lossy(&r.stderr));
-    std::thread::sleep(Duration::from_millis(100));
-    kill(pid, "USR1");
-    let s = wait_for(&out, "PASS");
-    assert!(!s.contains("FAIL"), "{s}");
+    restore_and_check(&img2, pid, &out);
 }
 
 /// A process whose main thread exited (pthread_exit) while another runs on: the dump refuses
@@ -848,13 +790,7 @@ fn hugetlb_memory_survives_and_shared_hugetlb_is_refused() {
     let text = wait_for(&out, "ready");
     let addr = text.trim().trim_start_matches("ready 0x").to_string();
     let img = dir.join("img");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &child.id().to_string(),
-        "--images",
-        img.to_str().unwrap(),
-    ]);
+    let d = dump_with(child.id(), &img, &[]);
     assert_eq!(d.status.code(), Some(2));
     let err = String::from_utf8_lossy(&d.stderr);
     assert!(
@@ -925,14 +861,7 @@ fn progress_is_shown_on_a_terminal_only() {
     );
     assert!(alive(pid));
     // Not a terminal: no bar.
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        dir.join("img2").to_str().unwrap(),
-        "--leave-running",
-    ]);
+    let d = dump_with(pid, &dir.join("img2"), &["--leave-running"]);
     assert!(d.status.success());
     let err = String::from_utf8_lossy(&d.stderr);
     assert!(
@@ -940,14 +869,7 @@ fn progress_is_shown_on_a_terminal_only() {
         "{err}"
     );
     let img = dir.join("img3");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-        "--quiet",
-    ]);
+    let d = dump_with(pid, &img, &["--quiet"]);
     assert!(d.status.success());
     assert!(
         d.stderr.is_empty(),
@@ -1433,23 +1355,11 @@ fn unsupported_mounts_are_refused_and_the_process_runs_on() {
         wait_for(&out, "ready");
         let pid = child.id();
         let img = dir.join(format!("img{i}"));
-        let d = ferry(&[
-            "dump",
-            "--pid",
-            &pid.to_string(),
-            "--images",
-            img.to_str().unwrap(),
-        ]);
-        assert_eq!(d.status.code(), Some(2), "the dump should fail");
-        let err = String::from_utf8_lossy(&d.stderr);
+        let err = dump_err(pid, &img);
         assert!(err.contains(&format!("process {pid}")), "{err}");
         for w in wants {
             assert!(err.contains(w.as_str()), "{w:?} not in {err}");
         }
-        assert!(
-            !img.join("meta.fimg").exists(),
-            "a failed dump left an image"
-        );
         // Just resumed, it may still be on its way back into its sleep: wait for it there.
         let end = Instant::now() + Duration::from_secs(10);
         let st = loop {

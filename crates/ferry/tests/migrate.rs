@@ -94,6 +94,23 @@ impl Agent {
         a
     }
 
+    /// An agent on loopback under a shell that stays PID 1 of its namespace, stopped by its
+    /// test hook at `point` (`FERRY_AGENT_PAUSE_AT`).
+    fn held_at(dir: &Path, n: u16, point: &str) -> Agent {
+        let env = [("FERRY_AGENT_PAUSE_AT", point)];
+        Self::launch(dir, n, &[], None, "127.0.0.1", true, &env)
+    }
+
+    /// An agent on loopback whose advertised page-stream port is a proxy that flips the
+    /// first payload byte of the first frame of `kind` on each connection.
+    fn behind_corrupting_proxy(dir: &Path, n: u16, kind: u8) -> Agent {
+        let proxy = port_base() + n * 4 + 3;
+        let extra = ["--advertise-data-port", &proxy.to_string()];
+        let a = Self::launch(dir, n, &extra, None, "127.0.0.1", true, &[]);
+        corrupting_proxy_of_kind(proxy, a.port + 1, kind);
+        a
+    }
+
     /// Waits (30 s at most) until the agent, run with `FERRY_AGENT_PAUSE_AT=point`, stops
     /// there, while the migration `h` goes on; returns the file whose removal lets it go on.
     fn wait_paused(&self, point: &str, h: &std::thread::JoinHandle<Output>) -> PathBuf {
@@ -1013,15 +1030,7 @@ fn a_process_tree_moves_with_its_shared_memory_and_pipe() {
 fn a_tree_cut_off_in_the_postcopy_window_is_killed_whole_at_the_destination() {
     let dir = tmpdir("migrate-treecut");
     let cut = CutLink::new("x");
-    let a = Agent::launch(
-        &dir,
-        69,
-        &[],
-        Some(&NetPair::path(&cut.lan.hosts[1])),
-        &format!("{}.2", cut.lan.net),
-        true,
-        &[("FERRY_AGENT_PAUSE_AT", "released")],
-    );
+    let a = cut.held_agent(&dir, 69, "released");
     let bin = build(&dir, "tree");
     let out = dir.join("tree.out");
     let mut child = start_cmd(Command::new(bin), &out);
@@ -1065,15 +1074,7 @@ fn a_tree_cut_off_in_the_postcopy_window_is_killed_whole_at_the_destination() {
 #[test]
 fn an_agent_told_to_stop_finishes_the_migration_under_way() {
     let dir = tmpdir("migrate-drain");
-    let a = Agent::launch(
-        &dir,
-        70,
-        &[],
-        None,
-        "127.0.0.1",
-        true,
-        &[("FERRY_AGENT_PAUSE_AT", "commit")],
-    );
+    let a = Agent::held_at(&dir, 70, "commit");
     let (mut child, out) = start_dirtier(&dir, "64", "1000");
     let pid = child.id();
     // Announced, no stream yet.
@@ -1236,6 +1237,20 @@ impl CutLink {
         }
     }
 
+    /// An agent on the second host under a shell that stays PID 1 of its namespace, stopped
+    /// by its test hook at `point`.
+    fn held_agent(&self, dir: &Path, n: u16, point: &str) -> Agent {
+        Agent::launch(
+            dir,
+            n,
+            &[],
+            Some(&NetPair::path(&self.lan.hosts[1])),
+            &format!("{}.2", self.lan.net),
+            true,
+            &[("FERRY_AGENT_PAUSE_AT", point)],
+        )
+    }
+
     /// `ip link set DEV up|down` on the second host.
     fn link(&self, state: &str) {
         let st = Command::new("ip")
@@ -1256,7 +1271,7 @@ impl CutLink {
 fn faults_while_frozen_leave_the_process_on_exactly_one_host() {
     let dir = tmpdir("migrate-frozen");
     let cut = CutLink::new("z");
-    let (lan, link) = (&cut.lan, |state: &str| cut.link(state));
+    let link = |state: &str| cut.link(state);
     let (mut child, out) = start_dirtier(&dir, "64", "1000");
     let pid = child.id();
     let mut verdicts = 0;
@@ -1273,28 +1288,9 @@ fn faults_while_frozen_leave_the_process_on_exactly_one_host() {
         let n = 40 + i as u16;
         let what = format!("{fault} at {point}");
         let a = if fault == "corrupt" {
-            let proxy = port_base() + n * 4 + 3;
-            let a = Agent::launch(
-                &dir,
-                n,
-                &["--advertise-data-port", &proxy.to_string()],
-                None,
-                "127.0.0.1",
-                true,
-                &[],
-            );
-            corrupting_proxy_of_kind(proxy, a.port + 1, 4);
-            a
+            Agent::behind_corrupting_proxy(&dir, n, 4)
         } else {
-            Agent::launch(
-                &dir,
-                n,
-                &[],
-                Some(&NetPair::path(&lan.hosts[1])),
-                &format!("{}.2", lan.net),
-                true,
-                &[("FERRY_AGENT_PAUSE_AT", point)],
-            )
+            cut.held_agent(&dir, n, point)
         };
         let t = Instant::now();
         let h = migrate_in_background(pid, &a, &["--timeout", "3"]);
@@ -1681,14 +1677,7 @@ fn restore_into_a_new_pid_namespace_while_the_pid_is_taken() {
     let (mut child, out) = start_dirtier(&dir, "16", "1000");
     let pid = child.id();
     let img = dir.join("img");
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-        "--leave-running",
-    ]);
+    let d = dump_with(pid, &img, &["--leave-running"]);
     assert!(d.status.success(), "{}", String::from_utf8_lossy(&d.stderr));
     // Without --pidns the PID is taken.
     let r = ferry(&["restore", "--images", img.to_str().unwrap(), "--detach"]);
@@ -1922,15 +1911,7 @@ fn the_destination_killed_during_postcopy_leaves_the_process_at_the_source() {
 #[test]
 fn the_destination_killed_during_hybrid_postcopy_leaves_the_process_at_the_source() {
     let dir = tmpdir("migrate-hybridkill");
-    let a = Agent::launch(
-        &dir,
-        51,
-        &[],
-        None,
-        "127.0.0.1",
-        true,
-        &[("FERRY_AGENT_PAUSE_AT", "running")],
-    );
+    let a = Agent::held_at(&dir, 51, "running");
     let (mut child, out) = start_dirtier(&dir, "128", "1000");
     let pid = child.id();
     let h = migrate_in_background(pid, &a, &["--mode", "hybrid"]);
@@ -1970,22 +1951,14 @@ fn the_destination_killed_during_hybrid_postcopy_leaves_the_process_at_the_sourc
 fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
     let dir = tmpdir("migrate-window");
     let cut = CutLink::new("w");
-    let (lan, link) = (&cut.lan, |state: &str| cut.link(state));
+    let link = |state: &str| cut.link(state);
     let (mut child, out) = start_dirtier(&dir, "64", "1000");
     let pid = child.id();
     let mut verdicts = 0;
 
     // The link cut once the destination no longer needs the source.
     {
-        let a = Agent::launch(
-            &dir,
-            60,
-            &[],
-            Some(&NetPair::path(&lan.hosts[1])),
-            &format!("{}.2", lan.net),
-            true,
-            &[("FERRY_AGENT_PAUSE_AT", "released")],
-        );
+        let a = cut.held_agent(&dir, 60, "released");
         let t = Instant::now();
         let h = migrate_in_background(pid, &a, &["--mode", "hybrid", "--timeout", "3"]);
         let paused = a.wait_paused("released", &h);
@@ -2022,17 +1995,7 @@ fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
 
     // A corrupted page on its way to the running destination.
     {
-        let proxy = port_base() + 61 * 4 + 3;
-        let a = Agent::launch(
-            &dir,
-            61,
-            &["--advertise-data-port", &proxy.to_string()],
-            None,
-            "127.0.0.1",
-            true,
-            &[],
-        );
-        corrupting_proxy_of_kind(proxy, a.port + 1, 13);
+        let a = Agent::behind_corrupting_proxy(&dir, 61, 13);
         let o = migrate(pid, &a, &["--mode", "postcopy", "--timeout", "3"]);
         assert_eq!(o.status.code(), Some(2), "{o:?}");
         assert!(running(pid), "the source copy did not resume");
@@ -2064,15 +2027,7 @@ fn faults_in_the_postcopy_window_leave_the_process_on_exactly_one_host() {
 
     // The link cut after Released, before Kept: the process runs at the destination only.
     {
-        let a = Agent::launch(
-            &dir,
-            68,
-            &[],
-            Some(&NetPair::path(&lan.hosts[1])),
-            &format!("{}.2", lan.net),
-            true,
-            &[("FERRY_AGENT_PAUSE_AT", "kept")],
-        );
+        let a = cut.held_agent(&dir, 68, "kept");
         let h = migrate_in_background(pid, &a, &["--mode", "hybrid", "--timeout", "3"]);
         let paused = a.wait_paused("kept", &h);
         link("down");

@@ -67,26 +67,23 @@ pub fn tmpdir(tag: &str) -> TestDir {
 
 /// Build fixture `name` (tests/fixtures/NAME.c) as a static musl binary in `dir`.
 pub fn build(dir: &Path, name: &str) -> PathBuf {
-    let out = dir.join(name);
-    let st = Command::new("musl-gcc")
-        .args(["-static", "-O2", "-pthread", "-o"])
-        .arg(&out)
-        .arg(format!("{FIXTURES}/{name}.c"))
-        .status()
-        .expect("musl-gcc");
-    assert!(st.success());
-    out
+    compile(dir, name, "musl-gcc", &["-static"])
 }
 
 /// A fixture built against glibc (dynamically linked), for what musl does not do (rseq).
 pub fn build_glibc(dir: &Path, name: &str) -> PathBuf {
+    compile(dir, name, "gcc", &[])
+}
+
+fn compile(dir: &Path, name: &str, cc: &str, flags: &[&str]) -> PathBuf {
     let out = dir.join(name);
-    let st = Command::new("gcc")
+    let st = Command::new(cc)
+        .args(flags)
         .args(["-O2", "-pthread", "-o"])
         .arg(&out)
         .arg(format!("{FIXTURES}/{name}.c"))
         .status()
-        .expect("gcc");
+        .expect(cc);
     assert!(st.success());
     out
 }
@@ -136,16 +133,18 @@ pub fn start_cmd(mut cmd: Command, out: &Path) -> Child {
         .unwrap()
 }
 
+/// `ferry dump --pid PID --images IMG EXTRA...`.
+pub fn dump_with(pid: u32, img: &Path, extra: &[&str]) -> Output {
+    let pid = pid.to_string();
+    let mut args = vec!["dump", "--pid", &pid, "--images", img.to_str().unwrap()];
+    args.extend_from_slice(extra);
+    ferry(&args)
+}
+
 /// Dump `pid` into `img`; the dump must fail (exit 2) and leave no image. Returns ferry's
 /// error output.
 pub fn dump_err(pid: u32, img: &Path) -> String {
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-    ]);
+    let d = dump_with(pid, img, &[]);
     assert_eq!(d.status.code(), Some(2), "dump should fail");
     assert!(
         !img.join("meta.fimg").exists(),
@@ -156,14 +155,7 @@ pub fn dump_err(pid: u32, img: &Path) -> String {
 
 /// Dump `pid` (killing it) into `img`; the dump must succeed. Returns ferry's JSON report.
 pub fn dump_ok(pid: u32, img: &Path) -> serde_json::Value {
-    let d = ferry(&[
-        "dump",
-        "--pid",
-        &pid.to_string(),
-        "--images",
-        img.to_str().unwrap(),
-        "--json",
-    ]);
+    let d = dump_with(pid, img, &["--json"]);
     assert!(
         d.status.success(),
         "dump of {pid}: {}",
