@@ -805,33 +805,25 @@ pub fn kill_tree(root: i32) {
         let mut new = 0;
         let mut todo = vec![root];
         while let Some(parent) = todo.pop() {
-            let tasks = ferry_sys::procfs::list_threads(parent).unwrap_or_default();
-            for tid in tasks {
-                let kids = std::fs::read_to_string(format!("/proc/{parent}/task/{tid}/children"))
-                    .unwrap_or_default();
-                for c in kids
-                    .split_whitespace()
-                    .filter_map(|c| c.parse::<i32>().ok())
-                {
-                    todo.push(c);
-                    if held.iter().any(|(p, _)| *p == c) {
-                        continue;
-                    }
-                    let Ok(fd) = ferry_sys::net::pidfd_open(c) else {
-                        continue;
-                    };
-                    let ppid = std::fs::read_to_string(format!("/proc/{c}/stat"))
-                        .ok()
-                        .and_then(|s| {
-                            s.rsplit_once(") ")
-                                .and_then(|(_, r)| r.split_whitespace().nth(1))
-                                .and_then(|v| v.parse::<i32>().ok())
-                        });
-                    if ppid == Some(parent) {
-                        let _ = ferry_sys::net::pidfd_kill(&fd, libc::SIGSTOP);
-                        held.push((c, fd));
-                        new += 1;
-                    }
+            for c in ferry_sys::procfs::children(parent) {
+                todo.push(c);
+                if held.iter().any(|(p, _)| *p == c) {
+                    continue;
+                }
+                let Ok(fd) = ferry_sys::net::pidfd_open(c) else {
+                    continue;
+                };
+                let ppid = std::fs::read_to_string(format!("/proc/{c}/stat"))
+                    .ok()
+                    .and_then(|s| {
+                        s.rsplit_once(") ")
+                            .and_then(|(_, r)| r.split_whitespace().nth(1))
+                            .and_then(|v| v.parse::<i32>().ok())
+                    });
+                if ppid == Some(parent) {
+                    let _ = ferry_sys::net::pidfd_kill(&fd, libc::SIGSTOP);
+                    held.push((c, fd));
+                    new += 1;
                 }
             }
         }
