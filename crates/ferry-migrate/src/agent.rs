@@ -46,7 +46,10 @@ struct Shared {
     bytes_received: AtomicU64,
     started: Instant,
     /// Post-copy page connections, waiting for their migration's restore.
-    page_conns: Mutex<HashMap<String, (Conn, std::io::BufReader<crate::tls::ConnReader>)>>,
+    /// By migration and role.
+    #[allow(clippy::type_complexity)]
+    page_conns:
+        Mutex<HashMap<(String, String), (Conn, std::io::BufReader<crate::tls::ConnReader>)>>,
     /// Memory being made resident, or resident, for prepared migrations.
     reservations: Mutex<HashMap<String, Reserving>>,
     /// Told to stop (SIGTERM, SIGINT, SIGHUP): no new migration, the ones under way finish.
@@ -682,9 +685,9 @@ fn receive_inner(
             ));
         }
     }
-    if hello.role.as_deref() == Some("pages") {
-        // Post-copy's second connection: kept for the restore of the main stream, which may
-        // have its Commit already (it waits for this connection in "restoring").
+    if let Some(role @ ("pages" | "faults")) = hello.role.as_deref() {
+        // Post-copy's page connections: kept for the restore of the main stream, which may
+        // have its Commit already (it waits for them in "restoring").
         if !matches!(
             s.state(&hello.id).as_deref(),
             Some("waiting" | "prepared" | "receiving" | "restoring")
@@ -697,7 +700,7 @@ fn receive_inner(
         s.page_conns
             .lock()
             .unwrap()
-            .insert(hello.id.clone(), (conn, rd));
+            .insert((hello.id.clone(), role.to_string()), (conn, rd));
         return Ok(());
     }
     if !matches!(s.state(&hello.id).as_deref(), Some("waiting" | "prepared")) {
@@ -944,21 +947,24 @@ fn receive_inner(
         };
         store.set_tracked(recs.into_iter().map(|r| (r.pid, r.tracked)).collect());
         prep_ms = tp.elapsed().as_secs_f64() * 1e3;
-        // Post-copy: pages left in the source come over the second connection.
+        // Post-copy: pages left in the source come over two connections of their own.
         let remote = if mode == "postcopy" || mode == "hybrid" {
             let end = Instant::now() + Duration::from_secs(10);
-            let (c, r) = loop {
-                if let Some(x) = s.page_conns.lock().unwrap().remove(&id) {
-                    break x;
+            let conn = |role: &str| loop {
+                let key = (id.clone(), role.to_string());
+                if let Some(x) = s.page_conns.lock().unwrap().remove(&key) {
+                    return Ok(x);
                 }
                 if Instant::now() > end {
-                    return Err(MigrateError::Protocol(
-                        "the source never opened its page connection".into(),
-                    ));
+                    return Err(MigrateError::Protocol(format!(
+                        "the source never opened its page connection ({role})"
+                    )));
                 }
                 std::thread::sleep(Duration::from_millis(2));
             };
-            Some(Arc::new(crate::postcopy::RemoteConn::new(c, r)?)
+            let bulk = conn("pages")?;
+            let urgent = conn("faults")?;
+            Some(Arc::new(crate::postcopy::RemoteConn::new(bulk, urgent)?)
                 as Arc<dyn ferry_engine::lazy::RemotePages>)
         } else {
             None

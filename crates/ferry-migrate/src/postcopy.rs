@@ -10,6 +10,7 @@ use crate::wire::{self, Kind, MAX_PAYLOAD};
 use crate::{io, MigrateError, Result};
 use std::io::{BufReader, BufWriter, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -43,10 +44,11 @@ fn parse_request(b: &[u8]) -> Result<(i32, u64, usize)> {
     Ok((pid, addr, len))
 }
 
-/// The source's side: serves page requests from the frozen processes `pids`.
+/// The source's side: serves page requests from the frozen processes, on two connections
+/// (roles "pages", for runs asked ahead of need, and "faults").
 pub struct PageServer {
-    conn: Conn,
-    thread: Option<std::thread::JoinHandle<Result<()>>>,
+    conns: Vec<Conn>,
+    threads: Vec<std::thread::JoinHandle<Result<()>>>,
     pub served: Arc<AtomicU64>,
 }
 
@@ -59,6 +61,53 @@ impl PageServer {
         tls: Option<&ClientTls>,
         name: &str,
     ) -> Result<PageServer> {
+        let mut ps = PageServer {
+            conns: Vec::new(),
+            threads: Vec::new(),
+            served: Arc::new(AtomicU64::new(0)),
+        };
+        for role in ["pages", "faults"] {
+            let hello = Hello {
+                role: Some(role.into()),
+                ..hello.clone()
+            };
+            let (conn, thread) = serve(addr, hello, timeout, tls, name, ps.served.clone())?;
+            ps.conns.push(conn);
+            ps.threads.push(thread);
+        }
+        Ok(ps)
+    }
+
+    /// Stop serving (the source copy goes, or resumes); the bytes served.
+    pub fn stop(mut self) -> u64 {
+        for c in &self.conns {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+        for t in self.threads.drain(..) {
+            let _ = t.join();
+        }
+        self.served.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for PageServer {
+    fn drop(&mut self) {
+        for c in &self.conns {
+            let _ = c.shutdown(Shutdown::Both);
+        }
+    }
+}
+
+/// One page connection to the agent, and the thread that serves it.
+fn serve(
+    addr: SocketAddr,
+    hello: Hello,
+    timeout: Duration,
+    tls: Option<&ClientTls>,
+    name: &str,
+    n: Arc<AtomicU64>,
+) -> Result<(Conn, std::thread::JoinHandle<Result<()>>)> {
+    {
         let conn = TcpStream::connect_timeout(&addr, timeout)
             .map_err(io(format!("connecting the page connection to {addr}")))?;
         let _ = conn.set_nodelay(true);
@@ -73,9 +122,7 @@ impl PageServer {
         w.write_all(wire::GREETING).map_err(io("greeting"))?;
         wire::write_json(&mut w, Kind::Hello, &hello)?;
         w.flush().map_err(io("greeting"))?;
-        let served = Arc::new(AtomicU64::new(0));
         let mut rd = BufReader::new(conn.reader().map_err(io("dup"))?);
-        let n = served.clone();
         let thread = std::thread::spawn(move || -> Result<()> {
             let mut buf = wire::FrameBuf::default();
             let mut data = Vec::new();
@@ -145,129 +192,159 @@ impl PageServer {
             }
             r
         });
-        Ok(PageServer {
-            conn,
-            thread: Some(thread),
-            served,
-        })
-    }
-
-    /// Stop serving (the source copy goes, or resumes).
-    pub fn stop(mut self) -> u64 {
-        let _ = self.conn.shutdown(Shutdown::Both);
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-        self.served.load(Ordering::Relaxed)
+        Ok((conn, thread))
     }
 }
 
-impl Drop for PageServer {
-    fn drop(&mut self) {
-        let _ = self.conn.shutdown(Shutdown::Both);
-    }
-}
-
-/// Requests asked ahead that may be on their way at once.
-const AHEAD: usize = 3;
+/// Requests asked ahead that may be on their way, or here and not placed yet, at once.
+const AHEAD: usize = 4;
 /// Answers read while waiting for another one, kept for their fetch.
 const KEPT: usize = 32;
 
 /// A request: process, address, length.
 type Key = (i32, u64, usize);
 
-/// The agent's end of the page connection.
-struct Link {
+fn send_request(w: &mut BufWriter<ConnWriter>, key: Key) -> Result<()> {
+    wire::write_frame(
+        w,
+        Kind::PageRequest,
+        &[&request(key.0, key.1, key.2 as u32)],
+    )?;
+    w.flush().map_err(io("sending a page request"))
+}
+
+/// The frame just read, as the pages asked for: the source's Failed or anything else is an
+/// error.
+fn page_data(kind: Kind, buf: &wire::FrameBuf) -> Result<()> {
+    match kind {
+        Kind::PageData => Ok(()),
+        Kind::Failed => {
+            let v: serde_json::Value = wire::parse(Kind::Failed, buf)?;
+            Err(MigrateError::Failed(format!(
+                "the source could not serve pages: {}",
+                v["error"].as_str().unwrap_or("?")
+            )))
+        }
+        kind => Err(MigrateError::Protocol(format!(
+            "{kind:?} of {} bytes instead of the pages",
+            buf.len()
+        ))),
+    }
+}
+
+/// What the filler asked ahead, on the bulk connection, and what came back.
+struct Ahead {
     rd: BufReader<ConnReader>,
     w: BufWriter<ConnWriter>,
     buf: wire::FrameBuf,
     /// Requests sent whose answers are not read yet, oldest first (answers come in order).
     asked: std::collections::VecDeque<Key>,
-    /// Answers read before their fetch, oldest first.
+    /// Answers read, oldest first, until their fetch takes them.
     kept: std::collections::VecDeque<(Key, Vec<u8>)>,
+    /// Why the bulk connection failed: every fetch that needs it fails so.
+    failed: Option<String>,
 }
 
-impl Link {
+impl Ahead {
     fn ask(&mut self, key: Key) -> Result<()> {
-        wire::write_frame(
-            &mut self.w,
-            Kind::PageRequest,
-            &[&request(key.0, key.1, key.2 as u32)],
-        )?;
-        self.w.flush().map_err(io("sending a page request"))?;
+        if self.asked.contains(&key) || self.kept.iter().any(|(k, _)| *k == key) {
+            return Ok(());
+        }
+        if let Some(e) = &self.failed {
+            return Err(MigrateError::Failed(e.clone()));
+        }
+        send_request(&mut self.w, key)?;
         self.asked.push_back(key);
         Ok(())
     }
 
-    /// Read answers up to the one for `key` (asked before), into `self.buf`; those before it
-    /// are kept for their fetch.
-    fn read_until(&mut self, key: Key) -> Result<()> {
-        while let Some(k) = self.asked.pop_front() {
-            match wire::read_frame(&mut self.rd, &mut self.buf)? {
-                Kind::PageData => {}
-                Kind::Failed => {
-                    let v: serde_json::Value = wire::parse(Kind::Failed, &self.buf)?;
-                    return Err(MigrateError::Failed(format!(
-                        "the source could not serve pages: {}",
-                        v["error"].as_str().unwrap_or("?")
-                    )));
-                }
-                kind => {
-                    return Err(MigrateError::Protocol(format!(
-                        "{kind:?} of {} bytes instead of the pages",
-                        self.buf.len()
-                    )))
-                }
-            }
-            if k == key {
-                return Ok(());
-            }
-            self.keep(k);
+    /// Read the next answer (waiting for it) and keep it.
+    fn read_one(&mut self) -> Result<()> {
+        if let Some(e) = &self.failed {
+            return Err(MigrateError::Failed(e.clone()));
         }
-        Err(MigrateError::Protocol("an answer to no request".into()))
-    }
-
-    /// Keep the answer just read (in `self.buf`) for `k`.
-    fn keep(&mut self, k: Key) {
-        if self.kept.len() == KEPT {
-            // Never fetched: filling went elsewhere (a fault, an event).
-            self.kept.pop_front();
+        let r = wire::read_frame(&mut self.rd, &mut self.buf).and_then(|k| page_data(k, &self.buf));
+        match (r, self.asked.pop_front()) {
+            (Ok(()), Some(k)) => {
+                if self.kept.len() == KEPT {
+                    // Never fetched: filling went elsewhere (a fault, an event).
+                    self.kept.pop_front();
+                }
+                self.kept.push_back((k, self.buf.take()));
+                Ok(())
+            }
+            (r, _) => {
+                let e = r
+                    .err()
+                    .unwrap_or_else(|| MigrateError::Protocol("an answer to no request".into()));
+                self.failed = Some(e.to_string());
+                Err(e)
+            }
         }
-        self.kept.push_back((k, self.buf.take()));
     }
 }
 
-/// The agent's side: fetches pages for the filler.
+/// A faulting thread's pages: asked and read at once, on a connection where nothing asked
+/// ahead can be in front of them.
+struct Urgent {
+    rd: BufReader<ConnReader>,
+    w: BufWriter<ConnWriter>,
+    buf: wire::FrameBuf,
+}
+
+/// The agent's side: fetches pages for the filler, on two connections: runs asked ahead of
+/// need on one, read as they come while the filler waits for them and for faults at once; a
+/// fault's pages on the other.
 pub struct RemoteConn {
-    io: Mutex<Link>,
-    conn: Conn,
+    bulk: Mutex<Ahead>,
+    urgent: Mutex<Urgent>,
+    conns: [Conn; 2],
     pub fetched: AtomicU64,
 }
 
 impl RemoteConn {
-    pub fn new(conn: Conn, rd: BufReader<ConnReader>) -> Result<RemoteConn> {
-        conn.set_read_timeout(Some(FETCH_TIMEOUT))
-            .map_err(io("socket timeout"))?;
-        conn.set_write_timeout(Some(FETCH_TIMEOUT))
-            .map_err(io("socket timeout"))?;
-        let w = BufWriter::new(conn.writer().map_err(io("dup"))?);
+    /// `bulk` and `urgent`: the page connections (roles "pages" and "faults"), past Hello.
+    pub fn new(
+        bulk: (Conn, BufReader<ConnReader>),
+        urgent: (Conn, BufReader<ConnReader>),
+    ) -> Result<RemoteConn> {
+        for c in [&bulk.0, &urgent.0] {
+            c.set_read_timeout(Some(FETCH_TIMEOUT))
+                .map_err(io("socket timeout"))?;
+            c.set_write_timeout(Some(FETCH_TIMEOUT))
+                .map_err(io("socket timeout"))?;
+        }
+        let b = Ahead {
+            rd: bulk.1,
+            w: BufWriter::new(bulk.0.writer().map_err(io("dup"))?),
+            buf: wire::FrameBuf::default(),
+            asked: Default::default(),
+            kept: Default::default(),
+            failed: None,
+        };
+        let u = Urgent {
+            rd: urgent.1,
+            w: BufWriter::new(urgent.0.writer().map_err(io("dup"))?),
+            buf: wire::FrameBuf::default(),
+        };
         Ok(RemoteConn {
-            io: Mutex::new(Link {
-                rd,
-                w,
-                buf: wire::FrameBuf::default(),
-                asked: Default::default(),
-                kept: Default::default(),
-            }),
-            conn,
+            bulk: Mutex::new(b),
+            urgent: Mutex::new(u),
+            conns: [bulk.0, urgent.0],
             fetched: AtomicU64::new(0),
         })
+    }
+
+    fn lock_bulk(&self) -> std::sync::MutexGuard<'_, Ahead> {
+        self.bulk.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
 impl Drop for RemoteConn {
     fn drop(&mut self) {
-        let _ = self.conn.shutdown(Shutdown::Both);
+        for c in &self.conns {
+            let _ = c.shutdown(Shutdown::Both);
+        }
     }
 }
 
@@ -324,7 +401,13 @@ fn parse_pages(
 }
 
 impl ferry_engine::lazy::RemotePages for RemoteConn {
-    fn fetch(&self, pid: i32, addr: u64, out: &mut [u8]) -> ferry_engine::Result<Vec<(u64, u64)>> {
+    fn fetch(
+        &self,
+        pid: i32,
+        addr: u64,
+        out: &mut [u8],
+        urgent: bool,
+    ) -> ferry_engine::Result<Vec<(u64, u64)>> {
         let want = out.len();
         let fail = |e: MigrateError| {
             ferry_engine::EngineError::Failed(format!(
@@ -335,41 +418,91 @@ impl ferry_engine::lazy::RemotePages for RemoteConn {
         // An answer read or asked for already may hold it: filling ahead asks for whole runs,
         // and a fault or a run cut by one wants part of one.
         let holds = |k: &Key| k.0 == pid && k.1 <= addr && addr + want as u64 <= k.1 + k.2 as u64;
-        let mut g = self.io.lock().unwrap();
-        let l = &mut *g;
-        if !l.kept.iter().any(|(k, _)| holds(k)) {
-            let k = match l.asked.iter().find(|k| holds(k)) {
-                Some(&k) => k,
-                None => {
-                    l.ask(key).map_err(fail)?;
-                    key
-                }
-            };
-            l.read_until(k).map_err(fail)?;
-            l.keep(k);
+        let mut st = self.lock_bulk();
+        if urgent && !st.kept.iter().any(|(k, _)| holds(k)) {
+            drop(st);
+            let mut g = self.urgent.lock().unwrap_or_else(|e| e.into_inner());
+            let u = &mut *g;
+            let absent = send_request(&mut u.w, key)
+                .and_then(|()| wire::read_frame(&mut u.rd, &mut u.buf))
+                .and_then(|k| page_data(k, &u.buf))
+                .and_then(|()| parse_pages(&u.buf, (addr, want), addr, out))
+                .map_err(fail)?;
+            self.count(out.len(), &absent);
+            return Ok(absent);
         }
-        let i = l.kept.iter().rposition(|(k, _)| holds(k)).unwrap();
-        let k = l.kept[i].0;
-        let absent = parse_pages(&l.kept[i].1, (k.1, k.2), addr, out).map_err(fail)?;
+        if !st.kept.iter().any(|(k, _)| holds(k)) && !st.asked.iter().any(holds) {
+            st.ask(key).map_err(fail)?;
+        }
+        let i = loop {
+            if let Some(i) = st.kept.iter().rposition(|(k, _)| holds(k)) {
+                break i;
+            }
+            st.read_one().map_err(fail)?;
+        };
+        let k = st.kept[i].0;
+        let absent = parse_pages(&st.kept[i].1, (k.1, k.2), addr, out).map_err(fail)?;
         if k == key {
             // All of it taken.
-            l.kept.remove(i);
+            st.kept.remove(i);
         }
-        let held = out.len() as u64 - absent.iter().map(|(a, b)| b - a).sum::<u64>();
-        self.fetched.fetch_add(held, Ordering::Relaxed);
+        self.count(out.len(), &absent);
         Ok(absent)
     }
 
     fn prefetch(&self, pid: i32, addr: u64, len: usize) {
-        let key = (pid, addr, len);
-        let mut g = self.io.lock().unwrap();
-        if g.asked.len() < AHEAD
-            && !g.asked.contains(&key)
-            && !g.kept.iter().any(|(k, _)| *k == key)
-        {
+        let mut st = self.lock_bulk();
+        // Answers not placed yet count: asking on while they wait would fill `kept` with
+        // answers pushed out before their turn, to be fetched again.
+        if st.asked.len() + st.kept.len() < AHEAD {
             // A request that cannot be sent fails its fetch the same way.
-            let _ = g.ask(key);
+            let _ = st.ask((pid, addr, len));
         }
+    }
+
+    fn ready(&self, pid: i32, addr: u64, len: usize) -> bool {
+        let st = self.lock_bulk();
+        let end = addr + len as u64;
+        st.failed.is_some()
+            || st
+                .kept
+                .iter()
+                .any(|(k, _)| k.0 == pid && k.1 <= addr && end <= k.1 + k.2 as u64)
+    }
+
+    fn wake_fd(&self) -> Option<std::os::fd::RawFd> {
+        let st = self.lock_bulk();
+        (!st.asked.is_empty() && st.failed.is_none()).then(|| st.rd.get_ref().as_raw_fd())
+    }
+
+    fn take_in(&self) {
+        let mut st = self.lock_bulk();
+        // One whole answer (once it has begun to come, the rest follows at once): then the
+        // filler looks at faults again.
+        if !st.asked.is_empty()
+            && st.failed.is_none()
+            && (!st.rd.buffer().is_empty() || st.rd.get_ref().has_data())
+        {
+            // A failure is kept, and reported by the fetch that needs the connection.
+            let _ = st.read_one();
+        }
+    }
+
+    fn arrived(&self) -> Option<(i32, u64, usize)> {
+        self.lock_bulk().kept.front().map(|(k, _)| *k)
+    }
+
+    fn discard(&self, pid: i32, addr: u64, len: usize) {
+        self.lock_bulk()
+            .kept
+            .retain(|(k, _)| *k != (pid, addr, len));
+    }
+}
+
+impl RemoteConn {
+    fn count(&self, len: usize, absent: &[(u64, u64)]) {
+        let held = len as u64 - absent.iter().map(|(a, b)| b - a).sum::<u64>();
+        self.fetched.fetch_add(held, Ordering::Relaxed);
     }
 }
 
@@ -379,43 +512,56 @@ mod tests {
     use ferry_engine::lazy::RemotePages;
     use std::io::Read;
 
-    /// A page server on loopback and the agent's end of its connection.
+    /// A page server on loopback (roles "pages" and "faults") and the agent's end of its
+    /// connections.
     fn page_link() -> (RemoteConn, PageServer) {
         let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
         let addr = l.local_addr().unwrap();
         let hello = Hello {
             id: "m".into(),
             token: "t".into(),
-            role: Some("pages".into()),
+            role: None,
             mode: None,
         };
         let server = std::thread::spawn(move || {
-            PageServer::start(addr, hello, Duration::from_secs(5), None, "127.0.0.1")
+            PageServer::start(addr, hello, Duration::from_secs(5), None, "127.0.0.1").unwrap()
         });
-        let conn = Conn::accept(l.accept().unwrap().0, None).unwrap();
-        let mut rd = BufReader::new(conn.reader().unwrap());
-        let mut greeting = [0u8; 8];
-        rd.read_exact(&mut greeting).unwrap();
-        let mut buf = wire::FrameBuf::default();
-        assert_eq!(wire::read_frame(&mut rd, &mut buf).unwrap(), Kind::Hello);
-        let server = server.join().unwrap().unwrap();
-        (RemoteConn::new(conn, rd).unwrap(), server)
+        let mut conns = Vec::new();
+        for _ in 0..2 {
+            let conn = Conn::accept(l.accept().unwrap().0, None).unwrap();
+            let mut rd = BufReader::new(conn.reader().unwrap());
+            let mut greeting = [0u8; 8];
+            rd.read_exact(&mut greeting).unwrap();
+            let mut buf = wire::FrameBuf::default();
+            assert_eq!(wire::read_frame(&mut rd, &mut buf).unwrap(), Kind::Hello);
+            let hello: Hello = wire::parse(Kind::Hello, &buf).unwrap();
+            conns.push((hello.role.unwrap(), (conn, rd)));
+        }
+        let server = server.join().unwrap();
+        assert_eq!(conns[0].0, "pages");
+        assert_eq!(conns[1].0, "faults");
+        let urgent = conns.pop().unwrap().1;
+        let bulk = conns.pop().unwrap().1;
+        (RemoteConn::new(bulk, urgent).unwrap(), server)
     }
 
-    /// A source that cannot serve says why (rather than leave the fetch to time out).
+    /// A source that cannot serve says why (rather than leave the fetch to time out), on
+    /// either connection.
     #[test]
     fn a_page_server_that_fails_says_why() {
-        let (remote, server) = page_link();
-        let mut out = vec![0u8; 4096];
-        // No such process: the reason, not the fetch's read timing out.
-        let e = remote
-            .fetch(i32::MAX, 0x10000, &mut out)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("the source could not serve pages"), "{e}");
-        assert!(e.contains(&i32::MAX.to_string()), "{e}");
-        drop(remote);
-        server.stop();
+        for urgent in [false, true] {
+            let (remote, server) = page_link();
+            let mut out = vec![0u8; 4096];
+            // No such process: the reason, not the fetch's read timing out.
+            let e = remote
+                .fetch(i32::MAX, 0x10000, &mut out, urgent)
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains("the source could not serve pages"), "{e}");
+            assert!(e.contains(&i32::MAX.to_string()), "{e}");
+            drop(remote);
+            server.stop();
+        }
     }
 
     /// Asked ahead, fetched in another order, or never asked: each fetch gets its own pages,
@@ -441,7 +587,7 @@ mod tests {
         for p in [4usize, 0, 6, 2] {
             out.fill(0xee);
             assert!(remote
-                .fetch(pid, at(p as u64), &mut out)
+                .fetch(pid, at(p as u64), &mut out, false)
                 .unwrap()
                 .is_empty());
             assert!(out[..P].iter().all(|&b| b == p as u8 + 1), "page {p}");
@@ -452,13 +598,43 @@ mod tests {
         // served by the one answer.
         remote.prefetch(pid, at(0), 4 * P);
         let mut one = vec![0u8; P];
-        assert!(remote.fetch(pid, at(1), &mut one).unwrap().is_empty());
+        assert!(remote
+            .fetch(pid, at(1), &mut one, false)
+            .unwrap()
+            .is_empty());
         assert!(one.iter().all(|&b| b == 2));
         let mut two = vec![0u8; 2 * P];
-        assert!(remote.fetch(pid, at(2), &mut two).unwrap().is_empty());
+        assert!(remote
+            .fetch(pid, at(2), &mut two, false)
+            .unwrap()
+            .is_empty());
         assert!(two[..P].iter().all(|&b| b == 3) && two[P..].iter().all(|&b| b == 4));
+        // A fault's page while runs are asked ahead: on the other connection, and what
+        // was asked ahead is still there for its fetch, and ready once it came.
+        remote.prefetch(pid, at(0), 2 * P);
+        remote.prefetch(pid, at(4), 4 * P);
+        assert!(remote.fetch(pid, at(7), &mut one, true).unwrap().is_empty());
+        assert!(one.iter().all(|&b| b == 8));
+        assert!(remote.wake_fd().is_some());
+        let t = std::time::Instant::now();
+        while !remote.ready(pid, at(5), 2 * P) {
+            assert!(t.elapsed() < Duration::from_secs(5), "never ready");
+            std::thread::sleep(Duration::from_millis(1));
+            remote.take_in();
+        }
+        // Both answers are in (in order): nothing is awaited.
+        assert!(remote.wake_fd().is_none());
+        assert!(remote
+            .fetch(pid, at(5), &mut two, false)
+            .unwrap()
+            .is_empty());
+        assert!(two[..P].iter().all(|&b| b == 6) && two[P..].iter().all(|&b| b == 7));
+        assert!(remote.fetch(pid, at(0), &mut two, true).unwrap().is_empty());
+        assert!(two[..P].iter().all(|&b| b == 1) && two[P..].iter().all(|&b| b == 2));
+        // Not ready before it is asked (pages 4-7 are, their answer is kept whole).
+        assert!(!remote.ready(pid, at(8), P) && remote.ready(pid, at(6), P));
         drop(remote);
-        assert_eq!(server.stop(), 12 * P as u64);
+        assert_eq!(server.stop(), 19 * P as u64);
         drop(mem);
     }
 

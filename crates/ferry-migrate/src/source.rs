@@ -117,6 +117,11 @@ pub struct MigrateReport {
     /// Of those, the ones answered before the process ran: fetches inside the downtime.
     #[serde(default)]
     pub frozen_faults: u64,
+    /// How long a faulting thread waited for its page, on average and at most (ms).
+    #[serde(default)]
+    pub mean_fault_ms: f64,
+    #[serde(default)]
+    pub max_fault_ms: f64,
     /// Where the downtime went.
     pub phases: DowntimePhases,
     /// The destination's restore report (its phases: verify, layout, pages, rest, sockets).
@@ -1171,6 +1176,8 @@ fn migrate_inner(
         fill_left_bytes: fill.as_ref().map(|f| f.local_left_bytes).unwrap_or(0),
         faults: fill.as_ref().map(|f| f.faults).unwrap_or(0),
         frozen_faults: fill.as_ref().map(|f| f.frozen_faults).unwrap_or(0),
+        mean_fault_ms: fill.as_ref().map(|f| f.mean_fault_ms).unwrap_or(0.0),
+        max_fault_ms: fill.as_ref().map(|f| f.max_fault_ms).unwrap_or(0.0),
         phases,
         restore: restore_report,
         notes,

@@ -15,6 +15,7 @@ use rustls::pki_types::{CertificateDer, PrivateKeyDer, ServerName};
 use rustls::{ClientConfig, ClientConnection, RootCertStore, ServerConfig, ServerConnection};
 use std::io::{BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
@@ -436,6 +437,28 @@ impl ConnReader {
     /// The connection's read timeout (one socket: it applies to every handle).
     pub fn set_read_timeout(&self, t: Option<Duration>) -> std::io::Result<()> {
         self.0.sock.set_read_timeout(t)
+    }
+
+    /// Whether a read would return without waiting for the socket: TLS holds bytes already
+    /// taken from it (or an error to report), or the socket itself has data.
+    pub fn has_data(&self) -> bool {
+        if let Some(t) = &self.0.tls {
+            let mut t = lock(t);
+            if !t.inbox.buffer().is_empty()
+                || t.conn
+                    .process_new_packets()
+                    .map_or(true, |s| s.plaintext_bytes_to_read() > 0)
+            {
+                return true;
+            }
+        }
+        ferry_sys::net::readable_now(&self.0.sock)
+    }
+}
+
+impl AsRawFd for ConnReader {
+    fn as_raw_fd(&self) -> std::os::fd::RawFd {
+        self.0.sock.as_raw_fd()
     }
 }
 

@@ -7,8 +7,8 @@ use std::io::{Read, Write};
 
 /// The page stream's protocol, in the greeting and in `GET /v1/host`: both ends must speak
 /// the same one (2: post-copy's Filled is acknowledged with Released).
-pub const PROTOCOL: u32 = 2;
-pub const GREETING: &[u8; 8] = b"FERRYMG2";
+pub const PROTOCOL: u32 = 3;
+pub const GREETING: &[u8; 8] = b"FERRYMG3";
 /// Largest payload.
 pub const MAX_PAYLOAD: usize = 8 << 20;
 

@@ -146,6 +146,17 @@ pub fn set_int(fd: impl std::os::fd::AsFd, level: i32, opt: i32, v: i32) -> Resu
     setsockopt_raw(fd, level, opt, &[v])
 }
 
+/// Whether `fd` can be read from without waiting (data, or the peer's end of stream).
+pub fn readable_now(fd: impl std::os::fd::AsFd) -> bool {
+    let mut p = libc::pollfd {
+        fd: fd.as_fd().as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one valid pollfd, a zero timeout.
+    unsafe { libc::poll(&mut p, 1, 0) > 0 }
+}
+
 /// Make a TCP connection fail when its peer stops answering for `within`, even while this
 /// side only waits to read: keepalive probes every second once it is idle for a second, and
 /// TCP_USER_TIMEOUT ends it when data or probes go unacknowledged that long. A peer that is

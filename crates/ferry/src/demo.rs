@@ -543,8 +543,17 @@ pub fn demo(a: DemoArgs) -> Result<u8> {
         let total = r["total_ms"].as_f64().unwrap_or(0.0);
         let resident = r["resident_bytes"].as_f64().unwrap_or(0.0);
         let over = |gbps: f64| total / (resident / gbps / 1e6);
+        // Post-copy: the service's threads waited for pages from the source.
+        let faults = match r["faults"].as_u64().unwrap_or(0) {
+            0 => String::new(),
+            n => format!(
+                ", {n} faults waited {:.2} ms on average ({:.1} at most)",
+                r["mean_fault_ms"].as_f64().unwrap_or(0.0),
+                r["max_fault_ms"].as_f64().unwrap_or(0.0)
+            ),
+        };
         eprintln!(
-            "ferry demo: moved to {to}: downtime {:.1} ms, total {total:.0} ms ({:.2}x resident {:.0} MiB over the idle link, {:.2}x over the busy one), {} round(s), {:.1} MiB; the client's slowest write took {stall:.1} ms (ending {stall_at:.0} ms after the migration began), {} writes acknowledged since",
+            "ferry demo: moved to {to}: downtime {:.1} ms, total {total:.0} ms ({:.2}x resident {:.0} MiB over the idle link, {:.2}x over the busy one), {} round(s), {:.1} MiB{faults}; the client's slowest write took {stall:.1} ms (ending {stall_at:.0} ms after the migration began), {} writes acknowledged since",
             r["downtime_ms"].as_f64().unwrap_or(0.0),
             over(link_idle),
             resident / 1048576.0,

@@ -272,19 +272,21 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
             if r.fill_left_bytes > 0 {
                 println!(
                     "  nothing left here {:.0} ms after it ran on the destination ({} faults \
-                     waited; {:.1} MiB fetched from here); it fills the last {:.1} MiB from \
+                     waited{}; {:.1} MiB fetched from here); it fills the last {:.1} MiB from \
                      the pre-copied pages it holds",
                     f,
                     r.faults,
+                    fault_waits(&r),
                     r.postcopy_bytes as f64 / 1048576.0,
                     r.fill_left_bytes as f64 / 1048576.0
                 );
             } else {
                 println!(
                     "  memory filled on the destination {:.0} ms after it ran ({} faults \
-                     waited; {:.1} MiB fetched from here on demand)",
+                     waited{}; {:.1} MiB fetched from here on demand)",
                     f,
                     r.faults,
+                    fault_waits(&r),
                     r.postcopy_bytes as f64 / 1048576.0
                 );
             }
@@ -302,4 +304,15 @@ pub fn migrate(a: MigrateArgs) -> Result<u8> {
         }
     }
     Ok(0)
+}
+
+/// How long the faults waited, when there were any.
+fn fault_waits(r: &ferry_migrate::source::MigrateReport) -> String {
+    if r.faults == 0 {
+        return String::new();
+    }
+    format!(
+        " {:.2} ms on average, {:.1} ms at most",
+        r.mean_fault_ms, r.max_fault_ms
+    )
 }

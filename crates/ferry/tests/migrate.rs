@@ -1631,10 +1631,10 @@ fn hostile_input_never_crashes_the_agent() {
     };
     send(b"GET / HTTP/1.0\r\n\r\n");
     send(&[0xff; 4096]);
-    let mut huge = b"FERRYMG2".to_vec();
+    let mut huge = ferry_migrate::wire::GREETING.to_vec();
     huge.extend_from_slice(&[1, 0, 0, 0, 0xff, 0xff, 0xff, 0x7f]);
     send(&huge);
-    let mut hello = b"FERRYMG2".to_vec();
+    let mut hello = ferry_migrate::wire::GREETING.to_vec();
     let body = br#"{"id":"nope","token":"wrong"}"#;
     hello.extend_from_slice(&[1, 0, 0, 0]);
     hello.extend_from_slice(&(body.len() as u32).to_le_bytes());
@@ -1835,6 +1835,21 @@ fn postcopy_and_hybrid_keep_memory_intact() {
     assert!(r["postcopy_bytes"].as_u64().unwrap() >= 128 << 20, "{r}");
     assert!(r["final_bytes"].as_u64().unwrap() < 32 << 20, "{r}");
     assert!(r["fill_ms"].as_f64().is_some(), "{r}");
+    // Each page crossed about once: answers asked ahead are placed wherever filling went
+    // meanwhile, not fetched again.
+    let resident = r["resident_bytes"].as_u64().unwrap();
+    assert!(
+        r["postcopy_bytes"].as_u64().unwrap() <= resident + resident / 10,
+        "{r}"
+    );
+    // The writer's faults waited, and that wait is told.
+    if r["faults"].as_u64().unwrap() > 0 {
+        let (mean, max) = (
+            r["mean_fault_ms"].as_f64().unwrap(),
+            r["max_fault_ms"].as_f64().unwrap(),
+        );
+        assert!(mean > 0.0 && mean <= max, "{r}");
+    }
     child.wait().unwrap();
     let p1 = a1.outer_pid(pid as i64);
     check_pass(p1, &out, 1);
@@ -2147,7 +2162,7 @@ fn an_agent_speaking_another_protocol_is_refused_before_the_freeze() {
     let (mut child, out) = start_dirtier(&dir, "16", "1000");
     let pid = child.id();
     let mut host = a.get("/v1/host");
-    assert_eq!(host["protocol"], 2, "{host}");
+    assert_eq!(host["protocol"], ferry_migrate::wire::PROTOCOL, "{host}");
     for old in [Some(1), None] {
         match old {
             Some(p) => host["protocol"] = p.into(),
@@ -2184,7 +2199,8 @@ fn an_agent_speaking_another_protocol_is_refused_before_the_freeze() {
         assert_eq!(o.status.code(), Some(2), "{e}");
         let theirs = old.unwrap_or(0);
         assert!(
-            e.contains(&format!("speaks page-stream protocol {theirs}")) && e.contains("speaks 2"),
+            e.contains(&format!("speaks page-stream protocol {theirs}"))
+                && e.contains(&format!("speaks {}", ferry_migrate::wire::PROTOCOL)),
             "{e}"
         );
         assert!(running(pid), "the process was touched");
