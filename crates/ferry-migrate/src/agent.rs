@@ -38,6 +38,9 @@ pub struct AgentConfig {
     pub tls: Option<crate::tls::ServerTls>,
 }
 
+/// A page connection past its Hello, and its reader.
+type PageConn = (Conn, std::io::BufReader<crate::tls::ConnReader>);
+
 struct Shared {
     cfg: AgentConfig,
     host: HostInfo,
@@ -45,11 +48,9 @@ struct Shared {
     next_id: AtomicU64,
     bytes_received: AtomicU64,
     started: Instant,
-    /// Post-copy page connections, waiting for their migration's restore.
-    /// By migration and role.
-    #[allow(clippy::type_complexity)]
-    page_conns:
-        Mutex<HashMap<(String, String), (Conn, std::io::BufReader<crate::tls::ConnReader>)>>,
+    /// Post-copy page connections, waiting for their migration's restore, by migration and
+    /// role.
+    page_conns: Mutex<HashMap<(String, String), PageConn>>,
     /// Memory being made resident, or resident, for prepared migrations.
     reservations: Mutex<HashMap<String, Reserving>>,
     /// Told to stop (SIGTERM, SIGINT, SIGHUP): no new migration, the ones under way finish.

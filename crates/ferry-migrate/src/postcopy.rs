@@ -529,7 +529,8 @@ mod tests {
         let mut conns = Vec::new();
         for _ in 0..2 {
             let conn = Conn::accept(l.accept().unwrap().0, None).unwrap();
-            let mut rd = BufReader::new(conn.reader().unwrap());
+            // As the agent reads them.
+            let mut rd = BufReader::with_capacity(64 << 10, conn.reader().unwrap());
             let mut greeting = [0u8; 8];
             rd.read_exact(&mut greeting).unwrap();
             let mut buf = wire::FrameBuf::default();
@@ -635,6 +636,37 @@ mod tests {
         assert!(!remote.ready(pid, at(8), P) && remote.ready(pid, at(6), P));
         drop(remote);
         assert_eq!(server.stop(), 19 * P as u64);
+        drop(mem);
+    }
+
+    /// Two answers that came together are read from the socket at once: the second waits in
+    /// the buffer with nothing on the socket to wake a poll, and is taken in all the same.
+    #[test]
+    fn an_answer_buffered_behind_another_is_taken_in() {
+        const P: usize = 4096;
+        let mem = vec![7u8; 3 * P];
+        let base = (mem.as_ptr() as u64).next_multiple_of(P as u64);
+        let (remote, server) = page_link();
+        let pid = std::process::id() as i32;
+        remote.prefetch(pid, base, P);
+        remote.prefetch(pid, base + P as u64, P);
+        let fd = remote.wake_fd().expect("answers awaited");
+        std::thread::sleep(Duration::from_millis(200));
+        remote.take_in();
+        assert!(remote.ready(pid, base, P));
+        // The case itself: the socket has nothing more, the second answer is buffered.
+        // SAFETY: the descriptor is the bulk connection's, open while `remote` lives.
+        let sock = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+        assert!(
+            !ferry_sys::net::readable_now(sock),
+            "the answers came apart"
+        );
+        assert!(!remote.ready(pid, base + P as u64, P));
+        remote.take_in();
+        assert!(remote.ready(pid, base + P as u64, P));
+        assert!(remote.wake_fd().is_none());
+        drop(remote);
+        assert_eq!(server.stop(), 2 * P as u64);
         drop(mem);
     }
 
